@@ -1,0 +1,167 @@
+"""The one interface every USB device backend implements, and the transfer it receives.
+
+The controller turns TDs into `UsbTransfer`s and hands them to `UsbDevice.submit`.  A device
+finishes a transfer by calling `xfer.complete(...)`, either at once (virtual devices mostly do)
+or later from the event loop (an interrupt IN endpoint with nothing to report yet, a passthrough
+device waiting on libusb).  The controller may take a transfer back with `cancel` (Stop Endpoint,
+Disable Slot, detach).  Devices never see TRBs, rings or guest memory.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from abc import ABC, abstractmethod
+from enum import IntEnum
+from typing import Callable, Optional
+
+
+class Speed(IntEnum):
+    """Protocol speed IDs as PORTSC and the slot context encode them (default PSI values)."""
+
+    FULL = 1
+    LOW = 2
+    HIGH = 3
+    SUPER = 4
+    SUPER_PLUS = 5
+
+    @property
+    def is_superspeed(self) -> bool:
+        return self >= Speed.SUPER
+
+    @property
+    def label(self) -> str:
+        return {1: "full-speed", 2: "low-speed", 3: "high-speed", 4: "super-speed",
+                5: "super-speed plus"}[int(self)]
+
+    @property
+    def mbps(self) -> str:
+        return {1: "12", 2: "1.5", 3: "480", 4: "5000", 5: "10000"}[int(self)]
+
+
+class EpType(IntEnum):
+    """USB transfer types, numbered as in endpoint descriptors (bmAttributes bits 1:0)."""
+
+    CONTROL = 0
+    ISOCHRONOUS = 1
+    BULK = 2
+    INTERRUPT = 3
+
+
+class Status(IntEnum):
+    """How a transfer ended on the bus.  The controller maps these to completion codes."""
+
+    OK = 0            # all data moved, or fewer bytes (short packet) -- see `actual`
+    STALL = 1         # the device answered STALL: the endpoint halts
+    BABBLE = 2        # the device sent more than the host asked for
+    XACT_ERROR = 3    # no handshake / CRC error / timeout on the bus
+    NODEV = 4         # the device is gone
+    CANCELLED = 5     # taken back by the host before it finished
+
+
+_ids = itertools.count(1)
+
+
+class UsbTransfer:
+    """One USB transfer (what Linux calls an URB): a control request or a data TD."""
+
+    __slots__ = ("id", "endpoint", "ep_type", "setup", "data", "length", "stream", "interval",
+                 "status", "actual", "result", "done", "_on_complete", "slot", "dci", "bus",
+                 "devnum", "submitted_ns", "completed_ns", "iso_frame", "context")
+
+    def __init__(self, endpoint: int, ep_type: EpType, length: int, *, setup: bytes | None = None,
+                 data: bytes | memoryview | None = None, stream: int = 0, interval: int = 0,
+                 on_complete: Optional[Callable[["UsbTransfer"], None]] = None):
+        self.id = next(_ids)
+        self.endpoint = endpoint          # endpoint address: number | 0x80 for IN
+        self.ep_type = ep_type
+        self.setup = setup                # 8 bytes for control transfers
+        self.data = data                  # OUT payload (None for IN)
+        self.length = length              # bytes requested (IN) or offered (OUT)
+        self.stream = stream
+        self.interval = interval
+        self.status: Status | None = None
+        self.actual = 0
+        self.result: bytes = b""          # IN payload returned by the device
+        self.done = False
+        self._on_complete = on_complete
+        self.slot = 0                     # filled in by the controller for observers
+        self.dci = 0
+        self.bus = 0
+        self.devnum = 0
+        self.submitted_ns = 0
+        self.completed_ns = 0
+        self.iso_frame = 0
+        self.context = None               # the controller's own bookkeeping
+
+    @property
+    def is_in(self) -> bool:
+        if self.setup is not None:
+            return bool(self.setup[0] & 0x80)
+        return bool(self.endpoint & 0x80)
+
+    def complete(self, status: Status = Status.OK, data: bytes | None = None,
+                 actual: int | None = None) -> None:
+        """Finish the transfer.  IN: `data` is what the device sent (at most `length` bytes are
+        delivered; more is babble).  OUT: `actual` is how much the device accepted."""
+        if self.done:
+            return
+        self.done = True
+        self.status = status
+        if self.is_in:
+            data = data or b""
+            if len(data) > self.length:
+                self.status = Status.BABBLE if status == Status.OK else status
+                data = data[:self.length]
+            self.result = data
+            self.actual = len(data)
+        else:
+            self.actual = self.length if actual is None else max(0, min(actual, self.length))
+            if status != Status.OK and actual is None:
+                self.actual = 0
+        self.completed_ns = time.monotonic_ns()
+        if self._on_complete is not None:
+            self._on_complete(self)
+
+    def __repr__(self) -> str:
+        d = "in" if self.is_in else "out"
+        return (f"UsbTransfer(#{self.id} ep{self.endpoint & 0x7f}{d} {self.ep_type.name.lower()} "
+                f"len={self.length} status={self.status and self.status.name} "
+                f"actual={self.actual})")
+
+
+class UsbDevice(ABC):
+    """What the controller needs from a device.  Virtual devices derive from
+    `xhcidbg.devices.standard.StandardDevice`, which adds descriptors and standard requests."""
+
+    speed: Speed = Speed.HIGH
+    name: str = "usb-device"
+
+    def bus_reset(self) -> None:
+        """A port reset reached the device: back to the Default state, address 0."""
+
+    @abstractmethod
+    def submit(self, xfer: UsbTransfer) -> None:
+        """Start a transfer; finish it with `xfer.complete` now or later (from the loop)."""
+
+    def cancel(self, xfer: UsbTransfer) -> bool:
+        """Take back a transfer that has not completed.  Returns True if it was pending; the
+        device must then not complete it any more (the controller completes it as cancelled)."""
+        return False
+
+    def attached(self, port: "PortLink") -> None:
+        """Plugged into a port; `port` lets the device signal remote wakeup or unplug itself."""
+
+    def detached(self) -> None:
+        """Unplugged: drop all pending transfers without completing them."""
+
+
+class PortLink(ABC):
+    """What a device may ask of the port it is plugged into."""
+
+    @abstractmethod
+    def remote_wakeup(self) -> None:
+        """Signal resume from U3/suspend."""
+
+    @abstractmethod
+    def unplug(self) -> None:
+        """The device leaves the bus by itself (a passthrough device was pulled out)."""

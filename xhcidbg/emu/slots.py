@@ -1,0 +1,133 @@
+"""Device slots and endpoints: their state machines and their contexts in guest memory
+(xHCI 1.2 sections 4.5, 4.8, 6.2).
+
+The controller keeps its own copy of each context and writes it back to the output device
+context (the DCBAA entry) whenever the spec says the xHC updates it.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING
+
+from .context import EP_CTX, EP_STATE_NAMES, SLOT_CTX, SLOT_STATE_NAMES, EpState, SlotState, XhciEpType
+from .memory import DmaError
+from .rings import Ring
+
+if TYPE_CHECKING:
+    from .controller import XhciController
+    from .ports import RootPort
+
+
+class Endpoint:
+    def __init__(self, slot: "DeviceSlot", dci: int, ctx: list[int]):
+        self.slot = slot
+        self.dci = dci
+        self.ctx = list(ctx[:8])
+        hc = slot.hc
+        self.ring = Ring(hc.mem, name=f"{slot.id}/{dci}", announce=hc.hooks.on_trb)
+        self.ring.set_dequeue(EP_CTX.get(self.ctx, "dequeue") << 4, EP_CTX.get(self.ctx, "dcs"))
+        self.inflight: deque = deque()       # TDs handed to the device, oldest first
+        self.building = None                 # TD being assembled TRB by TRB (single-step)
+        self.next_service_ns = 0             # isoch pacing
+        self.isoch_timer = None
+        self.edtla = 0
+
+    # ---- fields from the context --------------------------------------------------------------
+    @property
+    def state(self) -> int:
+        return self.ctx[0] & 7
+
+    def set_state(self, state: int) -> None:
+        old = self.state
+        self.ctx[0] = (self.ctx[0] & ~7) | state
+        if old != state:
+            hooks = self.slot.hc.hooks.on_state
+            for fn in hooks:
+                fn("endpoint", f"{self.slot.id}/{self.dci}", EP_STATE_NAMES.get(old, "?"),
+                   EP_STATE_NAMES.get(state, "?"))
+
+    @property
+    def ep_type(self) -> XhciEpType:
+        return XhciEpType((self.ctx[1] >> 3) & 7)
+
+    @property
+    def max_packet(self) -> int:
+        return self.ctx[1] >> 16
+
+    @property
+    def interval_ns(self) -> int:
+        return (1 << min(((self.ctx[0] >> 16) & 0xFF), 15)) * 125_000
+
+    @property
+    def is_in(self) -> bool:
+        return self.dci == 1 or bool(self.dci & 1)
+
+    @property
+    def address(self) -> int:
+        """USB endpoint address (number | 0x80 for IN); 0 for the default control endpoint."""
+        if self.dci == 1:
+            return 0
+        return (self.dci // 2) | (0x80 if self.dci & 1 else 0)
+
+    def sync_dequeue(self) -> None:
+        """Copy the ring's dequeue pointer and cycle state into the context."""
+        EP_CTX["dequeue"].set(self.ctx, self.ring.dequeue >> 4)
+        EP_CTX["dcs"].set(self.ctx, self.ring.ccs)
+
+    def write_back(self) -> None:
+        self.sync_dequeue()
+        self.slot.write_context(self.dci, self.ctx)
+
+    def cancel_timers(self) -> None:
+        if self.isoch_timer is not None:
+            self.isoch_timer.cancel()
+            self.isoch_timer = None
+
+
+class DeviceSlot:
+    def __init__(self, hc: "XhciController", slot_id: int):
+        self.hc = hc
+        self.id = slot_id
+        self.ctx = [0] * 8
+        self.out_ctx = 0                      # output device context (from the DCBAA)
+        self.port: "RootPort | None" = None
+        self.endpoints: dict[int, Endpoint] = {}
+        self.address = 0
+
+    @property
+    def state(self) -> int:
+        return self.ctx[3] >> 27
+
+    def set_state(self, state: int) -> None:
+        old = self.state
+        self.ctx[3] = (self.ctx[3] & 0x07FFFFFF) | (state << 27)
+        if old != state:
+            for fn in self.hc.hooks.on_state:
+                fn("slot", str(self.id), SLOT_STATE_NAMES.get(old, "?"),
+                   SLOT_STATE_NAMES.get(state, "?"))
+
+    @property
+    def device(self):
+        return self.port.device if self.port is not None else None
+
+    def write_context(self, index: int, dwords: list[int]) -> None:
+        """Write context `index` (0 slot, 1-31 endpoints) of the output device context."""
+        if not self.out_ctx:
+            return
+        addr = self.out_ctx + index * self.hc.context_size
+        try:
+            self.hc.mem.write(addr, EP_CTX.pack(dwords[:8]))
+        except DmaError as e:
+            self.hc.host_system_error(f"slot {self.id}: output context write at {addr:#x} "
+                                      f"failed ({e})")
+
+    def write_slot_context(self) -> None:
+        self.write_context(0, self.ctx)
+
+    def update_context_entries(self) -> None:
+        last = max(self.endpoints, default=1)
+        SLOT_CTX["context_entries"].set(self.ctx, max(1, last))
+
+
+SLOT_STATES = SlotState
+EP_STATES = EpState
