@@ -77,8 +77,8 @@ class Commands:
             raise CommandError(CC.TRB_ERROR, "endpoint id 0 is not an endpoint")
         ep = slot.endpoints.get(dci)
         if ep is None:
-            raise CommandError(CC.ENDPOINT_NOT_ENABLED if False else CC.CONTEXT_STATE_ERROR,
-                               f"slot {slot.id} endpoint {dci} is disabled")
+            raise CommandError(CC.CONTEXT_STATE_ERROR, f"slot {slot.id} endpoint {dci} is "
+                               f"disabled")
         return ep
 
     def _input_context(self, trb: Trb) -> tuple[int, list[int], list[int]]:
@@ -173,25 +173,24 @@ class Commands:
             return CommandResult(trb, CC.SUCCESS, slot=slot.id)
         address = slot.id        # one device per slot: the slot id is a unique address
         setup = struct.pack("<BBHHH", 0x00, 0x05, address, 0, 0)
-        result: list[CommandResult] = []
+        finished: list[CommandResult] = []      # filled by done(); empty while it is pending
 
         def done(x: UsbTransfer) -> None:
             if x.status != Status.OK:
                 r = CommandResult(trb, CC.USB_TRANSACTION_ERROR, slot=slot.id,
                                   note=f"SET_ADDRESS {address} failed: {x.status.name}")
-                slot.set_state(SlotState.DEFAULT)
             else:
                 slot.address = address
                 SLOT_CTX["usb_address"].set(slot.ctx, address)
                 slot.set_state(SlotState.ADDRESSED)
                 r = CommandResult(trb, CC.SUCCESS, slot=slot.id)
             self._write_all(slot)
-            if result is not None and not result:
-                result.append(r)
-            if pending[0]:
+            if waiting:
                 hc.finish_command(r)
+            else:
+                finished.append(r)
 
-        pending = [False]
+        waiting = False
         x = UsbTransfer(0, EpType.CONTROL, 0, setup=setup, on_complete=done)
         x.slot, x.dci, x.bus, x.devnum = slot.id, 1, 2 if port.usb3 else 1, 0
         x.submitted_ns = hc.scheduler.now_ns()
@@ -202,9 +201,9 @@ class Commands:
         except Exception as exc:
             hc.refuse(f"devexc{slot.id}", f"device raised {exc!r} on SET_ADDRESS")
             x.complete(Status.XACT_ERROR)
-        if result:
-            return result[0]
-        pending[0] = True
+        if finished:
+            return finished[0]
+        waiting = True
         return None
 
     def _write_all(self, slot: DeviceSlot) -> None:

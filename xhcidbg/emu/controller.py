@@ -69,6 +69,7 @@ class XhciController:
         self.transfers = TransferEngine(self)
         self._refused: set[str] = set()
         self.refusals = 0
+        self.internal_errors = 0     # bugs of ours caught at the MMIO boundary (tests assert 0)
         self.legsup = 0          # USBLEGSUP ownership bits
         self.legctlsts = 0
         self._cap = self._capabilities()
@@ -200,6 +201,7 @@ class XhciController:
                 self.refuse(f"rsize{size}", f"MMIO read of size {size} at {offset:#x}; reads as 0")
                 value = 0
         except Exception as e:            # never let a read take the backend down
+            self.internal_errors += 1
             log.exception("internal error on MMIO read at %#x", offset)
             self.host_controller_error(f"internal error reading {offset:#x}: {e!r}")
             value = 0
@@ -231,6 +233,7 @@ class XhciController:
             else:
                 self.refuse(f"wsize{size}", f"MMIO write of size {size} at {offset:#x} ignored")
         except Exception as e:
+            self.internal_errors += 1
             log.exception("internal error on MMIO write at %#x", offset)
             self.host_controller_error(f"internal error writing {offset:#x}: {e!r}")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import deque
 from typing import TYPE_CHECKING
 
-from .context import EP_CTX, EP_STATE_NAMES, SLOT_CTX, SLOT_STATE_NAMES, EpState, SlotState, XhciEpType
+from .context import EP_CTX, EP_STATE_NAMES, SLOT_CTX, SLOT_STATE_NAMES, XhciEpType
 from .memory import DmaError
 from .rings import Ring
 
@@ -128,6 +128,3 @@ class DeviceSlot:
         last = max(self.endpoints, default=1)
         SLOT_CTX["context_entries"].set(self.ctx, max(1, last))
 
-
-SLOT_STATES = SlotState
-EP_STATES = EpState

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from .slots import Endpoint
 
 MAX_TD_TRBS = 1024           # bounds the memory one TD may make us gather
+TRBS_PER_STEP = 64           # a long TD is assembled over several gate turns
 T = TrbType
 _DATA_TYPES = (T.NORMAL, T.DATA_STAGE, T.ISOCH)
 
@@ -69,6 +70,7 @@ class TransferEngine:
         if len(ep.inflight) >= self.hc.max_inflight:
             return False
         progressed = False
+        fetched = 0
         while True:
             td = ep.building
             if td is None:
@@ -96,9 +98,13 @@ class TransferEngine:
                 return True
             if td.complete_after(trb, ep.ep_type == XhciEpType.CONTROL):
                 ep.building = None
-                self.submit(ep, td)
+                if td.trbs[0].type == T.ISOCH:
+                    self._schedule_isoch(ep, td)
+                else:
+                    self.submit(ep, td)
                 return True
-            if unit == "trb":
+            fetched += 1
+            if unit == "trb" or fetched >= TRBS_PER_STEP:
                 return True
 
     # ---- submitting ---------------------------------------------------------------------------------
@@ -169,6 +175,41 @@ class TransferEngine:
             hc.refuse(f"devexc{slot.id}", f"slot {slot.id}: device {dev!r} raised {e!r} on "
                       f"{xfer!r}; reporting a USB Transaction Error")
             xfer.complete(Status.XACT_ERROR)
+
+    # ---- isochronous scheduling (4.11.2.5, 4.14.2) ---------------------------------------------------
+    def _schedule_isoch(self, ep: "Endpoint", td: Td) -> None:
+        """Run an isoch TD in its frame: at once, later on a timer, or never (Missed Service)."""
+        hc = self.hc
+        now = hc.scheduler.now_ns()
+        first = td.trbs[0]
+        if first.control & (1 << 31):                   # SIA: as soon as possible
+            start = max(now, ep.next_service_ns)
+        else:
+            mf = hc.mfindex()
+            frame = (first.control >> 20) & 0x7FF
+            ahead = (frame - (mf >> 3)) % 2048
+            if ahead >= 1024:                           # that frame has already passed
+                ep.inflight.append(td)
+                td.done = True
+                length = sum(t.status & 0x1FFFF for t in td.trbs if t.type in _DATA_TYPES)
+                self._post(ep, first, CC.MISSED_SERVICE, length)
+                ep.inflight.remove(td)
+                return
+            start = now + ahead * 1_000_000 - (mf & 7) * 125_000 if ahead else now
+        ep.next_service_ns = start + ep.interval_ns
+        if start <= now:
+            self.submit(ep, td)
+            return
+        ep.inflight.append(td)          # waiting for its frame; take_back rewinds to it
+        ep.isoch_timer = hc.scheduler.call_later(start - now, self._isoch_due, ep, td)
+
+    def _isoch_due(self, ep: "Endpoint", td: Td) -> None:
+        ep.isoch_timer = None
+        if td not in ep.inflight or ep.state != EpState.RUNNING:
+            return
+        ep.inflight.remove(td)
+        self.submit(ep, td)
+        self.hc.kick_endpoint(ep)
 
     def _validate(self, ep: "Endpoint", td: Td) -> tuple[Trb, str] | None:
         first = td.trbs[0]
