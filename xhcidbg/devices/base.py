@@ -66,7 +66,7 @@ class UsbTransfer:
 
     __slots__ = ("id", "endpoint", "ep_type", "setup", "data", "length", "stream", "interval",
                  "status", "actual", "result", "done", "_on_complete", "slot", "dci", "bus",
-                 "devnum", "submitted_ns", "completed_ns", "iso_frame", "context")
+                 "devnum", "submitted_ns", "completed_ns", "iso_frame", "context", "note")
 
     def __init__(self, endpoint: int, ep_type: EpType, length: int, *, setup: bytes | None = None,
                  data: bytes | memoryview | None = None, stream: int = 0, interval: int = 0,
@@ -78,7 +78,7 @@ class UsbTransfer:
         self.data = data                  # OUT payload (None for IN)
         self.length = length              # bytes requested (IN) or offered (OUT)
         self.stream = stream
-        self.interval = interval
+        self.interval = interval          # endpoint context Interval: period 2**interval x 125 us
         self.status: Status | None = None
         self.actual = 0
         self.result: bytes = b""          # IN payload returned by the device
@@ -92,10 +92,11 @@ class UsbTransfer:
         self.completed_ns = 0
         self.iso_frame = 0
         self.context = None               # the controller's own bookkeeping
+        self.note = ""                    # why an observer changed it (goes into traces)
 
     @property
     def is_in(self) -> bool:
-        if self.setup is not None:
+        if self.setup:
             return bool(self.setup[0] & 0x80)
         return bool(self.endpoint & 0x80)
 
@@ -125,7 +126,7 @@ class UsbTransfer:
     def __repr__(self) -> str:
         d = "in" if self.is_in else "out"
         return (f"UsbTransfer(#{self.id} ep{self.endpoint & 0x7f}{d} {self.ep_type.name.lower()} "
-                f"len={self.length} status={self.status and self.status.name} "
+                f"len={self.length} status={None if self.status is None else self.status.name} "
                 f"actual={self.actual})")
 
 

@@ -57,7 +57,10 @@ class Commands:
         try:
             return handler(trb)
         except CommandError as e:
-            self.hc.refuse(f"cmd{trb.type}:{e.cc}", f"{trb!r}: {e}")
+            # Linux provokes state errors in normal operation (Reset Device on a slot in the
+            # Default state, Stop Endpoint racing a halt) and handles them: info, not warning.
+            level = "info" if e.cc == CC.CONTEXT_STATE_ERROR else "warning"
+            self.hc.refuse(f"cmd{trb.type}:{e.cc}", f"{trb!r}: {e}", level)
             return CommandResult(trb, e.cc, slot=(trb.control >> 24) & 0xFF)
         except DmaError as e:
             self.hc.host_system_error(f"{trb!r}: context DMA failed ({e})")
@@ -176,6 +179,8 @@ class Commands:
         finished: list[CommandResult] = []      # filled by done(); empty while it is pending
 
         def done(x: UsbTransfer) -> None:
+            for fn in hc.hooks.on_urb_complete:
+                fn(x)
             if x.status != Status.OK:
                 r = CommandResult(trb, CC.USB_TRANSACTION_ERROR, slot=slot.id,
                                   note=f"SET_ADDRESS {address} failed: {x.status.name}")
@@ -306,7 +311,6 @@ class Commands:
             raise CommandError(CC.CONTEXT_STATE_ERROR, f"Reset Endpoint on {slot.id}/{ep.dci} "
                                f"which is {EpState(ep.state).name.lower()}, not halted")
         ep.set_state(EpState.STOPPED)
-        ep.write_back()
         return CommandResult(trb, CC.SUCCESS, slot=slot.id)
 
     def stop_endpoint(self, trb: Trb) -> CommandResult:

@@ -134,16 +134,17 @@ class XhciController:
             fn(kind, self.name, old, new)
 
     # ---- logging of refused guest input ------------------------------------------------------------
-    def refuse(self, key: str, message: str) -> None:
-        """Guest input we did not accept: log it once per kind, always count it."""
+    def refuse(self, key: str, message: str, level: str = "warning") -> None:
+        """Guest input we did not accept: log it once per kind, always count it.  `level` is
+        "info" for refusals drivers provoke in normal operation (state errors they handle)."""
         self.refusals += 1
         if key in self._refused:
             return
         if len(self._refused) < MAX_REFUSAL_KEYS:
             self._refused.add(key)
-        log.warning("%s: %s", self.name, message)
+        log.log(logging.INFO if level == "info" else logging.WARNING, "%s: %s", self.name, message)
         for fn in self.hooks.on_log:
-            fn("warning", message)
+            fn(level, message)
 
     def host_system_error(self, why: str) -> None:
         """A DMA the controller needed failed: HSE, halt, out-of-band signal if HSEE."""

@@ -69,13 +69,16 @@ class Hooks:
             setattr(self, f"on_{n}", [])
         self._observers: list[Any] = []
 
-    def attach(self, observer: Any) -> Any:
-        """Subscribe every `on_<name>` method `observer` defines; returns the observer."""
+    def attach(self, observer: Any, first: bool = False) -> Any:
+        """Subscribe every `on_<name>` method `observer` defines; returns the observer.
+        `first=True` puts it ahead of the others: observers that rewrite (the fault engine)
+        go first so that observers that record (the tracer) see the final values."""
         found = False
         for n in ANNOUNCEMENTS:
             fn = getattr(observer, f"on_{n}", None)
             if callable(fn):
-                getattr(self, f"on_{n}").append(fn)
+                lst = getattr(self, f"on_{n}")
+                lst.insert(0, fn) if first else lst.append(fn)
                 found = True
         if not found:
             raise TypeError(f"{observer!r} has no on_<announcement> method; "

@@ -107,9 +107,9 @@ class Interrupter:
             self.full = False
             while self.backlog and not self.full:
                 self._write(self.backlog.popleft())
-        # Events still unread after software moved ERDP: interrupt again (4.17.2).
-        if self.segments and self.erdp != self.enqueue_pointer:
-            self.pending = True
+        # Events still unread after software moved ERDP: interrupt again (4.17.2); none: no
+        # interrupt is owed for the ones it has just consumed.
+        self.pending = bool(self.segments) and self.erdp != self.enqueue_pointer
         self.try_fire()
 
     @property
@@ -137,6 +137,8 @@ class Interrupter:
         for fn in hc.hooks.on_event:
             fn(ev)
         if ev.drop:
+            for fn in hc.hooks.on_event_posted:     # traced as dropped (addr 0)
+                fn(ev)
             return
         if not self.segments:
             hc.refuse(f"noring{self.index}", f"interrupter {self.index} has no event ring "

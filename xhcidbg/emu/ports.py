@@ -54,6 +54,11 @@ class RootPort(PortLink):
         self.power_on_reset()
 
     @property
+    def scheduler(self):
+        """The controller's clock, for devices that act on time (HID idle reports)."""
+        return self.hc.scheduler
+
+    @property
     def protocol(self) -> str:
         return "USB3" if self.usb3 else "USB2"
 

@@ -30,7 +30,14 @@ class Endpoint:
         self.building = None                 # TD being assembled TRB by TRB (single-step)
         self.next_service_ns = 0             # isoch pacing
         self.isoch_timer = None
-        self.edtla = 0
+        # Fixed for the endpoint's lifetime (a new Configure Endpoint makes a new Endpoint):
+        # kept as plain attributes because the transfer path reads them for every TD.
+        self.ep_type = XhciEpType((self.ctx[1] >> 3) & 7)
+        self.is_in = dci == 1 or bool(dci & 1)
+        self.address = 0 if dci == 1 else (dci // 2) | (0x80 if dci & 1 else 0)
+        self.is_isoch = self.ep_type in (XhciEpType.ISOCH_IN, XhciEpType.ISOCH_OUT)
+        self.polled = self.ep_type in (XhciEpType.INTERRUPT_IN, XhciEpType.INTERRUPT_OUT,
+                                       XhciEpType.CONTROL)
 
     # ---- fields from the context --------------------------------------------------------------
     @property
@@ -41,14 +48,13 @@ class Endpoint:
         old = self.state
         self.ctx[0] = (self.ctx[0] & ~7) | state
         if old != state:
+            # Software reads the endpoint's state from the output context (6.2.3).
+            if self.slot.endpoints.get(self.dci) is self:
+                self.write_back()
             hooks = self.slot.hc.hooks.on_state
             for fn in hooks:
                 fn("endpoint", f"{self.slot.id}/{self.dci}", EP_STATE_NAMES.get(old, "?"),
                    EP_STATE_NAMES.get(state, "?"))
-
-    @property
-    def ep_type(self) -> XhciEpType:
-        return XhciEpType((self.ctx[1] >> 3) & 7)
 
     @property
     def max_packet(self) -> int:
@@ -57,17 +63,6 @@ class Endpoint:
     @property
     def interval_ns(self) -> int:
         return (1 << min(((self.ctx[0] >> 16) & 0xFF), 15)) * 125_000
-
-    @property
-    def is_in(self) -> bool:
-        return self.dci == 1 or bool(self.dci & 1)
-
-    @property
-    def address(self) -> int:
-        """USB endpoint address (number | 0x80 for IN); 0 for the default control endpoint."""
-        if self.dci == 1:
-            return 0
-        return (self.dci // 2) | (0x80 if self.dci & 1 else 0)
 
     def sync_dequeue(self) -> None:
         """Copy the ring's dequeue pointer and cycle state into the context."""

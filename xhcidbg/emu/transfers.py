@@ -60,12 +60,14 @@ class TransferEngine:
     # ---- assembling TDs ---------------------------------------------------------------------------
     def step(self, ep: "Endpoint", unit: str) -> bool:
         """Advance `ep` by one TRB (unit 'trb') or one TD; False when there is nothing to do."""
-        if ep.state != EpState.RUNNING or ep.slot.port is None and ep.slot.state == 0:
+        if ep.state != EpState.RUNNING:
             return False
-        if ep.ep_type in (XhciEpType.ISOCH_IN, XhciEpType.ISOCH_OUT) and ep.isoch_timer:
-            return False
-        if ep.inflight and ep.ep_type in (XhciEpType.INTERRUPT_IN, XhciEpType.INTERRUPT_OUT,
-                                          XhciEpType.CONTROL) and not ep.inflight[-1].done:
+        if ep.inflight and ep.inflight[0].done:
+            self._retire_ready(ep)        # a finished TD waiting to retire is one unit of work
+            return True
+        if ep.isoch_timer is not None:
+            return False                  # the next isoch TD waits for its frame
+        if ep.inflight and ep.polled:
             return False    # one outstanding TD on interrupt/control endpoints, as a device polls
         if len(ep.inflight) >= self.hc.max_inflight:
             return False
@@ -98,7 +100,7 @@ class TransferEngine:
                 return True
             if td.complete_after(trb, ep.ep_type == XhciEpType.CONTROL):
                 ep.building = None
-                if td.trbs[0].type == T.ISOCH:
+                if ep.is_isoch:
                     self._schedule_isoch(ep, td)
                 else:
                     self.submit(ep, td)
@@ -214,8 +216,11 @@ class TransferEngine:
     def _validate(self, ep: "Endpoint", td: Td) -> tuple[Trb, str] | None:
         first = td.trbs[0]
         t0 = first.type
+        if t0 == T.NORMAL and len(td.trbs) == 1 and not first.control & 0x40 and not ep.is_isoch \
+                and ep.ep_type != XhciEpType.CONTROL:
+            return None     # the common case: one plain Normal TRB on a bulk/interrupt ring
         control = ep.ep_type == XhciEpType.CONTROL
-        isoch = ep.ep_type in (XhciEpType.ISOCH_IN, XhciEpType.ISOCH_OUT)
+        isoch = ep.is_isoch
         if t0 == T.NOOP and len(td.trbs) == 1:
             return None
         if control:
@@ -252,15 +257,20 @@ class TransferEngine:
         ep = td.ep
         if td not in ep.inflight:
             return          # taken back by Stop Endpoint / Disable Slot meanwhile
-        self._retire_ready(ep)
+        if not hc.gate.paused:
+            self._retire_ready(ep)
+        # While paused nothing retires: the completion waits as gate work, and retiring it is
+        # the next step on this ring (as a halted schedule would not see the device's answer).
         hc.kick_endpoint(ep)
 
     def _retire_ready(self, ep: "Endpoint") -> None:
         while ep.inflight and ep.inflight[0].done:
             td = ep.inflight.popleft()
             if not self._retire(ep, td):
-                # The endpoint halted: the TDs behind it go back to the ring.
+                # The endpoint halted: the dequeue pointer names the failed TD and the TDs
+                # behind it go back to the ring.
                 self.take_back(ep, td.start, td.start_ccs)
+                ep.write_back()
                 return
 
     def _retire(self, ep: "Endpoint", td: Td) -> bool:
@@ -350,10 +360,9 @@ class TransferEngine:
             return True
         if cc in (CC.DATA_BUFFER_ERROR,):
             return True
-        if ep.ep_type in (XhciEpType.ISOCH_IN, XhciEpType.ISOCH_OUT):
+        if ep.is_isoch:
             return True     # isoch errors do not halt: the next service interval goes on
         ep.set_state(EpState.HALTED)
-        ep.write_back()
         return False
 
     def _post(self, ep: "Endpoint", trb: Trb, cc: int, length: int, event_data: bool = False):
@@ -366,7 +375,6 @@ class TransferEngine:
                        f"TRB Error, endpoint to Error state")
         self.hc.post_transfer_event(ep, trb, CC.TRB_ERROR, 0, 0, False, False)
         ep.set_state(EpState.ERROR)
-        ep.write_back()
 
     # ---- taking TDs back -----------------------------------------------------------------------------
     def take_back(self, ep: "Endpoint", dequeue: int | None = None, ccs: int | None = None):

@@ -229,15 +229,17 @@ def layout_of(trb_type: int) -> Layout:
 
 
 class Trb:
-    """One TRB as fetched from or written to guest memory: four dwords plus where it lives."""
+    """One TRB as fetched from or written to guest memory: four dwords plus where it lives.
+    Treat it as a value: `type` is computed once from `control`."""
 
-    __slots__ = ("addr", "param", "status", "control")
+    __slots__ = ("addr", "param", "status", "control", "type")
 
     def __init__(self, addr: int, param: int, status: int, control: int):
         self.addr = addr
         self.param = param
         self.status = status
         self.control = control
+        self.type = (control >> 10) & 0x3F
 
     @classmethod
     def unpack(cls, addr: int, data: bytes) -> "Trb":
@@ -250,10 +252,6 @@ class Trb:
     @property
     def dwords(self) -> list[int]:
         return [self.param & 0xFFFFFFFF, self.param >> 32, self.status, self.control]
-
-    @property
-    def type(self) -> int:
-        return (self.control >> 10) & 0x3F
 
     @property
     def cycle(self) -> int:

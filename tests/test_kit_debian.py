@@ -1,0 +1,276 @@
+"""The Debian side of the kit: version order, .deb unpacking, ELF needs, and the verifying archive
+client against a local mirror signed with a throw-away key."""
+import hashlib
+import io
+import lzma
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from xhcidbg.guestkit import debfile
+from xhcidbg.guestkit.archive import Archive, parse_packages, parse_relations
+from xhcidbg.guestkit.debversion import compare, sort_key
+from xhcidbg.guestkit.elf import dynamic_info
+from xhcidbg.guestkit.report import KitError, OfflineError
+from xhcidbg.guestkit.sources import DebianMirror
+
+# -- version order ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("a, b, expected", [
+    ("1:11.1.3+ds-1~bpo13+1", "1:10.0.2+ds-2", 1),
+    ("11.1.3+ds-1~bpo13+1", "11.1.3+ds-1", -1),      # a backport sorts before the release
+    ("1.0~rc1", "1.0", -1),
+    ("1.0", "1.0-0", 0),
+    ("2.41-12", "2.41-12+deb13u1", -1),
+    ("1.0a", "1.0+", -1),
+    ("6.1.0-37", "6.1.0-9", 1),
+    ("1:0.1", "9.9", 1),
+])
+def test_version_order(a, b, expected):
+    assert compare(a, b) == expected
+    assert compare(b, a) == -expected
+
+
+VERSION_PART = st.text("0123456789abz.+~", min_size=1, max_size=6).map(lambda s: "1" + s)
+
+
+@pytest.mark.skipif(not shutil.which("dpkg"), reason="no dpkg to compare with")
+@settings(max_examples=60, deadline=None)
+@given(VERSION_PART, VERSION_PART, st.sampled_from(["", "-1", "-1~bpo1", "-2+b1"]))
+def test_version_order_agrees_with_dpkg(a, b, revision):
+    a, b = a + revision, b
+    ours = compare(a, b)
+    for op, holds in (("lt", ours < 0), ("eq", ours == 0), ("gt", ours > 0)):
+        assert (subprocess.run(["dpkg", "--compare-versions", a, op, b]).returncode == 0) == holds, (a, op, b)
+
+
+def test_sort_key_orders_lists():
+    assert sorted(["1.0", "1.0~rc1", "1:0.5", "0.9"], key=sort_key) == ["0.9", "1.0~rc1", "1.0", "1:0.5"]
+
+
+# -- relations and indexes -------------------------------------------------------------------
+
+def test_parse_relations_drops_versions_and_qualifiers():
+    assert parse_relations("libc6 (>= 2.38), libfoo1 | libbar2 [amd64], python3:any") == [
+        ["libc6"], ["libfoo1", "libbar2"], ["python3"]]
+    assert parse_relations("") == []
+
+
+def test_parse_packages_keeps_needed_fields():
+    text = ("Package: a\nVersion: 1.0\nArchitecture: amd64\nPre-Depends: p\nDepends: b (>= 1), c | d\n"
+            "Provides: v (= 1)\nDescription: x\n more\nFilename: pool/a.deb\nSize: 10\nSHA256: AB\n\n"
+            "Package: incomplete\nVersion: 1\n")
+    [pkg] = parse_packages(text, "s")
+    assert (pkg.name, pkg.depends, pkg.provides, pkg.sha256, pkg.deb_name) == (
+        "a", [["p"], ["b"], ["c", "d"]], ["v"], "ab", "a.deb")
+
+
+# -- .deb unpacking --------------------------------------------------------------------------
+
+def ar_archive(members: list[tuple[str, bytes]]) -> bytes:
+    out = b"!<arch>\n"
+    for name, data in members:
+        out += f"{name:<16}{0:<12}{0:<6}{0:<6}{0o100644:<8o}{len(data):<10}`\n".encode() + data
+        out += b"\n" * (len(data) & 1)
+    return out
+
+
+def data_tar(members: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:xz") as tar:
+        for info, data in members:
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if info.isfile() else None)
+    return buf.getvalue()
+
+
+def member(name, kind=tarfile.REGTYPE, link="", mode=0o644):
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.mode = kind, link, mode
+    return info
+
+
+def test_extract_keeps_everything_inside_the_prefix(tmp_path):
+    deb = tmp_path / "t.deb"
+    deb.write_bytes(ar_archive([
+        ("debian-binary", b"2.0\n"),
+        ("control.tar.xz", data_tar([])),
+        ("data.tar.xz", data_tar([
+            (member("./usr/", tarfile.DIRTYPE, mode=0o755), b""),
+            (member("./usr/bin/tool", mode=0o4755), b"#!/bin/sh\n"),
+            (member("./usr/share/qemu/bios.bin", tarfile.SYMTYPE, "/usr/share/seabios/bios.bin"), b""),
+            (member("./usr/share/seabios/bios.bin"), b"BIOS"),
+            (member("./usr/bin/tool2", tarfile.LNKTYPE, "./usr/bin/tool"), b""),
+            (member("../../escape"), b"x"),
+            (member("/etc/absolute"), b"y"),
+            (member("./usr/../../up"), b"z"),
+            (member("./dev/null", tarfile.CHRTYPE), b""),
+        ])),
+    ]))
+    prefix = tmp_path / "prefix"
+    written = debfile.extract(deb, prefix)
+    assert sorted(written) == ["etc/absolute", "usr/bin/tool", "usr/bin/tool2",
+                               "usr/share/qemu/bios.bin", "usr/share/seabios/bios.bin"]
+    link = prefix / "usr/share/qemu/bios.bin"
+    assert os.readlink(link) == "../seabios/bios.bin" and link.read_bytes() == b"BIOS"
+    assert (prefix / "usr/bin/tool2").read_bytes() == b"#!/bin/sh\n"
+    assert (prefix / "usr/bin/tool").stat().st_mode & 0o7777 == 0o755     # no setuid
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "up").exists()
+    assert not (prefix / "dev/null").exists()
+    assert debfile.extract(deb, tmp_path / "p2", lambda p: p.startswith("usr/bin/tool")) == [
+        "usr/bin/tool", "usr/bin/tool2"]
+
+
+def test_extract_rejects_what_is_not_a_deb(tmp_path):
+    (tmp_path / "x.deb").write_bytes(b"PK\x03\x04 not an ar archive")
+    with pytest.raises(KitError, match="not a .deb"):
+        debfile.extract(tmp_path / "x.deb", tmp_path / "p")
+    (tmp_path / "y.deb").write_bytes(ar_archive([("debian-binary", b"2.0\n")]))
+    with pytest.raises(KitError, match="no data archive"):
+        debfile.extract(tmp_path / "y.deb", tmp_path / "p")
+
+
+# -- ELF dynamic section ---------------------------------------------------------------------
+
+@pytest.mark.skipif(not shutil.which("readelf"), reason="no readelf to compare with")
+@pytest.mark.parametrize("path", [sys.executable, "/bin/ls", "/lib/x86_64-linux-gnu/libc.so.6"])
+def test_dynamic_info_matches_readelf(path):
+    if not Path(path).exists():
+        pytest.skip(f"{path} not on this machine")
+    out = subprocess.run(["readelf", "-dW", os.path.realpath(path)], capture_output=True, text=True).stdout
+    info = dynamic_info(Path(os.path.realpath(path)))
+    if info is None:
+        assert "NEEDED" not in out
+        return
+    assert info.needed == re.findall(r"\(NEEDED\).*\[(.*)\]", out)
+    soname = re.findall(r"\(SONAME\).*\[(.*)\]", out)
+    assert info.soname == (soname[0] if soname else None)
+
+
+def test_dynamic_info_of_non_elf_and_truncated_files(tmp_path):
+    (tmp_path / "text").write_text("hello")
+    assert dynamic_info(tmp_path / "text") is None
+    (tmp_path / "cut").write_bytes(Path("/bin/ls").read_bytes()[:200])
+    assert dynamic_info(tmp_path / "cut") is None
+    assert dynamic_info(tmp_path / "missing") is None
+
+
+# -- the archive client against a local signed mirror ----------------------------------------
+
+needs_gpg = pytest.mark.skipif(not (shutil.which("gpg") and shutil.which("gpgv") and shutil.which("dpkg-deb")),
+                               reason="gpg, gpgv and dpkg-deb are needed to build a signed mirror")
+
+
+class LocalMirror:
+    """A Debian-shaped mirror in a folder, its InRelease signed by a key made for the test."""
+
+    def __init__(self, root: Path):
+        self.root = root / "mirror"
+        self.home = root / "gnupg"
+        self.home.mkdir(mode=0o700)
+        self.keyring = root / "keyring.gpg"
+        self.gpg("--quick-gen-key", "kit test <kit@test.invalid>", "ed25519", "sign", "never")
+        self.keyring.write_bytes(self.gpg("--export"))
+        self.work = root / "build"
+
+    def gpg(self, *args: str, input: bytes | None = None) -> bytes:
+        return subprocess.run(["gpg", "--homedir", str(self.home), "--batch", "--passphrase", "",
+                               "--pinentry-mode", "loopback", *args], input=input,
+                              capture_output=True, check=True).stdout
+
+    def deb(self, name: str, version: str, files: dict[str, bytes]) -> tuple[str, bytes]:
+        tree = self.work / f"{name}-{version}"
+        (tree / "DEBIAN").mkdir(parents=True)
+        (tree / "DEBIAN/control").write_text(
+            f"Package: {name}\nVersion: {version}\nArchitecture: amd64\nMaintainer: t <t@test.invalid>\n"
+            f"Description: test\n")
+        for path, data in files.items():
+            (tree / path).parent.mkdir(parents=True, exist_ok=True)
+            (tree / path).write_bytes(data)
+        out = self.work / f"{name}_{version}_amd64.deb"
+        subprocess.run(["dpkg-deb", "-Zxz", "--root-owner-group", "--build", str(tree), str(out)],
+                       capture_output=True, check=True)
+        filename = f"pool/main/{name[0]}/{name}/{out.name}"
+        (self.root / filename).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(out, self.root / filename)
+        return filename, out.read_bytes()
+
+    def suite(self, suite: str, packages: list[tuple[str, str, dict, str]]) -> None:
+        stanzas = []
+        for name, version, files, extra in packages:
+            filename, data = self.deb(name, version, files)
+            stanzas.append(f"Package: {name}\nVersion: {version}\nArchitecture: amd64\n{extra}"
+                           f"Filename: {filename}\nSize: {len(data)}\n"
+                           f"SHA256: {hashlib.sha256(data).hexdigest()}\n")
+        index = lzma.compress("\n".join(stanzas).encode())
+        folder = self.root / "dists" / suite
+        (folder / "main/binary-amd64").mkdir(parents=True, exist_ok=True)
+        (folder / "main/binary-amd64/Packages.xz").write_bytes(index)
+        release = (f"Suite: {suite}\nCodename: {suite}\nSHA256:\n"
+                   f" {hashlib.sha256(index).hexdigest()} {len(index)} main/binary-amd64/Packages.xz\n")
+        (folder / "InRelease").write_bytes(self.gpg("--clearsign", input=release.encode()))
+
+    def archive(self, suites: list[str], cache: Path) -> Archive:
+        return Archive(DebianMirror(self.root.as_uri(), self.keyring, "testsuite"), suites, cache)
+
+
+@pytest.fixture
+def mirror(tmp_path):
+    m = LocalMirror(tmp_path)
+    m.suite("testsuite", [
+        ("hello", "1.0-1", {"usr/bin/hello": b"old"}, "Depends: libc6 (>= 2), virt-thing\n"),
+        ("libc6", "2.36-9", {"usr/lib/x86_64-linux-gnu/libc.so.6": b"libc"}, "Provides: virt-thing\n"),
+    ])
+    m.suite("testsuite-backports", [("hello", "1.1-1~bpo1", {"usr/bin/hello": b"new"}, "")])
+    return m
+
+
+@needs_gpg
+def test_archive_picks_newest_verifies_and_caches(mirror, tmp_path):
+    cache = tmp_path / "cache"
+    archive = mirror.archive(["testsuite", "testsuite-backports"], cache)
+    hello = archive.get("hello")
+    assert (hello.version, hello.suite) == ("1.1-1~bpo1", "testsuite-backports")
+    assert archive.get("virt-thing").name == "libc6"
+    assert archive.resolve_group(["nope", "libc6"]).name == "libc6"
+    with pytest.raises(KitError, match="nope"):
+        archive.get("nope")
+    deb = archive.fetch(hello)
+    assert debfile.extract(deb, tmp_path / "p") == ["usr/bin/hello"]
+    assert (tmp_path / "p/usr/bin/hello").read_bytes() == b"new"
+    # Cached: a second fetch does not need the mirror's copy.
+    (mirror.root / hello.filename).unlink()
+    assert archive.fetch(hello) == deb
+
+
+@needs_gpg
+def test_archive_refuses_tampered_files(mirror, tmp_path):
+    archive = mirror.archive(["testsuite"], tmp_path / "cache")
+    libc = archive.get("libc6")
+    (mirror.root / libc.filename).write_bytes(b"!<arch>\nnot the real one")
+    with pytest.raises(KitError, match="SHA256 mismatch"):
+        archive.fetch(libc)
+    assert not (tmp_path / "cache/debs" / libc.deb_name).exists()
+    release = mirror.root / "dists/testsuite/InRelease"
+    release.write_bytes(release.read_bytes().replace(b"Codename: testsuite", b"Codename: testsuitf"))
+    with pytest.raises(KitError, match="signature"):
+        mirror.archive(["testsuite"], tmp_path / "cache2").get("libc6")
+
+
+@needs_gpg
+def test_archive_offline_uses_cache_or_names_what_is_missing(mirror, tmp_path):
+    cache = tmp_path / "cache"
+    mirror.archive(["testsuite"], cache).get("hello")
+    shutil.rmtree(mirror.root)
+    # Indexes cached: still usable offline.
+    assert mirror.archive(["testsuite"], cache).get("hello").version == "1.0-1"
+    with pytest.raises(OfflineError, match="testsuite InRelease"):
+        mirror.archive(["testsuite"], tmp_path / "empty-cache").get("hello")

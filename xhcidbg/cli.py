@@ -1,0 +1,140 @@
+"""The `xhcidbg` command line.
+
+    xhcidbg                         the console on an in-process guest (tablet, keyboard, storage)
+    xhcidbg console [options]       the same, with options
+    xhcidbg trace ...               capture, view and summarise pcapng traces
+    xhcidbg serve ... / vm ...      serve the controller to QEMU / boot a VM against it
+
+Sub-commands other than `console` come from their own packages and are imported only when
+present, so a missing piece never breaks the console.  A package provides one with a function
+`add_<name>_command(subparsers)` that adds its parser and sets `func(args) -> int` on it.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+CONSOLE_EXAMPLES = """examples:
+  xhcidbg                                  interactive console, three devices plugged in
+  xhcidbg console --storage disk.img       the stick serves disk.img
+  xhcidbg console --no-tablet --no-storage just the keyboard
+  xhcidbg -c 'ports; tablet move 100 200; reports'
+  echo 'pause; tablet move 1 2; step td' | xhcidbg --batch
+  xhcidbg console --trace /tmp/usb.pcapng  capture everything from the first MMIO access
+"""
+
+# (sub-command, module, function adding it): imported lazily, skipped when absent
+PLUGINS = (
+    ("serve", "xhcidbg.vfio_user.cli", "add_serve_command"),
+    ("vm", "xhcidbg.guestkit.cli", "add_vm_command"),
+)
+
+
+def add_console_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("devices")
+    g.add_argument("--storage", metavar="IMAGE",
+                   help="disk image for the mass-storage stick (default: a temporary 64 MiB one)")
+    g.add_argument("--storage-size", metavar="MIB", type=int, default=64,
+                   help="size of the temporary image in MiB (default 64)")
+    g.add_argument("--no-tablet", action="store_true", help="do not plug the tablet in")
+    g.add_argument("--no-keyboard", action="store_true", help="do not plug the keyboard in")
+    g.add_argument("--no-storage", action="store_true", help="do not plug the storage stick in")
+    g.add_argument("--no-guest", action="store_true",
+                   help="no scripted guest: the controller stays in reset until you drive it")
+    g = p.add_argument_group("running")
+    g.add_argument("-c", "--commands", metavar="'CMD; CMD'", action="append",
+                   help="run these console commands, print their output and exit")
+    g.add_argument("--batch", action="store_true",
+                   help="read commands from standard input, plain output, no prompt "
+                        "(the default when standard input is not a terminal)")
+    g.add_argument("--echo", action="store_true", help="batch: print each command before its "
+                                                       "output")
+    g.add_argument("--width", type=int, help="output width in columns")
+    g.add_argument("--trace", metavar="FILE",
+                   help="capture everything to FILE (pcapng) from the start")
+    g.add_argument("-v", "--verbose", action="store_true", help="log what the controller "
+                                                                "refuses")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xhcidbg", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="An xHCI (USB 3) host controller emulator that is also its own debugger.",
+        epilog="With no sub-command, `console` runs.\n\n" + CONSOLE_EXAMPLES)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    c = sub.add_parser("console", help="the debugger console on an in-process guest (default)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="The debugger console: a controller with a tablet, a "
+                                   "keyboard and a storage stick, driven by the built-in "
+                                   "scripted guest.", epilog=CONSOLE_EXAMPLES)
+    add_console_options(c)
+    c.set_defaults(func=run_console)
+    _add_trace(sub)
+    for name, module, function in PLUGINS:
+        _add_plugin(sub, name, module, function)
+    return parser
+
+
+def _add_trace(sub) -> None:
+    try:
+        from .trace.cli import add_trace_commands, run
+    except ImportError:
+        return
+    p = add_trace_commands(sub)
+    p.set_defaults(run_trace=run)
+
+
+def _add_plugin(sub, name: str, module: str, function: str) -> None:
+    try:
+        add = getattr(importlib.import_module(module), function)
+    except (ImportError, AttributeError):
+        return
+    add(sub)
+
+
+def run_console(args) -> int:
+    from .ui.console import Console
+    from .ui.world import WorldOptions
+
+    options = WorldOptions(tablet=not args.no_tablet, keyboard=not args.no_keyboard,
+                           storage=not args.no_storage, storage_image=args.storage,
+                           storage_bytes=max(1, args.storage_size) << 20,
+                           guest=not args.no_guest, trace=args.trace)
+    batch = args.batch or args.commands or not sys.stdin.isatty()
+    try:
+        console = Console(options, width=args.width).start()
+    except (ValueError, RuntimeError, OSError) as e:
+        print(f"xhcidbg: {e}", file=sys.stderr)
+        return 2
+    try:
+        if not batch:
+            console.interact()
+            return 0
+        lines = list(args.commands or [])
+        if args.batch or not args.commands:
+            lines += sys.stdin.read().splitlines()
+        failed = console.run_script(lines, echo=args.echo)
+        return 1 if failed else 0
+    finally:
+        console.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    # `xhcidbg [console options]`: the console is the default sub-command
+    if not argv or (argv[0] not in sub.choices and argv[0] not in ("-h", "--help")):
+        argv.insert(0, "console")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if getattr(args, "verbose", False)
+                        else logging.ERROR, format="%(name)s: %(message)s")
+    if getattr(args, "run_trace", None) is not None:
+        return args.run_trace(args, None)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

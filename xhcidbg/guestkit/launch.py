@@ -1,0 +1,529 @@
+"""Run the guest: QEMU under asyncio, its serial console as a command channel, and QMP.
+
+Both the serial port and QMP are UNIX sockets that *we* listen on and QEMU connects to at start-up,
+so not a byte of early boot output is lost and there is no polling for a socket to appear.
+QEMU gets PR_SET_PDEATHSIG, so it dies with the Python process whatever way that ends; `stop`
+asks it to quit over QMP first.  When QEMU ends on its own, every waiter on the console or QMP
+gets a `VmExited` that carries QEMU's exit status and the end of its stderr.
+
+    vm = await Vm.start(devices=[vfio_user_device("/tmp/x.sock")])
+    result = await vm.console.run("ls /sys/bus/usb/devices")
+    await vm.stop()
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import re
+import shutil
+import signal
+import tempfile
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .initramfs import MODULES_LOADED, READY_MARKER, ensure_initramfs
+from .kernel import ensure_kernel
+from .qemu import QemuInstall, ensure_qemu
+from .report import say
+
+DEFAULT_MEMORY_MIB = 256
+# Lines that show the user how far a (slow, TCG) boot has come.
+BOOT_MILESTONES = [
+    (b"Linux version", "kernel started"),
+    (b"Run /init", "init started"),
+    (MODULES_LOADED.encode(), "modules loaded"),
+    (READY_MARKER.encode(), "shell ready"),
+]
+STDERR_KEEP = 16384
+TRANSCRIPT_KEEP = 1 << 20
+PR_SET_PDEATHSIG = 1
+
+
+class VmExited(RuntimeError):
+    """QEMU ended while something was still expected of it."""
+
+    def __init__(self, returncode: int | None, stderr: str, console: str = ""):
+        self.returncode = returncode
+        self.stderr = stderr
+        message = f"QEMU exited with status {returncode}"
+        tail = "\n".join(stderr.strip().splitlines()[-15:])
+        if tail:
+            message += f"; its stderr ends:\n{tail}"
+        console_tail = "\n".join(console.strip().splitlines()[-20:])
+        if console_tail:
+            message += f"\nthe guest console ends:\n{console_tail}"
+        super().__init__(message)
+
+
+class CommandTimeout(TimeoutError):
+    pass
+
+
+class QmpError(RuntimeError):
+    pass
+
+
+@dataclass
+class CommandResult:
+    status: int
+    output: str
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 0
+
+
+def vfio_user_device(socket_path: str | Path, **properties: Any) -> str:
+    """The `-device` value that connects QEMU to a vfio-user server on a UNIX socket."""
+    return json.dumps({"driver": "vfio-user-pci",
+                       "socket": {"path": str(socket_path), "type": "unix"}, **properties})
+
+
+async def _exit_error(exited: asyncio.Future) -> VmExited:
+    """The VmExited for a connection QEMU closed; waits briefly for its exit status."""
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(asyncio.shield(exited), 5)
+    return VmExited(*exited.result()) if exited.done() else VmExited(None, "connection to QEMU lost")
+
+
+class _Stream:
+    """Bytes arriving from one connection, kept whole, with waiting for a pattern."""
+
+    def __init__(self, exited: asyncio.Future):
+        self.data = bytearray()
+        self.closed = False
+        self._changed = asyncio.Condition()
+        self._exited = exited
+
+    async def feed(self, chunk: bytes) -> None:
+        async with self._changed:
+            if chunk:
+                self.data += chunk
+            else:
+                self.closed = True
+            self._changed.notify_all()
+
+    async def wait_for(self, pattern: re.Pattern[bytes], start: int, timeout: float) -> re.Match[bytes]:
+        """The first match of `pattern` at or after offset `start`, waiting up to `timeout` s."""
+        deadline = time.monotonic() + timeout
+        async with self._changed:
+            while True:
+                match = pattern.search(self.data, start)
+                if match:
+                    return match
+                if self.closed:       # QEMU closed the socket: nothing more will come
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise CommandTimeout(f"no {pattern.pattern!r} on the console within {timeout:g} s")
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), left)
+        error = await _exit_error(self._exited)
+        tail = self.data[-4096:].decode("utf-8", "replace").replace("\r\n", "\n")
+        raise VmExited(error.returncode, error.stderr, tail)
+
+
+class Console:
+    """The guest shell on the serial port.
+
+    Each command is sent as one shell input whose output is framed by a begin line and an end
+    line carrying the exit status, written with printf so that the command text itself (should it
+    ever be echoed) never matches the frame.  Commands run with stdin from /dev/null, so they
+    cannot swallow the commands that follow.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 exited: asyncio.Future, log: Path | None = None,
+                 progress: Callable[[str], None] | None = None):
+        self._writer = writer
+        self._exited = exited
+        self._stream = _Stream(exited)
+        self._lock = asyncio.Lock()
+        self._cursor = 0
+        self._serial = 0
+        self._started = time.monotonic()
+        self._progress = progress
+        self.milestones: dict[str, float] = {}     # label -> seconds since start
+        self._log = open(log, "ab") if log else None
+        self._task = asyncio.create_task(self._pump(reader))
+
+    async def _pump(self, reader: asyncio.StreamReader) -> None:
+        pending = list(BOOT_MILESTONES)
+        while True:
+            try:
+                chunk = await reader.read(65536)
+            except (ConnectionError, OSError):
+                chunk = b""
+            if self._log:
+                self._log.write(chunk)
+                self._log.flush()
+            await self._stream.feed(chunk)
+            tail = max(len(self._stream.data) - len(chunk) - 64, 0)
+            for marker, label in list(pending):
+                if self._stream.data.find(marker, tail) >= 0:
+                    pending.remove((marker, label))
+                    self.milestones[label] = time.monotonic() - self._started
+                    if self._progress:
+                        self._progress(f"boot: {label} after {self.milestones[label]:.1f} s")
+            if not chunk:
+                return
+
+    @property
+    def transcript(self) -> str:
+        """What the guest wrote to the console (once past 1 MiB, from the last command on)."""
+        return self._stream.data.decode("utf-8", "replace").replace("\r\n", "\n")
+
+    async def wait_for(self, text: str | re.Pattern[bytes], timeout: float = 60.0) -> str:
+        """Wait until `text` (or a bytes regex) appears after what was already consumed."""
+        pattern = text if isinstance(text, re.Pattern) else re.compile(re.escape(text.encode()))
+        match = await self._stream.wait_for(pattern, self._cursor, timeout)
+        self._cursor = match.end()
+        return match.group(0).decode("utf-8", "replace")
+
+    async def wait_ready(self, timeout: float = 180.0) -> None:
+        """Wait for /init to hand over the shell."""
+        await self.wait_for(READY_MARKER, timeout)
+
+    async def write(self, text: str) -> None:
+        """Send raw text to the guest's serial port."""
+        try:
+            if self._stream.closed or self._writer.is_closing():
+                raise ConnectionResetError
+            self._writer.write(text.encode())
+            await self._writer.drain()
+        except (ConnectionError, OSError):
+            raise await _exit_error(self._exited) from None
+
+    async def run(self, command: str, timeout: float = 60.0, check: bool = False) -> CommandResult:
+        """Run `command` in the guest shell; its output (stdout and stderr) and exit status."""
+        if any(ord(c) < 32 and c not in "\n\t" for c in command):
+            raise ValueError("control characters would be taken by the guest tty, not the shell")
+        if any(len(line) > 3000 for line in command.splitlines()):
+            raise ValueError("a command line longer than 3000 characters overflows the guest tty")
+        async with self._lock:
+            self._serial += 1
+            n = self._serial
+            begin = re.compile(rb"@@B%d@@\r?\n" % n)
+            end = re.compile(rb"\r?\n@@E%d:(\d+)@@" % n)
+            # A subshell, so that `exit` or `set -e` in the command cannot end the guest shell.
+            await self.write(f"printf '\\n@@B%s@@\\n' {n}; ( {command}\n) </dev/null 2>&1;"
+                             f" printf '\\n@@E%s:%s@@\\n' {n} \"$?\"\n")
+            try:
+                start = await self._stream.wait_for(begin, self._cursor, timeout)
+                finish = await self._stream.wait_for(end, start.end(), timeout)
+            except CommandTimeout:
+                # Ctrl-C ends the command's subshell, so the shell takes the next command.
+                await self.write("\x03")
+                tail = self._stream.data[-2048:].decode("utf-8", "replace").replace("\r\n", "\n")
+                raise CommandTimeout(f"guest command {command!r} did not finish within {timeout:g} s;"
+                                     f" the console ends:\n{tail}") from None
+            self._cursor = finish.end()
+            output = bytes(self._stream.data[start.end():finish.start()])
+            if len(self._stream.data) > TRANSCRIPT_KEEP:
+                # Consumed output goes (the log file, if any, keeps everything).
+                del self._stream.data[:self._cursor]
+                self._cursor = 0
+        result = CommandResult(int(finish.group(1)), output.decode("utf-8", "replace").replace("\r\n", "\n"))
+        if check and not result.ok:
+            raise RuntimeError(f"guest command {command!r} failed with status {result.status}:\n{result.output}")
+        return result
+
+    async def close(self) -> None:
+        self._writer.close()
+        with contextlib.suppress(Exception):
+            await self._task
+        if self._log:
+            self._log.close()
+
+
+class Qmp:
+    """A minimal QMP client: commands matched to replies by id, events collected."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 exited: asyncio.Future):
+        self._reader = reader
+        self._writer = writer
+        self._exited = exited
+        self._replies: dict[int, asyncio.Future] = {}
+        self._ids = 0
+        self.events: list[dict] = []
+        self._event_added = asyncio.Event()
+        self._greeting: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._task = asyncio.create_task(self._pump())
+
+    async def _pump(self) -> None:
+        try:
+            while line := await self._reader.readline():
+                message = json.loads(line)
+                if "QMP" in message and not self._greeting.done():
+                    self._greeting.set_result(message["QMP"])
+                elif "event" in message:
+                    self.events.append(message)
+                    self._event_added.set()
+                elif message.get("id") in self._replies:
+                    future = self._replies.pop(message["id"])
+                    if not future.done():
+                        future.set_result(message)
+        except (ConnectionError, OSError, ValueError):
+            pass
+        waiting = [f for f in [self._greeting, *self._replies.values()] if not f.done()]
+        if waiting:
+            error = await _exit_error(self._exited)
+            for future in waiting:
+                if not future.done():
+                    future.set_exception(error)
+
+    async def connect(self, timeout: float = 30.0) -> dict:
+        greeting = await asyncio.wait_for(self._greeting, timeout)
+        await self.execute("qmp_capabilities")
+        return greeting
+
+    async def execute(self, command: str, timeout: float = 30.0, **arguments: Any) -> Any:
+        """Run a QMP command; its `return` value, or QmpError with QEMU's description."""
+        self._ids += 1
+        future = asyncio.get_running_loop().create_future()
+        self._replies[self._ids] = future
+        message = {"execute": command, "id": self._ids}
+        if arguments:
+            message["arguments"] = arguments
+        try:
+            if self._task.done() or self._writer.is_closing():
+                raise ConnectionResetError
+            self._writer.write(json.dumps(message).encode() + b"\n")
+            await self._writer.drain()
+        except (ConnectionError, OSError):
+            self._replies.pop(self._ids, None)
+            raise await _exit_error(self._exited) from None
+        reply = await asyncio.wait_for(future, timeout)
+        if "error" in reply:
+            raise QmpError(f"{command}: {reply['error'].get('desc', reply['error'])}")
+        return reply.get("return")
+
+    async def wait_event(self, name: str, timeout: float = 30.0, start: int = 0) -> dict:
+        """The first event called `name` at or after index `start` of `events`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for event in self.events[start:]:
+                if event["event"] == name:
+                    return event
+            self._event_added.clear()
+            await asyncio.wait_for(self._event_added.wait(), max(0.0, deadline - time.monotonic()))
+
+    async def stop(self) -> None:
+        await self.execute("stop")
+
+    async def cont(self) -> None:
+        await self.execute("cont")
+
+    async def query_status(self) -> dict:
+        return await self.execute("query-status")
+
+    async def system_reset(self) -> None:
+        await self.execute("system_reset")
+
+    async def quit(self) -> None:
+        await self.execute("quit")
+
+    async def close(self) -> None:
+        self._writer.close()
+        with contextlib.suppress(Exception):
+            await self._task
+
+
+def _libc_prctl() -> Callable[..., int] | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def _die_with_parent(prctl: Callable[..., int] | None, parent: int) -> Callable[[], None]:
+    def preexec() -> None:
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:      # the parent died before prctl took effect
+            os._exit(1)
+    return preexec
+
+
+def _kill_if_running(process: asyncio.subprocess.Process) -> None:
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+
+
+def build_command(qemu: QemuInstall, *, kernel: Path, initrd: Path, serial_socket: Path,
+                  qmp_socket: Path, memory_mib: int = DEFAULT_MEMORY_MIB, append: str = "",
+                  devices: Iterable[str] = (), extra_args: Iterable[str] = ()) -> list[str]:
+    """The full QEMU command line for a TCG q35 guest with shared (memfd) RAM."""
+    mem = f"{memory_mib}M"
+    argv = qemu.command(
+        "-nodefaults", "-no-user-config",
+        "-machine", "q35,accel=tcg,memory-backend=mem",
+        "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
+        "-m", mem, "-smp", "1",
+        "-nic", "none", "-display", "none", "-no-reboot",
+        "-kernel", str(kernel), "-initrd", str(initrd),
+        "-append", f"console=ttyS0 panic=-1 {append}".strip(),
+        "-chardev", f"socket,id=serial0,path={serial_socket},server=off",
+        "-serial", "chardev:serial0",
+        "-chardev", f"socket,id=qmp0,path={qmp_socket},server=off",
+        "-object", "monitor-qmp,id=qmp,chardev=qmp0",
+    )
+    for device in devices:
+        argv += ["-device", device]
+    return argv + list(extra_args)
+
+
+class Vm:
+    """One running QEMU guest; create with `await Vm.start(...)`."""
+
+    def __init__(self) -> None:
+        self.process: asyncio.subprocess.Process | None = None
+        self.console: Console | None = None
+        self.qmp: Qmp | None = None
+        self.argv: list[str] = []
+        self.workdir: Path | None = None
+        self.stderr = bytearray()
+        self.exited: asyncio.Future | None = None     # (returncode, stderr) once QEMU ended
+        self.on_exit: Callable[[int], None] | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._reaper: weakref.finalize | None = None
+        self._stopping = False
+
+    @classmethod
+    async def start(cls, *, devices: Iterable[str] = (), extra_args: Iterable[str] = (),
+                    memory_mib: int = DEFAULT_MEMORY_MIB, append: str = "",
+                    qemu: QemuInstall | None = None, kernel: Path | None = None,
+                    initrd: Path | None = None, log: Path | None = None,
+                    wait_ready: bool = True, boot_timeout: float = 300.0,
+                    progress: bool = True) -> "Vm":
+        """Start QEMU with the guest kernel and initramfs (fetched/built on first use).
+
+        devices: `-device` values (e.g. from `vfio_user_device`); extra_args: more QEMU options;
+        log: a file that receives the raw serial output; wait_ready: return only once the guest
+        shell is up (boot under TCG takes several seconds).
+        """
+        qemu = qemu or await asyncio.to_thread(ensure_qemu)
+        kernel = kernel or await asyncio.to_thread(ensure_kernel)
+        initrd = initrd or await asyncio.to_thread(ensure_initramfs)
+        vm = cls()
+        vm.workdir = Path(tempfile.mkdtemp(prefix="xhcidbg-vm-"))
+        report = say if progress else None
+        try:
+            await vm._spawn(qemu, kernel, initrd, vm.workdir, memory_mib, append, devices,
+                            extra_args, log, report)
+            if wait_ready:
+                await vm.console.wait_ready(boot_timeout)
+        except BaseException:
+            await vm.stop()
+            raise
+        return vm
+
+    async def _spawn(self, qemu, kernel, initrd, workdir, memory_mib, append, devices, extra_args,
+                     log, report) -> None:
+        loop = asyncio.get_running_loop()
+        accepted = {"serial": loop.create_future(), "qmp": loop.create_future()}
+
+        def on_connect(name: str):
+            def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                if accepted[name].done():
+                    writer.close()
+                else:
+                    accepted[name].set_result((reader, writer))
+            return accept
+
+        serial_path, qmp_path = workdir / "serial.sock", workdir / "qmp.sock"
+        servers = [await asyncio.start_unix_server(on_connect("serial"), serial_path),
+                   await asyncio.start_unix_server(on_connect("qmp"), qmp_path)]
+        self.argv = build_command(qemu, kernel=kernel, initrd=initrd, serial_socket=serial_path,
+                                  qmp_socket=qmp_path, memory_mib=memory_mib, append=append,
+                                  devices=devices, extra_args=extra_args)
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                *self.argv, env=qemu.environ(), stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                preexec_fn=_die_with_parent(_libc_prctl(), os.getpid()))
+            self._reaper = weakref.finalize(self, _kill_if_running, self.process)
+            self.exited = loop.create_future()
+            self._tasks = [asyncio.create_task(self._watch(report)),
+                           asyncio.create_task(self._drain(self.process.stdout, report)),
+                           asyncio.create_task(self._drain(self.process.stderr, report))]
+            waiting = asyncio.gather(accepted["serial"], accepted["qmp"])
+            done, _ = await asyncio.wait({waiting, self.exited}, timeout=60,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if waiting not in done:
+                waiting.cancel()
+                if self.exited.done():
+                    raise VmExited(*self.exited.result())
+                raise TimeoutError("QEMU did not connect its serial and QMP sockets within 60 s")
+        finally:
+            for server in servers:
+                server.close()
+        (serial_r, serial_w), (qmp_r, qmp_w) = waiting.result()
+        self.console = Console(serial_r, serial_w, self.exited, log, report)
+        self.qmp = Qmp(qmp_r, qmp_w, self.exited)
+        await self.qmp.connect()
+
+    async def _drain(self, stream: asyncio.StreamReader, report) -> None:
+        while line := await stream.readline():
+            self.stderr += line
+            del self.stderr[:-STDERR_KEEP]
+            if report:
+                report(f"qemu: {line.decode(errors='replace').rstrip()}")
+
+    async def _watch(self, report) -> None:
+        code = await self.process.wait()
+        # Let the stderr reader collect QEMU's last words before anyone reports them.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*self._tasks[1:]), 2)
+        self.exited.set_result((code, self.stderr.decode(errors="replace")))
+        if not self._stopping and report:
+            report(f"QEMU exited with status {code}" if code == 0 else f"[yellow]QEMU exited with status {code}[/]")
+        if self.on_exit:
+            self.on_exit(code)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode if self.process else None
+
+    async def wait_exit(self, timeout: float | None = None) -> int:
+        code, _ = await asyncio.wait_for(asyncio.shield(self.exited), timeout)
+        return code
+
+    async def stop(self, timeout: float = 10.0) -> int | None:
+        """Ask QEMU to quit (QMP), kill it if it does not, and clean up. Safe to call twice."""
+        self._stopping = True
+        if self.process and self.process.returncode is None:
+            if self.qmp:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.qmp.quit(), min(timeout, 5))
+            try:
+                await asyncio.wait_for(self.process.wait(), timeout)
+            except asyncio.TimeoutError:
+                self.process.kill()
+                await self.process.wait()
+        for task in self._tasks:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(task, 5)
+        for part in (self.console, self.qmp):
+            if part:
+                await part.close()
+        if self._reaper:
+            self._reaper.detach()
+        if self.workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+        return self.returncode
+
+    async def __aenter__(self) -> "Vm":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()

@@ -1,0 +1,188 @@
+"""`xhcidbg trace ...` subcommands and the `--trace FILE` option.
+
+    trace start FILE [FILTER...] [--max-size N] [--max-time S] [--max-files N] [--snaplen N]
+    trace stop | trace status
+    trace show FILE [FILTER...] [--no-dma] [--limit N]
+    trace stats FILE [FILTER...]
+    trace install-dissector [--folder DIR]
+
+`start`, `stop` and `status` act on the session's running controller: their handlers take
+`(args, controller)`; `show`, `stats` and `install-dissector` take `(args, None)` and need none.
+Every handler returns a process exit status.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from .filters import CaptureFilter, FilterError, __doc__ as FILTER_HELP
+from .pcapng import CaptureError
+from .tracer import TraceError, Tracer
+
+_active: Tracer | None = None          # the session's tracer (one at a time)
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().rstrip("b")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad size {text!r} (e.g. 500k, 20M, 1G)") from None
+
+
+def start_trace(controller: Any, path: str, terms: list[str] | None = None, **options) -> Tracer:
+    """Start the session's tracer (what `trace start` and `--trace FILE` call)."""
+    global _active
+    if _active is not None and _active.status().running:
+        raise TraceError(f"already tracing to {_active.path}; `trace stop` first")
+    _active = Tracer(controller, path, CaptureFilter.parse(terms), **options).start()
+    return _active
+
+
+def stop_trace():
+    global _active
+    if _active is None:
+        raise TraceError("no trace is running")
+    status, _active = _active.stop(), None
+    return status
+
+
+def trace_status():
+    return None if _active is None else _active.status()
+
+
+def _tracer_options(args) -> dict:
+    opts = {}
+    for name in ("max_bytes", "max_seconds", "max_files", "snaplen"):
+        value = getattr(args, name, None)
+        if value is not None:
+            opts[name] = value
+    return opts
+
+
+def _cmd_start(args, controller) -> int:
+    if controller is None:
+        print("trace start: no controller is running in this session", file=sys.stderr)
+        return 2
+    t = start_trace(controller, args.file, args.filter, **_tracer_options(args))
+    print(f"tracing to {t.path} ({t.filter})")
+    return 0
+
+
+def _cmd_stop(args, controller) -> int:
+    print(stop_trace())
+    return 0
+
+
+def _cmd_status(args, controller) -> int:
+    st = trace_status()
+    print(st if st is not None else "not tracing")
+    return 0
+
+
+def _cmd_show(args, controller) -> int:
+    from .viewer import show
+    reader = show(args.file, _view_filter(args.filter), dma=not args.no_dma, limit=args.limit)
+    for line in reader.problems.lines(reader.capture):
+        print(f"note: {line}", file=sys.stderr)
+    return 0
+
+
+def _cmd_stats(args, controller) -> int:
+    from .viewer import stats
+    stats(args.file, _view_filter(args.filter))
+    return 0
+
+
+def _cmd_install(args, controller) -> int:
+    from .dissector import install
+    dest = install(args.folder)
+    print(f"installed the xhcidbg Wireshark dissector: {dest}\n"
+          f"Wireshark and tshark load it at start; check with `tshark -G protocols | grep xhci`.")
+    return 0
+
+
+def _view_filter(terms: list[str]) -> CaptureFilter:
+    flt = CaptureFilter.parse(terms)
+    if not any(t.startswith("kind=") for t in terms):
+        from .filters import KINDS
+        flt.kinds = frozenset(KINDS)
+    return flt
+
+
+def add_trace_commands(subparsers) -> argparse.ArgumentParser:
+    """Add `trace` with its subcommands; each leaf sets `func(args, controller) -> int`."""
+    p = subparsers.add_parser("trace", help="capture to pcapng, view and summarise captures",
+                              description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="trace_command", required=True, metavar="COMMAND")
+    filt = dict(nargs="*", metavar="FILTER", help="key=value terms: kind, bus, port, slot, ep, dci")
+
+    s = sub.add_parser("start", help="start capturing to FILE (a file or a FIFO)",
+                       epilog=FILTER_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("file")
+    s.add_argument("filter", **filt)
+    s.add_argument("--max-size", dest="max_bytes", type=_size,
+                   help="start a new file after this many bytes (e.g. 100M)")
+    s.add_argument("--max-time", dest="max_seconds", type=float,
+                   help="start a new file after this many seconds")
+    s.add_argument("--max-files", type=int, help="keep only the newest N files")
+    s.add_argument("--snaplen", type=int, help="bytes kept per usbmon record (default 65535)")
+    s.set_defaults(func=_cmd_start)
+
+    sub.add_parser("stop", help="stop capturing").set_defaults(func=_cmd_stop)
+    sub.add_parser("status", help="what is being captured").set_defaults(func=_cmd_status)
+
+    s = sub.add_parser("show", help="print a capture as Linux xhci tracepoints and usbmon text",
+                       epilog=FILTER_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("file")
+    s.add_argument("filter", **filt)
+    s.add_argument("--no-dma", action="store_true",
+                   help="print TRBs without the @dma address (kernels before 6.13)")
+    s.add_argument("--limit", type=int, help="stop after N records")
+    s.set_defaults(func=_cmd_show)
+
+    s = sub.add_parser("stats", help="transfers, bytes, errors and latency per endpoint")
+    s.add_argument("file")
+    s.add_argument("filter", **filt)
+    s.set_defaults(func=_cmd_stats)
+
+    s = sub.add_parser("install-dissector",
+                       help="install the Wireshark Lua dissector for xhcidbg's xHCI records")
+    s.add_argument("--folder", type=lambda x: __import__("pathlib").Path(x),
+                   help="plugin folder (default: Wireshark's personal Lua plugin folder)")
+    s.set_defaults(func=_cmd_install)
+    return p
+
+
+def add_trace_option(parser: argparse.ArgumentParser) -> None:
+    """`--trace FILE`: capture from the moment the controller starts."""
+    parser.add_argument("--trace", metavar="FILE", help="capture everything to FILE (pcapng)")
+
+
+def run(args, controller: Any = None) -> int:
+    """Run a parsed `trace` command, turning our errors into messages and exit status 2."""
+    try:
+        return args.func(args, controller)
+    except (TraceError, FilterError, CaptureError) as e:
+        print(f"trace {args.trace_command}: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:          # `trace show FILE | head`: the reader has had enough
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (`python -m xhcidbg.trace.cli show FILE`) until xhcidbg.cli wires it."""
+    parser = argparse.ArgumentParser(prog="xhcidbg")
+    add_trace_commands(parser.add_subparsers(dest="command", required=True))
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,379 @@
+"""Generate the Wireshark Lua dissector for the xHCI record interface from the Python
+declarations (record layouts, TRB layouts, contexts, registers, names), and install it.
+
+    python -m xhcidbg.trace.dissector [OUT]     # writes captures/xhcidbg.lua by default
+    xhcidbg trace install-dissector             # into Wireshark's personal Lua plugin folder
+
+Field names for display filters: xhci.kind, xhci.slot, xhci.dci, xhci.cc, xhci.port, xhci.reg,
+xhci.trb.type and xhci.trb.<field> (xhci.trb.<type>.<field> where a field sits elsewhere in
+that TRB type), xhci.<record>.<field>, xhci.slot_ctx.*, xhci.ep_ctx.*, xhci.input_ctx.*,
+xhci.reg.<register>.<field>.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+from xhcidbg.emu import context as ctx, regs
+from xhcidbg.emu.layout import Field, Layout
+from xhcidbg.emu.trb import CC_NAMES, GENERIC, LAYOUTS as TRB_LAYOUTS, TRB_NAMES, TrbType
+from . import records
+from .records import Kind
+
+PROTO = "xhci"
+FILENAME = "xhcidbg.lua"
+REPO_COPY = Path(__file__).resolve().parents[2] / "captures" / FILENAME
+
+RECORD_KEYS = {Kind.MMIO: "mmio", Kind.DOORBELL: "doorbell", Kind.TRB: "fetch",
+               Kind.EVENT: "event", Kind.COMMAND: "command", Kind.PORT: "port",
+               Kind.INTERRUPT: "interrupt", Kind.CONTEXT: "context", Kind.STATE: "state",
+               Kind.LOG: "log", Kind.URB: "urb"}
+SPEEDS = {1: "Full-speed", 2: "Low-speed", 3: "High-speed", 4: "SuperSpeed", 5: "SuperSpeedPlus"}
+
+# value names shown for fields of these names (Lua value_string tables)
+VALUE_TABLES = {
+    "type": "TRB_TYPE", "cc": "CC", "kind": "KIND", "ring": "RING", "ep_type": "EP_TYPE",
+    "ep_state": "EP_STATE", "slot_state": "SLOT_STATE", "pls": "PLS", "speed": "SPEED",
+    "trt": "TRT", "level": "LOG_LEVEL", "reason": "TRB_TYPE",
+}
+_HEX_WORDS = ("pointer", "address", "value", "old", "new", "offset", "param", "header", "data",
+              "dequeue", "route_string", "drop", "add", "name")
+
+
+def _lua_str(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _table(name: str, mapping: dict[int, str]) -> str:
+    items = ", ".join(f"[{k}]={_lua_str(v)}" for k, v in sorted(mapping.items()))
+    return f"local {name} = {{ {items} }}"
+
+
+def _label(f: Field) -> str:
+    return f.doc or f.name.replace("_", " ")
+
+
+class _Gen:
+    def __init__(self):
+        self.decls: list[str] = []       # ProtoField declarations
+        self.abbrevs: set[str] = set()
+
+    def field(self, abbrev: str, f: Field) -> str:
+        if abbrev in self.abbrevs:
+            raise ValueError(f"duplicate Wireshark field {abbrev}")
+        self.abbrevs.add(abbrev)
+        var = "F." + re.sub(r"\W", "_", abbrev[len(PROTO) + 1:])
+        vs = VALUE_TABLES.get(f.name, "nil")
+        hexa = any(w in f.name.lower() for w in _HEX_WORDS)
+        label = _lua_str(_label(f))
+        if f.lo + f.width > 32:
+            decl = f'ProtoField.uint64("{abbrev}", {label}, base.HEX)'
+        elif f.width == 1:
+            decl = f'ProtoField.bool("{abbrev}", {label}, 32, nil, 0x{1 << f.lo:08x})'
+        else:
+            base = "base.HEX" if hexa and vs == "nil" else "base.DEC"
+            decl = (f'ProtoField.uint32("{abbrev}", {label}, {base}, {vs}, '
+                    f'0x{f.mask << f.lo:08x})')
+        self.decls.append(f"{var} = {decl}")
+        return var
+
+    def specs(self, var_of: dict[str, str], layout: Layout) -> str:
+        """Lua list of {field, dword, lo, width} for a layout."""
+        return "{ " + ", ".join(f"{{{var_of[f.name]}, {f.dword}, {f.lo}, {f.width}}}"
+                                for f in layout.fields) + " }"
+
+
+def _geometry(f: Field) -> tuple[int, int, int]:
+    return (f.dword, f.lo, f.width)
+
+
+def generate() -> str:
+    g = _Gen()
+    out: list[str] = []
+    trb_type_names = dict(TRB_NAMES)
+
+    # ---- record layouts: the header fields are shared, the rest per record kind ----
+    head_vars = {f.name: g.field(f"{PROTO}.{f.name}", f) for f in records._HEAD}
+    rec_specs = {}
+    for kind, layout in records.LAYOUTS.items():
+        key = RECORD_KEYS[kind]
+        var_of = dict(head_vars)
+        for f in layout.fields:
+            if f.name not in var_of:
+                var_of[f.name] = g.field(f"{PROTO}.{key}.{f.name}", f)
+        rec_specs[int(kind)] = g.specs(var_of, layout)
+
+    # ---- TRB layouts: the most common position of a field name gets xhci.trb.<name> ----
+    all_trb = {int(t): lay for t, lay in TRB_LAYOUTS.items()}
+    seen = Counter((f.name, _geometry(f)) for lay in [*all_trb.values(), GENERIC]
+                   for f in lay.fields)
+    majority: dict[str, tuple] = {}
+    for (name, geo), _n in sorted(seen.items(), key=lambda kv: (-kv[1], kv[0])):
+        majority.setdefault(name, geo)
+    shared: dict[tuple, str] = {}
+    trb_specs = {}
+    for t, lay in [*sorted(all_trb.items()), (0, GENERIC)]:
+        var_of = {}
+        tkey = TrbType(t).name.lower() if t else "generic"
+        for f in lay.fields:
+            if majority[f.name] == _geometry(f):
+                k = (f.name, _geometry(f))
+                if k not in shared:
+                    shared[k] = g.field(f"{PROTO}.trb.{f.name}", f)
+                var_of[f.name] = shared[k]
+            else:
+                var_of[f.name] = g.field(f"{PROTO}.trb.{tkey}.{f.name}", f)
+        trb_specs[t] = g.specs(var_of, lay)
+
+    # ---- contexts ----
+    ctx_specs = {}
+    for key, lay in (("slot_ctx", ctx.SLOT_CTX), ("ep_ctx", ctx.EP_CTX),
+                     ("input_ctx", ctx.INPUT_CTRL_CTX)):
+        var_of = {f.name: g.field(f"{PROTO}.{key}.{f.name}", f) for f in lay.fields}
+        ctx_specs[key] = g.specs(var_of, lay)
+
+    # ---- registers ----
+    reg_specs = {}
+    all_regs = [*regs.CAP_REGS, *regs.OP_REGS, *regs.PORT_REGS, regs.MFINDEX, *regs.IR_REGS,
+                regs.DOORBELL]
+    for r in all_regs:
+        var_of = {f.name: g.field(f"{PROTO}.reg.{r.name.lower()}.{f.name}", f)
+                  for f in r.layout.fields}
+        reg_specs[r.name] = g.specs(var_of, r.layout)
+
+    out.append(f"-- Generated by `python -m xhcidbg.trace.dissector` from xhcidbg's Python "
+               f"declarations.\n-- Do not edit: change the declarations and regenerate "
+               f"(a test checks this file is current).\n"
+               f"-- Decodes the xHCI-level records xhcidbg writes on its pcapng interface with "
+               f"link type USER0 ({records.LINKTYPE}).")
+    out.append(f'local xhci = Proto("{PROTO}", "xhcidbg xHCI controller record")')
+    out.append(f"local RECORD_VERSION = {records.VERSION}")
+    out.append(f"local TRB_OFFSET = {records.TRB_OFFSET}")
+    out.append(f"local CONTEXT_OFFSET = {records.CONTEXT_OFFSET}")
+    out.append(_table("KIND", {int(k): records.LAYOUTS[k].name for k in Kind}))
+    out.append(_table("TRB_TYPE", trb_type_names))
+    out.append(_table("CC", CC_NAMES))
+    out.append(_table("RING", {r.value: r.name.lower() for r in records.Ring}))
+    out.append(_table("EP_TYPE", ctx.EP_TYPE_NAMES))
+    out.append(_table("EP_STATE", ctx.EP_STATE_NAMES))
+    out.append(_table("SLOT_STATE", ctx.SLOT_STATE_NAMES))
+    out.append(_table("PLS", regs.PLS_NAMES))
+    out.append(_table("SPEED", SPEEDS))
+    out.append(_table("TRT", {0: "No Data Stage", 2: "OUT Data Stage", 3: "IN Data Stage"}))
+    out.append(_table("LOG_LEVEL", dict(enumerate(records.LOG_LEVELS))))
+    out.append("")
+    out.append("local F = {}     -- every ProtoField, keyed by its abbreviation's tail")
+    out.extend(g.decls)
+    generic = [
+        ("F.G_slot", f'ProtoField.uint8("{PROTO}.slot", "Slot ID")'),
+        ("F.G_dci", f'ProtoField.uint8("{PROTO}.dci", "Endpoint (DCI)")'),
+        ("F.G_cc", f'ProtoField.uint8("{PROTO}.cc", "Completion code", base.DEC, CC)'),
+        ("F.G_port", f'ProtoField.uint8("{PROTO}.port", "Root hub port")'),
+        ("F.G_reg", f'ProtoField.string("{PROTO}.reg", "Register")'),
+        ("F.G_text", f'ProtoField.string("{PROTO}.text", "Text")'),
+    ]
+    for var, decl in generic:
+        out.append(f"{var} = {decl}")
+    out.append("xhci.fields = F")
+    out.append("")
+    out.append("local RECORD = {\n" + ",\n".join(f"  [{k}] = {v}" for k, v in rec_specs.items())
+               + "\n}")
+    out.append("local TRB = {\n" + ",\n".join(f"  [{k}] = {v}" for k, v in trb_specs.items())
+               + "\n}")
+    out.append("local CONTEXT = {\n" + ",\n".join(f"  {k} = {v}" for k, v in ctx_specs.items())
+               + "\n}")
+    out.append("local REGISTER = {\n" + ",\n".join(f"  [{_lua_str(k)}] = {v}"
+                                                    for k, v in reg_specs.items()) + "\n}")
+    out.append("local K = { " + ", ".join(f"{k.name}={int(k)}" for k in Kind) + " }")
+    out.append(_RUNTIME)
+    return "\n".join(out) + "\n"
+
+
+# The hand-written part: walking the generated tables, the Info column, chaining to usbmon.
+_RUNTIME = r'''
+local UINT64_ONES = UInt64.new(0xFFFFFFFF, 0xFFFFFFFF)
+
+-- add every field of a layout that starts at byte `base`; returns the values by position
+local function add_fields(tree, tvb, base, specs)
+  for _, s in ipairs(specs) do
+    local pf, dw, lo, width = s[1], s[2], s[3], s[4]
+    local off = base + 4 * dw
+    if lo + width <= 32 then
+      if off + 4 <= tvb:len() then tree:add_le(pf, tvb(off, 4)) end
+    elseif off + 8 <= tvb:len() then
+      local v = tvb(off, 8):le_uint64():rshift(lo)
+      if width < 64 then v = v:band(UINT64_ONES:rshift(64 - width)) end
+      tree:add_le(pf, tvb(off, 8), v)
+    end
+  end
+end
+
+local function dword(tvb, off) return tvb(off, 4):le_uint() end
+local function hex64(tvb, off) return "0x" .. tvb(off, 8):le_uint64():tohex() end
+local function generated(tree, pf, range, value) tree:add(pf, range, value):set_generated() end
+
+-- a TRB at byte `off`: its own subtree, and the generic slot/ep/cc fields
+local function add_trb(tree, tvb, off)
+  local control = dword(tvb, off + 12)
+  local ttype = bit32.extract(control, 10, 6)
+  local name = TRB_TYPE[ttype] or ("type " .. ttype)
+  local st = tree:add(xhci, tvb(off, 16), "TRB: " .. name)
+  add_fields(st, tvb, off, TRB[ttype] or TRB[0])
+  return st, ttype, name, control
+end
+
+local usbmon = DissectorTable.get("wtap_encap"):get_dissector(wtap_encaps.USB_LINUX_MMAPPED)
+
+function xhci.dissector(tvb, pinfo, tree)
+  if tvb:len() < 4 then return 0 end
+  pinfo.cols.protocol = "xHCI"
+  local kind = tvb(0, 1):uint()
+  local version = tvb(1, 1):uint()
+  local root = tree:add(xhci, tvb(), "xhcidbg " .. (KIND[kind] or "record") .. " record")
+  if version ~= RECORD_VERSION or RECORD[kind] == nil then
+    root:add_expert_info(PI_MALFORMED, PI_ERROR, "record version " .. version .. " kind " ..
+                         kind .. " is not known to this dissector: regenerate it")
+    return tvb:len()
+  end
+  add_fields(root, tvb, 0, RECORD[kind])
+  local info
+  if kind == K.MMIO then
+    local name = tvb(20):string()
+    local write = bit32.extract(dword(tvb, 8), 8, 1) == 1
+    local size = bit32.extract(dword(tvb, 8), 0, 8)
+    local value = size == 8 and hex64(tvb, 12) or string.format("0x%08x", dword(tvb, 12))
+    root:add(F.G_reg, tvb(20), name)
+    local specs = REGISTER[name:gsub("%[%d+%]$", "")]
+    if specs then add_fields(root:add(xhci, tvb(12, 4), name), tvb, 12, specs) end
+    if write then info = "MMIO write " .. name .. " = " .. value
+    else info = "MMIO read " .. name .. " -> " .. value end
+  elseif kind == K.DOORBELL then
+    local db, target = dword(tvb, 4), bit32.extract(dword(tvb, 8), 0, 8)
+    generated(root, F.G_slot, tvb(4, 1), db)
+    if db ~= 0 then generated(root, F.G_dci, tvb(8, 1), target) end
+    info = db == 0 and "Doorbell: command ring" or ("Doorbell: slot " .. db .. " DCI " .. target)
+  elseif kind == K.TRB or kind == K.EVENT or kind == K.COMMAND then
+    local _, ttype, name, control = add_trb(root, tvb, TRB_OFFSET)
+    local status = dword(tvb, TRB_OFFSET + 8)
+    local f3 = dword(tvb, 12)
+    if kind == K.TRB then
+      local ring = bit32.extract(f3, 13, 3)
+      local slot, dci = bit32.extract(f3, 0, 8), bit32.extract(f3, 8, 5)
+      if ring == 1 then
+        generated(root, F.G_slot, tvb(12, 1), slot)
+        generated(root, F.G_dci, tvb(13, 1), dci)
+        info = "TRB " .. slot .. "/" .. dci .. " @" .. hex64(tvb, 4) .. " " .. name
+      else
+        local slot = bit32.extract(control, 24, 8)    -- the slot the command is about
+        if slot ~= 0 then generated(root, F.G_slot, tvb(TRB_OFFSET + 15, 1), slot) end
+        info = "TRB cmd @" .. hex64(tvb, 4) .. " " .. name
+      end
+    elseif kind == K.EVENT then
+      local slot = bit32.extract(control, 24, 8)
+      local cc = bit32.extract(status, 24, 8)
+      if slot ~= 0 then generated(root, F.G_slot, tvb(TRB_OFFSET + 15, 1), slot) end
+      generated(root, F.G_cc, tvb(TRB_OFFSET + 11, 1), cc)
+      info = "Event " .. name .. ": " .. (CC[cc] or ("cc " .. cc))
+      if ttype == 32 then
+        local ep = bit32.extract(control, 16, 5)
+        generated(root, F.G_dci, tvb(TRB_OFFSET + 14, 1), ep)
+        info = info .. " slot " .. slot .. " ep " .. ep .. " residue " .. bit32.extract(status, 0, 24)
+      elseif ttype == 34 then
+        local port = bit32.extract(dword(tvb, TRB_OFFSET), 24, 8)
+        generated(root, F.G_port, tvb(TRB_OFFSET + 3, 1), port)
+        info = info .. " port " .. port
+      elseif slot ~= 0 then
+        info = info .. " slot " .. slot
+      end
+      if bit32.extract(f3, 16, 1) == 1 then info = info .. " [DROPPED]" end
+    else
+      local cc, slot = bit32.extract(f3, 0, 8), bit32.extract(f3, 8, 8)
+      generated(root, F.G_cc, tvb(12, 1), cc)
+      if slot ~= 0 then generated(root, F.G_slot, tvb(13, 1), slot) end
+      info = "Command " .. name .. " -> " .. (CC[cc] or ("cc " .. cc))
+      if slot ~= 0 then info = info .. " slot " .. slot end
+    end
+  elseif kind == K.PORT then
+    local port = dword(tvb, 4)
+    generated(root, F.G_port, tvb(4, 1), port)
+    add_fields(root:add(xhci, tvb(8, 4), "PORTSC before"), tvb, 8, REGISTER["PORTSC"])
+    add_fields(root:add(xhci, tvb(12, 4), "PORTSC after"), tvb, 12, REGISTER["PORTSC"])
+    info = string.format("Port %d: PORTSC %08x -> %08x", port, dword(tvb, 8), dword(tvb, 12))
+  elseif kind == K.INTERRUPT then
+    info = "Interrupt " .. dword(tvb, 4)
+  elseif kind == K.CONTEXT then
+    local f3 = dword(tvb, 12)
+    local slot, dci, reason = bit32.extract(f3, 0, 8), bit32.extract(f3, 8, 6), bit32.extract(f3, 16, 6)
+    generated(root, F.G_slot, tvb(12, 1), slot)
+    local what, specs
+    if dci == 0 then what, specs = "Slot context", CONTEXT.slot_ctx
+    elseif dci == 32 then what, specs = "Input control context", CONTEXT.input_ctx
+    else
+      what, specs = "Endpoint context DCI " .. dci, CONTEXT.ep_ctx
+      generated(root, F.G_dci, tvb(13, 1), dci)
+    end
+    add_fields(root:add(xhci, tvb(CONTEXT_OFFSET, 32), what), tvb, CONTEXT_OFFSET, specs)
+    info = what .. " of slot " .. slot .. " (after " .. (TRB_TYPE[reason] or reason) .. ")"
+  elseif kind == K.STATE then
+    local text = tvb(4):string()
+    local parts = {}
+    for p in (text .. "\0"):gmatch("([^%z]*)%z") do parts[#parts + 1] = p end
+    root:add(F.G_text, tvb(4), table.concat(parts, " "))
+    info = string.format("State %s %s: %s -> %s", parts[1] or "", parts[2] or "",
+                         parts[3] or "", parts[4] or "")
+  elseif kind == K.LOG then
+    root:add(F.G_text, tvb(8))
+    info = "[" .. (LOG_LEVEL[dword(tvb, 4)] or "?") .. "] " .. tvb(8):string()
+  elseif kind == K.URB then
+    local f1 = dword(tvb, 4)
+    local slot = bit32.extract(f1, 0, 8)
+    if slot ~= 0 then generated(root, F.G_slot, tvb(4, 1), slot) end
+    generated(root, F.G_dci, tvb(5, 1), bit32.extract(f1, 8, 5))
+    -- the rest is a usbmon record: Wireshark's own USB dissector takes it from here
+    if usbmon and tvb:len() > 8 then usbmon:call(tvb(8):tvb(), pinfo, tree) end
+    return tvb:len()
+  end
+  pinfo.cols.info = info or (KIND[kind] or "record")
+  return tvb:len()
+end
+
+DissectorTable.get("wtap_encap"):add(wtap_encaps.USER0, xhci)
+'''
+
+
+def write(path: Path = REPO_COPY) -> Path:
+    path.write_text(generate())
+    return path
+
+
+def plugin_folder() -> Path:
+    """Wireshark's personal Lua plugin folder, as tshark reports it (or its usual place)."""
+    tshark = shutil.which("tshark")
+    if tshark:
+        try:
+            out = subprocess.run([tshark, "-G", "folders"], capture_output=True, text=True,
+                                 timeout=30).stdout
+            for line in out.splitlines():
+                if line.startswith("Personal Lua Plugins:"):
+                    return Path(line.split(":", 1)[1].strip())
+        except (OSError, subprocess.SubprocessError):
+            pass
+    base = os.environ.get("XDG_CONFIG_HOME") and Path(os.environ["XDG_CONFIG_HOME"]).parent
+    return Path(base or Path.home() / ".local") / "lib" / "wireshark" / "plugins"
+
+
+def install(folder: Path | None = None) -> Path:
+    folder = folder or plugin_folder()
+    folder.mkdir(parents=True, exist_ok=True)
+    dest = folder / FILENAME
+    dest.write_text(generate())
+    return dest
+
+
+if __name__ == "__main__":
+    print(write(Path(sys.argv[1]) if len(sys.argv) > 1 else REPO_COPY))

@@ -1,0 +1,178 @@
+"""The xHCI-level trace records: what the pcapng interface with a USER link type carries.
+
+Every record is a little-endian sequence of dwords declared below as a `Layout` (dword 0 is the
+common header: record kind and format version), optionally followed by UTF-8 text (a register
+name, a log message).  Records that hold a TRB keep its four dwords at dwords 4-7.  The packers
+on the hot path are written out by hand for speed; `tests/test_trace_records.py` checks them
+against these declarations, and the Wireshark dissector is generated from them.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+from xhcidbg.emu.layout import Field as F, Layout
+
+LINKTYPE = 147                 # LINKTYPE_USER0
+VERSION = 1
+TRB_OFFSET = 16                # byte offset of the TRB in TRB, EVENT and COMMAND records
+
+
+class Kind(IntEnum):
+    MMIO = 1
+    DOORBELL = 2
+    TRB = 3
+    EVENT = 4
+    COMMAND = 5
+    PORT = 6
+    INTERRUPT = 7
+    CONTEXT = 8
+    STATE = 9
+    LOG = 10
+    URB = 11                   # a usbmon record with the slot/endpoint it ran on
+
+
+class Ring(IntEnum):
+    """Which ring a fetched TRB came from."""
+
+    COMMAND = 0
+    TRANSFER = 1
+
+
+CTX_SLOT, CTX_INPUT_CONTROL = 0, 32      # CONTEXT.dci: 0 slot, 1-31 endpoint, 32 input control
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+_HEAD = (F("kind", 0, 0, 8, "Record kind"), F("version", 0, 8, 8, "Record format version"))
+
+LAYOUTS: dict[Kind, Layout] = {
+    Kind.MMIO: Layout("MMIO", 5, (*_HEAD, F("offset", 1, 0, 32, "BAR0 offset"),
+                                  F("size", 2, 0, 8, "Access size in bytes"),
+                                  F("write", 2, 8, 1, "1 write, 0 read"),
+                                  F("value", 3, 0, 64, "Value read or written"))),
+    Kind.DOORBELL: Layout("Doorbell", 3, (*_HEAD, F("db", 1, 0, 8, "Doorbell (slot) number"),
+                                          F("target", 2, 0, 8, "DB Target (DCI)"),
+                                          F("stream", 2, 16, 16, "DB Stream ID"))),
+    Kind.TRB: Layout("TRB fetched", 8, (*_HEAD, F("address", 1, 0, 64, "TRB address"),
+                                        F("slot", 3, 0, 8, "Slot ID"),
+                                        F("dci", 3, 8, 5, "Endpoint (DCI)"),
+                                        F("ring", 3, 13, 3, "Ring: 0 command, 1 transfer"),
+                                        F("stream", 3, 16, 16, "Stream ID"))),
+    Kind.EVENT: Layout("Event posted", 8, (*_HEAD, F("address", 1, 0, 64, "Event ring address"),
+                                           F("interrupter", 3, 0, 10, "Interrupter"),
+                                           F("dropped", 3, 16, 1, "Suppressed by a fault rule"))),
+    Kind.COMMAND: Layout("Command completed", 9, (
+        *_HEAD, F("address", 1, 0, 64, "Command TRB address"), F("cc", 3, 0, 8, "Completion code"),
+        F("slot", 3, 8, 8, "Slot ID"), F("param", 8, 0, 24, "Command completion parameter"))),
+    Kind.PORT: Layout("Port change", 4, (*_HEAD, F("port", 1, 0, 8, "Root hub port"),
+                                         F("old", 2, 0, 32, "PORTSC before"),
+                                         F("new", 3, 0, 32, "PORTSC after"))),
+    Kind.INTERRUPT: Layout("Interrupt", 2, (*_HEAD, F("interrupter", 1, 0, 16, "Interrupter"),)),
+    Kind.CONTEXT: Layout("Context", 12, (
+        *_HEAD, F("address", 1, 0, 64, "Context address"), F("slot", 3, 0, 8, "Slot ID"),
+        F("dci", 3, 8, 6, "0 slot context, 1-31 endpoint context, 32 input control context"),
+        F("reason", 3, 16, 6, "TRB type of the command after which it was read"))),
+    Kind.STATE: Layout("State change", 1, _HEAD),
+    Kind.LOG: Layout("Log", 2, (*_HEAD, F("level", 1, 0, 8, "0 debug, 1 info, 2 warning, 3 error"),)),
+    Kind.URB: Layout("USB transfer", 2, (*_HEAD, F("slot", 1, 0, 8, "Slot ID"),
+                                         F("dci", 1, 8, 5, "Endpoint (DCI)"),
+                                         F("stream", 1, 16, 16, "Stream ID"))),
+}
+# where the variable part starts, and what it holds
+TEXT = {Kind.MMIO: "register name", Kind.STATE: "kind, ident, old, new (NUL separated)",
+        Kind.LOG: "message", Kind.URB: "usbmon record (64-byte header and data)"}
+CONTEXT_OFFSET = 16            # the 8 context dwords follow dword 3 of a CONTEXT record
+
+_h = lambda kind: kind | VERSION << 8                                    # noqa: E731
+_MMIO = struct.Struct("<IIIQ")
+_DB = struct.Struct("<III")
+_TRB = struct.Struct("<IQIIIII")
+_CMD = struct.Struct("<IQIIIIII")
+_PORT = struct.Struct("<IIII")
+_II = struct.Struct("<II")
+_CTX = struct.Struct("<IQI8I")
+
+
+def mmio(offset: int, size: int, write: bool, value: int, name: str) -> bytes:
+    return _MMIO.pack(_h(Kind.MMIO), offset & 0xFFFFFFFF, size & 0xFF | write << 8,
+                      value & 0xFFFFFFFFFFFFFFFF) + name.encode()
+
+
+def doorbell(db: int, target: int, stream: int) -> bytes:
+    return _DB.pack(_h(Kind.DOORBELL), db & 0xFF, target & 0xFF | (stream & 0xFFFF) << 16)
+
+
+def trb(address: int, ring: int, slot: int, dci: int, stream: int, dw: list[int]) -> bytes:
+    return _TRB.pack(_h(Kind.TRB), address & 0xFFFFFFFFFFFFFFFF,
+                     slot & 0xFF | (dci & 0x1F) << 8 | ring << 13 | (stream & 0xFFFF) << 16, *dw)
+
+
+def event(address: int, interrupter: int, dropped: bool, dw: list[int]) -> bytes:
+    return _TRB.pack(_h(Kind.EVENT), address & 0xFFFFFFFFFFFFFFFF,
+                     interrupter & 0x3FF | dropped << 16, *dw)
+
+
+def command(address: int, cc: int, slot: int, param: int, dw: list[int]) -> bytes:
+    return _CMD.pack(_h(Kind.COMMAND), address & 0xFFFFFFFFFFFFFFFF, cc & 0xFF | (slot & 0xFF) << 8,
+                     *dw, param & 0xFFFFFF)
+
+
+def port(number: int, old: int, new: int) -> bytes:
+    return _PORT.pack(_h(Kind.PORT), number & 0xFF, old & 0xFFFFFFFF, new & 0xFFFFFFFF)
+
+
+def interrupt(interrupter: int) -> bytes:
+    return _II.pack(_h(Kind.INTERRUPT), interrupter & 0xFFFF)
+
+
+def context(address: int, slot: int, dci: int, reason: int, dw: list[int]) -> bytes:
+    return _CTX.pack(_h(Kind.CONTEXT), address & 0xFFFFFFFFFFFFFFFF,
+                     slot & 0xFF | (dci & 0x3F) << 8 | (reason & 0x3F) << 16, *dw[:8])
+
+
+def urb(slot: int, dci: int, stream: int, usbmon: bytes) -> bytes:
+    return _II.pack(_h(Kind.URB), slot & 0xFF | (dci & 0x1F) << 8 | (stream & 0xFFFF) << 16) + usbmon
+
+
+def state(kind: str, ident: str, old: str, new: str) -> bytes:
+    return struct.pack("<I", _h(Kind.STATE)) + "\0".join((kind, ident, old, new)).encode()
+
+
+def log(level: str, message: str) -> bytes:
+    lv = LOG_LEVELS.index(level) if level in LOG_LEVELS else 1
+    return _II.pack(_h(Kind.LOG), lv) + message.encode()
+
+
+@dataclass
+class Record:
+    """A decoded xHCI record: its kind, its fields (per the layout) and its trailing bytes."""
+
+    kind: int
+    fields: dict[str, int]
+    dwords: list[int]
+    tail: bytes
+
+    @property
+    def trb(self) -> list[int] | None:
+        return self.dwords[4:8] if self.kind in (Kind.TRB, Kind.EVENT, Kind.COMMAND) else None
+
+    @property
+    def text(self) -> str:
+        return self.tail.decode("utf-8", "replace")
+
+
+def parse(data: bytes) -> Record:
+    """Decode one record; raises ValueError for something this version cannot read."""
+    if len(data) < 4:
+        raise ValueError("xHCI record shorter than its header")
+    kind, version = data[0], data[1]
+    if version != VERSION:
+        raise ValueError(f"xHCI record format version {version} (this reader knows {VERSION})")
+    try:
+        layout = LAYOUTS[Kind(kind)]
+    except ValueError:
+        raise ValueError(f"unknown xHCI record kind {kind}") from None
+    if len(data) < layout.size:
+        raise ValueError(f"{layout.name} record of {len(data)} bytes, needs {layout.size}")
+    dw = layout.unpack(data)
+    return Record(kind, layout.decode(dw), dw, bytes(data[layout.size:]))

@@ -1,0 +1,349 @@
+"""Read captures back: `xhcidbg trace show` (Linux-format text) and `xhcidbg trace stats`.
+
+Reads xhcidbg's own files and any usbmon capture in pcap or pcapng (tcpdump or dumpcap on
+usbmonN, QEMU's `pcap=` property, VirtualBox).  What it cannot show (other link types, damaged
+records, a file cut short) it counts and says.
+"""
+from __future__ import annotations
+
+import statistics
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, TextIO
+
+from xhcidbg.decode import usbmon as um
+from xhcidbg.decode import xhci as lx
+from xhcidbg.emu.trb import TrbType
+from . import records
+from .filters import CaptureFilter, dci_of_address
+from .pcapng import (LINKTYPE_USB_LINUX, LINKTYPE_USB_LINUX_MMAPPED, Capture, CaptureError,
+                     read_capture)
+from .records import CTX_INPUT_CONTROL, CTX_SLOT, Kind
+
+READABLE = {LINKTYPE_USB_LINUX_MMAPPED: "usbmon", LINKTYPE_USB_LINUX: "usbmon (48-byte)",
+            records.LINKTYPE: "xhcidbg xHCI records"}
+KIND_NAMES = {Kind.MMIO: "mmio", Kind.DOORBELL: "doorbell", Kind.TRB: "trb", Kind.EVENT: "event",
+              Kind.COMMAND: "command", Kind.PORT: "port", Kind.INTERRUPT: "interrupt",
+              Kind.CONTEXT: "context", Kind.STATE: "state", Kind.LOG: "log", Kind.URB: "xurb"}
+
+# Linux tracepoint names for the contexts read after each command
+_CTX_EVENTS = {
+    (TrbType.ADDRESS_DEVICE, "slot"): "xhci_handle_cmd_addr_dev",
+    (TrbType.ADDRESS_DEVICE, "ep"): "xhci_add_endpoint",
+    (TrbType.ADDRESS_DEVICE, "ctrl"): "xhci_address_ctrl_ctx",
+    (TrbType.CONFIGURE_ENDPOINT, "slot"): "xhci_configure_endpoint",
+    (TrbType.CONFIGURE_ENDPOINT, "ep"): "xhci_handle_cmd_config_ep",
+    (TrbType.CONFIGURE_ENDPOINT, "ctrl"): "xhci_configure_endpoint_ctrl_ctx",
+    (TrbType.EVALUATE_CONTEXT, "slot"): "xhci_handle_cmd_evaluate_ctx",
+    (TrbType.EVALUATE_CONTEXT, "ep"): "xhci_handle_cmd_evaluate_ctx_ep",
+    (TrbType.EVALUATE_CONTEXT, "ctrl"): "xhci_evaluate_ctrl_ctx",
+    (TrbType.RESET_ENDPOINT, "ep"): "xhci_handle_cmd_reset_ep",
+    (TrbType.STOP_ENDPOINT, "ep"): "xhci_handle_cmd_stop_ep",
+    (TrbType.SET_TR_DEQUEUE, "slot"): "xhci_handle_cmd_set_deq",
+    (TrbType.SET_TR_DEQUEUE, "ep"): "xhci_handle_cmd_set_deq_ep",
+    (TrbType.RESET_DEVICE, "slot"): "xhci_handle_cmd_reset_dev",
+}
+
+
+@dataclass
+class Entry:
+    ts_ns: int
+    interface: int
+    kind: str                      # a filters.KINDS name ('urb' for usbmon)
+    record: records.Record | um.UsbmonRecord
+    comment: str = ""
+    slot: int = 0
+    dci: int = 0
+    bus: int | None = None
+    port: int | None = None
+
+
+@dataclass
+class Problems:
+    """What could not be shown, for the closing summary."""
+
+    skipped: Counter = field(default_factory=Counter)       # interface -> packets
+    damaged: Counter = field(default_factory=Counter)       # reason -> packets
+    truncated: bool = False
+
+    def lines(self, cap: Capture) -> list[str]:
+        out = []
+        for idx, n in sorted(self.skipped.items()):
+            i = cap.interfaces[idx]
+            out.append(f"interface {idx} ({i.name or 'unnamed'}, link type {i.linktype}): {n} "
+                       f"packets not shown -- xhcidbg reads usbmon (link types 220, 189) and "
+                       f"its own xHCI records ({records.LINKTYPE})")
+        for why, n in sorted(self.damaged.items()):
+            out.append(f"{n} packets could not be decoded: {why}")
+        if self.truncated:
+            out.append("the file ends in the middle of a block (the capture was cut short); "
+                       "everything before that point was read")
+        return out
+
+
+class Reader:
+    """Decode a capture into `Entry`s, keeping what it learns (slot -> port, endpoint types)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.problems = Problems()
+        self.capture: Capture | None = None
+        self.slot_port: dict[int, int] = {}
+        self.ep_type: dict[tuple[int, int], int] = {}
+
+    def entries(self) -> Iterator[Entry]:
+        try:
+            f = open(self.path, "rb")
+        except OSError as e:
+            raise CaptureError(f"cannot open {self.path}: {e.strerror}") from None
+        with f:
+            cap, packets = read_capture(f)
+            self.capture = cap
+            for pkt in packets:
+                iface = cap.interfaces[pkt.interface]
+                try:
+                    if iface.linktype == records.LINKTYPE:
+                        entry = self._xhci(pkt.data)
+                    elif iface.linktype in (LINKTYPE_USB_LINUX_MMAPPED, LINKTYPE_USB_LINUX):
+                        rec = um.UsbmonRecord.parse(pkt.data, iface.byteorder)
+                        entry = Entry(0, 0, "urb", rec, bus=rec.busnum,
+                                      dci=dci_of_address(rec.epnum))
+                    else:
+                        self.problems.skipped[pkt.interface] += 1
+                        continue
+                except (ValueError, IndexError) as e:
+                    self.problems.damaged[str(e)] += 1
+                    continue
+                entry.ts_ns, entry.interface, entry.comment = pkt.ts_ns, pkt.interface, pkt.comment
+                if entry.slot and entry.port is None:
+                    entry.port = self.slot_port.get(entry.slot)
+                yield entry
+            self.problems.truncated = cap.truncated
+
+    def _xhci(self, data: bytes) -> Entry:
+        rec = records.parse(data)
+        f = rec.fields
+        e = Entry(0, 0, KIND_NAMES[Kind(rec.kind)], rec)
+        k = rec.kind
+        if k == Kind.URB:
+            usb = um.UsbmonRecord.parse(rec.tail)
+            e.record, e.kind, e.bus = usb, "xurb", usb.busnum
+            e.slot, e.dci = f["slot"], f["dci"]
+        elif k == Kind.TRB:
+            e.slot, e.dci = f["slot"], f["dci"]
+            if f["ring"] == records.Ring.COMMAND:
+                e.slot = rec.dwords[7] >> 24         # the slot the command is about
+        elif k == Kind.DOORBELL:
+            e.slot, e.dci = f["db"], f["target"] if f["db"] else 0
+        elif k == Kind.EVENT:
+            t = rec.dwords[7]
+            e.slot = t >> 24
+            if t >> 10 & 0x3F == TrbType.TRANSFER_EVENT:
+                e.dci = t >> 16 & 0x1F
+            elif t >> 10 & 0x3F == TrbType.PORT_STATUS_CHANGE:
+                e.port = rec.dwords[4] >> 24
+        elif k == Kind.COMMAND:
+            e.slot = f["slot"]
+        elif k == Kind.PORT:
+            e.port = f["port"]
+        elif k == Kind.MMIO and rec.text.startswith("PORT") and rec.text.endswith("]"):
+            e.port = int(rec.text[rec.text.index("[") + 1:-1])
+        elif k == Kind.CONTEXT:
+            e.slot, dci = f["slot"], f["dci"]
+            ctx = rec.dwords[4:12]
+            if dci == CTX_SLOT and ctx[1] >> 16 & 0xFF:
+                self.slot_port[e.slot] = ctx[1] >> 16 & 0xFF
+            elif 1 <= dci <= 31:
+                e.dci = dci
+                self.ep_type[(e.slot, dci)] = ctx[1] >> 3 & 7
+        return e
+
+
+def matches(flt: CaptureFilter, e: Entry) -> bool:
+    if e.kind not in flt.kinds and not (e.kind == "xurb" and "urb" in flt.kinds):
+        return False
+    if flt.buses is not None and e.bus is not None and e.bus not in flt.buses:
+        return False
+    if flt.ports is not None and e.port is not None and e.port not in flt.ports:
+        return False
+    if flt.slots is not None and e.slot and e.slot not in flt.slots:
+        return False
+    if flt.dcis is not None and e.dci and e.dci not in flt.dcis:
+        return False
+    if e.kind == "urb" and flt.slots is not None:
+        return False              # a usbmon record has no slot: it cannot be shown as one's
+    return True
+
+
+# ---- show ----------------------------------------------------------------------------------------
+def format_entry(e: Entry, reader: Reader, t0: int, dma: bool = True) -> str:
+    ts = f"{(e.ts_ns - t0) / 1e9:12.6f}"
+    rec = e.record
+    if isinstance(rec, um.UsbmonRecord):
+        line = f"{ts}: usbmon: {um.text_line(rec)}"
+    else:
+        line = f"{ts}: {_xhci_text(rec, reader, dma)}"
+    if e.comment:
+        line += "".join(f"\n{'':14}# {c}" for c in e.comment.splitlines())
+    return line
+
+
+def _xhci_text(rec: records.Record, reader: Reader, dma: bool) -> str:
+    k, f, dw = rec.kind, rec.fields, rec.dwords
+    at = lambda a: a if dma else None                                  # noqa: E731
+    if k == Kind.TRB:
+        trb = dw[4:8]
+        if f["ring"] == records.Ring.COMMAND:
+            ring = "CMD"
+        else:
+            ring = lx.ring_type_of(trb[3] >> 10 & 0x3F, reader.ep_type.get((f["slot"], f["dci"])),
+                                   f["stream"])
+        return "xhci_fetch_trb: " + lx.trb_line(ring, *trb, dma=at(f["address"]))
+    if k == Kind.EVENT:
+        drop = " [dropped]" if f["dropped"] else ""
+        return "xhci_handle_event: " + lx.trb_line("EVENT", *dw[4:8], dma=at(f["address"])) + drop
+    if k == Kind.COMMAND:
+        return "xhci_handle_command: " + lx.trb_line("CMD", *dw[4:8], dma=at(f["address"]))
+    if k == Kind.CONTEXT:
+        dci, reason, ctx = f["dci"], f["reason"], dw[4:12]
+        if dci == CTX_SLOT:
+            name = _CTX_EVENTS.get((reason, "slot"), "xhci_slot_ctx")
+            return f"{name}: " + lx.decode_slot_context(*ctx[:4])
+        if dci == CTX_INPUT_CONTROL:
+            name = _CTX_EVENTS.get((reason, "ctrl"), "xhci_ctrl_ctx")
+            return f"{name}: " + lx.decode_ctrl_ctx(ctx[0], ctx[1])
+        name = _CTX_EVENTS.get((reason, "ep"), "xhci_ep_ctx")
+        return f"{name}: " + lx.decode_ep_context(ctx[0], ctx[1], ctx[2] | ctx[3] << 32, ctx[4])
+    if k == Kind.PORT:
+        return f"xhci_handle_port_status: port-{f['port']}: {lx.decode_portsc(f['new'])}"
+    if k == Kind.DOORBELL:
+        return ("xhci_ring_ep_doorbell: Ring doorbell for "
+                + lx.decode_doorbell(f["db"], f["target"] | f["stream"] << 16))
+    if k == Kind.MMIO:
+        name, value, size = rec.text, f["value"], f["size"]
+        text = (f"mmio: {'write' if f['write'] else 'read '} {name} "
+                f"{'=' if f['write'] else '->'} 0x{value:0{2 * max(1, min(size, 8))}x}")
+        base = name.split("[")[0]
+        if base == "PORTSC":
+            text += f" ({lx.decode_portsc(value & 0xFFFFFFFF).rstrip()})"
+        elif base == "USBSTS":
+            text += f" ({lx.decode_usbsts(value & 0xFFFFFFFF).strip()})"
+        return text
+    if k == Kind.INTERRUPT:
+        return f"irq: interrupter {f['interrupter']}"
+    if k == Kind.STATE:
+        parts = (rec.tail.split(b"\0") + [b""] * 4)[:4]
+        kind, ident, old, new = (p.decode("utf-8", "replace") for p in parts)
+        return f"state: {kind} {ident}: {old} -> {new}"
+    if k == Kind.LOG:
+        lv = records.LOG_LEVELS[f["level"]] if f["level"] < len(records.LOG_LEVELS) else "?"
+        return f"log: [{lv}] {rec.text}"
+    return f"record kind {k}"
+
+
+def show(path: str | Path, flt: CaptureFilter | None = None, out: TextIO | None = None,
+         dma: bool = True, limit: int | None = None) -> Reader:
+    import sys
+    out = out or sys.stdout
+    flt = flt or CaptureFilter(kinds=frozenset(KIND_NAMES.values()) | {"urb"})
+    reader = Reader(path)
+    t0 = None
+    shown = 0
+    for e in reader.entries():
+        if t0 is None:
+            t0 = e.ts_ns
+        if not matches(flt, e):
+            continue
+        out.write(format_entry(e, reader, t0, dma) + "\n")
+        shown += 1
+        if limit is not None and shown >= limit:
+            break
+    return reader
+
+
+# ---- stats ---------------------------------------------------------------------------------------
+@dataclass
+class EndpointStats:
+    transfers: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    errors: Counter = field(default_factory=Counter)
+    latencies_ns: list[int] = field(default_factory=list)
+
+
+def collect_stats(path: str | Path, flt: CaptureFilter | None = None):
+    flt = flt or CaptureFilter(kinds=frozenset(KIND_NAMES.values()) | {"urb"})
+    reader = Reader(path)
+    usb: dict[tuple[int, int, int], EndpointStats] = defaultdict(EndpointStats)
+    xhci_cc: dict[tuple[int, int], Counter] = defaultdict(Counter)
+    kinds = Counter()
+    pending: dict[tuple[int, int], int] = {}
+    for e in reader.entries():
+        if not matches(flt, e):
+            continue
+        kinds[e.kind] += 1
+        rec = e.record
+        if isinstance(rec, um.UsbmonRecord):
+            if e.kind == "xurb" and any(i.linktype in (LINKTYPE_USB_LINUX_MMAPPED,
+                                                       LINKTYPE_USB_LINUX)
+                                        for i in reader.capture.interfaces):
+                continue            # the usbmon interfaces carry the same transfers
+            key = (rec.busnum, rec.devnum, rec.epnum)
+            st = usb[key]
+            if rec.type == "S":
+                pending[(rec.busnum, rec.id)] = e.ts_ns
+            else:
+                st.transfers += 1
+                if rec.status not in (0, -115):
+                    st.errors[um.errno_name(rec.status)] += 1
+                elif rec.type == "C":
+                    if rec.is_in:
+                        st.bytes_in += rec.length
+                    else:
+                        st.bytes_out += rec.length
+                start = pending.pop((rec.busnum, rec.id), None)
+                if start is not None:
+                    st.latencies_ns.append(e.ts_ns - start)
+        elif rec.kind == Kind.EVENT and rec.dwords[7] >> 10 & 0x3F == TrbType.TRANSFER_EVENT:
+            xhci_cc[(e.slot, e.dci)][lx.cc_string(rec.dwords[6] >> 24)] += 1
+    return reader, usb, xhci_cc, kinds
+
+
+def _ms(ns: float) -> str:
+    return f"{ns / 1e6:.3f}"
+
+
+def stats(path: str | Path, flt: CaptureFilter | None = None, console=None) -> Reader:
+    from rich.console import Console
+    from rich.table import Table
+    console = console or Console()
+    reader, usb, xhci_cc, kinds = collect_stats(path, flt)
+    cap = reader.capture
+    console.print(f"[bold]{path}[/]: {cap.format}, {len(cap.interfaces)} interfaces, "
+                  f"{sum(kinds.values())} records "
+                  f"({', '.join(f'{k} {n}' for k, n in sorted(kinds.items()))})")
+    if usb:
+        t = Table(title="USB transfers by device and endpoint (usbmon)")
+        for col in ("bus", "device", "endpoint", "transfers", "bytes in", "bytes out", "errors",
+                    "latency ms min/avg/max"):
+            t.add_column(col, justify="right" if col not in ("errors", "endpoint") else "left")
+        for (bus, dev, ep), st in sorted(usb.items()):
+            lat = st.latencies_ns
+            t.add_row(str(bus), str(dev), f"{ep & 0x7F} {'in' if ep & 0x80 else 'out'}",
+                      str(st.transfers), str(st.bytes_in), str(st.bytes_out),
+                      ", ".join(f"{n} x{c}" for n, c in st.errors.most_common()) or "-",
+                      f"{_ms(min(lat))}/{_ms(statistics.fmean(lat))}/{_ms(max(lat))}"
+                      if lat else "-")
+        console.print(t)
+    if xhci_cc:
+        t = Table(title="Transfer events by slot and endpoint (completion codes)")
+        for col in ("slot", "DCI", "events", "completion codes"):
+            t.add_column(col, justify="left" if col == "completion codes" else "right")
+        for (slot, dci), cc in sorted(xhci_cc.items()):
+            t.add_row(str(slot), str(dci), str(sum(cc.values())),
+                      ", ".join(f"{n} x{c}" for n, c in cc.most_common()))
+        console.print(t)
+    for line in reader.problems.lines(cap):
+        console.print(f"[yellow]note:[/] {line}")
+    return reader

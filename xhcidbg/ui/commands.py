@@ -1,0 +1,618 @@
+"""The console's commands.  Each is registered with its parser (help and examples included);
+`help COMMAND` prints that parser's help."""
+from __future__ import annotations
+
+import contextlib
+import io
+import shlex
+
+from rich import box
+from rich.table import Table
+from rich.text import Text
+
+from . import render
+from .observe import BREAK_KINDS
+from .registry import REGISTRY, command, parser
+from .world import make_device, read_blocks, read_capacity_and_inquiry
+
+EXECUTION, INSPECT, DEVICES, SESSION = "execution", "inspection", "devices", "session"
+
+
+def _ports(con, words):
+    return [str(p.number) for p in con.controller.ports]
+
+
+def _slots(con, words):
+    return [str(s) for s in sorted(con.controller.slots)]
+
+
+# ==== inspection ====================================================================================
+p = parser("regs", "Capability, operational and runtime registers, decoded field by field.",
+           """regs              # every fixed register, non-zero fields inline
+              regs usbsts       # one register, all its fields with bits and meaning
+              regs portsc 5     # PORTSC of port 5
+              regs iman 0       # IMAN of interrupter 0""")
+p.add_argument("name", nargs="?", help="a register name (USBCMD, PORTSC, IMAN, ...)")
+p.add_argument("index", nargs="?", type=int, help="port number or interrupter index")
+
+
+@command(p, INSPECT, complete=lambda con, w: render.register_names())
+def regs(con, args):
+    if args.name:
+        con.out.print(render.register_view(con.controller, args.name, args.index))
+    else:
+        con.out.print(render.regs_view(con.controller))
+
+
+p = parser("ports", "Root hub ports: PORTSC decoded in Linux's words, the device on each.",
+           """ports             # all ports
+              ports 1           # just port 1""")
+p.add_argument("port", nargs="?", type=int, help="one port number")
+
+
+@command(p, INSPECT, complete=_ports)
+def ports(con, args):
+    con.out.print(render.ports_view(con.controller, args.port))
+
+
+p = parser("slots", "Device slots; with a slot id, its slot context and endpoint contexts.",
+           """slots             # every enabled slot
+              slots 1           # slot 1: slot context field by field, its endpoints
+              slots 1 3         # slot 1, endpoint context of DCI 3 (ep1in)""")
+p.add_argument("slot", nargs="?", type=int)
+p.add_argument("dci", nargs="?", type=int, help="endpoint DCI (1 = ep0, 3 = ep1in, 4 = ep2out)")
+
+
+@command(p, INSPECT, aliases=("slot",), complete=_slots)
+def slots(con, args):
+    if args.slot is None:
+        con.out.print(render.slots_view(con.controller))
+    else:
+        con.out.print(render.slot_view(con.controller, args.slot, args.dci))
+
+
+p = parser("ring", "TRBs around a ring's dequeue pointer, decoded (`->` marks the dequeue).",
+           """ring cmd          # the command ring
+              ring 1/3          # slot 1, DCI 3: the tablet's interrupt IN ring
+              ring 1/1 -b 8     # ep0 of slot 1 with 8 TRBs before the dequeue pointer""")
+p.add_argument("ring", nargs="?", default=None, help="cmd or SLOT/DCI (default: the last ring "
+                                                     "that moved)")
+p.add_argument("-b", "--before", type=int, default=4, help="TRBs shown before the dequeue")
+p.add_argument("-a", "--after", type=int, default=8, help="TRBs shown from the dequeue on")
+
+
+@command(p, INSPECT, complete=lambda con, w: render.ring_names(con.controller))
+def ring(con, args):
+    name = args.ring or con.current_ring()
+    con.out.print(render.ring_view(con.controller, name, max(0, args.before), max(1, args.after)))
+
+
+p = parser("trb", "One TRB in guest memory, every field of its type's layout.",
+           "trb 0x10040       # decode the TRB at guest address 0x10040")
+p.add_argument("address", type=lambda s: int(s, 0))
+
+
+@command(p, INSPECT)
+def trb(con, args):
+    con.out.print(render.trb_view(con.controller, args.address))
+
+
+p = parser("events", "The last events an interrupter wrote to its event ring.",
+           """events            # interrupter 0, last 8 events
+              events -n 20      # last 20
+              events 1          # interrupter 1""")
+p.add_argument("interrupter", nargs="?", type=int, default=0)
+p.add_argument("-n", "--count", type=int, default=8)
+
+
+@command(p, INSPECT, aliases=("ev",))
+def events(con, args):
+    con.out.print(render.events_view(con.controller, args.interrupter, max(1, args.count)))
+
+
+p = parser("interrupters", "Interrupters: IMAN, IMOD, event ring registers and counters.",
+           "interrupters")
+
+
+@command(p, INSPECT, aliases=("intr",))
+def interrupters(con, args):
+    con.out.print(render.interrupters_view(con.controller, con.world.inproc.interrupts))
+
+
+p = parser("devices", "Devices plugged in, with what the controller and the guest know of them.",
+           "devices")
+
+
+@command(p, INSPECT, aliases=("dev",))
+def devices(con, args):
+    w = con.world
+    t = Table(title="devices", box=box.SIMPLE_HEAD, title_justify="left")
+    for col in ("port", "device", "state (device side)", "slot", "guest"):
+        t.add_column(col)
+    for port, dev in sorted(w.devices.items()):
+        slot = render.slot_of_port(con.controller, port)
+        gd = w.guest_devices.get(port)
+        guest = ""
+        if gd is not None:
+            guest = f"enumerated as slot {gd.device.slot}, {gd.kind}"
+            if gd.polling:
+                guest += f", polling {', '.join(f'{a:#04x}' for a in gd.polling)}"
+        t.add_row(str(port), dev.name, dev.describe(), str(slot.id) if slot else "", guest)
+    if not w.devices:
+        t.caption = "nothing is plugged in"
+    con.out.print(t)
+
+
+p = parser("context", "The panes shown after every stop; `context` alone redraws them.",
+           """context                    # redraw
+              context set status ring    # choose the panes
+              context off                # no panes after stops""")
+p.add_argument("action", nargs="?", choices=("set", "off", "on"))
+p.add_argument("panes", nargs="*", help="status, hit, ring, events, ports, slots")
+
+
+@command(p, INSPECT, aliases=("ctx",))
+def context(con, args):
+    if args.action == "set":
+        bad = [x for x in args.panes if x not in con.PANES]
+        if bad or not args.panes:
+            raise ValueError(f"panes are {', '.join(con.PANES)}")
+        con.panes = list(args.panes)
+        con.context_enabled = True
+    elif args.action in ("off", "on"):
+        con.context_enabled = args.action == "on"
+        con.out.print(f"context panes {args.action}")
+        return
+    con.show_context()
+
+
+p = parser("log", "What the controller announced: doorbells, TRBs, URBs, events, ports.",
+           """log               # the last 30 records
+              log -n 100 urb    # the last 100 URB records""")
+p.add_argument("kind", nargs="?", help="only records of this kind: trb, urb, event, doorbell, "
+                                       "command, port, state, interrupt, log")
+p.add_argument("-n", "--count", type=int, default=30)
+
+
+@command(p, INSPECT)
+def log(con, args):
+    recs = [r for r in con.activity.records if args.kind is None or r.kind == args.kind]
+    for r in recs[-max(1, args.count):]:
+        con.out.print(Text(f"{r.seq:6} {r.text}"))
+    if not recs:
+        con.out.print("nothing recorded yet")
+
+
+# ==== execution ====================================================================================
+p = parser("pause", "Stop ring processing (MMIO is still answered; timers still run).",
+           "pause")
+
+
+@command(p, EXECUTION, aliases=("stop",))
+async def pause(con, args):
+    gate = con.controller.gate
+    if gate.paused:
+        con.out.print("already paused")
+    gate.pause()
+    await con.world.settle(0.5)
+    con.show_context()
+
+
+p = parser("continue", "Resume ring processing until a breakpoint hits (or `pause`).",
+           """continue
+              c""")
+
+
+@command(p, EXECUTION, aliases=("resume", "c", "cont"))
+async def continue_(con, args):
+    since = con.activity.seq
+    con.breakpoints.last_hit = None
+    con.controller.gate.resume()
+    con.world.runner.notify()
+    await con.world.settle(2.0)
+    hit = con.breakpoints.last_hit
+    if con.controller.gate.paused:
+        con.show_activity(since)
+        con.show_context()
+    elif not con.interactive:
+        con.show_activity(since)
+        con.out.print(render.status_line(con.controller))
+    else:
+        con.out.print("running")
+
+
+p = parser("step", "Run N units of ring processing: one TRB, one TD (default) or one command.\n"
+                   "Pauses first if running; shows what happened and the context.",
+           """step              # one TD on the first ring with work
+              step trb          # one TRB
+              step command      # the next command on the command ring
+              step td 3         # three TDs""")
+p.add_argument("unit", nargs="?", default="td", choices=("trb", "td", "command"))
+p.add_argument("count", nargs="?", type=int, default=1)
+
+
+@command(p, EXECUTION, aliases=("s", "si"))
+async def step(con, args):
+    gate = con.controller.gate
+    if not gate.paused:
+        gate.pause()
+        await con.world.settle(0.5)
+    since, reports_before = con.mark()
+    moved = []
+    for _ in range(max(1, args.count)):
+        key = gate.step(args.unit)
+        if key is None:
+            break
+        moved.append(key if isinstance(key, str) else f"{key[0]}/{key[1]}")
+        con.world.runner.notify()
+        await con.world.settle(1.0)
+    if not moved:
+        pending = ", ".join(str(k) for k in gate.pending) or "none"
+        con.out.print(f"nothing to step: no ring has a {args.unit} to run "
+                      f"(rings with work: {pending})")
+    else:
+        con.out.print(f"stepped {len(moved)} {args.unit}(s) on ring(s) "
+                      f"{', '.join(dict.fromkeys(moved))}")
+        con.stepped_ring = moved[-1]
+    con.show_activity(since)
+    con.show_new_reports(reports_before)
+    con.show_context()
+
+
+p = parser("break", "Set a breakpoint on something the controller announces, or list them.\n"
+                    "Kinds and their conditions:\n" +
+                    "\n".join(f"  {k}: " + ", ".join(f"{c}=" for c in v)
+                              for k, v in BREAK_KINDS.items()),
+           """break                      # list breakpoints
+              break trb type=Setup       # stop after a Setup Stage TRB is fetched
+              break trb ring=1/3         # any TRB on slot 1's ep1in ring
+              break command              # stop after every command completes
+              break command type=address # after Address Device
+              break doorbell slot=1      # when slot 1's doorbell is rung
+              break port port=5          # when PORTSC of port 5 changes
+              break event cc=stall       # when a Stall Error event is posted
+              break urb ep=0x81 phase=done""")
+p.add_argument("kind", nargs="?", choices=tuple(BREAK_KINDS))
+p.add_argument("conditions", nargs="*", metavar="KEY=VALUE")
+
+
+def _break_complete(con, words):
+    if len(words) <= 1:
+        return list(BREAK_KINDS)
+    return [f"{k}=" for k in BREAK_KINDS.get(words[0], {})]
+
+
+@command(p, EXECUTION, aliases=("b",), complete=_break_complete)
+def break_(con, args):
+    bps = con.breakpoints
+    if args.kind is None:
+        if not bps.points:
+            con.out.print("no breakpoints")
+        for b in bps.points:
+            con.out.print(f"{b}  ({'enabled' if b.enabled else 'disabled'}, hit {b.hits} times)")
+        return
+    conds = {}
+    for c in args.conditions:
+        key, sep, value = c.partition("=")
+        if not sep or not value:
+            raise ValueError(f"condition {c!r}: write KEY=VALUE (e.g. type=Setup)")
+        conds[key.lower()] = value
+    bp = bps.add(args.kind, conds)
+    con.out.print(f"breakpoint {bp}")
+
+
+p = parser("delete", "Delete a breakpoint, or all of them.",
+           """delete 2
+              delete all""")
+p.add_argument("which", help="a breakpoint number or `all`")
+
+
+@command(p, EXECUTION, aliases=("d",))
+def delete(con, args):
+    n = con.breakpoints.delete(None if args.which == "all" else int(args.which))
+    con.out.print(f"deleted {n} breakpoint(s)")
+
+
+for _name, _on in (("enable", True), ("disable", False)):
+    p = parser(_name, f"{_name.capitalize()} a breakpoint.", f"{_name} 1")
+    p.add_argument("number", type=int)
+
+    def _toggle(con, args, on=_on):
+        b = con.breakpoints.get(args.number)
+        b.enabled = on
+        con.out.print(f"breakpoint {b} {'enabled' if on else 'disabled'}")
+
+    command(p, EXECUTION)(_toggle)
+
+
+# ==== devices =======================================================================================
+p = parser("tablet", "Drive the USB tablet: the guest polls it, so each action is a real "
+                     "interrupt transfer.",
+           """tablet move 100 200      # absolute position (0..32767 each)
+              tablet click             # left click (press and release)
+              tablet click right
+              tablet press left
+              tablet release left
+              tablet scroll -3""")
+sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+s = sub.add_parser("move", help="move to absolute X Y (0..32767)")
+s.add_argument("x", type=int)
+s.add_argument("y", type=int)
+for _verb in ("click", "press", "release"):
+    s = sub.add_parser(_verb, help=f"{_verb} a button (left, right, middle, back, forward)")
+    s.add_argument("button", nargs="?", default="left")
+s = sub.add_parser("scroll", help="turn the wheel N detents (positive: up)")
+s.add_argument("clicks", type=int)
+
+
+@command(p, DEVICES)
+async def tablet(con, args):
+    _, dev = con.world.find("tablet")
+    since = con.mark()
+    if args.action == "move":
+        dev.move(args.x, args.y)
+    elif args.action == "scroll":
+        dev.scroll(args.clicks)
+    else:
+        getattr(dev, args.action)(args.button)
+    await con.after_device_action(since)
+
+
+p = parser("keyboard", "Drive the USB keyboard (US layout).",
+           """keyboard type hi           # one press and one release report per character
+              keyboard type "Hello, world"
+              keyboard tap ctrl alt delete
+              keyboard down shift
+              keyboard up shift""")
+sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+s = sub.add_parser("type", help="type text")
+s.add_argument("text", nargs="+")
+s = sub.add_parser("tap", help="press keys in order, release in reverse")
+s.add_argument("keys", nargs="+")
+s = sub.add_parser("down", help="hold a key")
+s.add_argument("key")
+s = sub.add_parser("up", help="release a key")
+s.add_argument("key")
+
+
+@command(p, DEVICES, aliases=("kbd",))
+async def keyboard(con, args):
+    _, dev = con.world.find("keyboard")
+    since = con.mark()
+    if args.action == "type":
+        dev.type(" ".join(args.text))
+    elif args.action == "tap":
+        dev.tap(*args.keys)
+    elif args.action == "down":
+        dev.key_down(args.key)
+    else:
+        dev.key_up(args.key)
+    await con.after_device_action(since)
+
+
+p = parser("plug", "Plug a new device into a root port (hotplug); the guest enumerates it.",
+           """plug tablet               # first free port of the right speed
+              plug keyboard 3
+              plug storage --image disk.img""")
+p.add_argument("kind", choices=("tablet", "keyboard", "storage"))
+p.add_argument("port", nargs="?", type=int)
+p.add_argument("--image", help="disk image for storage (default: a new 64 MiB temporary one)")
+
+
+@command(p, DEVICES)
+async def plug(con, args):
+    dev = make_device(args.kind, con.world.options, args.image)
+    since = con.activity.seq
+    number = con.world.plug(dev, args.port)
+    con.out.print(f"{dev.name} plugged into port {number}")
+    await con.world.settle(3.0)
+    gd = con.world.guest_devices.get(number)
+    if gd is not None:
+        con.out.print(f"the guest enumerated it: {gd.device!r}")
+    elif con.controller.gate.paused:
+        con.out.print("the controller is paused: the guest will enumerate it after `continue`")
+    con.show_activity(since, limit=12)
+
+
+p = parser("unplug", "Pull a device out of its port (by port number or device kind).",
+           """unplug 1
+              unplug keyboard""")
+p.add_argument("what", help="port number, or tablet / keyboard / storage")
+
+
+@command(p, DEVICES, complete=lambda con, w: [str(p) for p in con.world.devices]
+         + [d.name for d in con.world.devices.values()])
+async def unplug(con, args):
+    port = int(args.what) if args.what.isdigit() else con.world.find(args.what)[0]
+    since = con.activity.seq
+    dev = con.world.unplug(port)
+    con.out.print(f"{dev.name} unplugged from port {port}")
+    await con.world.settle(3.0)
+    con.show_activity(since, limit=12)
+
+
+p = parser("storage", "The mass-storage stick: its image, and what the guest reads from it.",
+           """storage                  # image, size, and INQUIRY / READ CAPACITY by the guest
+              storage read 0           # the guest reads block 0 (READ(10) over Bulk-Only)
+              storage read 2048 4      # four blocks from LBA 2048""")
+p.add_argument("action", nargs="?", choices=("info", "read"), default="info")
+p.add_argument("lba", nargs="?", type=lambda s: int(s, 0), default=0)
+p.add_argument("count", nargs="?", type=int, default=1)
+
+
+@command(p, DEVICES)
+async def storage(con, args):
+    w = con.world
+    port, dev = w.find("storage")
+    if args.action == "info":
+        con.out.print(f"port {port}: {dev.describe()}")
+        gd = w.guest_device("storage")
+        job = w.guest_job("storage info", lambda: read_capacity_and_inquiry(gd))
+    else:
+        if not 1 <= args.count <= 128:
+            raise ValueError("read 1..128 blocks at a time")
+        gd = w.guest_device("storage")
+        job = w.guest_job(f"read {args.count} block(s) at {args.lba}",
+                          lambda: read_blocks(gd, args.lba, args.count))
+    if not await w.wait_job(job):
+        con.out.print(f"guest: {job.what} is waiting (the controller is paused); "
+                      f"`continue` lets it finish")
+        return
+    if job.error:
+        raise ValueError(f"guest: {job.what} failed: {job.error}")
+    r = job.result
+    if args.action == "info":
+        con.out.print(f"guest: INQUIRY '{r['vendor']}' '{r['product']}' rev {r['revision']}; "
+                      f"READ CAPACITY {r['blocks']} blocks of {r['block_length']} bytes "
+                      f"({r['blocks'] * r['block_length'] >> 20} MiB)")
+    else:
+        data = r["data"]
+        con.out.print(f"guest: READ(10) LBA {args.lba}: {len(data)} bytes, CSW status "
+                      f"{r['status']}, residue {r['residue']}")
+        for line in hexdump(data):
+            con.out.print(Text(line))
+
+
+p = parser("reports", "HID reports the guest received, most recent last.",
+           """reports
+              reports -n 50""")
+p.add_argument("-n", "--count", type=int, default=10)
+
+
+@command(p, DEVICES)
+def reports(con, args):
+    recs = list(con.world.reports)[-max(1, args.count):]
+    for r in recs:
+        con.out.print(str(r))
+    if not recs:
+        con.out.print("no reports yet (try `tablet move 100 200`)")
+
+
+p = parser("guest", "The in-process scripted guest: state, jobs, errors.", "guest")
+
+
+@command(p, SESSION)
+def guest(con, args):
+    w = con.world
+    r = w.runner
+    if w.driver is None:
+        con.out.print("no guest runs in this session (--no-guest)")
+        return
+    state = ("stopped: " + str(r.crashed)) if r.finished else \
+        f"running {r.current.what}" if r.current else "idle (waiting for interrupts)"
+    con.out.print(f"guest: {state}; {len(w.guest_devices)} device(s) enumerated; "
+                  f"{len(w.reports)} report(s) received; {len(r.jobs)} job(s) queued")
+    if r.waiting is not None and not r.idle:
+        con.out.print("  waiting on the controller" + (" (paused)" if con.controller.gate.paused
+                                                       else ""))
+    for e in w.guest_errors:
+        con.out.print(Text(f"  error: {e}", style="red"))
+
+
+# ==== session ======================================================================================
+p = parser("trace", "Capture to pcapng (Wireshark) and read captures back.",
+           """trace start /tmp/usb.pcapng
+              trace status
+              trace stop
+              trace show /tmp/usb.pcapng""", add_help=False)
+p.add_argument("rest", nargs="*")
+p.add_argument("-h", "--help", action="store_true")
+
+
+@command(p, SESSION)
+def trace(con, args):
+    try:
+        from ..trace import cli as trace_cli
+    except ImportError as e:
+        raise ValueError(f"tracing is not available in this build ({e})") from None
+    tp = parser("xhcidbg", "")
+    trace_cli.add_trace_commands(tp.add_subparsers(dest="command"))
+    argv = ["trace", *args.rest] + (["-h"] if args.help else [])
+    ns = tp.parse(argv)
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        trace_cli.run(ns, con.controller)
+    con.out.print(Text(buf.getvalue().rstrip()))
+
+
+p = parser("help", "List commands, or show one command's help and examples.",
+           """help
+              help step""")
+p.add_argument("command", nargs="?")
+
+
+@command(p, SESSION, aliases=("h", "?"), complete=lambda con, w: REGISTRY.names())
+def help_(con, args):
+    if args.command:
+        cmd = REGISTRY.lookup(args.command)
+        if cmd is None:
+            raise ValueError(f"no command {args.command!r}")
+        text = cmd.parser.format_help()
+        if cmd.aliases:
+            text += f"\naliases: {', '.join(cmd.aliases)}\n"
+        con.out.print(Text(text.rstrip()))
+        return
+    for cat in (EXECUTION, INSPECT, DEVICES, SESSION):
+        t = Table(title=cat, box=None, title_justify="left", show_header=False, padding=(0, 2))
+        t.add_column(style="cyan")
+        t.add_column()
+        for cmd in sorted(REGISTRY.commands.values(), key=lambda c: c.name):
+            if cmd.category == cat:
+                alias = f" ({', '.join(cmd.aliases)})" if cmd.aliases else ""
+                t.add_row(cmd.name + alias, cmd.summary)
+        con.out.print(t)
+    con.out.print("`help COMMAND` for its arguments and examples; separate commands with `;`.")
+
+
+p = parser("quit", "Leave the console.", "quit")
+
+
+@command(p, SESSION, aliases=("exit", "q"))
+def quit_(con, args):
+    con.quit_requested = True
+
+
+def hexdump(data: bytes) -> list[str]:
+    """hexdump -C style lines; runs of identical lines collapse into `*`."""
+    out, prev, starred = [], None, False
+    for off in range(0, len(data), 16):
+        chunk = data[off:off + 16]
+        if chunk == prev and off + 16 < len(data):
+            if not starred:
+                out.append("*")
+                starred = True
+            continue
+        prev, starred = chunk, False
+        out.append(f"{off:08x}  {chunk.hex(' '):<47}  |"
+                   + "".join(chr(b) if 32 <= b < 127 else "." for b in chunk) + "|")
+    out.append(f"{len(data):08x}")
+    return out
+
+
+def split_commands(text: str) -> list[str]:
+    """Split `a; b; 'c;d'` into commands at semicolons outside quotes."""
+    out, cur, quote = [], [], None
+    for ch in text:
+        if quote:
+            cur.append(ch)
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+            cur.append(ch)
+        elif ch == ";":
+            out.append("".join(cur))
+            cur = []
+        elif ch == "#" and not "".join(cur).strip():
+            cur.append(ch)
+        else:
+            cur.append(ch)
+    out.append("".join(cur))
+    return [c.strip() for c in out if c.strip() and not c.strip().startswith("#")]
+
+
+def split_words(line: str) -> list[str]:
+    try:
+        return shlex.split(line)
+    except ValueError as e:
+        raise ValueError(f"cannot parse {line!r}: {e}") from None
