@@ -20,7 +20,7 @@ def test_commands_option_runs_the_console_on_the_default_devices():
     r = xhcidbg("-c", "devices; reports", "--width", "200")
     assert r.returncode == 0, r.stderr
     for name in ("tablet", "keyboard", "storage"):
-        assert f"enumerated as slot" in r.stdout and name in r.stdout
+        assert "enumerated as slot" in r.stdout and name in r.stdout
     assert "no reports yet" in r.stdout
 
 

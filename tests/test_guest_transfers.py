@@ -7,7 +7,7 @@ from xhcidbg.devices.base import Speed
 from xhcidbg.devices.keyboard import Keyboard
 from xhcidbg.devices.tablet import Tablet
 from xhcidbg.emu.context import EpState
-from xhcidbg.emu.trb import CC, TrbType
+from xhcidbg.emu.trb import CC
 from xhcidbg.guest.errors import TransferFailed, XhciTimeout
 from xhcidbg.guest.driver import XhciDriver
 from xhcidbg.transport.inproc import InProcessBus

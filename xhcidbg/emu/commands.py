@@ -5,7 +5,7 @@ import struct
 from typing import TYPE_CHECKING, Callable
 
 from ..devices.base import EpType, Status, UsbTransfer
-from .context import EP_CTX, INPUT_CTRL_CTX, SLOT_CTX, EpState, SlotState, XhciEpType
+from .context import EP_CTX, SLOT_CTX, EpState, SlotState, XhciEpType
 from .hooks import CommandResult
 from .memory import DmaError
 from .slots import DeviceSlot, Endpoint
@@ -218,7 +218,6 @@ class Commands:
             ep.write_back()
 
     def configure_endpoint(self, trb: Trb) -> CommandResult:
-        hc = self.hc
         slot = self._slot(trb)
         if slot.state not in (SlotState.ADDRESSED, SlotState.CONFIGURED):
             raise CommandError(CC.CONTEXT_STATE_ERROR, f"Configure Endpoint on slot {slot.id} in "

@@ -9,7 +9,6 @@ controller error a real xHC reports, and one log line.
 from __future__ import annotations
 
 import logging
-import struct
 from typing import Iterable
 
 from ..devices.base import UsbDevice
@@ -237,6 +236,13 @@ class XhciController:
             self.internal_errors += 1
             log.exception("internal error on MMIO write at %#x", offset)
             self.host_controller_error(f"internal error writing {offset:#x}: {e!r}")
+
+    def peek(self, offset: int, size: int = 4) -> int:
+        """Read a register as the guest would see it, without announcing an MMIO access
+        (for the console and tracer: looking must not change what is traced)."""
+        if size == 8:
+            return self._read32(offset) | (self._read32(offset + 4) << 32)
+        return (self._read32(offset & ~3) >> ((offset & 3) * 8)) & ((1 << (size * 8)) - 1)
 
     def reg_name(self, offset: int) -> str:
         return R.reg_name(offset, len(self.ports), len(self.interrupters))

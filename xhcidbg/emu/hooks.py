@@ -10,7 +10,7 @@ how a fault rule rewrites a completion code, drops an event or vetoes a command.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 # name -> (arguments, what it means)

@@ -113,8 +113,8 @@ def _fetch_busybox(folder: Path, stamp: Path) -> Path:
 def build_initramfs(kernel: Kernel, busybox: Path, boot_modules: list[str],
                     extra_modules: list[str]) -> bytes:
     """The gzip-compressed newc image."""
+    shipped = kernel.modules(boot_modules + extra_modules)     # unpacks them all in one pass
     boot = kernel.modules(boot_modules)
-    shipped = kernel.modules(boot_modules + extra_modules)
     raw = io.BytesIO()
     cpio = CpioWriter(raw)
     for d in DIRECTORIES:
@@ -135,7 +135,8 @@ def build_initramfs(kernel: Kernel, busybox: Path, boot_modules: list[str],
     for _, path, local in shipped:
         cpio.file(f"{base}/{path}", local.read_bytes())
     modules, _ = kernel.index()
-    subset = {name: (path, [d for d in modules[name][1] if d in modules])
+    names = {name for name, _, _ in shipped}
+    subset = {name: (path, [d for d in modules[name][1] if d in names])   # builtins drop out
               for name, path, _ in shipped}
     cpio.file(f"{base}/modules.dep", format_modules_dep(subset).encode())
     cpio.file("etc/xhcidbg/boot-modules", "".join(f"{path}\n" for _, path, _ in boot).encode())

@@ -210,7 +210,6 @@ async def continue_(con, args):
     con.controller.gate.resume()
     con.world.runner.notify()
     await con.world.settle(2.0)
-    hit = con.breakpoints.last_hit
     if con.controller.gate.paused:
         con.show_activity(since)
         con.show_context()

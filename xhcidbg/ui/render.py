@@ -20,18 +20,14 @@ from ..emu.layout import Field, Layout
 from ..emu.memory import DmaError
 from ..emu.trb import TRB_SIZE, Trb, TrbType, cc_name, layout_of, trb_name
 
-try:                                    # Linux's decoders (the tracer engineer's module)
-    from ..decode import xhci as linux
-except ImportError:                     # pragma: no cover - the console works without them
-    linux = None
+from ..decode import xhci as linux      # Linux's decoders: the text driver authors read
 
 
 # ---- reading state without side effects ------------------------------------------------------
 def peek(controller, offset: int) -> int:
     """A BAR0 dword as the guest would read it, without announcing an MMIO access (so the
     console's own looking never shows up in traces or trips breakpoints)."""
-    reader = getattr(controller, "peek", None) or controller._read32
-    return reader(offset)
+    return controller.peek(offset)
 
 
 def read_trb(mem, addr: int) -> Trb | None:
@@ -165,9 +161,7 @@ def register_view(controller, name: str, index: int | None = None):
 
 # ---- ports ---------------------------------------------------------------------------------------
 def portsc_text(v: int) -> str:
-    if linux is not None:
-        return linux.decode_portsc(v).strip()
-    return fields_inline(R.PORTSC.layout, [v])
+    return linux.decode_portsc(v).strip()
 
 
 def slot_of_port(controller, number: int):
@@ -238,15 +232,13 @@ def slot_view(controller, slot_id: int, dci: int | None = None) -> Group:
         dw = list(ep.ctx)
         EP_CTX["dequeue"].set(dw, ep.ring.dequeue >> 4)    # live, not last written back
         EP_CTX["dcs"].set(dw, ep.ring.ccs)
-        line = ""
-        if linux is not None:
-            line = linux.decode_ep_context(dw[0], dw[1], dw[2] | (dw[3] << 32), dw[4])
+        line = linux.decode_ep_context(dw[0], dw[1], dw[2] | (dw[3] << 32), dw[4])
         return Group(layout_table(f"slot {slot_id} {ep_name(dci)} (DCI {dci}) endpoint context",
                                   EP_CTX, dw, line),
                      Text(f"in flight: {len(ep.inflight)} TD(s)"
                           f"{', assembling one' if ep.building else ''}"))
     ctx = s.ctx
-    line = linux.decode_slot_context(*ctx[:4]) if linux is not None else ""
+    line = linux.decode_slot_context(*ctx[:4])
     parts = [layout_table(f"slot {slot_id} slot context", SLOT_CTX, ctx, line)]
     t = Table(title=f"slot {slot_id} endpoints", box=box.SIMPLE_HEAD, title_justify="left")
     for col in ("dci", "ep", "type", "state", "maxp", "interval", "dequeue", "ccs", "in flight"):
@@ -288,10 +280,7 @@ def ring_names(controller) -> list[str]:
 
 
 def trb_text(trb: Trb) -> str:
-    dw = trb.dwords
-    if linux is not None:
-        return linux.decode_trb(*dw)
-    return f"{trb_name(trb.type)} {fields_inline(layout_of(trb.type), dw, ('type', 'cycle'))}"
+    return linux.decode_trb(*trb.dwords)
 
 
 def ring_view(controller, name: str, before: int = 4, after: int = 8) -> Table:
@@ -411,7 +400,7 @@ def status_line(controller) -> Text:
     t = Text()
     t.append("PAUSED" if gate.paused else "RUNNING", style="bold red" if gate.paused
              else "bold green")
-    t.append(f"  controller {run}, USBSTS{linux.decode_usbsts(sts) if linux else f' {sts:#x}'}")
+    t.append(f"  controller {run}, USBSTS{linux.decode_usbsts(sts)}")
     t.append(f"  slots {len(controller.slots)}  units run {gate.units}")
     if pending:
         t.append(f"  rings with work: {pending}", style="yellow")

@@ -247,7 +247,7 @@ class GuestRunner:
 
     def stuck(self) -> bool:
         """The guest cannot move until something outside it happens."""
-        if self.finished:
+        if self.finished or self._guest is None:      # ended, or never started
             return True
         w = self.waiting
         return w is not None and not w.until()
