@@ -552,15 +552,27 @@ class XhciController:
         self.gate.kick((ep.slot.id, ep.dci), lambda unit, ep=ep: self._endpoint_worker(ep, unit))
 
     def _endpoint_worker(self, ep: Endpoint, unit: str) -> bool:
-        if not self.running or ep.slot.endpoints.get(ep.dci) is not ep:
+        if not self.running or ep.slot.endpoints.get(ep.dci) is not ep or self.events_full:
             return False
         return self.transfers.step(ep, unit)
+
+    @property
+    def events_full(self) -> bool:
+        """An event ring is full: rings stop being processed until software catches up."""
+        return any(i.full for i in self.interrupters)
+
+    def event_ring_has_room(self) -> None:
+        if self.crr:
+            self.kick_commands()
+        for slot in self.slots.values():
+            for ep in slot.endpoints.values():
+                self.kick_endpoint(ep)
 
     def _command_worker(self, unit: str) -> bool:
         if not self.running or not self.crr or self.cmd_pending is not None:
             return False
-        if self.interrupters[0].full:
-            return False      # the event ring is full: wait for software to catch up
+        if self.events_full:
+            return False      # an event ring is full: wait for software to catch up (4.9.4)
         try:
             trb = self.cmd_ring.fetch()
         except RingError as e:

@@ -107,6 +107,8 @@ class Interrupter:
             self.full = False
             while self.backlog and not self.full:
                 self._write(self.backlog.popleft())
+            if not self.full:
+                self.hc.event_ring_has_room()
         # Events still unread after software moved ERDP: interrupt again (4.17.2); none: no
         # interrupt is owed for the ones it has just consumed.
         self.pending = bool(self.segments) and self.erdp != self.enqueue_pointer

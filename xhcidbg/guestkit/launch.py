@@ -360,15 +360,19 @@ def _kill_if_running(process: asyncio.subprocess.Process) -> None:
 
 def build_command(qemu: QemuInstall, *, kernel: Path, initrd: Path, serial_socket: Path,
                   qmp_socket: Path, memory_mib: int = DEFAULT_MEMORY_MIB, append: str = "",
-                  devices: Iterable[str] = (), extra_args: Iterable[str] = ()) -> list[str]:
-    """The full QEMU command line for a TCG q35 guest with shared (memfd) RAM."""
+                  devices: Iterable[str] = (), extra_args: Iterable[str] = (),
+                  allow_reboot: bool = False) -> list[str]:
+    """The full QEMU command line for a TCG q35 guest with shared (memfd) RAM.
+
+    Unless allow_reboot, any reset (guest reboot, kernel panic, QMP system_reset) ends QEMU.
+    """
     mem = f"{memory_mib}M"
     argv = qemu.command(
         "-nodefaults", "-no-user-config",
         "-machine", "q35,accel=tcg,memory-backend=mem",
         "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
         "-m", mem, "-smp", "1",
-        "-nic", "none", "-display", "none", "-no-reboot",
+        "-nic", "none", "-display", "none",
         "-kernel", str(kernel), "-initrd", str(initrd),
         "-append", f"console=ttyS0 panic=-1 {append}".strip(),
         "-chardev", f"socket,id=serial0,path={serial_socket},server=off",
@@ -376,6 +380,8 @@ def build_command(qemu: QemuInstall, *, kernel: Path, initrd: Path, serial_socke
         "-chardev", f"socket,id=qmp0,path={qmp_socket},server=off",
         "-object", "monitor-qmp,id=qmp,chardev=qmp0",
     )
+    if not allow_reboot:
+        argv.append("-no-reboot")
     for device in devices:
         argv += ["-device", device]
     return argv + list(extra_args)
@@ -403,12 +409,13 @@ class Vm:
                     qemu: QemuInstall | None = None, kernel: Path | None = None,
                     initrd: Path | None = None, log: Path | None = None,
                     wait_ready: bool = True, boot_timeout: float = 300.0,
-                    progress: bool = True) -> "Vm":
+                    progress: bool = True, allow_reboot: bool = False) -> "Vm":
         """Start QEMU with the guest kernel and initramfs (fetched/built on first use).
 
         devices: `-device` values (e.g. from `vfio_user_device`); extra_args: more QEMU options;
         log: a file that receives the raw serial output; wait_ready: return only once the guest
-        shell is up (boot under TCG takes several seconds).
+        shell is up (boot under TCG takes several seconds); allow_reboot: a reset restarts the
+        guest (then `await vm.console.wait_ready()` again) instead of ending QEMU.
         """
         qemu = qemu or await asyncio.to_thread(ensure_qemu)
         kernel = kernel or await asyncio.to_thread(ensure_kernel)
@@ -418,7 +425,7 @@ class Vm:
         report = say if progress else None
         try:
             await vm._spawn(qemu, kernel, initrd, vm.workdir, memory_mib, append, devices,
-                            extra_args, log, report)
+                            extra_args, log, report, allow_reboot)
             if wait_ready:
                 await vm.console.wait_ready(boot_timeout)
         except BaseException:
@@ -427,7 +434,7 @@ class Vm:
         return vm
 
     async def _spawn(self, qemu, kernel, initrd, workdir, memory_mib, append, devices, extra_args,
-                     log, report) -> None:
+                     log, report, allow_reboot) -> None:
         loop = asyncio.get_running_loop()
         accepted = {"serial": loop.create_future(), "qmp": loop.create_future()}
 
@@ -444,7 +451,7 @@ class Vm:
                    await asyncio.start_unix_server(on_connect("qmp"), qmp_path)]
         self.argv = build_command(qemu, kernel=kernel, initrd=initrd, serial_socket=serial_path,
                                   qmp_socket=qmp_path, memory_mib=memory_mib, append=append,
-                                  devices=devices, extra_args=extra_args)
+                                  devices=devices, extra_args=extra_args, allow_reboot=allow_reboot)
         try:
             self.process = await asyncio.create_subprocess_exec(
                 *self.argv, env=qemu.environ(), stdin=asyncio.subprocess.DEVNULL,
