@@ -78,3 +78,55 @@ def test_random_mmio_and_memory_never_break_the_controller(setup, memory, progra
             bus.scheduler.advance(off)
         assert c.internal_errors == 0
         assert bus.scheduler.errors == 0
+
+
+# ---- the same, with enumerated devices: random TRBs on live transfer and command rings ------
+from xhcidbg.devices.base import Speed  # noqa: E402
+from xhcidbg.devices.loopback import LoopbackDevice  # noqa: E402
+from xhcidbg.devices.tablet import Tablet  # noqa: E402
+from xhcidbg.guest.driver import XhciDriver  # noqa: E402
+
+live_trb = st.tuples(pointers, st.integers(0, 2 ** 32 - 1),
+                     st.integers(0, 63).map(lambda t: t << 10),
+                     st.integers(0, 2 ** 32 - 1).map(lambda x: x & 0xFFFF03FE))
+live_ops = st.lists(st.one_of(
+    st.tuples(st.just("ep"), st.sampled_from([1, 2, 3, 4, 5]), st.lists(live_trb, max_size=6)),
+    st.tuples(st.just("cmd"), st.just(0), st.lists(live_trb, max_size=3)),
+    st.tuples(st.just("mmio"), st.sampled_from(INTERESTING), st.lists(st.just((0, 0, 0, 0)),
+                                                                       max_size=1)),
+    st.tuples(st.just("time"), st.integers(0, 20_000_000), st.just([])),
+), max_size=30)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(program=live_ops, seed=st.integers(0, 2 ** 32 - 1))
+def test_random_trbs_on_live_rings_never_break_the_controller(program, seed):
+    bus = InProcessBus(ram_size=8 << 20, usb2_ports=2, usb3_ports=2)
+    c = bus.controller
+    c.attach(LoopbackDevice(speed=Speed.SUPER, pattern=None))
+    c.attach(Tablet())
+    drv = XhciDriver(bus, ram_end=6 << 20).start()
+    devs = [drv.enumerate(3), drv.enumerate(1)]
+    rings = [(d, ep) for d in devs for ep in d.endpoints.values()]
+    fetched = [0]
+    c.hooks.attach(type("Count", (), {"on_trb": lambda self, ring, t: fetched.__setitem__(
+        0, fetched[0] + 1)})())
+    for kind, which, trbs in program:
+        fetched[0] = 0
+        if kind == "ep":
+            dev, ep = rings[which % len(rings)]
+            for p, s, t, x in trbs:
+                if ep.ring.space > 1:
+                    ep.ring.put(p, s, t | x)
+            bus.mmio_write(R.DB_BASE + 4 * dev.slot, 4, ep.dci)
+        elif kind == "cmd":
+            for p, s, t, x in trbs:
+                if drv.cmd_ring.space > 1:
+                    drv.cmd_ring.put(p, s, t | x)
+            bus.mmio_write(R.DB_BASE, 4, 0)
+        elif kind == "mmio":
+            bus.mmio_write(which, 4, seed & 0xFFFFFFFF)
+        else:
+            bus.scheduler.advance(which)
+        assert fetched[0] <= MAX_TRBS_PER_WRITE
+        assert c.internal_errors == 0 and bus.scheduler.errors == 0

@@ -39,6 +39,7 @@ def test_command_line_shape(kit, tmp_path):
     assert "-machine q35,accel=tcg,memory-backend=mem" in line
     assert "-object memory-backend-memfd,id=mem,size=512M,share=on -m 512M" in line
     assert "-nic none" in line and "-display none" in line and argv[-1] == "-S"
+    assert "-no-reboot" in argv
     assert argv[argv.index("-append") + 1] == "console=ttyS0 panic=-1 quiet"
     device = argv[argv.index("-device") + 1]
     assert device == '{"driver": "vfio-user-pci", "socket": {"path": "%s", "type": "unix"}}' % (
@@ -51,7 +52,7 @@ def test_guest_on_qemu_xhci_finds_tablet_and_disk(kit, tmp_path):
 
     async def scenario():
         vm = await Vm.start(qemu=qemu, kernel=kernel, initrd=initrd, extra_args=qemu_xhci_args(disk),
-                            log=tmp_path / "serial.log")
+                            log=tmp_path / "serial.log", allow_reboot=True)
         try:
             run = vm.console.run
             uptime = await wait_enumerated(vm.console)
@@ -90,6 +91,11 @@ def test_guest_on_qemu_xhci_finds_tablet_and_disk(kit, tmp_path):
             assert (await vm.qmp.query_status())["status"] == "paused"
             await vm.qmp.cont()
             assert (await run("echo back")).output == "back\n"
+
+            # A reset reboots the guest (allow_reboot), and it finds its devices again.
+            await vm.qmp.system_reset()
+            await vm.console.wait_ready(180)
+            assert 0 < await wait_enumerated(vm.console) < 120
 
             # Guest power-off ends QEMU, and the launcher says so to whoever waits.
             await vm.console.write("poweroff -f\n")

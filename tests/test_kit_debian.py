@@ -195,6 +195,7 @@ class LocalMirror:
         for path, data in files.items():
             (tree / path).parent.mkdir(parents=True, exist_ok=True)
             (tree / path).write_bytes(data)
+            (tree / path).chmod(0o755 if data.startswith(b"\x7fELF") else 0o644)
         out = self.work / f"{name}_{version}_amd64.deb"
         subprocess.run(["dpkg-deb", "-Zxz", "--root-owner-group", "--build", str(tree), str(out)],
                        capture_output=True, check=True)
@@ -274,3 +275,49 @@ def test_archive_offline_uses_cache_or_names_what_is_missing(mirror, tmp_path):
     assert mirror.archive(["testsuite"], cache).get("hello").version == "1.0-1"
     with pytest.raises(OfflineError, match="testsuite InRelease"):
         mirror.archive(["testsuite"], tmp_path / "empty-cache").get("hello")
+
+
+# -- the private prefix: packages chosen by what the binary loads ----------------------------
+
+@needs_gpg
+@pytest.mark.skipif(not shutil.which("cc"), reason="no C compiler to make the ELF files")
+def test_prefix_builder_follows_needed_libraries_only(tmp_path):
+    from xhcidbg.guestkit.qemu import LOADER, PrefixBuilder
+    libdir = Path("/lib/x86_64-linux-gnu")
+    if not (libdir / LOADER).exists():
+        pytest.skip("no x86-64 glibc on this machine to package")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "bar.c").write_text("int bar(void) { return 40; }\n")
+    (src / "foo.c").write_text("int bar(void); int foo(void) { return bar() + 2; }\n")
+    (src / "main.c").write_text('#include <stdio.h>\nint foo(void);\n'
+                                'int main(void) { printf("answer %d\\n", foo()); return 0; }\n')
+
+    def cc(*args):
+        subprocess.run(["cc", *args], cwd=src, check=True, capture_output=True)
+    cc("-shared", "-fPIC", "-Wl,-soname,libbar.so.1", "bar.c", "-o", "libbar.so.1")
+    cc("-shared", "-fPIC", "-Wl,-soname,libfoo.so.1", "foo.c", "-L.", "-l:libbar.so.1", "-o", "libfoo.so.1")
+    cc("main.c", "-L.", "-l:libfoo.so.1", "-Wl,--allow-shlib-undefined", "-o", "tool")
+    lib = "usr/lib/x86_64-linux-gnu"
+    mirror = LocalMirror(tmp_path)
+    mirror.suite("testsuite", [
+        ("tool", "1", {"usr/bin/tool": (src / "tool").read_bytes()}, "Depends: libfoo1, tooldata\n"),
+        ("tooldata", "1", {"usr/share/tool/data": b"data"}, "Depends: unrelated\n"),
+        ("unrelated", "1", {"usr/share/unrelated": b"x"}, ""),
+        ("libfoo1", "1", {f"{lib}/libfoo.so.1": (src / "libfoo.so.1").read_bytes()},
+         "Depends: libbar1, libc6\n"),
+        ("libbar1", "1", {f"{lib}/libbar.so.1": (src / "libbar.so.1").read_bytes()}, "Depends: libc6\n"),
+        ("libc6", "1", {f"{lib}/libc.so.6": (libdir / "libc.so.6").read_bytes(),
+                        f"{lib}/{LOADER}": (libdir / LOADER).read_bytes()},
+         "Depends: libgcc-s1-not-in-this-mirror\n"),
+    ])
+    archive = mirror.archive(["testsuite"], tmp_path / "cache")
+    prefix = tmp_path / "prefix"
+    builder = PrefixBuilder(archive, prefix, binary="usr/bin/tool")
+    builder.build(archive.get("tool"))
+    # tooldata comes as the root's dependency; nothing asks for `unrelated`, nor for libc6's own.
+    assert sorted(builder.unpacked) == ["libbar1", "libc6", "libfoo1", "tool", "tooldata"]
+    assert builder.unresolved() == {}
+    run = subprocess.run([str(prefix / lib / LOADER), "--library-path", str(prefix / lib),
+                          str(prefix / "usr/bin/tool")], capture_output=True, text=True)
+    assert run.stdout == "answer 42\n", run.stderr

@@ -18,7 +18,8 @@ from xhcidbg.emu.controller import XhciController
 from xhcidbg.emu.timing import Scheduler
 from xhcidbg.vfio_user import VfioUserServer
 
-launch = pytest.importorskip("xhcidbg.guestkit.launch")
+from xhcidbg.guestkit import launch
+from xhcidbg.guestkit.testing import guest_kit as fetch_guest_kit
 
 # The function as the guest finds it by class code (the PCI address depends on the machine).
 FIND_FUNCTION = "d=$(grep -l 0x0c0330 /sys/bus/pci/devices/*/class | head -1); d=${d%/class}"
@@ -26,14 +27,7 @@ FIND_FUNCTION = "d=$(grep -l 0x0c0330 /sys/bus/pci/devices/*/class | head -1); d
 
 @pytest.fixture(scope="module")
 def guest_kit():
-    from xhcidbg.guestkit.initramfs import ensure_initramfs
-    from xhcidbg.guestkit.kernel import ensure_kernel
-    from xhcidbg.guestkit.qemu import ensure_qemu
-    from xhcidbg.guestkit.report import KitError
-    try:
-        return ensure_qemu(), ensure_kernel(), ensure_initramfs()
-    except KitError as e:
-        pytest.skip(f"the guest kit (QEMU >= 10.1, kernel, initramfs) is not available: {e}")
+    return fetch_guest_kit()     # skips only when offline, and never under CI=true
 
 
 def run_guest(tmp_path, guest_kit, script, *, append: str = "", extra_args=(), **server_options):

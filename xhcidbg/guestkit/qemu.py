@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -36,7 +37,13 @@ QEMU_ENV = "XHCIDBG_QEMU"   # a qemu-system-x86_64 to use instead of searching
 
 @dataclass
 class QemuInstall:
-    """How to run qemu-system-x86_64: `argv_prefix + [options...]` with `env` added."""
+    """How to run qemu-system-x86_64: `argv_prefix + [options...]` with `env` added.
+
+    For the private copy `env` sets QEMU_MODULE_DIR to the prefix's module folder (use `environ()`
+    as the child's environment).  QEMU still falls back to the system module folder for modules
+    the prefix lacks; with a distribution QEMU of another version installed, only commands that
+    load every module (`-device help`) abort there, ordinary runs do not.
+    """
     argv_prefix: list[str]
     version: str
     env: dict[str, str] = field(default_factory=dict)
@@ -62,8 +69,11 @@ def _version_of(argv: list[str], env: dict[str, str]) -> tuple[str, tuple[int, i
 
 
 def _has_vfio_user(argv: list[str], env: dict[str, str]) -> bool:
-    proc = subprocess.run([*argv, "-nodefaults", "-device", "vfio-user-pci,help"],
-                          capture_output=True, text=True, timeout=30, env={**os.environ, **env})
+    try:
+        proc = subprocess.run([*argv, "-nodefaults", "-device", "vfio-user-pci,help"],
+                              capture_output=True, text=True, timeout=30, env={**os.environ, **env})
+    except (OSError, subprocess.TimeoutExpired):
+        return False
     return proc.returncode == 0 and "socket" in proc.stdout
 
 
@@ -101,12 +111,13 @@ def _find_library(prefix: Path, soname: str) -> Path | None:
     return None
 
 
-class _PrefixBuilder:
+class PrefixBuilder:
     """Unpacks packages into a fresh prefix and follows Depends until every NEEDED resolves."""
 
-    def __init__(self, archive: Archive, prefix: Path):
+    def __init__(self, archive: Archive, prefix: Path, binary: str = QEMU_BINARY):
         self.archive = archive
         self.prefix = prefix
+        self.binary = binary
         self.owner: dict[str, str] = {}          # unpacked path -> package name
         self.unpacked: dict[str, Package] = {}
         self.followed: set[str] = set()
@@ -140,7 +151,7 @@ class _PrefixBuilder:
         """soname -> packages whose loaded files need it and nothing unpacked provides it."""
         missing: dict[str, set[str]] = {}
         seen: set[str] = set()
-        queue = [self.prefix / QEMU_BINARY]
+        queue = [self.prefix / self.binary]
         while queue:
             path = queue.pop()
             info = dynamic_info(path)
@@ -159,7 +170,7 @@ class _PrefixBuilder:
 
     def build(self, root: Package) -> None:
         self.unpack(root)
-        self.follow(root.name)      # QEMU's own Depends include its firmware and data
+        self.follow(root.name)      # the root's own Depends: QEMU's include its firmware and data
         while missing := self.unresolved():
             askers = {pkg for pkgs in missing.values() for pkg in pkgs} - self.followed
             if not askers:
@@ -186,6 +197,9 @@ def installed_private_qemu() -> QemuInstall | None:
 
 
 def build_private_qemu(archive: Archive | None = None) -> QemuInstall:
+    if platform.machine() != "x86_64":
+        raise KitError(f"the private QEMU is Debian's amd64 build; this machine is {platform.machine()}:"
+                       f" install a QEMU >= 10.1 with vfio-user-pci or set {QEMU_ENV}")
     archive = archive or qemu_archive()
     root = archive.get(QEMU_PACKAGE)
     upstream = re.match(r"(?:\d+:)?(\d+)\.(\d+)", root.version)
@@ -195,7 +209,7 @@ def build_private_qemu(archive: Archive | None = None) -> QemuInstall:
     building = prefix.with_name("qemu.building")
     shutil.rmtree(building, ignore_errors=True)
     say(f"building a private QEMU {root.version} in {prefix}")
-    builder = _PrefixBuilder(archive, building)
+    builder = PrefixBuilder(archive, building)
     builder.build(root)
     install = _private_install(building, "")
     found = _version_of(install.argv_prefix, install.env)

@@ -94,7 +94,7 @@ class EventLog:
         if kind == "controller":
             if new in ("running", "halted"):
                 self.say(f"controller {new}")
-        elif kind == "slot":
+        elif kind == "slot" and new in ("addressed", "configured", "disabled"):
             slot = self.hc.slots.get(int(ident)) if ident.isdigit() else None
             port = getattr(slot, "port", None)
             where = ""

@@ -1,0 +1,376 @@
+"""`xhcidbg serve` and `xhcidbg vm`: the controller as a real VM's USB controller.
+
+`serve` runs the controller and its virtual devices as a vfio-user server for a VMM the user
+starts; `vm` is the same server plus QEMU booting the guest kit's Linux against it.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .backend import SPEEDS, Backend, DeviceChoice, close_devices, make_devices, memory_options
+
+log = logging.getLogger("xhcidbg.vm")
+
+DEVICE_NAMES = ("tablet", "keyboard", "storage", "loopback")
+
+SERVE_EXAMPLES = """examples:
+  xhcidbg serve --socket /tmp/xhci.sock
+  xhcidbg serve --socket /tmp/xhci.sock --storage disk.img --loopback
+  xhcidbg serve --socket /tmp/xhci.sock --storage new.img --storage-size 128 --once
+
+then start QEMU (>= 10.1) with shared guest RAM and the printed -device option:
+  qemu-system-x86_64 -machine q35 -m 512M \\
+      -object memory-backend-memfd,id=mem,size=512M,share=on -machine memory-backend=mem \\
+      -device '{"driver":"vfio-user-pci","socket":{"path":"/tmp/xhci.sock","type":"unix"}}' ...
+"""
+
+VM_EXAMPLES = """examples:
+  xhcidbg vm                                   boot Linux with a tablet and a keyboard
+  xhcidbg vm --storage disk.img --loopback     and a storage stick and Gadget Zero
+  xhcidbg vm --storage new.img --storage-size 64 --speed storage=high
+  xhcidbg vm --serial-log guest.log -m 512 -- -smp 2 -d guest_errors
+  xhcidbg vm --storage d.img --run 'cat /proc/partitions' --poweroff
+
+The guest kit (QEMU >= 10.1 with vfio-user, a Debian kernel, a busybox initramfs) is fetched on
+first use, verified against Debian's signed indexes, and cached (python -m xhcidbg.guestkit).
+The guest's serial console is a shell the host drives (--run); kernel messages go to dmesg.
+"""
+
+
+# ---- shared options -------------------------------------------------------------------------
+def _speed_setting(text: str) -> tuple[str, str]:
+    device, sep, speed = text.partition("=")
+    if not sep or device not in DEVICE_NAMES or speed not in SPEEDS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected DEVICE=SPEED with DEVICE one of {', '.join(DEVICE_NAMES)} and "
+            f"SPEED one of {', '.join(SPEEDS)}")
+    return device, speed
+
+
+def add_device_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("devices (a tablet and a keyboard unless told otherwise)")
+    g.add_argument("--no-tablet", action="store_true", help="do not plug the tablet in")
+    g.add_argument("--no-keyboard", action="store_true", help="do not plug the keyboard in")
+    g.add_argument("--storage", metavar="IMAGE", action="append", default=[],
+                   help="plug a mass-storage stick serving IMAGE (repeat for more sticks)")
+    g.add_argument("--storage-size", metavar="MIB", type=int,
+                   help="create each missing --storage IMAGE as a sparse file of MIB MiB")
+    g.add_argument("--storage-readonly", action="store_true",
+                   help="the sticks are write protected")
+    g.add_argument("--loopback", action="store_true",
+                   help="plug a Gadget Zero source/sink + loopback device in (Linux: usbtest)")
+    g.add_argument("--speed", metavar="DEVICE=SPEED", type=_speed_setting, action="append",
+                   default=[], help="run a device at another speed: low, full, high or super "
+                                    "(e.g. storage=high, keyboard=low)")
+    g = parser.add_argument_group("controller")
+    g.add_argument("--usb2-ports", type=int, default=4, metavar="N",
+                   help="USB 2 root ports (default 4)")
+    g.add_argument("--usb3-ports", type=int, default=4, metavar="N",
+                   help="USB 3 root ports (default 4)")
+    g.add_argument("--no-msix", action="store_true",
+                   help="offer MSI and INTx only (the guest falls back to MSI)")
+    g.add_argument("--trace", metavar="FILE",
+                   help="capture everything to FILE (pcapng) from the first register access")
+    g.add_argument("-v", "--verbose", action="store_true",
+                   help="log what the controller refuses and the vfio-user session")
+
+
+def device_choice(args) -> DeviceChoice:
+    """The DeviceChoice of parsed options; creates missing images if --storage-size says so."""
+    speeds = {device: SPEEDS[speed] for device, speed in args.speed}
+    for image in args.storage:
+        if args.storage_size is not None and not os.path.exists(image):
+            if args.storage_size < 1:
+                raise ValueError("--storage-size must be at least 1 MiB")
+            with open(image, "xb") as f:
+                f.truncate(args.storage_size << 20)
+            _say(f"created {image} ({args.storage_size} MiB, sparse)")
+    if "storage" in speeds and not args.storage:
+        raise ValueError("--speed storage=... needs a --storage IMAGE")
+    if "loopback" in speeds and not args.loopback:
+        raise ValueError("--speed loopback=... needs --loopback")
+    return DeviceChoice(tablet=not args.no_tablet, keyboard=not args.no_keyboard,
+                        storage=list(args.storage), storage_readonly=args.storage_readonly,
+                        storage_speed=speeds.get("storage"), loopback=args.loopback,
+                        loopback_speed=speeds.get("loopback"),
+                        keyboard_speed=speeds.get("keyboard"), tablet_speed=speeds.get("tablet"))
+
+
+def _say(text: str) -> None:
+    print(f"xhcidbg: {text}", file=sys.stderr, flush=True)
+
+
+def _configure_logging(args) -> None:
+    # The CLI's root logger shows errors only; a VM's user wants the session's warnings too.
+    level = logging.INFO if args.verbose else logging.WARNING
+    for name in ("xhcidbg.vm", "xhcidbg.vfio_user", "xhcidbg.emu"):
+        logging.getLogger(name).setLevel(level)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(name)s: %(message)s")
+    logging.getLogger().setLevel(min(logging.getLogger().level, level))
+
+
+def _make_backend(args, socket_path: str, on_disconnect=None) -> Backend:
+    devices = make_devices(device_choice(args))
+    try:
+        return Backend(socket_path, devices, usb2_ports=args.usb2_ports,
+                       usb3_ports=args.usb3_ports, msix=not args.no_msix,
+                       on_disconnect=on_disconnect, say=_say)
+    except BaseException:
+        close_devices(devices)
+        raise
+
+
+@contextlib.contextmanager
+def _tracing(args, backend: Backend):
+    if not args.trace:
+        yield
+        return
+    from ..trace.cli import start_trace, stop_trace
+    start_trace(backend.controller, args.trace)
+    _say(f"tracing to {args.trace}")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            stop_trace()
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: asyncio.Event):
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        yield
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+
+
+def _run(main, args) -> int:
+    _configure_logging(args)
+    try:
+        return asyncio.run(main(args))
+    except (ValueError, OSError) as e:
+        _say(f"error: {e}")
+        return 2
+
+
+# ---- serve ----------------------------------------------------------------------------------
+async def serve_main(args) -> int:
+    backend = _make_backend(args, args.socket)
+    stop = asyncio.Event()
+    try:
+        await backend.start()
+        with _tracing(args, backend), _stop_on_signals(stop):
+            print(f"-device '{backend.device_arg}'", flush=True)
+            _say(f"serving on {backend.socket_path}; QEMU also needs shared guest RAM: "
+                 + " ".join(shlex.quote(a) for a in memory_options(512)))
+            while True:
+                done = await _first(backend.wait_disconnected(), stop.wait())
+                if stop.is_set():
+                    _say("stopping")
+                    return 0
+                reason = done.pop().result()
+                _say(f"the VMM went away ({reason})")
+                if args.once:
+                    return 0
+                # The next VMM finds the controller as after power-on.
+                backend.controller.hardware_reset()
+                _say("waiting for the next VMM")
+    finally:
+        backend.close()
+
+
+async def _first(*coroutines) -> set:
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    return done
+
+
+# ---- vm -------------------------------------------------------------------------------------
+GUEST_USB_LIST = (
+    "for d in /sys/bus/usb/devices/[0-9]*; do case $d in *:*) continue;; esac;"
+    " echo \"${d##*/} $(cat $d/speed) Mb/s $(cat $d/product 2>/dev/null)\"; done")
+
+
+def _guest_kit(args):
+    from ..guestkit import ensure_initramfs, ensure_kernel, ensure_qemu
+    return (ensure_qemu(),
+            Path(args.kernel) if args.kernel else ensure_kernel(),
+            Path(args.initrd) if args.initrd else ensure_initramfs())
+
+
+async def vm_main(args) -> int:
+    from ..guestkit.launch import CommandTimeout, Vm, VmExited
+    from ..guestkit.report import KitError
+
+    if args.qemu_args and not args.qemu_args[0].startswith("-"):
+        raise ValueError(f"unexpected argument {args.qemu_args[0]!r} (QEMU options go after --)")
+    if args.memory < 64:
+        raise ValueError("--memory must be at least 64 MiB")
+    for path in (args.kernel, args.initrd):
+        if path and not os.path.isfile(path):
+            raise ValueError(f"{path} does not exist")
+    try:
+        qemu, kernel, initrd = await asyncio.to_thread(_guest_kit, args)
+    except KitError as e:
+        _say(f"error: {e}")
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="xhcidbg-vm-"))
+    backend = _make_backend(args, args.socket or str(workdir / "xhci.sock"))
+    stop = asyncio.Event()
+    vm = None
+    started = time.monotonic()
+    try:
+        await backend.start()
+        with _tracing(args, backend), _stop_on_signals(stop):
+            _say(f"starting QEMU {qemu.version} ({args.memory} MiB, TCG): kernel {kernel.name}")
+            booting = asyncio.ensure_future(Vm.start(
+                devices=[backend.device_arg], extra_args=args.qemu_args,
+                memory_mib=args.memory, append=args.append, qemu=qemu, kernel=kernel,
+                initrd=initrd, log=Path(args.serial_log) if args.serial_log else None,
+                wait_ready=False, progress=True))
+            await _first(asyncio.shield(booting), stop.wait())
+            if stop.is_set():
+                _say("stopping")
+                booting.cancel()
+                with contextlib.suppress(BaseException):
+                    await booting
+                return 0
+            vm = booting.result()
+            _say(f"QEMU running (pid {vm.process.pid}); xhcidbg holds its QMP socket")
+            if args.serial_log:
+                _say(f"guest serial console -> {args.serial_log}")
+            return await _run_guest(vm, backend, args, stop, started)
+    except VmExited as e:
+        _say(f"QEMU exited while starting: {e}")
+        return 1
+    except CommandTimeout as e:
+        _say(f"error: {e}")
+        return 1
+    finally:
+        if vm is not None:
+            await vm.stop()
+        backend.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _run_guest(vm, backend: Backend, args, stop: asyncio.Event, started: float) -> int:
+    from ..guestkit.launch import VmExited
+
+    def exited():
+        return asyncio.shield(vm.exited)
+
+    try:
+        done = await _first(vm.console.wait_ready(args.boot_timeout), exited(), stop.wait())
+        if stop.is_set():
+            _say("stopping: QEMU quits")
+            return 0
+        if vm.exited.done():
+            return await _qemu_gone(vm)
+        done.pop().result()          # a boot timeout raises here
+        _say(f"guest shell ready after {time.monotonic() - started:.1f} s")
+        await asyncio.sleep(args.settle)
+        usb = await vm.console.run(GUEST_USB_LIST)
+        for line in usb.output.strip().splitlines():
+            _say(f"guest sees USB {line}")
+        for command in args.run:
+            result = await vm.console.run(command, timeout=args.command_timeout)
+            sys.stdout.write(result.output if result.output.endswith("\n") or not result.output
+                             else result.output + "\n")
+            sys.stdout.flush()
+            if not result.ok:
+                _say(f"guest command {command!r} exited with status {result.status}")
+        if args.poweroff:
+            _say("powering the guest off")
+            await vm.console.write("poweroff -f\n")
+        else:
+            _say("running; Ctrl-C (or SIGTERM) stops the guest and xhcidbg")
+        await _first(exited(), stop.wait())
+        if stop.is_set() and not vm.exited.done():
+            _say("stopping: QEMU quits")
+            return 0
+        return await _qemu_gone(vm)
+    except VmExited:
+        return await _qemu_gone(vm)
+
+
+async def _qemu_gone(vm) -> int:
+    code, _ = await asyncio.shield(vm.exited)
+    if code == 0:
+        _say("QEMU exited; done")
+        return 0
+    how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+    _say(f"QEMU {how}; the guest is gone, stopping")
+    return 1
+
+
+# ---- registration ---------------------------------------------------------------------------
+def add_vm_commands(subparsers) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """Add `serve` and `vm` to an argparse sub-parser set; each sets `func(args) -> int`."""
+    serve = subparsers.add_parser(
+        "serve", help="serve the controller to a VMM you start yourself (vfio-user)",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SERVE_EXAMPLES,
+        description="Run the xHCI controller and its virtual devices as a vfio-user server "
+                    "and print the -device option that connects QEMU (>= 10.1) to it.")
+    serve.add_argument("--socket", metavar="PATH", required=True,
+                       help="UNIX socket to listen on (a stale socket there is replaced)")
+    serve.add_argument("--once", action="store_true",
+                       help="exit when the VMM disconnects instead of waiting for the next one")
+    add_device_options(serve)
+    serve.set_defaults(func=lambda args: _run(serve_main, args))
+
+    vm = subparsers.add_parser(
+        "vm", help="boot a Linux guest whose USB controller is xhcidbg",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=VM_EXAMPLES,
+        usage="%(prog)s [options] [-- QEMU-OPTION ...]",
+        description="Serve the controller over vfio-user and boot the guest kit's Linux under "
+                    "QEMU (TCG) with it as the USB controller.  xhcidbg and QEMU live and die "
+                    "together.")
+    g = vm.add_argument_group("guest")
+    g.add_argument("-m", "--memory", metavar="MIB", type=int, default=256,
+                   help="guest RAM in MiB (default 256)")
+    g.add_argument("--serial-log", metavar="FILE",
+                   help="append everything the guest writes on its serial console to FILE")
+    g.add_argument("--append", metavar="ARGS", default="",
+                   help="more kernel command-line arguments (e.g. 'pci=nomsi')")
+    g.add_argument("--kernel", metavar="FILE", help="boot this kernel instead of the kit's")
+    g.add_argument("--initrd", metavar="FILE", help="use this initramfs instead of the kit's")
+    g.add_argument("--socket", metavar="PATH",
+                   help="the vfio-user socket (default: in a private temporary folder)")
+    g.add_argument("--boot-timeout", metavar="S", type=float, default=300.0,
+                   help="give up if the guest shell is not up after S seconds (default 300)")
+    g = vm.add_argument_group("guest commands")
+    g.add_argument("--run", metavar="CMD", action="append", default=[],
+                   help="run CMD in the guest shell once it is up and print its output "
+                        "(repeatable; in order)")
+    g.add_argument("--command-timeout", metavar="S", type=float, default=120.0,
+                   help="time allowed for each --run command (default 120)")
+    g.add_argument("--settle", metavar="S", type=float, default=2.0,
+                   help="seconds to let USB enumeration finish before listing devices and "
+                        "running commands (default 2)")
+    g.add_argument("--poweroff", action="store_true",
+                   help="power the guest off after the --run commands (xhcidbg then exits)")
+    add_device_options(vm)
+    vm.add_argument("qemu_args", nargs="*", metavar="-- QEMU-OPTION",
+                    help="everything after -- goes to QEMU as it is")
+    vm.set_defaults(func=lambda args: _run(vm_main, args))
+    return serve, vm
