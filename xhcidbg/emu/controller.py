@@ -63,9 +63,11 @@ class XhciController:
         self.usb2_ports = usb2_ports
         self.usb3_ports = usb3_ports
         self.ports = [RootPort(self, i + 1, i >= usb2_ports) for i in range(usb2_ports + usb3_ports)]
+        self.full_event_rings = 0
         self.interrupters = [Interrupter(self, i) for i in range(interrupters)]
         self.commands = Commands(self)
         self.transfers = TransferEngine(self)
+        self.full_event_rings = 0    # kept by the interrupters
         self._refused: set[str] = set()
         self.refusals = 0
         self.internal_errors = 0     # bugs of ours caught at the MMIO boundary (tests assert 0)
@@ -549,17 +551,21 @@ class XhciController:
     def kick_endpoint(self, ep: Endpoint) -> None:
         if not self.running or ep.state != EpState.RUNNING:
             return
-        self.gate.kick((ep.slot.id, ep.dci), lambda unit, ep=ep: self._endpoint_worker(ep, unit))
+        worker = ep.worker
+        if worker is None:
+            worker = ep.worker = lambda unit: self._endpoint_worker(ep, unit)
+        self.gate.kick(ep.key, worker)
 
     def _endpoint_worker(self, ep: Endpoint, unit: str) -> bool:
-        if not self.running or ep.slot.endpoints.get(ep.dci) is not ep or self.events_full:
+        if (self.usbsts & HCH or self.full_event_rings
+                or ep.slot.endpoints.get(ep.dci) is not ep):
             return False
         return self.transfers.step(ep, unit)
 
     @property
     def events_full(self) -> bool:
         """An event ring is full: rings stop being processed until software catches up."""
-        return any(i.full for i in self.interrupters)
+        return self.full_event_rings > 0
 
     def event_ring_has_room(self) -> None:
         if self.crr:
@@ -705,7 +711,7 @@ class XhciController:
     def release_slot(self, slot: DeviceSlot) -> None:
         for ep in list(slot.endpoints.values()):
             self.transfers.take_back(ep)
-            self.gate.forget((slot.id, ep.dci))
+            self.gate.forget(ep.key)
         slot.endpoints.clear()
         slot.set_state(SlotState.DISABLED)
         del self.slots[slot.id]

@@ -58,11 +58,24 @@ class Interrupter:
         self.enq_index = 0
         self.pcs = 1
         self.pending = False       # events posted since the last interrupt
-        self.full = False
+        if getattr(self, "_full", False):
+            self.full = False
+        self._full = False
         self.backlog: deque[EventRecord] = deque()
         self.lost = 0
         self._imod_timer = None
         self.posted = 0
+
+    @property
+    def full(self) -> bool:
+        return self._full
+
+    @full.setter
+    def full(self, value: bool) -> None:
+        # The controller keeps a count so its per-TD check is one comparison.
+        if value != self._full:
+            self.hc.full_event_rings += 1 if value else -1
+            self._full = value
 
     # ---- register side ----------------------------------------------------------------------
     def setup_ring(self) -> None:
@@ -158,7 +171,8 @@ class Interrupter:
         self._write(ev, block_interrupt)
 
     def _write(self, ev: EventRecord, block_interrupt: bool = False) -> None:
-        if self._ring_full():
+        seg, idx = self._next_slot()
+        if self.segments[seg][0] + idx * TRB_SIZE == self.erdp:
             # The last free TRB gets an Event Ring Full Error; further events wait (4.9.4).
             self.full = True
             full = EventRecord(self.index, [0, 0, CC.EVENT_RING_FULL << 24,
@@ -176,7 +190,6 @@ class Interrupter:
             return
         ev.addr = addr
         self.posted += 1
-        seg, idx = self._next_slot()
         if seg == 0 and idx == 0:
             self.pcs ^= 1
         self.seg, self.enq_index = seg, idx

@@ -10,6 +10,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from .context import EP_CTX, EP_STATE_NAMES, SLOT_CTX, SLOT_STATE_NAMES, XhciEpType
+from ..devices.base import EpType
 from .memory import DmaError
 from .rings import Ring
 
@@ -28,6 +29,8 @@ class Endpoint:
         self.ring.set_dequeue(EP_CTX.get(self.ctx, "dequeue") << 4, EP_CTX.get(self.ctx, "dcs"))
         self.inflight: deque = deque()       # TDs handed to the device, oldest first
         self.building = None                 # TD being assembled TRB by TRB (single-step)
+        self.key = (slot.id, dci)            # the gate's name for this ring
+        self.worker = None                   # the gate's callable, made once by the controller
         self.next_service_ns = 0             # isoch pacing
         self.isoch_timer = None
         # Fixed for the endpoint's lifetime (a new Configure Endpoint makes a new Endpoint):
@@ -35,6 +38,7 @@ class Endpoint:
         self.ep_type = XhciEpType((self.ctx[1] >> 3) & 7)
         self.is_in = dci == 1 or bool(dci & 1)
         self.address = 0 if dci == 1 else (dci // 2) | (0x80 if dci & 1 else 0)
+        self.transfer_type = EpType(self.ep_type.usb_type)
         self.is_isoch = self.ep_type in (XhciEpType.ISOCH_IN, XhciEpType.ISOCH_OUT)
         self.polled = self.ep_type in (XhciEpType.INTERRUPT_IN, XhciEpType.INTERRUPT_OUT,
                                        XhciEpType.CONTROL)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
-from ..devices.base import EpType, Status, UsbTransfer
+from ..devices.base import Status, UsbTransfer
 from .context import EpState, XhciEpType
 from .memory import DmaError
 from .rings import RingError
@@ -30,7 +30,6 @@ STATUS_CC = {
     Status.XACT_ERROR: CC.USB_TRANSACTION_ERROR, Status.NODEV: CC.USB_TRANSACTION_ERROR,
     Status.CANCELLED: CC.STOPPED,
 }
-_USB_TYPE = {0: EpType.CONTROL, 1: EpType.ISOCHRONOUS, 2: EpType.BULK, 3: EpType.INTERRUPT}
 
 
 class Td:
@@ -149,9 +148,8 @@ class TransferEngine:
             ep.inflight.pop()
             return
         data = None if is_in else (out[0] if len(out) == 1 else b"".join(out))
-        ep_type = _USB_TYPE[ep.ep_type.usb_type]
         endpoint = ep.address if setup is None else 0
-        xfer = UsbTransfer(endpoint, ep_type, length, setup=setup, data=data,
+        xfer = UsbTransfer(endpoint, ep.transfer_type, length, setup=setup, data=data,
                            on_complete=self._on_complete,
                            interval=(ep.ctx[0] >> 16) & 0xFF)
         if setup is None and is_in:
@@ -277,6 +275,26 @@ class TransferEngine:
         """Scatter data and post events for a finished TD.  False if the endpoint halted."""
         hc = self.hc
         xfer = td.xfer
+        if xfer is not None and xfer.status == Status.OK and len(td.trbs) == 1 \
+                and td.trbs[0].type == T.NORMAL:
+            # The common case, kept short: one Normal TRB that completed.
+            trb = td.trbs[0]
+            n = xfer.actual
+            residue = (trb.status & 0x1FFFF) - n
+            if n and xfer.is_in:
+                try:
+                    hc.mem.write(trb.param, xfer.result)
+                except DmaError as e:
+                    hc.refuse(f"dbe{ep.slot.id}/{ep.dci}", f"endpoint {ep.slot.id}/{ep.dci}:"
+                              f" IN data buffer unwritable ({e}); Data Buffer Error")
+                    self._post(ep, trb, CC.DATA_BUFFER_ERROR, residue + n)
+                    return True
+            if residue:
+                if trb.control & 0x24:                          # ISP or IOC
+                    self._post(ep, trb, CC.SHORT_PACKET, residue)
+            elif trb.control & 0x20:
+                self._post(ep, trb, CC.SUCCESS, 0)
+            return True
         if xfer is None:          # No-Op TD
             for trb in td.trbs:
                 if trb.control & 0x20:

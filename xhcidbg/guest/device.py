@@ -54,7 +54,8 @@ class Transfer:
 
     __slots__ = ("ep", "kind", "is_in", "length", "buf", "first_seq", "end_seq", "offs", "lens",
                  "events", "cc", "actual", "data", "done", "short", "cancelled", "ioc",
-                 "on_complete", "setup", "owns_buffer", "note", "ed_keys", "__weakref__")
+                 "on_complete", "setup", "owns_buffer", "fetch_data", "note", "ed_keys",
+                 "__weakref__")
 
     def __init__(self, ep: "Endpoint", kind: str, is_in: bool, length: int, buf: int):
         self.ep = ep
@@ -76,6 +77,7 @@ class Transfer:
         self.on_complete: Callable[["Transfer"], None] | None = None
         self.setup: bytes | None = None
         self.owns_buffer = True
+        self.fetch_data = True
         self.note = ""
         self.ed_keys: list[int] = []
 
@@ -310,13 +312,15 @@ class Endpoint:
                ioc: bool = True, ent: bool = False, bei: bool = False, immediate: bool = False,
                event_data: int | bool | None = None, interrupter: int | None = None,
                ring: bool = True, on_complete=None, buffer: int | None = None,
-               isoch: dict | None = None, stream: int = 0) -> Transfer:
+               isoch: dict | None = None, stream: int = 0, fetch_data: bool = True) -> Transfer:
         """Queue one TD: `data` for OUT endpoints, `length` for IN.
 
         trb_sizes: split the data into TRBs of exactly these sizes (default: 64 KiB pieces,
         never crossing a 64 KiB boundary, or `max_trb_size` pieces); isp/ioc/ent/bei: TRB flags;
         immediate: put up to 8 OUT bytes in the TRB itself (IDT); event_data: close the TD with
         an Event Data TRB (True: its own address as the data, or an int to send);
+        fetch_data=False: leave IN data in guest memory (`data` stays empty), as a real driver
+        would with DMA; benchmarks use it so they measure the controller, not this copy.
         buffer: use this guest address instead of allocating one; ring=False: do not ring the
         doorbell yet.  Isochronous endpoints take `isoch=dict(frame_id=..., sia=...)`.
         """
@@ -344,6 +348,7 @@ class Endpoint:
                 self.dev.drv.mem.write(buf, data)
         td = Transfer(self, kind, self.is_in, length, buf)
         td.owns_buffer = owns
+        td.fetch_data = fetch_data
         td.ioc = ioc
         td.on_complete = on_complete
         first_type, extra = _NORMAL, 0
@@ -453,7 +458,7 @@ class Endpoint:
 
     def _release(self, td: Transfer) -> None:
         drv = self.dev.drv
-        if td.is_in and td.actual and td.buf:
+        if td.is_in and td.actual and td.buf and td.fetch_data:
             td.data = drv.mem.read(td.buf, td.actual)
         if td.owns_buffer and td.buf:
             drv.alloc.release(td.buf)
