@@ -153,3 +153,21 @@ def test_serve_prints_the_device_option_a_users_qemu_boots_with(tmp_path, kit):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_user_mistakes_get_a_message_and_status_2_before_anything_starts(tmp_path):
+    def run(*argv):
+        return subprocess.run(xhcidbg() + list(argv), capture_output=True, text=True, timeout=60)
+
+    missing = tmp_path / "missing.img"
+    r = run("vm", "--storage", str(missing))
+    assert r.returncode == 2 and "does not exist" in r.stderr and "--storage-size" in r.stderr
+    assert "Traceback" not in r.stderr and not missing.exists()
+    r = run("serve", "--socket", str(tmp_path / "s"), "--speed", "tablet=super")
+    assert r.returncode == 2 and "the tablet runs at full or high speed, not super" in r.stderr, \
+        r.stderr
+    r = run("serve", "--socket", str(tmp_path / "s"), "--speed", "mouse=fast")
+    assert r.returncode == 2 and "DEVICE=SPEED" in r.stderr
+    r = run("vm", "stray")
+    assert r.returncode == 2 and "QEMU options go after --" in r.stderr
+    assert not (tmp_path / "s").exists()

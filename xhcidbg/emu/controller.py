@@ -28,10 +28,10 @@ from .trb import CC, Trb, TrbType
 
 log = logging.getLogger("xhcidbg.emu")
 
-# USBCMD / USBSTS bits
-RS, HCRST, INTE, HSEE, EWE = 1, 2, 4, 8, 1 << 10
-HCH, HSE, EINT, PCD, SSS, RSS, SRE, CNR, HCE = 1, 4, 8, 16, 1 << 8, 1 << 9, 1 << 10, 1 << 11, 1 << 12
-USBCMD_RW = 0x0000EF8D & ~(1 << 7)        # R/S INTE HSEE CSS CRS EWE EU3S CME ETE ...
+# USBCMD / USBSTS bits, derived from the declarations in regs.py
+RS, HCRST, INTE, HSEE, EWE = (R.USBCMD.mask(n) for n in ("rs", "hcrst", "inte", "hsee", "ewe"))
+USBCMD_RW = R.USBCMD.mask("rs", "inte", "hsee", "ewe", "eu3s", "cme", "ete")
+HCH, HSE, EINT, PCD, HCE = (R.USBSTS.mask(n) for n in ("hch", "hse", "eint", "pcd", "hce"))
 MFINDEX_WRAP_NS = 0x4000 * 125_000
 MAX_REFUSAL_KEYS = 4096
 
@@ -353,9 +353,9 @@ class XhciController:
             self._reset_state()
             return
         old = self.usbcmd
-        self.usbcmd = v & USBCMD_RW & ~(1 << 8 | 1 << 9)     # CSS/CRS are strobes
-        if v & (1 << 8) or v & (1 << 9):
-            pass    # save/restore state: nothing volatile to save; completes at once
+        # CSS/CRS (save/restore state) are strobes that complete at once: nothing volatile to
+        # save, so they are simply not stored.
+        self.usbcmd = v & USBCMD_RW
         if (v & RS) and not (old & RS):
             if self.usbsts & (HSE | HCE):
                 self.refuse("rs-after-error", "R/S set after a Host System/Controller Error "

@@ -24,19 +24,16 @@ if TYPE_CHECKING:
 USB2_RESET_NS = 10_000_000      # a root port reset lasts at least 10 ms on USB 2
 USB3_RESET_NS = 1_000_000
 
-# PORTSC bits
-CCS, PED, OCA, PR = 1 << 0, 1 << 1, 1 << 3, 1 << 4
-PLS_SHIFT, PLS_MASK = 5, 0xF << 5
-PP = 1 << 9
-SPEED_SHIFT, SPEED_MASK = 10, 0xF << 10
-PIC_MASK = 3 << 14
-LWS = 1 << 16
-CSC, PEC, WRC, OCC, PRC, PLC, CEC = (1 << b for b in range(17, 24))
-CAS = 1 << 24
-WCE, WDE, WOE = 1 << 25, 1 << 26, 1 << 27
-DR = 1 << 30
-WPR = 1 << 31
-CHANGE_BITS = R.PORTSC_CHANGE_BITS
+# PORTSC bits, derived from the one declaration in regs.py
+_P = R.PORTSC
+CCS, PED, OCA, PR, PP, LWS, CAS, DR, WPR = (_P.mask(n) for n in (
+    "ccs", "ped", "oca", "pr", "pp", "lws", "cas", "dr", "wpr"))
+PLS_SHIFT, PLS_MASK = _P.shift("pls"), _P.mask("pls")
+SPEED_SHIFT, SPEED_MASK = _P.shift("speed"), _P.mask("speed")
+PIC_MASK = _P.mask("pic")
+CSC, PEC, WRC, OCC, PRC, PLC, CEC = (_P.mask(n) for n in R.PORTSC_CHANGE_NAMES)
+WCE, WDE, WOE = _P.mask("wce"), _P.mask("wde"), _P.mask("woe")
+CHANGE_BITS = _P.mask(*R.PORTSC_CHANGE_NAMES)
 WAKE_BITS = WCE | WDE | WOE
 
 

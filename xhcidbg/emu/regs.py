@@ -39,6 +39,17 @@ class Register:
     rw1s: int = 0           # bits set by writing 1, read as 0 (strobes)
     doc: str = ""
 
+    def mask(self, *names: str) -> int:
+        """The register bits of the named fields, in place (for masks on hot paths)."""
+        m = 0
+        for n in names:
+            f = self.layout[n]
+            m |= f.mask << f.lo
+        return m
+
+    def shift(self, name: str) -> int:
+        return self.layout[name].lo
+
 
 def _reg(name, offset, fields, rw1c=0, rw1s=0, doc="") -> Register:
     return Register(name, offset, Layout(name, 1, fields), rw1c, rw1s, doc)
@@ -88,14 +99,14 @@ PORTSC = _reg("PORTSC", 0x0, (
     F("cec", 0, 23), F("cas", 0, 24), F("wce", 0, 25), F("wde", 0, 26), F("woe", 0, 27),
     F("dr", 0, 30), F("wpr", 0, 31)),
     rw1c=0x00FE0000 | (1 << 1), rw1s=(1 << 4) | (1 << 16) | (1 << 31))
+PORTSC_CHANGE_NAMES = ("csc", "pec", "wrc", "occ", "prc", "plc", "cec")
 PORTPMSC = _reg("PORTPMSC", 0x4, (F("u1_timeout", 0, 0, 8), F("u2_timeout", 0, 8, 8),
                                   F("fla", 0, 16), F("test_mode", 0, 28, 4)))
 PORTLI = _reg("PORTLI", 0x8, (F("link_error_count", 0, 0, 16), F("rx_lane_count", 0, 16, 4),
                               F("tx_lane_count", 0, 20, 4)))
 PORTHLPMC = _reg("PORTHLPMC", 0xC, (F("value", 0, 0, 32),))
 PORT_REGS = (PORTSC, PORTPMSC, PORTLI, PORTHLPMC)
-PORTSC_CHANGE_BITS = 0x00FE0000       # CSC PEC WRC OCC PRC PLC CEC
-PORTSC_CHANGE_NAMES = ("csc", "pec", "wrc", "occ", "prc", "plc", "cec")
+PORTSC_CHANGE_BITS = PORTSC.mask(*PORTSC_CHANGE_NAMES)
 
 # Port link states (PORTSC.PLS)
 PLS_U0, PLS_U1, PLS_U2, PLS_U3 = 0, 1, 2, 3

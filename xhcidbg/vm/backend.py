@@ -70,7 +70,8 @@ def make_devices(choice: DeviceChoice) -> list[UsbDevice]:
 
 def _with_speed(cls, speed: Speed | None, *args, **kwargs) -> UsbDevice:
     if speed is not None and speed not in cls.speeds:
-        runs_at = ", ".join(s.name.lower() for s in cls.speeds)
+        names = [s.name.lower() for s in cls.speeds]
+        runs_at = " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
         raise ValueError(f"the {cls.name} runs at {runs_at} speed, not {speed.name.lower()}")
     return cls(*args, speed=speed, **kwargs)
 

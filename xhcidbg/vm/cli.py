@@ -167,6 +167,9 @@ def _run(main, args) -> int:
     except (ValueError, OSError) as e:
         _say(f"error: {e}")
         return 2
+    except KeyboardInterrupt:          # before the signal handlers were in place (kit fetch)
+        _say("interrupted")
+        return 130
 
 
 # ---- serve ----------------------------------------------------------------------------------
