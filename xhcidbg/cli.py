@@ -12,7 +12,6 @@ present, so a missing piece never breaks the console.  A package provides one wi
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
@@ -26,10 +25,6 @@ CONSOLE_EXAMPLES = """examples:
 """
 
 # (sub-command, module, function adding it): imported lazily, skipped when absent
-PLUGINS = (
-    ("serve", "xhcidbg.vfio_user.cli", "add_serve_command"),
-    ("vm", "xhcidbg.guestkit.cli", "add_vm_command"),
-)
 
 
 def add_console_options(p: argparse.ArgumentParser) -> None:
@@ -71,27 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "scripted guest.", epilog=CONSOLE_EXAMPLES)
     add_console_options(c)
     c.set_defaults(func=run_console)
-    _add_trace(sub)
-    for name, module, function in PLUGINS:
-        _add_plugin(sub, name, module, function)
+    from .trace.cli import add_trace_commands, run as run_trace
+    add_trace_commands(sub).set_defaults(run_trace=run_trace)
+    from .vm import add_vm_commands            # `serve` and `vm`
+    add_vm_commands(sub)
     return parser
-
-
-def _add_trace(sub) -> None:
-    try:
-        from .trace.cli import add_trace_commands, run
-    except ImportError:
-        return
-    p = add_trace_commands(sub)
-    p.set_defaults(run_trace=run)
-
-
-def _add_plugin(sub, name: str, module: str, function: str) -> None:
-    try:
-        add = getattr(importlib.import_module(module), function)
-    except (ImportError, AttributeError):
-        return
-    add(sub)
 
 
 def run_console(args) -> int:

@@ -57,13 +57,42 @@ def interface_description(linktype: int, snaplen: int, name: str = "",
 
 
 _EPB_HEAD = struct.Struct("<IIIIIII")
+EPB_OVERHEAD = 32              # EPB header (28 bytes) and trailing length (4), without options
+# the trailing block length after `pad` bytes of padding, indexed by the data length mod 4
+EPB_TAIL = tuple(struct.Struct(f"<{-n & 3}xI") for n in range(4))
+
+
+# Hot-path framing: the tracer packs a whole block in one call.  Arguments of both structs:
+# EPB, total length, interface, timestamp high, timestamp low, captured length, original
+# length, then the record's own fields (and, for `framed`, the total length again).
+def framed(record: struct.Struct) -> struct.Struct:
+    """One struct for a whole EPB around a fixed-size record (no comment)."""
+    if record.size % 4 or record.format[0] != "<":
+        raise ValueError("framed records are little-endian and a whole number of dwords")
+    return struct.Struct("<IIIIIII" + record.format[1:] + "I")
+
+
+def framed_head(record: struct.Struct) -> struct.Struct:
+    """The EPB header and a record's fixed part, for records followed by variable data (the
+    caller appends the data and `EPB_TAIL[len(data) & 3].pack(total)`)."""
+    if record.format[0] != "<":
+        raise ValueError("framed records are little-endian")
+    return struct.Struct("<IIIIIII" + record.format[1:])
+
+
+U32 = struct.Struct("<I")
+
+
+def comment_option(text: str) -> bytes:
+    """An EPB option list holding one comment (b"" for no comment)."""
+    return _options([(OPT_COMMENT, text.encode())]) if text else b""
 
 
 def enhanced_packet(interface: int, ts_ns: int, data: bytes, orig_len: int | None = None,
                     comment: str = "") -> bytes:
     """One EPB.  Hot path: built with a single pack of the fixed part."""
     n = len(data)
-    opts = _options([(OPT_COMMENT, comment.encode())]) if comment else b""
+    opts = comment_option(comment)
     total = 32 + n + _pad(n) + len(opts)
     return b"".join((_EPB_HEAD.pack(EPB, total, interface, ts_ns >> 32, ts_ns & 0xFFFFFFFF, n,
                                     n if orig_len is None else orig_len),

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from xhcidbg.emu.layout import Field as F, Layout
+from . import pcapng
 
 LINKTYPE = 147                 # LINKTYPE_USER0
 VERSION = 1
@@ -91,6 +92,21 @@ _CMD = struct.Struct("<IQIIIIII")
 _PORT = struct.Struct("<IIII")
 _II = struct.Struct("<II")
 _CTX = struct.Struct("<IQI8I")
+_TRB_PARAM = struct.Struct("<IQIQII")   # _TRB with the TRB's dwords 0-1 as its 64-bit parameter
+assert _TRB_PARAM.size == _TRB.size
+
+# The tracer's hot path: each record kind packed together with its pcapng EPB in one call
+# (arguments: pcapng.framed's block fields, then the record's, then the total length again).
+# `tests/test_trace_records.py` checks them against `pcapng.enhanced_packet(<packer above>)`.
+HEAD = {k: _h(k) for k in Kind}
+EPB_MMIO_HEAD = pcapng.framed_head(_MMIO)          # then the register name, padding, length
+EPB_DOORBELL = pcapng.framed(_DB)
+EPB_TRB = pcapng.framed(_TRB_PARAM)                # a fetched Trb: address, info, param, ...
+EPB_EVENT = pcapng.framed(_TRB)                    # an event's four dwords
+EPB_COMMAND = pcapng.framed(_CMD)
+EPB_PORT = pcapng.framed(_PORT)
+EPB_INTERRUPT = pcapng.framed(_II)
+EPB_URB_HEAD = pcapng.framed_head(_II)             # then the usbmon record
 
 
 def mmio(offset: int, size: int, write: bool, value: int, name: str) -> bytes:

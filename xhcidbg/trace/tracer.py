@@ -5,11 +5,16 @@ shipped Wireshark dissector); one interface per USB bus carries usbmon records (
 that stock Wireshark, tshark and tcpdump decode.  Annotations (notes of fault rules, the
 console's own marks) become packet comments.
 
-Records are built on the controller's thread and only appended to a buffer there; a small
-writer thread flushes the buffer every `flush_interval` seconds (and on stop).  Whole blocks are
+Records are built on the controller's thread and only appended to a queue there; a small
+writer thread flushes the queue every `flush_interval` seconds (and on stop).  Whole blocks are
 written at once, so a process killed mid-capture leaves a file that is valid up to the last
-flush.  The buffer is bounded: if the disk or the FIFO reader cannot keep up, records are
+flush.  The queue is bounded: if the disk or the FIFO reader cannot keep up, records are
 dropped and counted rather than memory growing without end.
+
+The hot path is cheap on purpose (bench/trace_overhead.py measures it): each frequent record is
+packed together with its pcapng block header in one `struct` call (`records.EPB_*`), appended
+to a deque without a lock (the controller's thread only appends, the writer only pops), and a
+transfer's data is copied once, into its block.
 """
 from __future__ import annotations
 
@@ -20,7 +25,9 @@ import platform
 import stat
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
@@ -28,12 +35,31 @@ from typing import Any, Callable
 from xhcidbg.emu.trb import TrbType
 from . import pcapng, records
 from .filters import CaptureFilter, dci_of_address
-from .records import CTX_INPUT_CONTROL, CTX_SLOT, Ring
-from .urb import HAS_NOTE, urb_interval, usbmon_record
+from xhcidbg.emu import regs
+from .records import (CTX_INPUT_CONTROL, CTX_SLOT, EPB_DOORBELL, EPB_EVENT, EPB_INTERRUPT,
+                      EPB_MMIO_HEAD, EPB_PORT, EPB_TRB, HEAD, Kind, Ring)
+from .urb import HAS_NOTE, urb_interval, usbmon_block, usbmon_record
 
 DEFAULT_SNAPLEN = 65535        # bytes per usbmon record, header included (as tcpdump)
 DEFAULT_BUSES = {1: "USB 2.0 root hub", 2: "USB 3 root hub"}
-_ROTATE = object()             # marker in the buffer: start the next file here
+
+
+class _Rotate:
+    """Marker in the queue: start the next file here (it has no bytes of its own)."""
+
+    def __len__(self) -> int:
+        return 0
+
+
+_ROTATE = _Rotate()
+_EPB = pcapng.EPB
+_M32, _M64 = 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF
+_H_MMIO, _H_DOORBELL, _H_TRB = HEAD[Kind.MMIO], HEAD[Kind.DOORBELL], HEAD[Kind.TRB]
+_H_EVENT, _H_INTERRUPT, _H_PORT = HEAD[Kind.EVENT], HEAD[Kind.INTERRUPT], HEAD[Kind.PORT]
+_TRANSFER_EVENT, _PORT_STATUS_CHANGE = int(TrbType.TRANSFER_EVENT), int(TrbType.PORT_STATUS_CHANGE)
+_DCBAAP_LO = regs.OP_BASE + regs.DCBAAP_LO.offset
+_DCBAAP_HI = regs.OP_BASE + regs.DCBAAP_HI.offset
+_MMIO_NAMES_MAX = 4096         # register names remembered with their ready block tails
 FLUSH_EARLY = 4 << 20          # wake the writer before the interval when this much is waiting
 
 # commands after which the tracer reads the contexts they changed (as Linux's tracepoints do)

@@ -13,6 +13,7 @@ from xhcidbg.decode.usbmon import (FLAG_PRESENT, HEADER, HEADER_LEN, ISO_DESC, U
                                    XFER_BULK, XFER_CONTROL, XFER_INT, XFER_ISO)
 from xhcidbg.devices.base import EpType, Status, UsbTransfer
 from xhcidbg.emu.trb import CC
+from . import pcapng
 
 XFER_TYPE = {EpType.CONTROL: XFER_CONTROL, EpType.ISOCHRONOUS: XFER_ISO, EpType.BULK: XFER_BULK,
              EpType.INTERRUPT: XFER_INT}
@@ -63,6 +64,14 @@ def endpoint_byte(xfer: UsbTransfer) -> int:
 
 
 _ISO_COUNTS = struct.Struct("<ii")     # error_count, numdesc (in place of the setup bytes)
+_NO_SETUP = bytes(8)
+_IN_SUBMIT, _OUT_COMPLETE, _ERROR = ord("<"), ord(">"), ord("E")   # mon_bin's data tags
+_DASH = ord("-")                       # flag_setup: not a control submit
+_EVENT = {"S": b"S", "C": b"C", "E": b"E"}
+_EINPROGRESS = -errno.EINPROGRESS
+# usbmon header with the EPB around it: the tracer packs both in one call (pcapng.framed_head)
+EPB_USBMON_HEAD = pcapng.framed_head(HEADER["<"])
+_EPB_TAIL = pcapng.EPB_TAIL
 
 
 def urb_interval(exponent: int, full_or_low_speed: bool) -> int:
@@ -72,52 +81,75 @@ def urb_interval(exponent: int, full_or_low_speed: bool) -> int:
     return max(1, micro // 8) if full_or_low_speed else micro
 
 
-def usbmon_record(xfer: UsbTransfer, event: str, ts_ns: int, max_data: int,
-                  interval: int = 0) -> tuple[bytes, int]:
-    """One usbmon record for `event` ('S', 'C' or 'E'); returns (bytes, original length).
-    `interval` is urb->interval (see `urb_interval`), written for interrupt and isoch only."""
+def _parts(xfer: UsbTransfer, event: str, ts_ns: int, max_data: int, interval: int):
+    """The usbmon header fields (HEADER order), ISO descriptors, captured data and the
+    original length of one record.  The data is a view: nothing is copied here."""
     is_in = xfer.is_in
     xtype = XFER_TYPE.get(xfer.ep_type, XFER_BULK)
     sec, nsec = divmod(ts_ns, 1_000_000_000)
     flags = URB_DIR_IN if is_in else 0
-    setup = bytes(8)
-    flag_setup = ord("-")
-    iso = b""
-    ndesc = 0
-    interval = interval if xtype in (XFER_INT, XFER_ISO) else 0
-    start_frame = xfer.iso_frame if xtype == XFER_ISO else 0
+    ep = (xfer.endpoint & 0x7F) | (0x80 if is_in else 0)
+    if xtype == XFER_ISO:
+        start_frame = xfer.iso_frame
+    else:
+        start_frame = 0
+        if xtype != XFER_INT:
+            interval = 0
     if event == "E":
-        status = urb_status(completion_code(xfer)) if xfer.status != Status.NODEV else -errno.ENODEV
-        hdr = HEADER["<"].pack(xfer.id, b"E", xtype, endpoint_byte(xfer), xfer.devnum & 0xFF,
-                               xfer.bus & 0xFFFF, flag_setup, ord("E"), sec, nsec // 1000, status,
-                               0, 0, setup, interval, start_frame, flags, 0)
-        return hdr, HEADER_LEN
-    submit = event == "S"
-    if submit:
-        status = -errno.EINPROGRESS
+        status = -errno.ENODEV if xfer.status == Status.NODEV else \
+            urb_status(completion_code(xfer))
+        return ((xfer.id, b"E", xtype, ep, xfer.devnum & 0xFF, xfer.bus & 0xFFFF, _DASH,
+                 _ERROR, sec, nsec // 1000, status, 0, 0, _NO_SETUP, interval, start_frame,
+                 flags, 0), b"", b"", HEADER_LEN)
+    setup, flag_setup = _NO_SETUP, _DASH
+    if event == "S":
+        status = _EINPROGRESS
         length = xfer.length
         if xtype == XFER_CONTROL and xfer.setup is not None:
             setup, flag_setup = bytes(xfer.setup[:8]).ljust(8, b"\0"), FLAG_PRESENT
-        payload = b"" if is_in else (bytes(xfer.data[:length]) if xfer.data is not None else b"")
-        data_tag = ord("<") if is_in else FLAG_PRESENT     # mon_bin: '<' IN submit
+        data = None if is_in else xfer.data
+        data_tag = _IN_SUBMIT if is_in else FLAG_PRESENT
     else:
-        cc = completion_code(xfer)
-        status = urb_status(cc)
+        status = urb_status(completion_code(xfer))
         length = xfer.actual
-        payload = bytes(xfer.result[:length]) if is_in else b""
-        data_tag = FLAG_PRESENT if is_in else ord(">")     # '>' OUT completion
+        data = xfer.result if is_in else None
+        data_tag = FLAG_PRESENT if is_in else _OUT_COMPLETE
+    n = min(len(data), length) if data is not None else 0
+    iso = b""
+    ndesc = 0
     if xtype == XFER_ISO:
         # one isochronous TD is one packet: a single descriptor covering the whole buffer
         ndesc = 1
-        desc_len = xfer.length if submit else xfer.actual
-        iso = ISO_DESC["<"].pack(0 if submit else status, 0, desc_len)
-        setup = _ISO_COUNTS.pack(0 if submit or status == 0 else 1, ndesc)
-    captured = payload[:max(0, max_data)]
-    flag_data = FLAG_PRESENT if payload else data_tag
-    len_cap = len(iso) + len(captured)
-    hdr = HEADER["<"].pack(xfer.id, event.encode(), xtype, endpoint_byte(xfer), xfer.devnum & 0xFF,
-                           xfer.bus & 0xFFFF, flag_setup, flag_data, sec, nsec // 1000, status,
-                           length, len_cap, setup, interval, start_frame, flags, ndesc)
+        iso = ISO_DESC["<"].pack(0 if event == "S" else status, 0,
+                                 xfer.length if event == "S" else xfer.actual)
+        setup = _ISO_COUNTS.pack(0 if event == "S" or status == 0 else 1, ndesc)
+    cap = max(0, min(n, max_data))
+    captured = memoryview(data)[:cap] if cap else b""
+    len_cap = len(iso) + cap
+    header = (xfer.id, _EVENT[event], xtype, ep, xfer.devnum & 0xFF, xfer.bus & 0xFFFF,
+              flag_setup, FLAG_PRESENT if n else data_tag, sec, nsec // 1000, status, length,
+              len_cap, setup, interval, start_frame, flags, ndesc)
     # libpcap's rule: the original length counts all the data the URB carried
-    orig = HEADER_LEN + len(iso) + len(payload)
-    return hdr + iso + captured, orig
+    return header, iso, captured, HEADER_LEN + len(iso) + n
+
+
+def usbmon_record(xfer: UsbTransfer, event: str, ts_ns: int, max_data: int,
+                  interval: int = 0) -> tuple[bytes, int]:
+    """One usbmon record for `event` ('S', 'C' or 'E'); returns (bytes, original length).
+    `interval` is urb->interval (see `urb_interval`), written for interrupt and isoch only."""
+    header, iso, captured, orig = _parts(xfer, event, ts_ns, max_data, interval)
+    return b"".join((HEADER["<"].pack(*header), iso, captured)), orig
+
+
+def usbmon_block(xfer: UsbTransfer, event: str, ts_ns: int, max_data: int, interval: int,
+                 interface: int, comment: bytes = b"") -> bytes:
+    """The same record as a whole pcapng EPB on `interface`; the transfer's data is copied
+    once, into the block.  `comment` is a ready option list (pcapng.comment_option)."""
+    header, iso, captured, orig = _parts(xfer, event, ts_ns, max_data, interval)
+    n = HEADER_LEN + len(iso) + len(captured)
+    total = pcapng.EPB_OVERHEAD + (n + 3 & ~3) + len(comment)
+    head = EPB_USBMON_HEAD.pack(pcapng.EPB, total, interface, ts_ns >> 32, ts_ns & 0xFFFFFFFF,
+                                n, orig, *header)
+    if comment:
+        return b"".join((head, iso, captured, bytes(-n & 3), comment, pcapng.U32.pack(total)))
+    return b"".join((head, iso, captured, _EPB_TAIL[n & 3].pack(total)))

@@ -12,7 +12,6 @@ kit.  Tests and benchmarks use the same class, so what they check is what the co
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from dataclasses import dataclass, field
@@ -181,12 +180,3 @@ def memory_options(memory_mib: int) -> list[str]:
     return ["-object", f"memory-backend-memfd,id=mem,size={memory_mib}M,share=on",
             "-machine", "q35,memory-backend=mem", "-m", f"{memory_mib}M"]
 
-
-async def wait_first(*aws) -> set:
-    """Wait for the first of `aws` (futures or coroutines) to finish; cancel the rest."""
-    tasks = [a if isinstance(a, asyncio.Future) else asyncio.ensure_future(a) for a in aws]
-    done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    for task in pending:
-        if isinstance(task, asyncio.Task):
-            task.cancel()
-    return done

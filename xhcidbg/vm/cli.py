@@ -20,8 +20,6 @@ from pathlib import Path
 
 from .backend import SPEEDS, Backend, DeviceChoice, close_devices, make_devices, memory_options
 
-log = logging.getLogger("xhcidbg.vm")
-
 DEVICE_NAMES = ("tablet", "keyboard", "storage", "loopback")
 
 SERVE_EXAMPLES = """examples:
