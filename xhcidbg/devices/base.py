@@ -66,7 +66,8 @@ class UsbTransfer:
 
     __slots__ = ("id", "endpoint", "ep_type", "setup", "data", "length", "stream", "interval",
                  "status", "actual", "result", "done", "_on_complete", "slot", "dci", "bus",
-                 "devnum", "submitted_ns", "completed_ns", "iso_frame", "context", "note")
+                 "devnum", "submitted_ns", "completed_ns", "iso_frame", "context", "note",
+                 "buffers_fn", "in_place")
 
     def __init__(self, endpoint: int, ep_type: EpType, length: int, *, setup: bytes | None = None,
                  data: bytes | memoryview | None = None, stream: int = 0, interval: int = 0,
@@ -93,6 +94,8 @@ class UsbTransfer:
         self.iso_frame = 0
         self.context = None               # the controller's own bookkeeping
         self.note = ""                    # why an observer changed it (goes into traces)
+        self.buffers_fn = None            # set by the controller: the host's buffers, see below
+        self.in_place = False             # IN data was written straight into those buffers
 
     @property
     def is_in(self) -> bool:
@@ -100,15 +103,37 @@ class UsbTransfer:
             return bool(self.setup[0] & 0x80)
         return bool(self.endpoint & 0x80)
 
+    def in_buffers(self) -> list[memoryview] | None:
+        """For IN transfers: writable views of the host's own buffers (guest memory), in order,
+        `length` bytes in all -- or None when they cannot be reached directly.  A device that
+        fills them finishes with `complete(filled=n)` and the data is never copied again."""
+        return self.buffers_fn() if self.buffers_fn is not None else None
+
+    def in_data(self, limit: int | None = None) -> bytes:
+        """What an IN transfer delivered (the first `limit` bytes), wherever it was put."""
+        n = self.actual if limit is None else min(self.actual, limit)
+        if not self.in_place:
+            return bytes(self.result[:n])
+        out = bytearray()
+        for view in self.in_buffers() or ():
+            if len(out) >= n:
+                break
+            out += view[:n - len(out)]
+        return bytes(out)
+
     def complete(self, status: Status = Status.OK, data: bytes | None = None,
-                 actual: int | None = None) -> None:
+                 actual: int | None = None, filled: int | None = None) -> None:
         """Finish the transfer.  IN: `data` is what the device sent (at most `length` bytes are
-        delivered; more is babble).  OUT: `actual` is how much the device accepted."""
+        delivered; more is babble), or `filled` bytes were written into `in_buffers()`.
+        OUT: `actual` is how much the device accepted."""
         if self.done:
             return
         self.done = True
         self.status = status
-        if self.is_in:
+        if filled is not None and self.is_in:
+            self.actual = max(0, min(filled, self.length))
+            self.in_place = True
+        elif self.is_in:
             data = data or b""
             if len(data) > self.length:
                 self.status = Status.BABBLE if status == Status.OK else status

@@ -73,6 +73,19 @@ class Disk:
             data += more
         return data
 
+    def read_into(self, offset: int, views: list[memoryview]) -> int:
+        """Read straight into the host's buffers (one preadv, no copy); returns bytes read."""
+        total = sum(len(v) for v in views)
+        done = 0
+        while done < total:
+            n = os.preadv(self.fd, views, offset + done)
+            if n <= 0:
+                raise OSError(f"short read at {offset + done} from {self.path}")
+            done += n
+            if done < total:
+                views = _skip(views, n)
+        return done
+
     def write(self, offset: int, data) -> None:
         view = memoryview(data)
         while view:
@@ -297,8 +310,13 @@ class StorageDevice(StandardDevice):
         outcome = self.outcome
         to_send = min(outcome.length, self.expected)
         n = min(xfer.length, to_send - self.moved)
+        chunk = None
         try:
-            if outcome.disk is not None:
+            views = xfer.in_buffers() if outcome.disk is not None and n else None
+            if views is not None:
+                # Straight from the image into the host's buffers.
+                outcome.disk.read_into(outcome.offset + self.moved, _take(views, n))
+            elif outcome.disk is not None:
                 chunk = outcome.disk.read(outcome.offset + self.moved, n)
             else:
                 chunk = outcome.data[self.moved:self.moved + n]
@@ -315,10 +333,17 @@ class StorageDevice(StandardDevice):
             if self.moved < self.expected and n == xfer.length:
                 # All sent but the host expects more and this transfer was not short: STALL
                 # the pipe so the host stops waiting for data (BOT 6.7.2, case 5).
-                xfer.complete(Status.OK, chunk)
+                self._deliver(xfer, chunk, n)
                 self.set_halt(BULK_IN)
                 return
-        xfer.complete(Status.OK, chunk)
+        self._deliver(xfer, chunk, n)
+
+    @staticmethod
+    def _deliver(xfer: UsbTransfer, chunk, n: int) -> None:
+        if chunk is None:
+            xfer.complete(Status.OK, filled=n)
+        else:
+            xfer.complete(Status.OK, chunk)
 
     def _data_out(self, xfer: UsbTransfer, data) -> None:
         outcome = self.outcome
@@ -556,3 +581,26 @@ class StorageDevice(StandardDevice):
                           f"{', read-only' if d.readonly else ''})"
                           for i, d in enumerate(self.disks))
         return f"{super().describe()}; {disks}"
+
+
+def _take(views: list[memoryview], n: int) -> list[memoryview]:
+    """The first `n` bytes of a list of buffers."""
+    out = []
+    for v in views:
+        if n <= 0:
+            break
+        out.append(v[:n])
+        n -= len(out[-1])
+    return out
+
+
+def _skip(views: list[memoryview], n: int) -> list[memoryview]:
+    """The buffers after their first `n` bytes."""
+    out = []
+    for v in views:
+        if n >= len(v):
+            n -= len(v)
+            continue
+        out.append(v[n:])
+        n = 0
+    return out

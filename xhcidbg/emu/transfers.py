@@ -154,6 +154,7 @@ class TransferEngine:
                            interval=(ep.ctx[0] >> 16) & 0xFF)
         if setup is None and is_in:
             xfer.endpoint |= 0x80
+            xfer.buffers_fn = lambda: self._guest_buffers(td)
         xfer.slot, xfer.dci = slot.id, ep.dci
         xfer.bus = 2 if slot.port is not None and slot.port.usb3 else 1
         xfer.devnum = slot.address
@@ -210,6 +211,20 @@ class TransferEngine:
         ep.inflight.remove(td)
         self.submit(ep, td)
         self.hc.kick_endpoint(ep)
+
+    def _guest_buffers(self, td: Td) -> list[memoryview] | None:
+        """Views of the TD's IN buffers in guest memory, if every one is directly mapped."""
+        views = []
+        mem = self.hc.mem
+        for trb in td.trbs:
+            if trb.type in _DATA_TYPES:
+                n = trb.status & 0x1FFFF
+                if n:
+                    v = mem.view(trb.param, n)
+                    if v is None:
+                        return None
+                    views.append(v)
+        return views
 
     def _validate(self, ep: "Endpoint", td: Td) -> tuple[Trb, str] | None:
         first = td.trbs[0]
@@ -281,7 +296,7 @@ class TransferEngine:
             trb = td.trbs[0]
             n = xfer.actual
             residue = (trb.status & 0x1FFFF) - n
-            if n and xfer.is_in:
+            if n and xfer.is_in and not xfer.in_place:
                 try:
                     hc.mem.write(trb.param, xfer.result)
                 except DmaError as e:
@@ -306,7 +321,7 @@ class TransferEngine:
         status = xfer.status
         cc = STATUS_CC.get(status, CC.USB_TRANSACTION_ERROR)
         failed = cc not in (CC.SUCCESS,)
-        result = memoryview(xfer.result) if xfer.is_in else None
+        result = memoryview(xfer.result) if xfer.is_in and not xfer.in_place else None
         remaining = xfer.actual
         pos = 0
         short = False

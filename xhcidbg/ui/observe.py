@@ -69,8 +69,8 @@ class ActivityLog:
                         f"{' setup ' + x.setup.hex(' ') if x.setup else ''}{data}")
 
     def on_urb_complete(self, x) -> None:
-        data = f" data {bytes(x.result[:32]).hex(' ')}" if x.is_in and x.result else ""
-        more = "..." if x.is_in and len(x.result) > 32 else ""
+        data = f" data {x.in_data(32).hex(' ')}" if x.is_in and x.actual else ""
+        more = "..." if x.is_in and x.actual > 32 else ""
         status = x.status.name if x.status is not None else "?"
         self.add("urb", f"URB #{x.id} done   slot {x.slot} ep {x.endpoint:#04x} {status} "
                         f"actual {x.actual}{data}{more}")
