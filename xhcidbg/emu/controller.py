@@ -69,6 +69,7 @@ class XhciController:
         self.transfers = TransferEngine(self)
         self.full_event_rings = 0    # kept by the interrupters
         self._refused: set[str] = set()
+        self._reg_names: dict[int, str] = {}    # offset -> name, for MMIO announcements
         self.refusals = 0
         self.internal_errors = 0     # bugs of ours caught at the MMIO boundary (tests assert 0)
         self.legsup = 0          # USBLEGSUP ownership bits
@@ -208,7 +209,8 @@ class XhciController:
             self.host_controller_error(f"internal error reading {offset:#x}: {e!r}")
             value = 0
         if self.hooks.on_mmio:
-            acc = MmioAccess(False, offset, size, value, self.reg_name(offset))
+            acc = MmioAccess(False, offset, size, value,
+                             self._reg_names.get(offset) or self.reg_name(offset))
             for fn in self.hooks.on_mmio:
                 fn(acc)
             value = acc.value
@@ -216,7 +218,8 @@ class XhciController:
 
     def mmio_write(self, offset: int, size: int, value: int) -> None:
         if self.hooks.on_mmio:
-            acc = MmioAccess(True, offset, size, value, self.reg_name(offset))
+            acc = MmioAccess(True, offset, size, value,
+                             self._reg_names.get(offset) or self.reg_name(offset))
             for fn in self.hooks.on_mmio:
                 fn(acc)
         try:
@@ -247,7 +250,10 @@ class XhciController:
         return (self._read32(offset & ~3) >> ((offset & 3) * 8)) & ((1 << (size * 8)) - 1)
 
     def reg_name(self, offset: int) -> str:
-        return R.reg_name(offset, len(self.ports), len(self.interrupters))
+        name = R.reg_name(offset, len(self.ports), len(self.interrupters))
+        if len(self._reg_names) < 4096:          # remembered: traced MMIO names it each time
+            self._reg_names[offset] = name
+        return name
 
     def _strobe_mask(self, base: int) -> int:
         if R.PORT_BASE <= base < R.PORT_BASE + 0x10 * len(self.ports) and base % 0x10 == 0:
@@ -720,3 +726,10 @@ class XhciController:
 
     def devices(self) -> Iterable[tuple[int, UsbDevice]]:
         return [(p.number, p.device) for p in self.ports if p.device is not None]
+
+    def find_device(self, name: str) -> tuple[int, UsbDevice]:
+        """(port, device) of the first plugged device called `name` ('tablet', 'storage'...)."""
+        for number, device in self.devices():
+            if device.name == name:
+                return number, device
+        raise LookupError(f"no {name} is plugged in")

@@ -213,10 +213,11 @@ class World:
 
     def find(self, kind: str) -> tuple[int, UsbDevice]:
         """The first plugged device of a kind ('tablet', 'keyboard', 'storage')."""
-        for port, dev in sorted(self.devices.items()):
-            if dev.name == kind:
-                return port, dev
-        raise LookupError(f"no {kind} is plugged in (see `devices`; `plug {kind}` adds one)")
+        try:
+            return self.controller.find_device(kind)
+        except LookupError:
+            raise LookupError(f"no {kind} is plugged in (see `devices`; `plug {kind}` adds "
+                              f"one)") from None
 
     # ---- the guest ---------------------------------------------------------------------------
     def _guest_setup(self) -> None:

@@ -164,10 +164,7 @@ class Backend:
 
     def find(self, name: str) -> tuple[int, UsbDevice]:
         """(port, device) of the first plugged device called `name` (tablet, keyboard, ...)."""
-        for number, device in sorted(self.ports.items()):
-            if device.name == name:
-                return number, device
-        raise LookupError(f"no {name} is plugged in")
+        return self.controller.find_device(name)
 
     def close(self) -> None:
         """Stop serving and release the devices' files.  Safe to call twice."""
