@@ -51,3 +51,32 @@ def test_install_dissector_into_a_plugin_folder_tshark_loads(tmp_path, capsys):
     r = subprocess.run([tshark, "-G", "protocols"], capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, HOME=str(home)))
     assert "xhci" in [line.split("\t")[-1] for line in r.stdout.splitlines()]
+
+
+def test_trace_option_for_serve_and_vm(tmp_path):
+    """`--trace FILE --trace-filter TERMS` and `tracing(...)`: what `xhcidbg serve` / `vm` use."""
+    p = argparse.ArgumentParser()
+    cli.add_trace_option(p.add_argument_group("tracing"))
+    said = []
+    bus = InProcessBus()
+    path = tmp_path / "vm.pcapng"
+    args = p.parse_args(["--trace", str(path), "--trace-filter", "kind=urb,command"])
+    with cli.tracing(bus.controller, args, say=said.append) as tracer:
+        assert cli.trace_status().running             # the console's `trace status` sees it
+        drv = XhciDriver(bus).start()
+        drv.enumerate(drv.wait_for_connect(bus.controller.attach(Tablet())))
+    assert not tracer.status().running and cli.trace_status() is None
+    assert said[0] == f"tracing to {path} (kind=urb,command)"
+    assert said[1].startswith("trace: stopped to") and "records" in said[1]
+    kinds = {e.kind for e in Reader(path).entries()}
+    assert kinds == {"urb", "command"}
+    # nothing asked, nothing done; bad requests are ValueErrors that name the option
+    with cli.tracing(bus.controller, p.parse_args([]), say=said.append) as tracer:
+        assert tracer is None
+    for argv, why in ((["--trace", str(tmp_path / "no" / "x.pcapng")], "cannot write"),
+                      (["--trace", str(path), "--trace-filter", "kind=nope"], "unknown record")):
+        try:
+            with cli.tracing(bus.controller, p.parse_args(argv)):
+                raise AssertionError("the block ran")
+        except ValueError as e:
+            assert str(e).startswith(f"--trace {argv[1]}: ") and why in str(e)

@@ -51,3 +51,104 @@ def test_committed_lua_dissector_is_generated_from_the_declarations():
     committed = dissector.REPO_COPY.read_text()
     assert committed == dissector.generate(), (
         "captures/xhcidbg.lua is stale: run `python -m xhcidbg.trace.dissector`")
+
+
+def test_whole_block_packers_write_what_enhanced_packet_writes():
+    """The tracer's one-call packers (record and EPB together) against the plain packers
+    wrapped by the general EPB writer."""
+    from xhcidbg.emu.trb import Trb
+    from xhcidbg.trace import pcapng
+    from xhcidbg.trace.records import (EPB_DOORBELL, EPB_EVENT, EPB_INTERRUPT, EPB_MMIO_HEAD,
+                                       EPB_PORT, EPB_TRB, HEAD)
+    ts = 0x1_2345_6789_ABCD
+    hi, lo = ts >> 32, ts & 0xFFFFFFFF
+    dw = [0x11111111, 0x22222222, 0x33333333, 0x44444444]
+
+    def framed(struct_, plain, *fields):
+        n = len(plain)
+        return struct_.pack(pcapng.EPB, 32 + n, 0, hi, lo, n, n, *fields, 32 + n)
+
+    trb = Trb(0x1_0000_2000, dw[0] | dw[1] << 32, dw[2], dw[3])
+    cases = [
+        (framed(EPB_DOORBELL, records.doorbell(5, 3, 9), HEAD[Kind.DOORBELL], 5, 3 | 9 << 16),
+         records.doorbell(5, 3, 9)),
+        (framed(EPB_TRB, records.trb(trb.addr, 1, 7, 31, 65535, dw), HEAD[Kind.TRB], trb.addr,
+                7 | 31 << 8 | 1 << 13 | 65535 << 16, trb.param, trb.status, trb.control),
+         records.trb(trb.addr, 1, 7, 31, 65535, dw)),
+        (framed(EPB_EVENT, records.event(0x3000, 5, True, dw), HEAD[Kind.EVENT], 0x3000,
+                5 | 1 << 16, *dw), records.event(0x3000, 5, True, dw)),
+        (framed(EPB_PORT, records.port(2, 0x2A0, 0x206E1), HEAD[Kind.PORT], 2, 0x2A0, 0x206E1),
+         records.port(2, 0x2A0, 0x206E1)),
+        (framed(EPB_INTERRUPT, records.interrupt(3), HEAD[Kind.INTERRUPT], 3),
+         records.interrupt(3)),
+    ]
+    for got, plain in cases:
+        assert got == pcapng.enhanced_packet(0, ts, plain)
+    plain = records.mmio(0x480, 4, True, 0x1234, "PORTSC[3]")
+    n = len(plain)
+    total = 32 + (n + 3 & ~3)
+    head = EPB_MMIO_HEAD.pack(pcapng.EPB, total, 0, hi, lo, n, n, HEAD[Kind.MMIO], 0x480,
+                              4 | 1 << 8, 0x1234)
+    assert head + b"PORTSC[3]" + pcapng.EPB_TAIL[n & 3].pack(total) == \
+        pcapng.enhanced_packet(0, ts, plain)
+
+
+def test_usbmon_block_is_the_usbmon_record_in_an_epb():
+    from xhcidbg.devices.base import EpType, Status, UsbTransfer
+    from xhcidbg.trace import pcapng
+    from xhcidbg.trace.urb import usbmon_block, usbmon_record
+    ctrl = UsbTransfer(0, EpType.CONTROL, 18, setup=bytes.fromhex("8006000100001200"))
+    ctrl.bus, ctrl.devnum = 1, 2
+    bulk = UsbTransfer(0x02, EpType.BULK, 5, data=b"hello")
+    iso = UsbTransfer(0x83, EpType.ISOCHRONOUS, 192, interval=1)
+    ts = 1_700_000_000_123_456_789
+    for xfer, done in ((ctrl, lambda: ctrl.complete(Status.OK, bytes(range(18)))),
+                       (bulk, lambda: bulk.complete(Status.OK, actual=5)),
+                       (iso, lambda: iso.complete(Status.OK, bytes(100)))):
+        for event in ("S", "C"):
+            if event == "C":
+                done()
+            for max_data, comment in ((65535 - 64, ""), (3, "fault rule 1")):
+                record, orig = usbmon_record(xfer, event, ts, max_data, 8)
+                total, pieces = usbmon_block(xfer, event, ts, max_data, 8, 2,
+                                             pcapng.comment_option(comment))
+                block = b"".join(pieces)
+                assert len(block) == total
+                assert block == pcapng.enhanced_packet(2, ts, record, orig, comment)
+
+
+def test_a_full_queue_drops_and_counts_records_and_the_file_stays_valid(tmp_path):
+    """Nobody reads the FIFO: the queue fills to its bound, then records are dropped and
+    counted; once a reader comes, what was kept arrives as a valid capture."""
+    import os
+    import threading
+    from types import SimpleNamespace
+    from xhcidbg.emu.hooks import Hooks
+    from xhcidbg.trace import tracer as T
+    from xhcidbg.trace.pcapng import read_capture
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    c = SimpleNamespace(hooks=Hooks())
+    t = T.Tracer(c, fifo, "kind=interrupt", max_buffer=2 * T.CHUNK_SIZE,
+                 flush_interval=0.01).start()
+    per_chunk = T.CHUNK_SIZE // 40
+    for _ in range(3 * per_chunk):
+        for fn in c.hooks.on_interrupt:
+            fn(1)
+    st = t.status()
+    assert st.records == 2 * per_chunk and st.dropped == per_chunk
+    got = {}
+    reader = threading.Thread(target=lambda: got.setdefault("data", fifo.read_bytes()))
+    reader.start()
+    import time
+    deadline = time.monotonic() + 30
+    while not t.status().bytes_written and time.monotonic() < deadline:
+        time.sleep(0.01)                 # the writer opens the FIFO once the reader has
+    st = t.stop()
+    reader.join(30)
+    assert not st.error and st.bytes_written == len(got["data"])
+    path = tmp_path / "copy.pcapng"
+    path.write_bytes(got["data"])
+    with open(path, "rb") as f:
+        cap, packets = read_capture(f)
+        assert sum(1 for _ in packets) == st.records and not cap.truncated

@@ -95,13 +95,13 @@ def decode_trb(f0: int, f1: int, f2: int, f3: int) -> str:
     return f"type '{name}' -> raw {f0:08x} {f1:08x} {f2:08x} {f3:08x}"
 
 
-_SPEEDS = {1: "full-speed", 2: "low-speed", 3: "high-speed", 4: "super-speed",
+SPEEDS = {1: "full-speed", 2: "low-speed", 3: "high-speed", 4: "super-speed",
            5: "super-speed plus"}
 
 
 def decode_slot_context(info: int, info2: int, tt_info: int, state: int) -> str:
     """`xhci_decode_slot_context` over slot context dwords 0-3."""
-    return (f"RS {info & 0xFFFFF:05x} {_SPEEDS.get(info >> 20 & 0xF, 'UNKNOWN speed')}"
+    return (f"RS {info & 0xFFFFF:05x} {SPEEDS.get(info >> 20 & 0xF, 'UNKNOWN speed')}"
             f"{' multi-TT' if info >> 25 & 1 else ''}{' Hub' if info >> 26 & 1 else ''} "
             f"Ctx Entries {info >> 27} MEL {info2 & 0xFFFF} us "
             f"Port# {info2 >> 16 & 0xFF}/{info2 >> 24} "

@@ -6,6 +6,8 @@
     trace stats FILE [FILTER...]
     trace install-dissector [--folder DIR]
 
+`xhcidbg serve` / `xhcidbg vm` take `--trace FILE` (`add_trace_option`, `tracing`).
+
 `start`, `stop` and `status` act on the session's running controller: their handlers take
 `(args, controller)`; `show`, `stats` and `install-dissector` take `(args, None)` and need none.
 Every handler returns a process exit status.
@@ -13,8 +15,9 @@ Every handler returns a process exit status.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from .filters import CaptureFilter, FilterError, __doc__ as FILTER_HELP
 from .pcapng import CaptureError
@@ -159,9 +162,44 @@ def add_trace_commands(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def add_trace_option(parser: argparse.ArgumentParser) -> None:
-    """`--trace FILE`: capture from the moment the controller starts."""
-    parser.add_argument("--trace", metavar="FILE", help="capture everything to FILE (pcapng)")
+def add_trace_option(parser) -> None:
+    """`--trace FILE` and `--trace-filter TERMS`: capture from the moment the controller starts
+    (for `xhcidbg serve` / `xhcidbg vm`; use with `tracing`).  `parser` may be a group."""
+    parser.add_argument("--trace", metavar="FILE",
+                        help="capture to FILE (pcapng; a FIFO streams to `wireshark -k -i FILE`)")
+    parser.add_argument("--trace-filter", metavar="TERMS", default="",
+                        help="what to capture, e.g. \"kind=urb\" or \"slot=1 kind=trb,event\" "
+                             "(default: everything but xurb)")
+
+
+@contextlib.contextmanager
+def tracing(controller: Any, args, say: Callable[[str], None] | None = None):
+    """Trace `controller` to `args.trace` (filtered by `args.trace_filter`) for the duration of
+    the `with` block, as the session's tracer (so `trace status` / `trace stop` in a console
+    see it).  Does nothing when `args.trace` is unset.  Yields the Tracer (or None).
+
+    Raises ValueError with a message for the user if the file cannot be written or the filter
+    is wrong -- before the block runs, so start it before the guest.  On exit the capture is
+    flushed and closed, and `say` gets one line: what was written, and any trouble (records
+    dropped, a FIFO reader that went away)."""
+    path = getattr(args, "trace", None)
+    if not path:
+        yield None
+        return
+    terms = (getattr(args, "trace_filter", "") or "").split()
+    try:
+        tracer = start_trace(controller, path, terms)
+    except (TraceError, FilterError) as e:
+        raise ValueError(f"--trace {path}: {e}") from None
+    if say:
+        say(f"tracing to {tracer.path} ({tracer.filter})")
+    try:
+        yield tracer
+    finally:
+        status = stop_trace() if _active is tracer else tracer.stop()
+        if say:
+            trouble = status.error or status.dropped
+            say(("trace: " if not trouble else "trace WARNING: ") + str(status))
 
 
 def run(args, controller: Any = None) -> int:

@@ -57,6 +57,7 @@ def interface_description(linktype: int, snaplen: int, name: str = "",
 
 
 _EPB_HEAD = struct.Struct("<IIIIIII")
+EPB_HEADER = 28                # EPB fields before the packet data
 EPB_OVERHEAD = 32              # EPB header (28 bytes) and trailing length (4), without options
 # the trailing block length after `pad` bytes of padding, indexed by the data length mod 4
 EPB_TAIL = tuple(struct.Struct(f"<{-n & 3}xI") for n in range(4))

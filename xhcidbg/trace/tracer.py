@@ -5,16 +5,18 @@ shipped Wireshark dissector); one interface per USB bus carries usbmon records (
 that stock Wireshark, tshark and tcpdump decode.  Annotations (notes of fault rules, the
 console's own marks) become packet comments.
 
-Records are built on the controller's thread and only appended to a queue there; a small
-writer thread flushes the queue every `flush_interval` seconds (and on stop).  Whole blocks are
-written at once, so a process killed mid-capture leaves a file that is valid up to the last
-flush.  The queue is bounded: if the disk or the FIFO reader cannot keep up, records are
-dropped and counted rather than memory growing without end.
+Records are built on the controller's thread and copied there into a queue of fixed-size
+chunks; a small writer thread writes out what was filled every `flush_interval` seconds (and
+on stop), straight from the chunks, whole blocks only, so a process killed mid-capture leaves
+a file that is valid up to the last flush.  The queue is bounded: if the disk or the FIFO
+reader cannot keep up, records are dropped and counted rather than memory growing without end.
 
 The hot path is cheap on purpose (bench/trace_overhead.py measures it): each frequent record is
-packed together with its pcapng block header in one `struct` call (`records.EPB_*`), appended
-to a deque without a lock (the controller's thread only appends, the writer only pops), and a
-transfer's data is copied once, into its block.
+packed together with its pcapng block header in one `struct` call (`records.EPB_*`); a
+transfer's data is copied once, from the guest's buffers into a chunk; chunks are reused, so
+a busy capture does not keep asking the system for fresh memory; and nothing takes a lock:
+the controller's thread only fills chunks and publishes how far (`_Chunk.end`), the writer only
+writes up to there and hands finished chunks back.
 """
 from __future__ import annotations
 
@@ -27,15 +29,14 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
 
+from xhcidbg.emu import regs
 from xhcidbg.emu.trb import TrbType
 from . import pcapng, records
 from .filters import CaptureFilter, dci_of_address
-from xhcidbg.emu import regs
 from .records import (CTX_INPUT_CONTROL, CTX_SLOT, EPB_DOORBELL, EPB_EVENT, EPB_INTERRUPT,
                       EPB_MMIO_HEAD, EPB_PORT, EPB_TRB, HEAD, Kind, Ring)
 from .urb import HAS_NOTE, urb_interval, usbmon_block, usbmon_record
@@ -44,14 +45,33 @@ DEFAULT_SNAPLEN = 65535        # bytes per usbmon record, header included (as tc
 DEFAULT_BUSES = {1: "USB 2.0 root hub", 2: "USB 3 root hub"}
 
 
-class _Rotate:
-    """Marker in the queue: start the next file here (it has no bytes of its own)."""
-
-    def __len__(self) -> int:
-        return 0
+CHUNK_SIZE = 1 << 20           # the unit of the record queue
+SPARE_CHUNKS = 4               # finished chunks kept for reuse
 
 
-_ROTATE = _Rotate()
+class _Chunk:
+    """A piece of the record queue.  The controller's thread fills `buf` and then publishes
+    `end`; the writer writes `buf[written:end]`.  A chunk is only filled further while it is
+    the last one in the queue."""
+
+    __slots__ = ("buf", "end", "limit", "written", "rotate")
+
+    def __init__(self, size: int = CHUNK_SIZE):
+        # a memoryview: slice assignment into it copies straight in (a bytearray's own would
+        # first copy anything that is not a bytearray into a temporary one)
+        self.buf = memoryview(bytearray(size))
+        self.end = 0
+        self.limit = size              # the fast path fills up to here (0: never, see _room)
+        self.written = 0
+        self.rotate = 0                # > 0: start the next file after this chunk, with
+                                       # that many of the tracer's headers at its top
+
+    def reset(self) -> "_Chunk":
+        self.end = self.written = self.rotate = 0
+        self.limit = len(self.buf)
+        return self
+
+
 _EPB = pcapng.EPB
 _M32, _M64 = 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF
 _H_MMIO, _H_DOORBELL, _H_TRB = HEAD[Kind.MMIO], HEAD[Kind.DOORBELL], HEAD[Kind.TRB]
@@ -60,7 +80,7 @@ _TRANSFER_EVENT, _PORT_STATUS_CHANGE = int(TrbType.TRANSFER_EVENT), int(TrbType.
 _DCBAAP_LO = regs.OP_BASE + regs.DCBAAP_LO.offset
 _DCBAAP_HI = regs.OP_BASE + regs.DCBAAP_HI.offset
 _MMIO_NAMES_MAX = 4096         # register names remembered with their ready block tails
-FLUSH_EARLY = 4 << 20          # wake the writer before the interval when this much is waiting
+_MMIO_HEAD_LEN = EPB_MMIO_HEAD.size
 
 # commands after which the tracer reads the contexts they changed (as Linux's tracepoints do)
 _CTX_COMMANDS = frozenset((TrbType.ADDRESS_DEVICE, TrbType.CONFIGURE_ENDPOINT,
@@ -68,6 +88,21 @@ _CTX_COMMANDS = frozenset((TrbType.ADDRESS_DEVICE, TrbType.CONFIGURE_ENDPOINT,
                            TrbType.STOP_ENDPOINT, TrbType.SET_TR_DEQUEUE, TrbType.RESET_DEVICE))
 
 _EP_ONLY = frozenset((TrbType.RESET_ENDPOINT, TrbType.STOP_ENDPOINT))   # Linux traces no slot ctx
+
+
+def _sets_address(xfer) -> bool:
+    """The SET_ADDRESS an xHC sends by itself for an Address Device command: no TD on a
+    transfer ring behind it (`context` is None), standard request 5 to a device.
+
+    The usbmon interfaces leave it out, as Linux's usbmon does on real xHCI hardware: there
+    the kernel never submits an URB for SET_ADDRESS, the controller issues it inside the
+    command, so a capture from a real machine has none either and ours compares line for
+    line.  It is not lost: the Address Device command and its completion (and its contexts)
+    are on the xHCI interface, and `kind=xurb` puts the request itself there too, with its
+    slot.  A SET_ADDRESS the guest queues on a transfer ring (which Linux never does) has a
+    TD, and is written like any other request."""
+    setup = xfer.setup
+    return setup is not None and len(setup) >= 2 and setup[0] == 0x00 and setup[1] == 0x05
 
 
 class TraceError(Exception):
@@ -141,19 +176,26 @@ class Tracer:
         self._fifo = self.path.exists() and stat.S_ISFIFO(self.path.stat().st_mode)
         if self._fifo and (self._rotating or max_files):
             raise TraceError(f"{self.path} is a FIFO: it cannot be rotated")
-        self._clock = clock or self._default_clock()
-        self._lock = threading.Lock()        # the buffer and counters
+        # timestamps: self._now() + self._ts_offset (ns since the epoch)
+        self._now, self._ts_offset = self._timebase(clock)
         self._io_lock = threading.Lock()     # the file
-        self._buf: list = []
-        self._pending = 0
-        self._records = 0
-        self._written = 0
-        self._dropped = 0
+        # The record queue: the controller's thread fills the last chunk and appends new ones,
+        # the writer pops written ones and hands them back through `_spare`.  Each counter has
+        # one writing thread, so none needs a lock.
+        self._chunk = _Chunk()
+        self._chunks: deque[_Chunk] = deque([self._chunk])
+        self._spare: deque[_Chunk] = deque()
+        self._max_chunks = max(2, max_buffer // CHUNK_SIZE)
+        self._records = 0                    # (controller's thread)
+        self._dropped = 0                    # (controller's thread)
+        self._written = 0                    # (writer)
         self._error = ""
         self._headers: list[bytes] = []      # SHB and IDBs: repeated at the top of every file
+        self._start_headers = 0              # how many of them there were at start
         self._bus_iface: dict[int, int] = {}
         self._file = None
         self._file_bytes = 0
+        self._header_bytes = 0
         self._file_started = 0.0
         self._files: list[Path] = []            # the files that are still there
         self._file_index = 0
@@ -162,11 +204,20 @@ class Tracer:
         self._thread: threading.Thread | None = None
         self._observer: SimpleNamespace | None = None
         self._running = False
+        # what the hot paths ask of the filter, answered once
+        f = self.filter
+        self._narrow = any(x is not None for x in (f.buses, f.ports, f.slots, f.dcis))
+        self._want_mmio = "mmio" in f.kinds
+        self._want_urb = "urb" in f.kinds
+        self._want_xurb = "xurb" in f.kinds
+        self._max_data = self.snaplen - 64
         # what the tracer learns from the traffic to read contexts and resolve ports
         self._dcbaap = 0
+        self._learn_dcbaap = False
         self._slot_port: dict[int, int] = {}
         self._slot_fs_ls: dict[int, bool] = {}     # full- or low-speed device in the slot
         self._ring_cache: dict[str, tuple[int, int, int, int]] = {}
+        self._mmio_tails: dict[str, tuple[int, int, bytes, bool]] = {}
         self._inflight: set[int] = set()         # URB ids whose submission was traced
         self._started_ns = 0
         self._initial_buses = dict(DEFAULT_BUSES if buses is None else buses)
@@ -182,7 +233,10 @@ class Tracer:
             records.LINKTYPE, 0xFFFF, "xhci", "xhcidbg xHCI controller records"))
         for bus, desc in sorted(self._initial_buses.items()):
             self._add_bus(bus, desc, announce=False)
-        self._file_bytes = sum(map(len, self._headers))
+        self._file_bytes = self._header_bytes = sum(map(len, self._headers))
+        self._start_headers = len(self._headers)
+        if self._rotating:
+            self._chunk.limit = 0
         if not self._fifo:
             self._open_next()            # fail here, in the caller, if the path is unusable
         self._stop.clear()
@@ -210,19 +264,17 @@ class Tracer:
             self.flush()
             with self._io_lock:
                 if self._fifo and self._file is None:
-                    with self._lock:
-                        self._error = (f"no reader ever opened the FIFO; {self._records} "
-                                       f"records were not delivered")
+                    self._error = (f"no reader ever opened the FIFO; {self._records} "
+                                   f"records were not delivered")
                 if self._file is not None:
                     self._file.close()
                     self._file = None
         return self.status()
 
     def status(self) -> TraceStatus:
-        with self._lock:
-            return TraceStatus(str(self.path), self._running, str(self.filter), self._records,
-                               self._written, self._dropped, [str(p) for p in self._files],
-                               self._error)
+        return TraceStatus(str(self.path), self._running, str(self.filter), self._records,
+                           self._written, self._dropped, [str(p) for p in self._files],
+                           self._error)
 
     def annotate(self, text: str, level: str = "info") -> None:
         """Put a mark in the trace (a LOG record whose packet comment is `text`)."""
@@ -236,6 +288,8 @@ class Tracer:
         self.stop()
 
     # ---- hook callbacks --------------------------------------------------------------------
+    # The frequent ones (mmio, doorbell, trb, event, interrupt, urb) pack their block in one
+    # call and catch their own errors; the rare ones go through `_guarded` and `_emit`.
     def _make_observer(self) -> SimpleNamespace:
         """Subscribe only what the filter keeps, so a filtered-out kind costs nothing."""
         k = self.filter.kinds
@@ -248,57 +302,117 @@ class Tracer:
                 setattr(obs, fn.__name__, fn)
         if k & {"command", "context"}:
             obs.on_command = self.on_command
-        if "context" in k and not hasattr(self.controller, "dcbaap"):
-            obs.on_mmio = self.on_mmio       # to learn DCBAAP from the guest's writes
+        # without the controller's own DCBAAP, learn it from the guest's writes
+        self._learn_dcbaap = "context" in k and not hasattr(self.controller, "dcbaap")
+        if self._learn_dcbaap:
+            obs.on_mmio = self.on_mmio
         if k & {"urb", "xurb"}:
             obs.on_urb_submit = self.on_urb_submit
             obs.on_urb_complete = self.on_urb_complete
         return obs
 
-    @_guarded
-    def on_mmio(self, access) -> None:
-        name = access.name
-        if access.write and name.startswith("DCBAAP"):
-            if name == "DCBAAP_LO":
-                self._dcbaap = (self._dcbaap & ~0xFFFFFFFF) | (access.value & 0xFFFFFFC0)
-                if access.size == 8:
-                    self._dcbaap = access.value & ~0x3F
-            elif name == "DCBAAP_HI":
-                self._dcbaap = (self._dcbaap & 0xFFFFFFFF) | (access.value & 0xFFFFFFFF) << 32
-        if "mmio" not in self.filter.kinds:
-            return
-        if self.filter.ports is not None and name.startswith("PORT") and "[" in name:
-            if int(name[name.index("[") + 1:-1]) not in self.filter.ports:
-                return
-        self._emit(0, records.mmio(access.offset, access.size, access.write, access.value, name))
+    def _failed(self, where: str, e: Exception) -> None:
+        """Hook callbacks never raise into the controller: a tracer bug becomes a status
+        error, not a dead backend."""
+        self._error = f"{where}: {type(e).__name__}: {e}"
 
-    @_guarded
+    def _mmio_tail(self, name: str) -> tuple[int, int, bytes, bool]:
+        """(block length, record length, register name + padding + block length, whether
+        the filter keeps it) of an MMIO record naming `name`."""
+        text = name.encode()
+        n = records.LAYOUTS[Kind.MMIO].size + len(text)
+        total = pcapng.EPB_OVERHEAD + (n + 3 & ~3)
+        keep = True
+        if self.filter.ports is not None and name.startswith("PORT") and name.endswith("]"):
+            keep = int(name[name.index("[") + 1:-1]) in self.filter.ports
+        tail = (total, n, text + pcapng.EPB_TAIL[n & 3].pack(total), keep)
+        if len(self._mmio_tails) < _MMIO_NAMES_MAX:
+            self._mmio_tails[name] = tail
+        return tail
+
+    def on_mmio(self, access) -> None:
+        try:
+            if self._learn_dcbaap and access.write:
+                self._learn_dcbaap_from(access)
+            if not self._want_mmio:
+                return
+            total, n, tail, keep = self._mmio_tails.get(access.name) or \
+                self._mmio_tail(access.name)
+            if not keep:
+                return
+            c = self._chunk
+            if c.end + total > c.limit and (c := self._room(total)) is None:
+                return
+            at = c.end
+            ts = self._now() + self._ts_offset
+            EPB_MMIO_HEAD.pack_into(c.buf, at, _EPB, total, 0, ts >> 32, ts & _M32, n, n,
+                                    _H_MMIO, access.offset & _M32,
+                                    access.size & 0xFF | access.write << 8, access.value & _M64)
+            c.buf[at + _MMIO_HEAD_LEN:at + total] = tail
+            c.end = at + total                   # published: the writer may take it now
+            self._records += 1
+        except Exception as e:           # noqa: BLE001 - reported in status()
+            self._failed("on_mmio", e)
+
+    def _learn_dcbaap_from(self, access) -> None:
+        off, value = access.offset, access.value
+        if off == _DCBAAP_LO:
+            self._dcbaap = (self._dcbaap & ~_M32) | (value & 0xFFFFFFC0)
+            if access.size == 8:
+                self._dcbaap = value & ~0x3F
+        elif off == _DCBAAP_HI:
+            self._dcbaap = (self._dcbaap & _M32) | (value & _M32) << 32
+
     def on_doorbell(self, slot: int, target: int, stream: int) -> None:
-        f = self.filter
-        if slot and not (f.slot_ok(slot, self._slot_port.get(slot)) and f.dci_ok(target)):
-            return
-        self._emit(0, records.doorbell(slot, target, stream))
+        try:
+            if self._narrow and slot:
+                f = self.filter
+                if not (f.slot_ok(slot, self._slot_port.get(slot)) and f.dci_ok(target)):
+                    return
+            c = self._chunk
+            if c.end + 44 > c.limit and (c := self._room(44)) is None:
+                return
+            ts = self._now() + self._ts_offset
+            EPB_DOORBELL.pack_into(c.buf, c.end, _EPB, 44, 0, ts >> 32, ts & _M32, 12, 12,
+                                   _H_DOORBELL, slot & 0xFF,
+                                   target & 0xFF | (stream & 0xFFFF) << 16, 44)
+            c.end += 44
+            self._records += 1
+        except Exception as e:           # noqa: BLE001
+            self._failed("on_doorbell", e)
 
     def _ring(self, ring: str) -> tuple[int, int, int, int]:
+        """(ring kind, slot, DCI, the record's slot/dci/ring/stream dword) of a ring's name."""
         hit = self._ring_cache.get(ring)
         if hit is None:
             if ring == "cmd":
-                hit = (Ring.COMMAND, 0, 0, 0)
+                hit = (Ring.COMMAND, 0, 0, 0)          # the command record carries no slot
             else:
-                parts = [int(p) for p in ring.split("/")] + [0, 0]
-                hit = (Ring.TRANSFER, parts[0], parts[1], parts[2])
+                slot, dci, stream = ([int(p) for p in ring.split("/")] + [0, 0])[:3]
+                hit = (Ring.TRANSFER, slot, dci, slot & 0xFF | (dci & 0x1F) << 8
+                       | Ring.TRANSFER << 13 | (stream & 0xFFFF) << 16)
             self._ring_cache[ring] = hit
         return hit
 
-    @_guarded
     def on_trb(self, ring: str, trb) -> None:
-        kind, slot, dci, stream = self._ring(ring)
-        if kind == Ring.COMMAND:
-            slot = trb.control >> 24            # the slot the command is about
-        f = self.filter
-        if slot and not (f.slot_ok(slot, self._slot_port.get(slot)) and f.dci_ok(dci)):
-            return
-        self._emit(0, records.trb(trb.addr, kind, slot if kind else 0, dci, stream, trb.dwords))
+        try:
+            kind, slot, dci, info = self._ring_cache.get(ring) or self._ring(ring)
+            if self._narrow:
+                if kind == Ring.COMMAND:
+                    slot = trb.control >> 24            # the slot the command is about
+                f = self.filter
+                if slot and not (f.slot_ok(slot, self._slot_port.get(slot)) and f.dci_ok(dci)):
+                    return
+            c = self._chunk
+            if c.end + 64 > c.limit and (c := self._room(64)) is None:
+                return
+            ts = self._now() + self._ts_offset
+            EPB_TRB.pack_into(c.buf, c.end, _EPB, 64, 0, ts >> 32, ts & _M32, 32, 32, _H_TRB,
+                              trb.addr & _M64, info, trb.param, trb.status, trb.control, 64)
+            c.end += 64
+            self._records += 1
+        except Exception as e:           # noqa: BLE001
+            self._failed("on_trb", e)
 
     @_guarded
     def on_command(self, cmd) -> None:
@@ -314,29 +428,59 @@ class Tracer:
         if "context" in f.kinds and ttype in _CTX_COMMANDS and slot:
             self._snapshot_contexts(ttype, slot, trb)
 
-    @_guarded
-    def on_event_posted(self, ev) -> None:
-        dw = ev.dwords
+    def _event_wanted(self, dw: list[int]) -> bool:
+        f = self.filter
         slot = dw[3] >> 24
         ttype = dw[3] >> 10 & 0x3F
-        f = self.filter
         if slot and not f.slot_ok(slot, self._slot_port.get(slot)):
-            return
-        if ttype == TrbType.TRANSFER_EVENT and not f.dci_ok(dw[3] >> 16 & 0x1F):
-            return
-        if ttype == TrbType.PORT_STATUS_CHANGE and f.ports is not None \
-                and dw[0] >> 24 not in f.ports:
-            return
-        self._emit(0, records.event(ev.addr, ev.interrupter, ev.drop, dw), comment=ev.note)
+            return False
+        if ttype == _TRANSFER_EVENT and not f.dci_ok(dw[3] >> 16 & 0x1F):
+            return False
+        return not (ttype == _PORT_STATUS_CHANGE and f.ports is not None
+                    and dw[0] >> 24 not in f.ports)
 
-    @_guarded
+    def on_event_posted(self, ev) -> None:
+        try:
+            dw = ev.dwords
+            if self._narrow and not self._event_wanted(dw):
+                return
+            if ev.note:
+                self._emit(0, records.event(ev.addr, ev.interrupter, ev.drop, dw),
+                           comment=ev.note)
+                return
+            c = self._chunk
+            if c.end + 64 > c.limit and (c := self._room(64)) is None:
+                return
+            ts = self._now() + self._ts_offset
+            EPB_EVENT.pack_into(c.buf, c.end, _EPB, 64, 0, ts >> 32, ts & _M32, 32, 32,
+                                _H_EVENT, ev.addr & _M64, ev.interrupter & 0x3FF | ev.drop << 16,
+                                dw[0], dw[1], dw[2], dw[3], 64)
+            c.end += 64
+            self._records += 1
+        except Exception as e:           # noqa: BLE001
+            self._failed("on_event_posted", e)
+
     def on_port(self, port: int, old: int, new: int) -> None:
-        if self.filter.ports is None or port in self.filter.ports:
-            self._emit(0, records.port(port, old, new))
+        try:
+            if self.filter.ports is None or port in self.filter.ports:
+                ts = self._now() + self._ts_offset
+                self._put(EPB_PORT.pack(_EPB, 48, 0, ts >> 32, ts & _M32, 16, 16, _H_PORT,
+                                        port & 0xFF, old & _M32, new & _M32, 48))
+        except Exception as e:           # noqa: BLE001
+            self._failed("on_port", e)
 
-    @_guarded
     def on_interrupt(self, interrupter: int) -> None:
-        self._emit(0, records.interrupt(interrupter))
+        try:
+            c = self._chunk
+            if c.end + 40 > c.limit and (c := self._room(40)) is None:
+                return
+            ts = self._now() + self._ts_offset
+            EPB_INTERRUPT.pack_into(c.buf, c.end, _EPB, 40, 0, ts >> 32, ts & _M32, 8, 8,
+                                    _H_INTERRUPT, interrupter & 0xFFFF, 40)
+            c.end += 40
+            self._records += 1
+        except Exception as e:           # noqa: BLE001
+            self._failed("on_interrupt", e)
 
     @_guarded
     def on_state(self, kind: str, ident: str, old: str, new: str) -> None:
@@ -354,43 +498,51 @@ class Tracer:
             return False
         return f.dci_ok(xfer.dci or dci_of_address(xfer.endpoint))
 
-    @_guarded
     def on_urb_submit(self, xfer) -> None:
-        if self._urb_wanted(xfer):
-            if len(self._inflight) > 1 << 16:    # transfers dropped without completion
-                self._inflight.clear()
-            self._inflight.add(xfer.id)
+        try:
+            if self._narrow and not self._urb_wanted(xfer):
+                return
+            inflight = self._inflight
+            if len(inflight) > 1 << 16:        # transfers dropped without completion
+                inflight.clear()
+            inflight.add(xfer.id)
             self._emit_urb(xfer, "S")
+        except Exception as e:           # noqa: BLE001
+            self._failed("on_urb_submit", e)
 
-    @_guarded
     def on_urb_complete(self, xfer) -> None:
-        if not self._urb_wanted(xfer):
-            return
-        if xfer.id in self._inflight:
-            self._inflight.discard(xfer.id)
-            event = "C"
-        elif xfer.submitted_ns and xfer.submitted_ns < self._started_ns:
-            event = "C"                          # submitted before tracing began
-        else:
-            event = "E"                          # never handed to a device: a submit error
-        self._emit_urb(xfer, event)
+        try:
+            if self._narrow and not self._urb_wanted(xfer):
+                return
+            inflight = self._inflight
+            if xfer.id in inflight:
+                inflight.discard(xfer.id)
+                event = "C"
+            elif xfer.submitted_ns and xfer.submitted_ns < self._started_ns:
+                event = "C"                          # submitted before tracing began
+            else:
+                event = "E"                          # never handed to a device: a submit error
+            self._emit_urb(xfer, event)
+        except Exception as e:           # noqa: BLE001
+            self._failed("on_urb_complete", e)
 
     def _emit_urb(self, xfer, event: str) -> None:
-        ts = self._clock()
-        interval = urb_interval(xfer.interval, self._slot_fs_ls.get(xfer.slot, False)) \
-            if xfer.interval else 0
-        data, orig = usbmon_record(xfer, event, ts, self.snaplen - 64, interval)
+        ts = self._now() + self._ts_offset
+        interval = xfer.interval
+        if interval:
+            interval = urb_interval(interval, self._slot_fs_ls.get(xfer.slot, False))
         note = xfer.note if HAS_NOTE else ""
-        if "urb" in self.filter.kinds:
+        if self._want_urb and not (xfer.context is None and _sets_address(xfer)):
             iface = self._bus_iface.get(xfer.bus)
             if iface is None:
                 iface = self._add_bus(xfer.bus, f"bus {xfer.bus}")
-            self._emit(iface, data, orig, note, ts)
-        if "xurb" in self.filter.kinds:
+            self._put_pieces(*usbmon_block(xfer, event, ts, self._max_data, interval, iface,
+                                           pcapng.comment_option(note) if note else b""))
+        if self._want_xurb:
+            data, orig = usbmon_record(xfer, event, ts, self._max_data, interval)
             # its own URB id (top bit set), so Wireshark pairs each copy with its own submit
             copy = (xfer.id | 1 << 63).to_bytes(8, "little") + data[8:]
             self._emit(0, records.urb(xfer.slot, xfer.dci, xfer.stream, copy), orig + 8, note, ts)
-
     # ---- contexts --------------------------------------------------------------------------
     def _context_size(self) -> int:
         return 64 if getattr(self.controller, "context_size", 32) == 64 else 32
@@ -434,15 +586,21 @@ class Tracer:
         dw = [int.from_bytes(raw[i:i + 4], "little") for i in range(0, 32, 4)]
         self._emit(0, records.context(addr, slot, dci, reason, dw))
 
-    # ---- buffer and files ------------------------------------------------------------------
-    def _default_clock(self) -> Callable[[], int]:
+    # ---- queue and files -------------------------------------------------------------------
+    def _timebase(self, clock: Callable[[], int] | None) -> tuple[Callable[[], int], int]:
+        if clock is not None:
+            return clock, 0
         sched = getattr(self.controller, "scheduler", None)
         if sched is None:
-            return time.time_ns
+            return time.time_ns, 0
         # wall-clock start, then the controller's own (possibly virtual) time: reproducible
-        # intervals in tests, real ones with a real VM
-        wall, base = time.time_ns(), sched.now_ns()
-        return lambda: wall + sched.now_ns() - base
+        # intervals in tests, real ones with a real VM (the same clock as the scheduler's,
+        # read without going through it)
+        now = sched.now_ns if getattr(sched, "virtual", True) else time.monotonic_ns
+        return now, time.time_ns() - sched.now_ns()
+
+    def _clock(self) -> int:
+        return self._now() + self._ts_offset
 
     def _add_bus(self, bus: int, desc: str, announce: bool = True) -> int:
         iface = len(self._headers) - 1          # headers = SHB + one IDB per interface
@@ -450,34 +608,79 @@ class Tracer:
                                            f"usbmon{bus}", f"xhcidbg {desc} (bus {bus})")
         self._headers.append(idb)
         self._bus_iface[bus] = iface
-        if announce:
-            with self._lock:
-                self._buf.append(idb)
-                self._pending += len(idb)
+        if announce:                            # not a record: never dropped, not counted
+            c = self._chunk
+            if c.end + len(idb) > len(c.buf):
+                c = self._next_chunk(len(idb), force=True)
+            c.buf[c.end:c.end + len(idb)] = idb
+            c.end += len(idb)
         return iface
 
     def _emit(self, iface: int, data: bytes, orig: int | None = None, comment: str = "",
               ts: int | None = None) -> None:
-        block = pcapng.enhanced_packet(iface, self._clock() if ts is None else ts, data, orig,
-                                       comment)
+        self._put(pcapng.enhanced_packet(iface, self._clock() if ts is None else ts, data, orig,
+                                         comment))
+
+    # Queuing a block of n bytes: the fast path writes it at the current chunk's `end` when
+    # it fits below `limit`, then publishes the new `end`; anything else goes through `_room`.
+    def _put(self, block: bytes) -> None:
+        """Queue one whole block (or count it dropped when the queue is full)."""
+        c = self._chunk
         n = len(block)
-        with self._lock:
-            if self._pending + n > self.max_buffer:
-                self._dropped += 1
-                return
-            self._buf.append(block)
-            self._pending += n
-            self._records += 1
-            if self._pending > FLUSH_EARLY and self._pending - n <= FLUSH_EARLY:
-                self._wake.set()             # much to write: do not wait for the interval
-            if self._rotating:
-                self._file_bytes += n
-                if (self.max_bytes and self._file_bytes >= self.max_bytes) or \
-                        (self.max_seconds and time.monotonic() - self._file_started
-                         >= self.max_seconds):
-                    self._buf.append(_ROTATE)
-                    self._file_bytes = sum(map(len, self._headers))
-                    self._file_started = time.monotonic()
+        if c.end + n > c.limit and (c := self._room(n)) is None:
+            return
+        c.buf[c.end:c.end + n] = block
+        c.end += n                           # published: the writer may take it now
+        self._records += 1
+
+    def _put_pieces(self, total: int, pieces) -> None:
+        """`_put` for a block given in pieces (`total` bytes): each is copied once, here."""
+        c = self._chunk
+        if c.end + total > c.limit and (c := self._room(total)) is None:
+            return
+        buf, at = c.buf, c.end
+        for p in pieces:
+            end = at + len(p)
+            buf[at:end] = p
+            at = end
+        c.end = at
+        self._records += 1
+
+    def _room(self, n: int) -> _Chunk | None:
+        """The slow path of queuing `n` bytes: file rotation (every block comes here when
+        rotating), a new chunk when this one is full, or None when the queue is at its bound
+        (the record is counted as dropped)."""
+        c = self._chunk
+        if self._rotating:
+            if self._file_bytes > self._header_bytes and (
+                    (self.max_bytes and self._file_bytes + n > self.max_bytes) or
+                    (self.max_seconds and time.monotonic() - self._file_started
+                     >= self.max_seconds)):
+                c.rotate = len(self._headers)    # the next file starts after this chunk
+                c = self._next_chunk(n, force=True)
+                self._file_bytes = self._header_bytes = sum(map(len, self._headers))
+                self._file_started = time.monotonic()
+            self._file_bytes += n
+            if c.end + n <= len(c.buf):
+                return c
+        return self._next_chunk(n)
+
+    def _next_chunk(self, need: int, force: bool = False) -> _Chunk | None:
+        """Start a new chunk with room for `need` bytes; None (and the record counted as
+        dropped) if the queue is at its bound and `force` is not set."""
+        if len(self._chunks) >= self._max_chunks and not force:
+            self._dropped += 1
+            return None
+        if need <= CHUNK_SIZE and self._spare:
+            c = self._spare.pop().reset()
+        else:
+            c = _Chunk(max(CHUNK_SIZE, need))
+        if self._rotating:
+            c.limit = 0                      # every block takes the slow path: it counts
+        self._chunks.append(c)               # from now on, the previous chunk is final
+        self._chunk = c
+        self._wake.set()                     # a full chunk is waiting: write it now
+        return c
 
     def _writer(self) -> None:
         while not self._stop.is_set():
@@ -486,47 +689,59 @@ class Tracer:
             self.flush()
 
     def flush(self) -> None:
-        """Write out everything buffered (whole blocks only)."""
-        with self._lock:
-            buf, self._buf, self._pending = self._buf, [], 0
-        if not buf:
-            return
+        """Write out everything queued so far (whole blocks only)."""
         with self._io_lock:
-            try:
-                if self._file is None and self._fifo and not self._open_fifo():
-                    with self._lock:             # no reader yet: keep the records for later
-                        self._buf[:0] = buf
-                        self._pending += sum(len(b) for b in buf if b is not _ROTATE)
+            chunks = self._chunks
+            while True:
+                c = chunks[0]
+                final = len(chunks) > 1      # asked before `end`: then `end` will not move
+                end = c.end
+                if end > c.written:
+                    if self._file is None and self._fifo and not self._open_fifo_safely():
+                        return               # no reader yet: keep everything for later
+                    if self._file is not None:
+                        try:
+                            self._write(c.buf[c.written:end])
+                        except OSError as e:
+                            self._write_failed(e)
+                    c.written = end
+                if not final:
                     return
-                if self._file is None:
-                    return
-                chunk: list[bytes] = []
-                for item in buf:
-                    if item is _ROTATE:
-                        self._write(b"".join(chunk))
-                        chunk = []
-                        self._open_next()
-                    else:
-                        chunk.append(item)
-                self._write(b"".join(chunk))
-            except OSError as e:
-                if e.errno == errno.EPIPE:
-                    self._error = "the FIFO's reader went away; tracing stopped writing"
-                else:
-                    self._error = f"{type(e).__name__}: {e}"
-                if self._file is not None:
+                chunks.popleft()
+                if c.rotate and self._file is not None:
                     try:
-                        self._file.close()
-                    except OSError:
-                        pass
-                self._file = None
-                self._fifo = False       # do not reopen: stop writing, keep counting
+                        self._open_next(c.rotate)
+                    except (OSError, TraceError) as e:
+                        self._write_failed(e)
+                if len(c.buf) == CHUNK_SIZE and len(self._spare) < SPARE_CHUNKS:
+                    self._spare.append(c)
 
-    def _write(self, data: bytes) -> None:
-        if data:
-            self._file.write(data)
-            with self._lock:
-                self._written += len(data)
+    def _open_fifo_safely(self) -> bool:
+        try:
+            return self._open_fifo()
+        except OSError as e:
+            self._write_failed(e)
+            return False
+
+    def _write_failed(self, e: Exception) -> None:
+        if isinstance(e, OSError) and e.errno == errno.EPIPE:
+            self._error = "the FIFO's reader went away; tracing stopped writing"
+        else:
+            self._error = f"{type(e).__name__}: {e}"
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+        self._file = None
+        self._fifo = False       # do not reopen: stop writing, keep counting
+
+    def _write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:                      # a signal may cut a write to a FIFO short
+            done = self._file.write(view)
+            self._written += done
+            view = view[done:]
 
     def _open_fifo(self) -> bool:
         """Open the FIFO once a reader (tshark -i, wireshark -k -i) has opened it."""
@@ -539,7 +754,8 @@ class Tracer:
         os.set_blocking(fd, True)
         self._file = open(fd, "wb", buffering=0)
         self._files.append(self.path)
-        self._write(b"".join(self._headers))
+        # the interfaces added since start are in the queue already
+        self._write(b"".join(self._headers[:self._start_headers]))
         return True
 
     def _next_path(self) -> Path:
@@ -549,7 +765,8 @@ class Tracer:
         return self.path.with_name(f"{self.path.stem}_{self._file_index:05d}"
                                    f"{self.path.suffix or '.pcapng'}")
 
-    def _open_next(self) -> None:
+    def _open_next(self, headers: int | None = None) -> None:
+        """Start the next file with the first `headers` of the tracer's headers (all)."""
         if self._file is not None:
             self._file.close()
         path = self._next_path()
@@ -560,7 +777,7 @@ class Tracer:
             raise TraceError(f"cannot write the trace to {path}: {e.strerror}") from None
         self._files.append(path)
         self._file_started = time.monotonic()
-        self._write(b"".join(self._headers))
+        self._write(b"".join(self._headers[:headers]))
         while self.max_files and len(self._files) > self.max_files:
             old = self._files.pop(0)
             try:

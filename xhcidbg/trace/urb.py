@@ -39,6 +39,7 @@ CC_ERRNO = {
 # it); asked once here rather than with a failing getattr per record
 HAS_CC = "cc" in getattr(UsbTransfer, "__slots__", ())
 HAS_NOTE = "note" in getattr(UsbTransfer, "__slots__", ())
+HAS_IN_PLACE = "in_place" in getattr(UsbTransfer, "__slots__", ())
 
 
 def completion_code(xfer: UsbTransfer) -> int:
@@ -58,6 +59,10 @@ def urb_status(cc: int) -> int:
     return CC_ERRNO.get(cc, -errno.EPROTO)
 
 
+# Status -> URB status in one step (a short OK is Short Packet: also 0)
+_STATUS_ERRNO = {int(s): urb_status(cc) for s, cc in STATUS_CC.items()}
+
+
 def endpoint_byte(xfer: UsbTransfer) -> int:
     # control: the direction of the request, as the kernel takes it from the URB
     return (xfer.endpoint & 0x7F) | (0x80 if xfer.is_in else 0)
@@ -68,9 +73,12 @@ _NO_SETUP = bytes(8)
 _IN_SUBMIT, _OUT_COMPLETE, _ERROR = ord("<"), ord(">"), ord("E")   # mon_bin's data tags
 _DASH = ord("-")                       # flag_setup: not a control submit
 _EVENT = {"S": b"S", "C": b"C", "E": b"E"}
-_EINPROGRESS = -errno.EINPROGRESS
+_EINPROGRESS, _EPROTO = -errno.EINPROGRESS, -errno.EPROTO
+_NODEV = int(Status.NODEV)
+_XFER_TYPE = tuple(XFER_TYPE[t] for t in sorted(EpType))     # indexed by EpType
 # usbmon header with the EPB around it: the tracer packs both in one call (pcapng.framed_head)
 EPB_USBMON_HEAD = pcapng.framed_head(HEADER["<"])
+_CAPTURED, _CAPTURED_AT = struct.Struct("<II"), 20    # an EPB's captured and original length
 _EPB_TAIL = pcapng.EPB_TAIL
 
 
@@ -81,75 +89,93 @@ def urb_interval(exponent: int, full_or_low_speed: bool) -> int:
     return max(1, micro // 8) if full_or_low_speed else micro
 
 
-def _parts(xfer: UsbTransfer, event: str, ts_ns: int, max_data: int, interval: int):
-    """The usbmon header fields (HEADER order), ISO descriptors, captured data and the
-    original length of one record.  The data is a view: nothing is copied here."""
+def _urb_errno(xfer: UsbTransfer) -> int:
+    if HAS_CC and xfer.cc is not None:
+        return urb_status(xfer.cc)
+    return _STATUS_ERRNO.get(xfer.status, _EPROTO)
+
+
+def _in_views(xfer: UsbTransfer, n: int) -> list:
+    """The first `n` bytes an IN transfer delivered, as views (nothing copied)."""
+    if not (HAS_IN_PLACE and xfer.in_place):
+        return [memoryview(xfer.result)[:n]]
+    out = []
+    for view in xfer.in_buffers() or ():
+        if n <= 0:
+            break
+        out.append(view[:n])
+        n -= len(out[-1])
+    return out
+
+
+def usbmon_block(xfer: UsbTransfer, event: str, ts_ns: int, max_data: int, interval: int,
+                 interface: int, comment: bytes = b"") -> tuple[int, tuple]:
+    """One usbmon record for `event` ('S', 'C' or 'E') as a whole pcapng EPB on `interface`,
+    in pieces: (block length, pieces) -- the packed block and usbmon headers, the ISO
+    descriptors, views of the transfer's data (nothing copied yet) and the tail.  The caller
+    copies them once, wherever the block goes.  `interval` is urb->interval (see
+    `urb_interval`), written for interrupt and isoch only; at most `max_data` bytes of data
+    are kept; `comment` is a ready option list (pcapng.comment_option)."""
     is_in = xfer.is_in
-    xtype = XFER_TYPE.get(xfer.ep_type, XFER_BULK)
-    sec, nsec = divmod(ts_ns, 1_000_000_000)
-    flags = URB_DIR_IN if is_in else 0
-    ep = (xfer.endpoint & 0x7F) | (0x80 if is_in else 0)
+    xtype = _XFER_TYPE[xfer.ep_type]
+    usec = ts_ns // 1000
     if xtype == XFER_ISO:
         start_frame = xfer.iso_frame
     else:
         start_frame = 0
         if xtype != XFER_INT:
             interval = 0
-    if event == "E":
-        status = -errno.ENODEV if xfer.status == Status.NODEV else \
-            urb_status(completion_code(xfer))
-        return ((xfer.id, b"E", xtype, ep, xfer.devnum & 0xFF, xfer.bus & 0xFFFF, _DASH,
-                 _ERROR, sec, nsec // 1000, status, 0, 0, _NO_SETUP, interval, start_frame,
-                 flags, 0), b"", b"", HEADER_LEN)
-    setup, flag_setup = _NO_SETUP, _DASH
+    setup, flag_setup, iso, ndesc, captured, cap = _NO_SETUP, _DASH, b"", 0, (), 0
     if event == "S":
-        status = _EINPROGRESS
-        length = xfer.length
+        status, length = _EINPROGRESS, xfer.length
         if xtype == XFER_CONTROL and xfer.setup is not None:
             setup, flag_setup = bytes(xfer.setup[:8]).ljust(8, b"\0"), FLAG_PRESENT
-        data = None if is_in else xfer.data
-        data_tag = _IN_SUBMIT if is_in else FLAG_PRESENT
-    else:
-        status = urb_status(completion_code(xfer))
-        length = xfer.actual
-        data = xfer.result if is_in else None
-        data_tag = FLAG_PRESENT if is_in else _OUT_COMPLETE
-    n = min(len(data), length) if data is not None else 0
-    iso = b""
-    ndesc = 0
-    if xtype == XFER_ISO:
+        if is_in:
+            n, flag_data = 0, _IN_SUBMIT
+        else:
+            data = xfer.data
+            n = min(len(data), length) if data is not None else 0
+            flag_data = FLAG_PRESENT                  # mon_bin: OUT data goes with the submit
+            cap = min(n, max_data)
+            if cap > 0:
+                captured = (memoryview(data)[:cap],)
+    elif event == "C":
+        status, length = _urb_errno(xfer), xfer.actual
+        if is_in:
+            n, flag_data = length, FLAG_PRESENT       # IN data comes with the completion
+            cap = min(n, max_data)
+            if cap > 0:
+                captured = _in_views(xfer, cap)
+                cap = sum(map(len, captured))
+        else:
+            n, flag_data = 0, _OUT_COMPLETE
+    else:                                             # a submission error: header only
+        status = -errno.ENODEV if xfer.status == _NODEV else _urb_errno(xfer)
+        length, n, flag_data = 0, 0, _ERROR
+    if xtype == XFER_ISO and event != "E":
         # one isochronous TD is one packet: a single descriptor covering the whole buffer
         ndesc = 1
-        iso = ISO_DESC["<"].pack(0 if event == "S" else status, 0,
-                                 xfer.length if event == "S" else xfer.actual)
+        iso = ISO_DESC["<"].pack(0 if event == "S" else status, 0, length)
         setup = _ISO_COUNTS.pack(0 if event == "S" or status == 0 else 1, ndesc)
-    cap = max(0, min(n, max_data))
-    captured = memoryview(data)[:cap] if cap else b""
-    len_cap = len(iso) + cap
-    header = (xfer.id, _EVENT[event], xtype, ep, xfer.devnum & 0xFF, xfer.bus & 0xFFFF,
-              flag_setup, FLAG_PRESENT if n else data_tag, sec, nsec // 1000, status, length,
-              len_cap, setup, interval, start_frame, flags, ndesc)
+    size = HEADER_LEN + len(iso) + cap                # what the block captures
+    total = pcapng.EPB_OVERHEAD + (size + 3 & ~3) + len(comment)
     # libpcap's rule: the original length counts all the data the URB carried
-    return header, iso, captured, HEADER_LEN + len(iso) + n
+    head = EPB_USBMON_HEAD.pack(
+        pcapng.EPB, total, interface, ts_ns >> 32, ts_ns & 0xFFFFFFFF, size,
+        HEADER_LEN + len(iso) + n, xfer.id, _EVENT[event], xtype,
+        (xfer.endpoint & 0x7F) | (0x80 if is_in else 0), xfer.devnum & 0xFF, xfer.bus & 0xFFFF,
+        flag_setup, FLAG_PRESENT if n and event != "E" else flag_data, usec // 1_000_000,
+        usec % 1_000_000, status, length, len(iso) + cap, setup, interval, start_frame,
+        URB_DIR_IN if is_in else 0, ndesc)
+    if comment:
+        return total, (head, iso, *captured, bytes(-size & 3), comment, pcapng.U32.pack(total))
+    return total, (head, iso, *captured, _EPB_TAIL[size & 3].pack(total))
 
 
 def usbmon_record(xfer: UsbTransfer, event: str, ts_ns: int, max_data: int,
                   interval: int = 0) -> tuple[bytes, int]:
-    """One usbmon record for `event` ('S', 'C' or 'E'); returns (bytes, original length).
-    `interval` is urb->interval (see `urb_interval`), written for interrupt and isoch only."""
-    header, iso, captured, orig = _parts(xfer, event, ts_ns, max_data, interval)
-    return b"".join((HEADER["<"].pack(*header), iso, captured)), orig
-
-
-def usbmon_block(xfer: UsbTransfer, event: str, ts_ns: int, max_data: int, interval: int,
-                 interface: int, comment: bytes = b"") -> bytes:
-    """The same record as a whole pcapng EPB on `interface`; the transfer's data is copied
-    once, into the block.  `comment` is a ready option list (pcapng.comment_option)."""
-    header, iso, captured, orig = _parts(xfer, event, ts_ns, max_data, interval)
-    n = HEADER_LEN + len(iso) + len(captured)
-    total = pcapng.EPB_OVERHEAD + (n + 3 & ~3) + len(comment)
-    head = EPB_USBMON_HEAD.pack(pcapng.EPB, total, interface, ts_ns >> 32, ts_ns & 0xFFFFFFFF,
-                                n, orig, *header)
-    if comment:
-        return b"".join((head, iso, captured, bytes(-n & 3), comment, pcapng.U32.pack(total)))
-    return b"".join((head, iso, captured, _EPB_TAIL[n & 3].pack(total)))
+    """The usbmon record of `usbmon_block` alone; returns (bytes, original length)."""
+    total, pieces = usbmon_block(xfer, event, ts_ns, max_data, interval, 0)
+    block = b"".join(pieces)
+    size, orig = _CAPTURED.unpack_from(block, _CAPTURED_AT)
+    return block[pcapng.EPB_HEADER:pcapng.EPB_HEADER + size], orig

@@ -10,6 +10,7 @@ import statistics
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator, TextIO
 
 from xhcidbg.decode import usbmon as um
@@ -272,6 +273,58 @@ class EndpointStats:
     latencies_ns: list[int] = field(default_factory=list)
 
 
+INTERFACE_CLASSES = {1: "audio", 2: "CDC", 3: "HID", 6: "image", 7: "printer",
+                     8: "mass storage", 9: "hub", 0x0A: "CDC data", 0x0E: "video",
+                     0xE0: "wireless", 0xEF: "misc", 0xFF: "vendor"}
+_GET_DESCRIPTOR, _SET_CONFIGURATION = 6, 9
+
+
+@dataclass
+class DeviceInfo:
+    """A USB device as its enumeration shows it: what the host read from it (usbmon) and,
+    in xhcidbg's own captures, the slot, root port and speed the controller gave it."""
+
+    bus: int
+    address: int
+    vendor: int | None = None
+    product_id: int | None = None
+    usb_version: str = ""
+    strings: dict[int, str] = field(default_factory=dict)
+    string_index: dict[str, int] = field(default_factory=dict)   # manufacturer/product/serial
+    interfaces: list[int] = field(default_factory=list)          # bInterfaceClass, in order
+    configuration: int | None = None                             # SET_CONFIGURATION value
+    slot: int | None = None
+    port: int | None = None
+    speed: str = ""
+    session: int = 1          # which host enumerated it: a controller reset starts the next
+
+    def string(self, which: str) -> str:
+        return self.strings.get(self.string_index.get(which, 0), "")
+
+    @property
+    def interface_classes(self) -> str:
+        return ", ".join(INTERFACE_CLASSES.get(c, f"class 0x{c:02x}") for c in self.interfaces)
+
+
+def _learn_descriptor(dev: DeviceInfo, setup: bytes, data: bytes) -> None:
+    """Fill `dev` from a GET_DESCRIPTOR answer (partial answers count as far as they go)."""
+    from xhcidbg.devices.descriptors import parse_descriptors
+    kind, index = setup[3], setup[2]
+    parsed = parse_descriptors(data)
+    if kind == 1 and parsed and hasattr(parsed[0][1], "idVendor"):
+        d = parsed[0][1]
+        dev.vendor, dev.product_id = d.idVendor, d.idProduct
+        dev.usb_version = f"{d.bcdUSB:.2f}"
+        dev.string_index = {"manufacturer": d.iManufacturer, "product": d.iProduct,
+                            "serial": d.iSerialNumber}
+    elif kind == 2 and len(parsed) > 1:          # the whole configuration, not its head
+        dev.interfaces = [p.bInterfaceClass for name, p in parsed
+                          if name == "INTERFACE" and hasattr(p, "bInterfaceClass")
+                          and p.bAlternateSetting == 0]
+    elif kind == 3 and index and parsed and hasattr(parsed[0][1], "bString"):
+        dev.strings[index] = parsed[0][1].bString
+
+
 def collect_stats(path: str | Path, flt: CaptureFilter | None = None):
     flt = flt or CaptureFilter(kinds=frozenset(KIND_NAMES.values()) | {"urb"})
     reader = Reader(path)
@@ -279,6 +332,11 @@ def collect_stats(path: str | Path, flt: CaptureFilter | None = None):
     xhci_cc: dict[tuple[int, int], Counter] = defaultdict(Counter)
     kinds = Counter()
     pending: dict[tuple[int, int], int] = {}
+    setups: dict[tuple[int, int], bytes] = {}        # control requests waiting for an answer
+    devices: dict[tuple[int, int], DeviceInfo] = {}
+    slots: dict[int, tuple[int, int, int]] = {}      # slot -> (address, root port, speed)
+    done: list[DeviceInfo] = []                      # devices of the hosts before a reset
+    session = 1
     for e in reader.entries():
         if not matches(flt, e):
             continue
@@ -293,6 +351,8 @@ def collect_stats(path: str | Path, flt: CaptureFilter | None = None):
             st = usb[key]
             if rec.type == "S":
                 pending[(rec.busnum, rec.id)] = e.ts_ns
+                if rec.xfer_type == um.XFER_CONTROL and rec.flag_setup == um.FLAG_PRESENT:
+                    setups[(rec.busnum, rec.id)] = rec.setup
             else:
                 st.transfers += 1
                 if rec.status not in (0, -115):
@@ -305,9 +365,43 @@ def collect_stats(path: str | Path, flt: CaptureFilter | None = None):
                 start = pending.pop((rec.busnum, rec.id), None)
                 if start is not None:
                     st.latencies_ns.append(e.ts_ns - start)
+                setup = setups.pop((rec.busnum, rec.id), None)
+                if setup is not None and rec.type == "C" and rec.status == 0 and rec.devnum:
+                    dev = devices.get((rec.busnum, rec.devnum))
+                    if dev is None:
+                        dev = devices[(rec.busnum, rec.devnum)] = DeviceInfo(
+                            rec.busnum, rec.devnum, session=session)
+                    if setup[0] == 0x80 and setup[1] == _GET_DESCRIPTOR and rec.data:
+                        _learn_descriptor(dev, setup, rec.data)
+                    elif setup[0] == 0x00 and setup[1] == _SET_CONFIGURATION:
+                        dev.configuration = setup[2]
         elif rec.kind == Kind.EVENT and rec.dwords[7] >> 10 & 0x3F == TrbType.TRANSFER_EVENT:
             xhci_cc[(e.slot, e.dci)][lx.cc_string(rec.dwords[6] >> 24)] += 1
-    return reader, usb, xhci_cc, kinds
+        elif rec.kind == Kind.CONTEXT and rec.fields["dci"] == CTX_SLOT:
+            ctx = rec.dwords[4:8]
+            if ctx[3] & 0xFF:                        # addressed: the address is the xHC's
+                slots[e.slot] = (ctx[3] & 0xFF, ctx[1] >> 16 & 0xFF, ctx[0] >> 20 & 0xF)
+        elif rec.kind == Kind.STATE and rec.tail.startswith(b"controller\0") \
+                and rec.tail.endswith(b"\0HCRST"):
+            # a reset: what follows is another host's enumeration (firmware, then the OS)
+            if devices:
+                done += _resolve(devices, slots)
+                session += 1
+            devices, slots, setups = {}, {}, {}
+    return SimpleNamespace(reader=reader, usb=usb, xhci_cc=xhci_cc, kinds=kinds,
+                           devices=done + _resolve(devices, slots))
+
+
+def _resolve(devices: dict[tuple[int, int], DeviceInfo],
+             slots: dict[int, tuple[int, int, int]]) -> list[DeviceInfo]:
+    """Devices in (bus, address) order, with the slot the controller addressed them in (our
+    controller's addresses are unique per controller, so the address finds the slot)."""
+    by_address = {address: (slot, port, speed) for slot, (address, port, speed) in slots.items()}
+    for dev in devices.values():
+        if dev.address in by_address:
+            dev.slot, dev.port, speed = by_address[dev.address]
+            dev.speed = lx.SPEEDS.get(speed, "")
+    return [devices[k] for k in sorted(devices)]
 
 
 def _ms(ns: float) -> str:
@@ -318,11 +412,31 @@ def stats(path: str | Path, flt: CaptureFilter | None = None, console=None) -> R
     from rich.console import Console
     from rich.table import Table
     console = console or Console()
-    reader, usb, xhci_cc, kinds = collect_stats(path, flt)
+    st = collect_stats(path, flt)
+    reader, usb, xhci_cc, kinds = st.reader, st.usb, st.xhci_cc, st.kinds
     cap = reader.capture
     console.print(f"[bold]{path}[/]: {cap.format}, {len(cap.interfaces)} interfaces, "
                   f"{sum(kinds.values())} records "
                   f"({', '.join(f'{k} {n}' for k, n in sorted(kinds.items()))})")
+    if st.devices:
+        sessions = len({d.session for d in st.devices}) > 1
+        t = Table(title="USB devices (as their enumeration shows them"
+                  + ("; the host changes at each controller reset)" if sessions else ")"))
+        if sessions:
+            t.add_column("host", justify="right")
+        for col in ("bus", "device", "ID", "USB", "interfaces", "config", "manufacturer",
+                    "product", "slot", "port", "speed"):
+            t.add_column(col, justify="right" if col in ("bus", "device", "config", "slot",
+                                                         "port") else "left")
+        for d in st.devices:
+            t.add_row(*([str(d.session)] if sessions else []), str(d.bus), str(d.address),
+                      f"{d.vendor:04x}:{d.product_id:04x}" if d.vendor is not None else "-",
+                      d.usb_version or "-", d.interface_classes or "-",
+                      "-" if d.configuration is None else str(d.configuration),
+                      d.string("manufacturer") or "-", d.string("product") or "-",
+                      "-" if d.slot is None else str(d.slot),
+                      "-" if d.port is None else str(d.port), d.speed or "-")
+        console.print(t)
     if usb:
         t = Table(title="USB transfers by device and endpoint (usbmon)")
         for col in ("bus", "device", "endpoint", "transfers", "bytes in", "bytes out", "errors",

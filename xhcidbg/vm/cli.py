@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..trace.cli import add_trace_option, tracing
 from .backend import SPEEDS, Backend, DeviceChoice, close_devices, make_devices, memory_options
 
 DEVICE_NAMES = ("tablet", "keyboard", "storage", "loopback")
@@ -78,8 +79,7 @@ def add_device_options(parser: argparse.ArgumentParser) -> None:
                    help="USB 3 root ports (default 4)")
     g.add_argument("--no-msix", action="store_true",
                    help="offer MSI and INTx only (the guest falls back to MSI)")
-    g.add_argument("--trace", metavar="FILE",
-                   help="capture everything to FILE (pcapng) from the first register access")
+    add_trace_option(g)
     g.add_argument("-v", "--verbose", action="store_true",
                    help="log what the controller refuses and the vfio-user session")
 
@@ -131,21 +131,6 @@ def _make_backend(args, socket_path: str, on_disconnect=None) -> Backend:
 
 
 @contextlib.contextmanager
-def _tracing(args, backend: Backend):
-    if not args.trace:
-        yield
-        return
-    from ..trace.cli import start_trace, stop_trace
-    start_trace(backend.controller, args.trace)
-    _say(f"tracing to {args.trace}")
-    try:
-        yield
-    finally:
-        with contextlib.suppress(Exception):
-            stop_trace()
-
-
-@contextlib.contextmanager
 def _stop_on_signals(stop: asyncio.Event):
     loop = asyncio.get_running_loop()
     signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -176,7 +161,7 @@ async def serve_main(args) -> int:
     stop = asyncio.Event()
     try:
         await backend.start()
-        with _tracing(args, backend), _stop_on_signals(stop):
+        with tracing(backend.controller, args, say=_say), _stop_on_signals(stop):
             print(f"-device '{backend.device_arg}'", flush=True)
             _say(f"serving on {backend.socket_path}; QEMU also needs shared guest RAM: "
                  + " ".join(shlex.quote(a) for a in memory_options(512)))
@@ -242,7 +227,7 @@ async def vm_main(args) -> int:
     started = time.monotonic()
     try:
         await backend.start()
-        with _tracing(args, backend), _stop_on_signals(stop):
+        with tracing(backend.controller, args, say=_say), _stop_on_signals(stop):
             _say(f"starting QEMU {qemu.version} ({args.memory} MiB, TCG): kernel {kernel.name}")
             booting = asyncio.ensure_future(Vm.start(
                 devices=[backend.device_arg], extra_args=args.qemu_args,
