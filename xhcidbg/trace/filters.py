@@ -25,7 +25,7 @@ DEFAULT_KINDS = frozenset(KINDS) - {"xurb"}
 
 
 class FilterError(ValueError):
-    pass
+    """A capture filter term the user gave is not understood."""
 
 
 def endpoint_dci(text: str) -> int:

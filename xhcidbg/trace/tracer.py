@@ -106,7 +106,7 @@ def _sets_address(xfer) -> bool:
 
 
 class TraceError(Exception):
-    pass
+    """A capture could not be started or written; the message says what to do."""
 
 
 @dataclass
