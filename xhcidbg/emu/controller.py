@@ -108,6 +108,8 @@ class XhciController:
         self.cmd_pending: Trb | None = None
         self.mfindex_frozen = 0
         self._mf_base = 0
+        if getattr(self, "_wrap_timer", None) is not None:
+            self._wrap_timer.cancel()
         self._wrap_timer = None
         self.gate.work.clear()
         for i in self.interrupters:
