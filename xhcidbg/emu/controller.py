@@ -533,6 +533,7 @@ class XhciController:
             if not self.crr:
                 self.crr = True
                 self.cmd_ring.set_dequeue(self.crcr & ~0x3F, self.crcr & 1)
+            self.cmd_ring.invalidate()
             self.kick_commands()
             return
         slot = self.slots.get(index)
@@ -550,6 +551,7 @@ class XhciController:
             return
         if ep.state == EpState.STOPPED:
             ep.set_state(EpState.RUNNING)
+        ep.ring.invalidate()
         self.kick_endpoint(ep)
 
     # ---- ring workers ----------------------------------------------------------------------------------

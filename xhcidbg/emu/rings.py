@@ -4,13 +4,22 @@
 cycle state), following Link TRBs and toggling the cycle state where they say so.  A guest can
 build rings that never end (Link TRBs pointing at each other, CVE-2017-5973's class): a walk that
 follows more than `MAX_LINKS` Link TRBs in a row without finding work is refused with `RingError`.
+
+TRBs are read a run at a time (to the end of the 4 KiB page), as a real xHC prefetches.  A cached
+TRB is only trusted while its cycle bit says the controller owns it; any other is read again.
+The cache is dropped whenever software may legally have rewritten the ring: a doorbell, a new
+dequeue pointer (Set TR Dequeue, Stop Endpoint, a restart).
 """
 from __future__ import annotations
+
+import struct
 
 from .memory import DmaError, GuestMemory
 from .trb import TRB_SIZE, Trb, TrbType
 
 MAX_LINKS = 32
+PAGE = 0x1000
+_TRB = struct.Struct("<QII")
 
 
 class RingError(Exception):
@@ -22,7 +31,7 @@ class RingError(Exception):
 
 
 class Ring:
-    __slots__ = ("mem", "dequeue", "ccs", "name", "announce")
+    __slots__ = ("mem", "dequeue", "ccs", "name", "announce", "_run", "_run_start", "_run_end")
 
     def __init__(self, mem: GuestMemory, dequeue: int = 0, ccs: int = 1, name: str = "",
                  announce: list | None = None):
@@ -31,19 +40,43 @@ class Ring:
         self.ccs = ccs
         self.name = name
         self.announce = announce if announce is not None else []   # hooks.on_trb
+        self.invalidate()
 
     def set_dequeue(self, pointer: int, ccs: int) -> None:
         self.dequeue = pointer & ~0xF
         self.ccs = ccs & 1
+        self.invalidate()
+
+    def invalidate(self) -> None:
+        """Forget prefetched TRBs (software may have rewritten them)."""
+        self._run = b""
+        self._run_start = self._run_end = 0
+
+    def _load(self, addr: int) -> None:
+        n = (PAGE - (addr & (PAGE - 1))) // TRB_SIZE
+        try:
+            self._run = self.mem.read(addr, n * TRB_SIZE)
+        except DmaError:
+            self._run = self.mem.read(addr, TRB_SIZE)    # the rest of the page may be unmapped
+        self._run_start, self._run_end = addr, addr + len(self._run)
+
+    def _read(self, addr: int) -> Trb:
+        if not self._run_start <= addr < self._run_end:
+            self._load(addr)
+        p, s, c = _TRB.unpack_from(self._run, addr - self._run_start)
+        if (c & 1) != self.ccs and self._run_start != addr:
+            # Prefetched before software handed it over?  Look again.
+            self._load(addr)
+            p, s, c = _TRB.unpack_from(self._run, 0)
+        return Trb(addr, p, s, c)
 
     def peek(self) -> Trb | None:
         """The next TRB software has given us, without consuming it (None if there is none).
         Link TRBs are followed (and consumed) on the way.  Raises DmaError / RingError."""
         links = 0
-        mem = self.mem
         while True:
             addr = self.dequeue
-            trb = Trb.unpack(addr, mem.read(addr, TRB_SIZE))
+            trb = self._read(addr)
             if (trb.control & 1) != self.ccs:
                 return None
             if (trb.control >> 10) & 0x3F != TrbType.LINK:
@@ -58,9 +91,6 @@ class Ring:
             if trb.control & 2:          # Toggle Cycle
                 self.ccs ^= 1
             self.dequeue = target
-
-    def advance(self) -> None:
-        self.dequeue += TRB_SIZE
 
     def fetch(self) -> Trb | None:
         trb = self.peek()
