@@ -205,14 +205,25 @@ class SchedulerDriver:
             self._arm(d)
 
 
+# Busy-polling after a message (see VfioUserServer._readable): measured on a 2-core machine with
+# bench/linux_figures.py, a Linux guest's dd from the storage stick (warm host page cache) went
+# from ~430 to 580-700 MB/s (QEMU's own usb-storage: ~1220 MB/s) and a register read round trip
+# from ~95 to ~42 us, at the price of one core spinning while the guest is busy with the device.
+BUSY_POLL_US = 1000
+BUSY_POLL_TURN_NS = 5_000_000      # return to the event loop at least this often
+
+
 # ---- the server ------------------------------------------------------------------------------
 class VfioUserServer:
     def __init__(self, controller, socket_path: str, *,
                  on_disconnect: Callable[[], None] | None = None,
                  identity: PciIdentity = PciIdentity(),
                  msix: bool = True, msi: bool = True,
-                 drive_scheduler: bool = True):
+                 drive_scheduler: bool = True, busy_poll_us: int = BUSY_POLL_US):
         self.controller = controller
+        # After a message, keep reading the socket for this long before sleeping in the event
+        # loop: the VMM's next access then finds us awake instead of paying a wakeup.
+        self.busy_poll_ns = busy_poll_us * 1000
         self.socket_path = os.path.abspath(str(socket_path))
         self.on_disconnect = on_disconnect
         self.layout = xhci_function(controller.bar_size, _interrupter_count(controller), identity,
@@ -379,28 +390,44 @@ class VfioUserServer:
 
     # ---- receiving ---------------------------------------------------------------------------
     def _readable(self) -> None:
+        if not self._receive() or not self.busy_poll_ns:
+            return
+        # Busy-poll: a guest driver's register reads come in bursts (an interrupt handler reads
+        # four), and waking a sleeping process costs more than the read itself.  Bounded so the
+        # loop's other work (timers, the VM's console, hotplug) still runs every few ms.
+        now = time.perf_counter_ns()
+        deadline, give_back = now + self.busy_poll_ns, now + BUSY_POLL_TURN_NS
+        while self._sock is not None and now < deadline and now < give_back:
+            if self._receive():
+                deadline = time.perf_counter_ns() + self.busy_poll_ns
+                if self.drive_scheduler:
+                    self.controller.scheduler.run_due()
+            now = time.perf_counter_ns()
+
+    def _receive(self) -> bool:
+        """Read what the socket has and handle it; False if there was nothing."""
         sock = self._sock
         if sock is None:
-            return
+            return False
         if len(self._buf) - self._end < MAX_MESSAGE:
             self._compact()
         chunk_start = self._end
         try:
             n, anc, msg_flags, _ = sock.recvmsg_into([self._view[self._end:]], _ANC_SPACE)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError as e:
             self._disconnect(f"socket error: {e}")
-            return
+            return False
         fds = _fds_from(anc)
         if msg_flags & socket.MSG_CTRUNC:
             _close_all(fds)
             self._disconnect("client sent more file descriptors than fit in one message")
-            return
+            return False
         if n == 0:
             _close_all(fds)
             self._disconnect("client closed the connection")
-            return
+            return False
         self._end += n
         if fds:
             self._attach_fds(chunk_start, fds)
@@ -412,6 +439,7 @@ class VfioUserServer:
         except Exception as e:          # a bug of ours: end the session rather than hang it
             log.exception("vfio-user message processing failed")
             self._disconnect(f"internal error: {e!r}")
+        return True
 
     def _attach_fds(self, chunk_start: int, fds: list[int]) -> None:
         # The kernel returns a sendmsg's descriptors with its first bytes and stops reading after

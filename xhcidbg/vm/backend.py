@@ -21,6 +21,7 @@ from ..devices.base import Speed, UsbDevice
 from ..emu.controller import XhciController
 from ..emu.timing import Scheduler
 from ..vfio_user import VfioUserServer
+from ..vfio_user.server import BUSY_POLL_US
 
 log = logging.getLogger("xhcidbg.vm")
 
@@ -113,13 +114,15 @@ class Backend:
 
     def __init__(self, socket_path: str | os.PathLike, devices: Iterable[UsbDevice] = (), *,
                  usb2_ports: int = 4, usb3_ports: int = 4, msix: bool = True,
+                 busy_poll_us: int = BUSY_POLL_US,
                  on_disconnect: Callable[[], None] | None = None,
                  say: Callable[[str], None] | None = None):
         self.scheduler = Scheduler(virtual=False)
         self.controller = XhciController(usb2_ports=usb2_ports, usb3_ports=usb3_ports,
                                          scheduler=self.scheduler)
         self.server = VfioUserServer(self.controller, os.fspath(socket_path),
-                                     on_disconnect=on_disconnect, msix=msix)
+                                     on_disconnect=on_disconnect, msix=msix,
+                                     busy_poll_us=busy_poll_us)
         self.say = say
         if say is not None:
             self.controller.hooks.attach(EventLog(self.controller, say))
