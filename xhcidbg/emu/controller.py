@@ -629,7 +629,12 @@ class XhciController:
             self.refuse(f"intr{interrupter}", f"interrupter target {interrupter} does not exist; "
                         f"event goes to interrupter 0")
             interrupter = 0
-        self.interrupters[interrupter].post(EventRecord(interrupter, dwords, note=note), block)
+        ir = self.interrupters[interrupter]
+        hooks = self.hooks
+        if (not hooks.on_event and not hooks.on_event_posted and not note and ir.segments
+                and not ir.full and ir.write_unobserved(dwords, block)):
+            return
+        ir.post(EventRecord(interrupter, dwords, note=note), block)
 
     def post_transfer_event(self, ep: Endpoint, trb: Trb, cc: int, length: int, intr: int,
                             event_data: bool, block: bool) -> None:

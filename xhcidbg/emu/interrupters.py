@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .controller import XhciController
 
 ERST_ENTRY = struct.Struct("<QII")     # segment base, size (TRBs), reserved
+_EVENT = struct.Struct("<4I")
 MIN_SEGMENT_TRBS = 16
 MAX_SEGMENT_TRBS = 4096
 BACKLOG_LIMIT = 1024                   # events held while the ring is full, then lost
@@ -179,25 +180,42 @@ class Interrupter:
                                             TrbType.HOST_CONTROLLER_EVENT << 10])
             self.backlog.appendleft(ev)
             ev = full
-        dw = ev.dwords
-        dw[3] = (dw[3] & ~1) | self.pcs
-        addr = self.enqueue_pointer
-        try:
-            self.hc.mem.write(addr, struct.pack("<4I", *dw))
-        except DmaError as e:
-            self.hc.host_system_error(f"interrupter {self.index}: event ring write at {addr:#x} "
-                                      f"failed ({e})")
+        addr = self._store(ev.dwords, seg, idx)
+        if addr is None:
             return
         ev.addr = addr
-        self.posted += 1
-        if seg == 0 and idx == 0:
-            self.pcs ^= 1
-        self.seg, self.enq_index = seg, idx
         for fn in self.hc.hooks.on_event_posted:
             fn(ev)
         if not block_interrupt:
             self.pending = True
             self.try_fire()
+
+    def write_unobserved(self, dwords: list[int], block_interrupt: bool) -> bool:
+        """The common case without observers and with room: no EventRecord is made.  False:
+        the ring is about to fill, take the general path (`post`)."""
+        seg, idx = self._next_slot()
+        if self.segments[seg][0] + idx * TRB_SIZE == self.erdp:
+            return False
+        if self._store(dwords, seg, idx) is not None and not block_interrupt:
+            self.pending = True
+            self.try_fire()
+        return True
+
+    def _store(self, dw: list[int], seg: int, idx: int) -> int | None:
+        """Write one event at the enqueue pointer with our cycle bit and advance to (seg, idx)."""
+        dw[3] = (dw[3] & ~1) | self.pcs
+        addr = self.enqueue_pointer
+        try:
+            self.hc.mem.write(addr, _EVENT.pack(*dw))
+        except DmaError as e:
+            self.hc.host_system_error(f"interrupter {self.index}: event ring write at {addr:#x} "
+                                      f"failed ({e})")
+            return None
+        self.posted += 1
+        if seg == 0 and idx == 0:
+            self.pcs ^= 1
+        self.seg, self.enq_index = seg, idx
+        return addr
 
     # ---- interrupt moderation ---------------------------------------------------------------------
     def try_fire(self) -> None:
