@@ -402,6 +402,8 @@ class VfioUserServer:
                 deadline = time.perf_counter_ns() + self.busy_poll_ns
                 if self.drive_scheduler:
                     self.controller.scheduler.run_due()
+            else:
+                os.sched_yield()     # a VMM thread sharing this core runs first
             now = time.perf_counter_ns()
 
     def _receive(self) -> bool:
