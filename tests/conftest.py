@@ -1,6 +1,10 @@
 """Shared fixtures: a controller on the in-process bus with the scripted guest driver started."""
 import pytest
 
+from xhcidbg.devices.base import Speed
+from xhcidbg.devices.loopback import LoopbackDevice
+from xhcidbg.emu.trb import TrbType as T
+from xhcidbg.guest.device import Device
 from xhcidbg.guest.driver import XhciDriver
 from xhcidbg.transport.inproc import InProcessBus
 
@@ -17,3 +21,22 @@ def drv(bus):
     # Whatever a test did, the controller must not have hit a bug of ours.
     assert bus.controller.internal_errors == 0
     assert bus.scheduler.errors == 0
+
+
+@pytest.fixture
+def loop(bus, drv):
+    bus.controller.attach(LoopbackDevice(speed=Speed.SUPER, pattern=None))
+    return Device.enumerate(drv, 3)
+
+
+def raw(ep, *trbs):
+    """Put raw TRBs on an endpoint's ring (the ring supplies cycle bits), ring the doorbell,
+    and return the transfer events nobody's transfer explains."""
+    drv = ep.dev.drv
+    before = len(drv.unmatched)
+    for param, status, control in trbs:
+        ep.ring.put(param, status, control)
+    ep.ring_doorbell()
+    drv.bus.wait(lambda: False, 5_000_000)
+    drv.service()
+    return [e for e in list(drv.unmatched)[before:] if e.type == T.TRANSFER_EVENT]

@@ -7,10 +7,11 @@ import pytest
 
 from xhcidbg.devices.base import Speed
 from xhcidbg.devices.loopback import LoopbackDevice
+from conftest import raw
+from xhcidbg.guest.device import Device
 from xhcidbg.emu import regs as R
 from xhcidbg.emu.context import EpState
 from xhcidbg.emu.trb import CC, Trb, TrbType as T
-from xhcidbg.guest.device import Device
 from xhcidbg.guest.driver import XhciDriver
 from xhcidbg.guest.errors import ControllerError, XhciTimeout
 
@@ -18,25 +19,6 @@ LINK = T.LINK << 10
 NORMAL = T.NORMAL << 10
 IOC = 1 << 5
 CH = 1 << 4
-
-
-@pytest.fixture
-def loop(bus, drv):
-    bus.controller.attach(LoopbackDevice(speed=Speed.SUPER, pattern=None))
-    return Device.enumerate(drv, 3)
-
-
-def raw(ep, *trbs):
-    """Put raw TRBs on an endpoint's ring (the ring supplies cycle bits), ring the doorbell,
-    and return the transfer events nobody's transfer explains."""
-    drv = ep.dev.drv
-    before = len(drv.unmatched)
-    for param, status, control in trbs:
-        ep.ring.put(param, status, control)
-    ep.ring_doorbell()
-    drv.bus.wait(lambda: False, 5_000_000)
-    drv.service()
-    return [e for e in list(drv.unmatched)[before:] if e.type == T.TRANSFER_EVENT]
 
 
 def test_link_trb_loop_on_a_transfer_ring_is_a_trb_error(bus, drv, loop):
@@ -169,3 +151,4 @@ def test_interrupter_target_out_of_range_goes_to_interrupter_0(bus, drv, loop):
 def test_max_slots_enabled_is_clamped(bus):
     bus.mmio_write(R.OP_BASE + 0x38, 4, 255)
     assert bus.mmio_read(R.OP_BASE + 0x38, 4) & 0xFF == bus.controller.max_slots
+
