@@ -4,10 +4,15 @@ import pytest
 
 from xhcidbg.devices import DirectHost, Keyboard, PortLink, Speed, Status, Tablet
 from xhcidbg.devices.descriptors import DescriptorType, HidDescriptor
-from xhcidbg.devices.hid import (ItemType, format_report_descriptor, parse_report_descriptor,
-                                 report_sizes)
+from xhcidbg.devices.hid import (
+    ItemType,
+    format_report_descriptor,
+    parse_report_descriptor,
+    report_sizes,
+)
 from xhcidbg.devices.hid_device import HidRequest
-from xhcidbg.devices.keyboard import KEYS, REPORT_DESCRIPTOR as KEYBOARD_REPORT, US_LAYOUT, Leds
+from xhcidbg.devices.keyboard import KEYS, US_LAYOUT, Leds
+from xhcidbg.devices.keyboard import REPORT_DESCRIPTOR as KEYBOARD_REPORT
 from xhcidbg.devices.tablet import REPORT_DESCRIPTOR as TABLET_REPORT
 from xhcidbg.emu.timing import Scheduler
 
@@ -100,7 +105,7 @@ def test_keyboard_descriptor_is_the_hid_boot_keyboard():
     spec = bytes.fromhex(
         "05010906a101050719e029e715002501750195088102950175088101950575010508190129059102"
         "950175039101950675081500256505071900296581 00c0".replace(" ", ""))
-    assert KEYBOARD_REPORT == spec
+    assert spec == KEYBOARD_REPORT
 
 
 def test_hid_descriptors_in_configuration_and_on_interface():

@@ -1,17 +1,46 @@
 """Chapter 9 behaviour of StandardDevice, driven through submit() with real UsbTransfers."""
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from xhcidbg.devices import (DirectHost, Keyboard, LoopbackDevice, Speed, Status, StorageDevice,
-                             Tablet, TransferError, UsbTransfer, EpType)
+from xhcidbg.devices import (
+    DirectHost,
+    EpType,
+    Keyboard,
+    LoopbackDevice,
+    Speed,
+    Status,
+    StorageDevice,
+    Tablet,
+    TransferError,
+    UsbTransfer,
+)
+from xhcidbg.devices.declaration import (
+    DEFER,
+    Configuration,
+    EndpointDecl,
+    Interface,
+    Stall,
+    control_request,
+    on_transfer,
+)
 from xhcidbg.devices.descriptors import (
-    BinaryObjectStoreDescriptor, ConfigurationDescriptor, DescriptorType, DeviceDescriptor,
-    DeviceQualifierDescriptor, StringDescriptor, StringLanguageDescriptor,
-    SuperSpeedUSBDeviceCapabilityDescriptor, USB2ExtensionDescriptor, describe_setup,
-    parse_descriptors, setup_packet)
-from xhcidbg.devices.descriptors import Recipient, RequestType
-from xhcidbg.devices.standard import (DEFER, Configuration, DeviceState, Endpoint, Interface,
-                                      StandardDevice, Stall, control_request, on_transfer)
+    BinaryObjectStoreDescriptor,
+    ConfigurationDescriptor,
+    DescriptorType,
+    DeviceDescriptor,
+    DeviceQualifierDescriptor,
+    Recipient,
+    RequestType,
+    StringDescriptor,
+    StringLanguageDescriptor,
+    SuperSpeedUSBDeviceCapabilityDescriptor,
+    USB2ExtensionDescriptor,
+    describe_setup,
+    parse_descriptors,
+    setup_packet,
+)
+from xhcidbg.devices.standard import DeviceState, StandardDevice
 
 GET_STATUS, CLEAR_FEATURE, SET_FEATURE = 0, 1, 3
 SET_ADDRESS, GET_DESCRIPTOR, GET_CONFIGURATION, SET_CONFIGURATION = 5, 6, 8, 9
@@ -27,8 +56,9 @@ def image(tmp_path):
 
 def all_devices(image):
     return [Tablet(), Tablet(speed=Speed.HIGH), Keyboard(), Keyboard(speed=Speed.LOW),
-            Keyboard(speed=Speed.HIGH), StorageDevice(image), StorageDevice(image, speed=Speed.HIGH),
-            StorageDevice(image, speed=Speed.FULL), LoopbackDevice(),
+            Keyboard(speed=Speed.HIGH), StorageDevice(image),
+            StorageDevice(image, speed=Speed.HIGH), StorageDevice(image, speed=Speed.FULL),
+            LoopbackDevice(),
             LoopbackDevice(speed=Speed.HIGH), LoopbackDevice(speed=Speed.FULL)]
 
 
@@ -93,9 +123,9 @@ def test_packet_sizes_and_intervals_per_speed(image):
     assert sizes[Speed.FULL][0x82].wMaxPacketSize == 64
     assert sizes[Speed.FULL][0x83].wMaxPacketSize == 1023
     # The tablet's 8 ms polling: bInterval 8 at full speed, 2^(7-1) microframes at high speed.
-    assert Endpoint(0x81, EpType.INTERRUPT, 8, interval_us=8000).interval_for(Speed.FULL) == 8
-    assert Endpoint(0x81, EpType.INTERRUPT, 8, interval_us=8000).interval_for(Speed.HIGH) == 7
-    assert Endpoint(0x81, EpType.INTERRUPT, 8, interval_us=10000).interval_for(Speed.HIGH) == 7
+    assert EndpointDecl(0x81, EpType.INTERRUPT, 8, interval_us=8000).interval_for(Speed.FULL) == 8
+    assert EndpointDecl(0x81, EpType.INTERRUPT, 8, interval_us=8000).interval_for(Speed.HIGH) == 7
+    assert EndpointDecl(0x81, EpType.INTERRUPT, 8, interval_us=10000).interval_for(Speed.HIGH) == 7
 
 
 def test_bos_only_for_superspeed():
@@ -129,7 +159,7 @@ def test_device_qualifier_and_other_speed_rules():
     fs = DirectHost(Tablet(speed=Speed.FULL))
     assert len(fs.get_descriptor(DescriptorType.DEVICE_QUALIFIER, length=10)) == 10
     other = fs.get_descriptor(DescriptorType.OTHER_SPEED_CONFIGURATION, 0, 255)
-    assert [p for n, p in parse_descriptors(other) if n == "ENDPOINT"][0].bInterval == 7
+    assert next(p for n, p in parse_descriptors(other) if n == "ENDPOINT").bInterval == 7
     # SuperSpeed devices, and devices that cannot run at high speed, have no qualifier.
     ss = DirectHost(LoopbackDevice(speed=Speed.SUPER))
     for kind in (DescriptorType.DEVICE_QUALIFIER, DescriptorType.OTHER_SPEED_CONFIGURATION):
@@ -338,9 +368,9 @@ class Gadget(StandardDevice):
     speeds = (Speed.FULL, Speed.HIGH, Speed.SUPER)
     configurations = (
         Configuration(1, name="only", remote_wakeup=True, interfaces=(
-            Interface(0, (Endpoint(0x81, EpType.BULK), Endpoint(0x01, EpType.BULK)),
+            Interface(0, (EndpointDecl(0x81, EpType.BULK), EndpointDecl(0x01, EpType.BULK)),
                       name="data"),
-            Interface(1, (Endpoint(0x82, EpType.INTERRUPT, max_packet=16, interval_us=2000),),
+            Interface(1, (EndpointDecl(0x82, EpType.INTERRUPT, max_packet=16, interval_us=2000),),
                       cls=0x0A, name="events"),
         )),
     )

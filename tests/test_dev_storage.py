@@ -3,13 +3,20 @@ import hashlib
 import os
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from xhcidbg.devices import DirectHost, Disk, Speed, Status, StorageDevice
 from xhcidbg.devices.bot import CSW, CswStatus, cbw
 from xhcidbg.devices.descriptors import parse_descriptors
-from xhcidbg.devices.scsi import (FixedSenseData, ReadCapacity10Data, ReadCapacity16Data,
-                                  ReportLunsData, StandardInquiryData, VpdPage)
+from xhcidbg.devices.scsi import (
+    FixedSenseData,
+    ReadCapacity10Data,
+    ReadCapacity16Data,
+    ReportLunsData,
+    StandardInquiryData,
+    VpdPage,
+)
 
 BLOCKS = 4096                       # 2 MiB images
 IN, OUT = 0x81, 0x02
@@ -365,8 +372,8 @@ def test_hostile_cbws_never_break_the_device(tmp_path_factory, blob, length, pre
     bot = Bot(dev)
     host = bot.host
     if prefix:                                   # a well-formed wrapper around random bytes
-        blob = b"USBC" + blob[4:8] + length.to_bytes(4, "little") + bytes([blob[12] & 0x80, 0,
-                                                                           max(1, blob[14] % 17)]) + blob[15:]
+        flags_lun_cblength = bytes([blob[12] & 0x80, 0, max(1, blob[14] % 17)])
+        blob = b"USBC" + blob[4:8] + length.to_bytes(4, "little") + flags_lun_cblength + blob[15:]
     x = host.submit_out(OUT, blob)
     assert x.done
     for _ in range(4):

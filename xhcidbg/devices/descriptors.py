@@ -11,15 +11,29 @@ from __future__ import annotations
 from enum import IntEnum
 
 import construct as c
-from usb_protocol.types import (LanguageIDs, USBDirection, USBRequestRecipient, USBRequestType,
-                                USBStandardRequests)
+from usb_protocol.types import (
+    LanguageIDs,
+    USBDirection,
+    USBRequestRecipient,
+    USBRequestType,
+    USBStandardRequests,
+)
 from usb_protocol.types.descriptor import DescriptorField, DescriptorFormat, DescriptorNumber
 from usb_protocol.types.descriptors.standard import (
-    BinaryObjectStoreDescriptor, ConfigurationDescriptor, DeviceCapabilityTypes, DeviceDescriptor,
-    DeviceQualifierDescriptor, EndpointDescriptor, InterfaceAssociationDescriptor,
-    InterfaceDescriptor, StringDescriptor, StringLanguageDescriptor,
-    SuperSpeedEndpointCompanionDescriptor, SuperSpeedUSBDeviceCapabilityDescriptor,
-    USB2ExtensionDescriptor)
+    BinaryObjectStoreDescriptor,
+    ConfigurationDescriptor,
+    DeviceCapabilityTypes,
+    DeviceDescriptor,
+    DeviceQualifierDescriptor,
+    EndpointDescriptor,
+    InterfaceAssociationDescriptor,
+    InterfaceDescriptor,
+    StringDescriptor,
+    StringLanguageDescriptor,
+    SuperSpeedEndpointCompanionDescriptor,
+    SuperSpeedUSBDeviceCapabilityDescriptor,
+    USB2ExtensionDescriptor,
+)
 
 __all__ = [
     "BinaryObjectStoreDescriptor", "ConfigurationDescriptor", "ContainerIdDescriptor",
@@ -98,10 +112,11 @@ SETUP_PACKET = SetupPacket.compile()            # the same declaration, compiled
 def setup_packet(request_type: int, request: int, value: int = 0, index: int = 0,
                  length: int = 0) -> bytes:
     """Build a SETUP packet from the raw bmRequestType byte and the request fields."""
-    return SetupPacket.build({
+    packet: bytes = SetupPacket.build({
         "bmRequestType": {"direction": request_type >> 7 & 1, "type": request_type >> 5 & 3,
                           "recipient": request_type & 0x1F},
         "bRequest": request, "wValue": value, "wIndex": index, "wLength": length})
+    return packet
 
 
 # Other-speed configuration (USB 2.0 9.6.4): a configuration descriptor with its own type number.
@@ -124,7 +139,8 @@ HidDescriptor = DescriptorFormat(
     "bcdHID" / DescriptorField("HID version", default=1.11),
     "bCountryCode" / DescriptorField("Country code", default=0),
     "bNumDescriptors" / DescriptorField("Class descriptors", default=1),
-    "bClassDescriptorType" / DescriptorField("Class descriptor type", default=DescriptorType.REPORT),
+    "bClassDescriptorType" / DescriptorField("Class descriptor type",
+                                             default=DescriptorType.REPORT),
     "wClassDescriptorLength" / DescriptorField("Class descriptor length"),
 )
 
@@ -137,7 +153,8 @@ ContainerIdDescriptor = DescriptorFormat(
     "ContainerID" / c.Bytes(16),
 )
 
-_BY_TYPE = {
+# Layouts are construct objects (untyped), hence `c.Construct`.
+_BY_TYPE: dict[int, c.Construct] = {
     DescriptorType.DEVICE: DeviceDescriptor,
     DescriptorType.CONFIGURATION: ConfigurationDescriptor,
     DescriptorType.INTERFACE: InterfaceDescriptor,
@@ -149,14 +166,14 @@ _BY_TYPE = {
     DescriptorType.HID: HidDescriptor,
     DescriptorType.SUPERSPEED_ENDPOINT_COMPANION: SuperSpeedEndpointCompanionDescriptor,
 }
-_CAPABILITIES = {
+_CAPABILITIES: dict[int, c.Construct] = {
     DeviceCapabilityTypes.USB_2_EXTENSION: USB2ExtensionDescriptor,
     DeviceCapabilityTypes.SUPERSPEED_USB: SuperSpeedUSBDeviceCapabilityDescriptor,
     DeviceCapabilityTypes.CONTAINER_ID: ContainerIdDescriptor,
 }
 
 
-def _format_for(chunk: bytes):
+def _format_for(chunk: bytes) -> c.Construct | None:
     kind = chunk[1]
     if kind == DescriptorType.STRING:
         return StringDescriptor

@@ -15,9 +15,10 @@ descriptor with the same table the devices use to build theirs:
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
-from typing import Iterable, Union
+from typing import Protocol, TypeAlias
 
 import construct as c
 
@@ -164,15 +165,19 @@ class Item:
             else:
                 raise ValueError(f"{self.kind.name} value {value} does not fit 4 bytes")
             data = value.to_bytes(size, "little", signed=self.kind.signed)
-        prefix = ItemPrefix.build({"bTag": self.kind.tag, "bType": self.kind.type,
+        prefix: bytes = ItemPrefix.build({"bTag": self.kind.tag, "bType": self.kind.type,
                                    "bSize": _SIZE_CODE[size]})
         return prefix + data
 
 
-ItemTree = Union[Item, Iterable["ItemTree"]]
+ItemTree: TypeAlias = Item | Iterable["ItemTree"]
 
 
-def _builder(name: str):
+class ItemBuilder(Protocol):
+    def __call__(self, value: int = 0) -> Item: ...
+
+
+def _builder(name: str) -> ItemBuilder:
     kind = _BY_NAME[name]
 
     def build(value: int = 0) -> Item:
@@ -203,12 +208,12 @@ UsageMinimum = _builder("Usage Minimum")
 UsageMaximum = _builder("Usage Maximum")
 
 
-def Collection(kind: CollectionType, *children: ItemTree) -> list:
+def Collection(kind: CollectionType, *children: ItemTree) -> list[ItemTree]:
     """A Collection item, its children, and the matching End Collection."""
     return [Item(_BY_NAME["Collection"], int(kind)), *children, EndCollection()]
 
 
-def _flatten(items: Iterable[ItemTree]):
+def _flatten(items: Iterable[ItemTree]) -> Iterator[Item]:
     for item in items:
         if isinstance(item, Item):
             yield item
@@ -263,7 +268,8 @@ def parse_report_descriptor(data: bytes) -> list[ParsedItem]:
     return out
 
 
-_USAGE_NAMES = {Page.GENERIC_DESKTOP: GenericDesktop, Page.LED: Led, Page.CONSUMER: Consumer}
+_USAGE_NAMES: dict[int, type[IntEnum]] = {
+    Page.GENERIC_DESKTOP: GenericDesktop, Page.LED: Led, Page.CONSUMER: Consumer}
 
 
 def _value_text(item: ParsedItem, page: int) -> str:
@@ -317,7 +323,7 @@ def report_sizes(data: bytes) -> dict[tuple[str, int], int]:
     Report Count / Report ID state (with Push/Pop), as a host parser computes them."""
     sizes: dict[tuple[str, int], int] = {}
     state = {"size": 0, "count": 0, "id": 0}
-    stack: list[dict] = []
+    stack: list[dict[str, int]] = []
     for item in parse_report_descriptor(data):
         name = item.kind.name if item.kind else ""
         if name == "Report Size":
@@ -338,4 +344,6 @@ def report_sizes(data: bytes) -> dict[tuple[str, int], int]:
 
 def hid_descriptor(report: bytes, country: int = 0) -> bytes:
     """The HID class descriptor announcing one report descriptor of this length."""
-    return HidDescriptor.build({"bCountryCode": country, "wClassDescriptorLength": len(report)})
+    blob: bytes = HidDescriptor.build({"bCountryCode": country,
+                                       "wClassDescriptorLength": len(report)})
+    return blob

@@ -12,10 +12,11 @@ import logging
 from collections import deque
 from enum import IntEnum
 
-from .base import Status, UsbTransfer
+from .base import Speed, Status, UsbTransfer
+from .declaration import Configuration, EndpointDecl, Interface, Request, Stall, control_request
 from .descriptors import DescriptorType
 from .hid import hid_descriptor
-from .standard import Endpoint, Interface, Request, StandardDevice, Stall, control_request
+from .standard import Cancellable, StandardDevice
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class Protocol(IntEnum):
 IDLE_UNIT_NS = 4_000_000          # SET_IDLE durations count 4 ms units
 
 
-def hid_interface(number: int, report: bytes, endpoints: tuple[Endpoint, ...], *,
+def hid_interface(number: int, report: bytes, endpoints: tuple[EndpointDecl, ...], *,
                   subclass: int = 0, protocol: int = 0, name: str | None = None) -> Interface:
     """An interface of the HID class: the HID descriptor sits in the configuration, and both
     it and the report descriptor answer GET_DESCRIPTOR on the interface."""
@@ -63,9 +64,9 @@ class HidDevice(StandardDevice):
     default_idle = 0              # 4 ms units; 0 = report only on change
     max_queued_reports = 4096
 
-    def __init__(self, speed=None):
+    def __init__(self, speed: Speed | None = None):
         self._reports: deque[bytes] = deque()
-        self._idle_timer = None
+        self._idle_timer: Cancellable | None = None
         self.protocol = Protocol.REPORT
         self.idle = self.default_idle
         super().__init__(speed)
@@ -159,7 +160,7 @@ class HidDevice(StandardDevice):
         self.protocol = Protocol.REPORT
         self.idle = self.default_idle
 
-    def on_configured(self, config) -> None:
+    def on_configured(self, config: Configuration | None) -> None:
         self._reports.clear()
 
     # ---- class requests --------------------------------------------------------------------

@@ -9,9 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .base import EpType, Status, UsbDevice, UsbTransfer
-from .descriptors import (ConfigurationDescriptor, DescriptorType, DeviceDescriptor,
-                          StandardRequest, StringDescriptor, StringLanguageDescriptor,
-                          setup_packet)
+from .descriptors import (
+    ConfigurationDescriptor,
+    DescriptorType,
+    DeviceDescriptor,
+    StandardRequest,
+    StringDescriptor,
+    StringLanguageDescriptor,
+    setup_packet,
+)
 
 
 class TransferError(Exception):

@@ -13,12 +13,30 @@ from __future__ import annotations
 from enum import IntFlag
 
 from .base import EpType, Speed
-from .hid import (ABSOLUTE, ARRAY, CONSTANT, DATA, VARIABLE, Collection, CollectionType,
-                  GenericDesktop, Input, LogicalMaximum, LogicalMinimum, Output, Page,
-                  ReportCount, ReportSize, Usage, UsageMaximum, UsageMinimum, UsagePage,
-                  report_descriptor)
+from .declaration import Configuration, EndpointDecl
+from .hid import (
+    ABSOLUTE,
+    ARRAY,
+    CONSTANT,
+    DATA,
+    VARIABLE,
+    Collection,
+    CollectionType,
+    GenericDesktop,
+    Input,
+    LogicalMaximum,
+    LogicalMinimum,
+    Output,
+    Page,
+    ReportCount,
+    ReportSize,
+    Usage,
+    UsageMaximum,
+    UsageMinimum,
+    UsagePage,
+    report_descriptor,
+)
 from .hid_device import HidDevice, hid_interface
-from .standard import Configuration, Endpoint
 
 MAX_KEYCODE = 0x65          # Keyboard Application: the last usage of the boot key range
 ERROR_ROLLOVER = 0x01       # every key slot reports this when more than six keys are down
@@ -91,7 +109,8 @@ US_LAYOUT: dict[str, tuple[int, bool]] = {
     **{ch: (KEYS[ch], False) for ch in "abcdefghijklmnopqrstuvwxyz0123456789"},
     **{ch.upper(): (KEYS[ch], True) for ch in "abcdefghijklmnopqrstuvwxyz"},
     **{ch: (_USAGE_OF[ch], False) for ch in _USAGE_OF},
-    **{s: (KEYS[u] if u.isalnum() else _USAGE_OF[u], True) for u, s in zip(_UNSHIFTED, _SHIFTED)},
+    **{s: (KEYS[u] if u.isalnum() else _USAGE_OF[u], True)
+       for u, s in zip(_UNSHIFTED, _SHIFTED, strict=True)},
     " ": (0x2C, False), "\n": (0x28, False), "\t": (0x2B, False), "\b": (0x2A, False),
 }
 SHIFT = MODIFIERS["left_shift"]
@@ -129,8 +148,8 @@ class Keyboard(HidDevice):
         Configuration(1, interfaces=(
             hid_interface(0, REPORT_DESCRIPTOR, subclass=BOOT_SUBCLASS,
                           protocol=KEYBOARD_PROTOCOL, name="HID keyboard", endpoints=(
-                              Endpoint(0x81, EpType.INTERRUPT, max_packet=8,
-                                       interval_us=8000),)),),
+                              EndpointDecl(0x81, EpType.INTERRUPT, max_packet=8,
+                                           interval_us=8000),)),),
             remote_wakeup=True, max_power_ma=100),
     )
 
@@ -201,6 +220,6 @@ class Keyboard(HidDevice):
             strokes.append(US_LAYOUT[ch])
         for code, shift in strokes:
             modifiers = self._modifiers | (1 << (SHIFT - 0xE0) if shift else 0)
-            keys = self._down + [code] if code not in self._down else self._down
+            keys = [*self._down, code] if code not in self._down else self._down
             self.queue_report(self._report(modifiers, keys))
             self.queue_report(self.input_report())

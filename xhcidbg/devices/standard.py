@@ -1,6 +1,7 @@
-"""A USB device declared as a tree, answering the standard requests the way real devices do.
+"""A virtual device that runs its declaration and answers the standard requests (USB 2.0 and
+USB 3.2 chapter 9) the way real devices do.
 
-A device class names itself and declares its configurations as small immutable objects:
+A device class names itself and declares its configurations (see `declaration`):
 
     class Gadget(StandardDevice):
         vendor_id, product_id = 0x1209, 0x0001
@@ -9,7 +10,7 @@ A device class names itself and declares its configurations as small immutable o
         configurations = (
             Configuration(1, interfaces=(
                 Interface(0, cls=0xFF, endpoints=(
-                    Endpoint(0x81, EpType.BULK), Endpoint(0x01, EpType.BULK))),)),)
+                    EndpointDecl(0x81, EpType.BULK), EndpointDecl(0x01, EpType.BULK))),)),)
 
         @on_transfer(0x81)
         def source(self, xfer): xfer.complete(data=b"...")
@@ -17,40 +18,47 @@ A device class names itself and declares its configurations as small immutable o
         @control_request(0x5C, type=RequestType.VENDOR, recipient=Recipient.DEVICE)
         def read_buffer(self, request): return self.buffer
 
-The one declaration serves every speed the class lists: descriptors are built per operating
-speed (bcdUSB, EP0 packet size, bulk/interrupt/isochronous packet sizes and interval encodings,
-SuperSpeed endpoint companions, BOS, device qualifier and other-speed configuration).  Standard
-requests (USB 2.0 / USB 3.2 chapter 9) are handled here; class and vendor requests and data
-endpoints dispatch to decorated methods.  Anything unsupported STALLs.
+`StandardDevice` keeps the chapter 9 state (address, configuration, alternate settings, halts,
+features), answers GET_DESCRIPTOR from the device's `DescriptorSet` at the speed it runs at,
+and dispatches class and vendor requests and data transfers to the decorated methods.
+Anything unsupported STALLs.
 """
 from __future__ import annotations
 
 import logging
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from enum import IntEnum
-from typing import Callable, Mapping
+from typing import Any, ClassVar, ParamSpec, Protocol, runtime_checkable
 
 from .base import EpType, PortLink, Speed, Status, UsbDevice, UsbTransfer
+from .declaration import (
+    DEFER,
+    Configuration,
+    EndpointDecl,
+    Interface,
+    Request,
+    RequestKey,
+    RequestResult,
+    Stall,
+    declared_handlers,
+)
+from .descriptor_set import DescriptorSet
 from .descriptors import (
-    SETUP_PACKET, BinaryObjectStoreDescriptor, ConfigurationDescriptor, DescriptorType,
-    DeviceDescriptor, DeviceFeature, DeviceQualifierDescriptor, EndpointDescriptor,
-    EndpointFeature, InterfaceDescriptor, InterfaceFeature, LanguageIDs,
-    OtherSpeedConfigurationDescriptor, Recipient, RequestType, StandardRequest, StringDescriptor,
-    StringLanguageDescriptor, SuperSpeedEndpointCompanionDescriptor,
-    SuperSpeedUSBDeviceCapabilityDescriptor, USB2ExtensionDescriptor)
+    DescriptorType,
+    DeviceFeature,
+    EndpointFeature,
+    InterfaceFeature,
+    Recipient,
+    RequestType,
+    StandardRequest,
+)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Configuration", "DEFER", "DeviceState", "Endpoint", "Interface", "Request", "Stall",
-           "StandardDevice", "control_request", "on_transfer"]
+__all__ = ["Cancellable", "Clock", "DeviceState", "StandardDevice"]
 
-
-class Stall(Exception):
-    """Raised by a request handler to answer with STALL (a request error)."""
-
-
-DEFER = object()   # returned by a handler that keeps the transfer and completes it later
+_P = ParamSpec("_P")
 
 
 class DeviceState(IntEnum):
@@ -61,215 +69,24 @@ class DeviceState(IntEnum):
     CONFIGURED = 3
 
 
-# Largest wMaxPacketSize each speed allows, per transfer type (USB 2.0 5.5-5.8, USB 3.2 8.6).
-_MAX_PACKET = {
-    Speed.LOW: {EpType.CONTROL: 8, EpType.INTERRUPT: 8},
-    Speed.FULL: {EpType.CONTROL: 64, EpType.BULK: 64, EpType.INTERRUPT: 64,
-                 EpType.ISOCHRONOUS: 1023},
-    Speed.HIGH: {EpType.CONTROL: 64, EpType.BULK: 512, EpType.INTERRUPT: 1024,
-                 EpType.ISOCHRONOUS: 1024},
-    Speed.SUPER: {EpType.CONTROL: 512, EpType.BULK: 1024, EpType.INTERRUPT: 1024,
-                  EpType.ISOCHRONOUS: 1024},
-}
-_MAX_PACKET[Speed.SUPER_PLUS] = _MAX_PACKET[Speed.SUPER]
+class Cancellable(Protocol):
+    def cancel(self) -> None: ...
 
 
-def _operating(speed: Speed) -> Speed:
-    """SuperSpeedPlus uses the SuperSpeed descriptor rules."""
-    return Speed.SUPER if speed >= Speed.SUPER else speed
+@runtime_checkable
+class Clock(Protocol):
+    """What a device asks of the controller's scheduler (`xhcidbg.emu.timing.Scheduler`): a
+    callback after a delay, which it may cancel."""
 
-
-def _bcd(value: int) -> float:
-    """usb_protocol wants BCD fields as 'XX.YY' numbers: 0x0320 -> 3.2."""
-    return float(f"{value >> 8:x}.{value & 0xFF:02x}")
-
-
-@dataclass(frozen=True, eq=False)
-class Endpoint:
-    """One endpoint of an interface alternate setting.
-
-    `max_packet` is an int (clamped to what each speed allows), a per-speed mapping, or None for
-    the largest allowed.  Bulk endpoints always use the one size each speed mandates above full
-    speed (512 high, 1024 super).  `interval_us` is the service period of interrupt and
-    isochronous endpoints; it is encoded per speed (frames at full/low speed, 2^(n-1)
-    microframes at high and super speed), rounded down to a period the encoding can express.
-    """
-
-    address: int
-    type: EpType
-    max_packet: int | Mapping[Speed, int] | None = None
-    interval_us: int = 1000
-    max_burst: int = 0           # SuperSpeed: packets per burst minus one (0-15)
-    ss_attributes: int = 0       # SuperSpeed companion bmAttributes (bulk MaxStreams, iso Mult)
-    sync: int = 0                # isochronous synchronisation type (bmAttributes 3:2)
-    usage: int = 0               # isochronous usage type (bmAttributes 5:4)
-
-    @property
-    def is_in(self) -> bool:
-        return bool(self.address & 0x80)
-
-    @property
-    def number(self) -> int:
-        return self.address & 0x0F
-
-    def max_packet_for(self, speed: Speed) -> int:
-        limits = _MAX_PACKET[speed]
-        top = limits.get(self.type, 0)
-        if self.type == EpType.BULK and speed >= Speed.HIGH:
-            return top
-        declared = self.max_packet
-        if isinstance(declared, Mapping):
-            declared = declared.get(speed, declared.get(_operating(speed)))
-        return top if declared is None else max(0, min(int(declared), top))
-
-    def interval_for(self, speed: Speed) -> int:
-        """bInterval for this speed."""
-        if self.type in (EpType.BULK, EpType.CONTROL):
-            return 0
-        period = max(1, int(self.interval_us))
-        if self.type == EpType.INTERRUPT and speed in (Speed.FULL, Speed.LOW):
-            return max(1, min(255, period // 1000))
-        unit = 1000 if speed in (Speed.FULL, Speed.LOW) else 125
-        exponent = max(1, period // unit).bit_length()      # floor(log2(periods)) + 1
-        return max(1, min(16, exponent))
-
-    def bytes_per_interval(self, speed: Speed) -> int:
-        if self.type not in (EpType.INTERRUPT, EpType.ISOCHRONOUS):
-            return 0
-        mult = (self.ss_attributes & 3) + 1 if self.type == EpType.ISOCHRONOUS else 1
-        return self.max_packet_for(speed) * (self.max_burst + 1) * mult
-
-    def descriptor(self, speed: Speed) -> bytes:
-        attributes = int(self.type)
-        if self.type == EpType.ISOCHRONOUS:
-            attributes |= (self.sync & 3) << 2 | (self.usage & 3) << 4
-        out = EndpointDescriptor.build({
-            "bEndpointAddress": self.address, "bmAttributes": attributes,
-            "wMaxPacketSize": self.max_packet_for(speed), "bInterval": self.interval_for(speed)})
-        if speed >= Speed.SUPER:
-            out += SuperSpeedEndpointCompanionDescriptor.build({
-                "bMaxBurst": 0 if self.type == EpType.CONTROL else self.max_burst,
-                "bmAttributes": self.ss_attributes,
-                "wBytesPerInterval": self.bytes_per_interval(speed)})
-        return out
-
-
-@dataclass(frozen=True, eq=False)
-class Interface:
-    """One alternate setting of an interface.
-
-    `class_descriptors` follow the interface descriptor inside the configuration (a HID
-    descriptor, for instance); `requestable` answers GET_DESCRIPTOR addressed to the interface,
-    by descriptor type (the HID and report descriptors)."""
-
-    number: int
-    endpoints: tuple[Endpoint, ...] = ()
-    alternate: int = 0
-    cls: int = 0xFF
-    subclass: int = 0
-    protocol: int = 0
-    name: str | None = None
-    class_descriptors: tuple[bytes, ...] = ()
-    requestable: Mapping[int, bytes] = field(default_factory=dict)
-
-    def __post_init__(self):
-        object.__setattr__(self, "endpoints", tuple(self.endpoints))
-        object.__setattr__(self, "class_descriptors", tuple(self.class_descriptors))
-
-
-@dataclass(frozen=True, eq=False)
-class Configuration:
-    """A configuration: its interfaces (all alternate settings) and power attributes."""
-
-    value: int = 1
-    interfaces: tuple[Interface, ...] = ()
-    name: str | None = None
-    self_powered: bool = False
-    remote_wakeup: bool = False
-    max_power_ma: int = 100
-
-    def __post_init__(self):
-        object.__setattr__(self, "interfaces", tuple(self.interfaces))
-
-    @property
-    def interface_numbers(self) -> list[int]:
-        return sorted({i.number for i in self.interfaces})
-
-    def setting(self, number: int, alternate: int) -> Interface | None:
-        for i in self.interfaces:
-            if i.number == number and i.alternate == alternate:
-                return i
-        return None
-
-    @property
-    def attributes(self) -> int:
-        return 0x80 | (0x40 if self.self_powered else 0) | (0x20 if self.remote_wakeup else 0)
-
-
-class Request:
-    """A decoded control request as handlers see it."""
-
-    __slots__ = ("request_type", "request", "value", "index", "length", "data", "xfer")
-
-    def __init__(self, setup: bytes, xfer: UsbTransfer | None = None, data: bytes = b""):
-        s = SETUP_PACKET.parse(bytes(setup))
-        rt = s.bmRequestType
-        self.request_type = rt.direction << 7 | rt.type << 5 | rt.recipient
-        self.request = s.bRequest
-        self.value = s.wValue
-        self.index = s.wIndex
-        self.length = s.wLength
-        self.data = data            # OUT data stage (at most wLength bytes)
-        self.xfer = xfer
-
-    @property
-    def is_in(self) -> bool:
-        return bool(self.request_type & 0x80)
-
-    @property
-    def type(self) -> int:
-        return self.request_type >> 5 & 3
-
-    @property
-    def recipient(self) -> int:
-        return self.request_type & 0x1F
-
-    @property
-    def interface(self) -> int:
-        return self.index & 0xFF
-
-    @property
-    def endpoint(self) -> int:
-        return self.index & 0xFF
-
-    def __repr__(self) -> str:
-        return (f"Request(type=0x{self.request_type:02x} req=0x{self.request:02x} "
-                f"value=0x{self.value:04x} index=0x{self.index:04x} len={self.length})")
-
-
-def on_transfer(*addresses: int) -> Callable:
-    """Mark a method as the handler of data transfers on these endpoint addresses."""
-    def mark(fn):
-        fn._usb_endpoints = addresses
-        return fn
-    return mark
-
-
-def control_request(*requests: int, type: int = RequestType.CLASS,
-                    recipient: int = Recipient.INTERFACE) -> Callable:
-    """Mark a method as the handler of class/vendor control requests.  It is called with a
-    `Request` and returns the IN data (bytes), None (OUT: accepted), or DEFER; it raises
-    `Stall` to refuse."""
-    def mark(fn):
-        fn._usb_requests = [(int(type), int(recipient), int(r)) for r in requests]
-        return fn
-    return mark
+    def call_later(self, delay_ns: int, fn: Callable[[], None]) -> Cancellable: ...
 
 
 class _EndpointState:
-    __slots__ = ("decl", "interface", "halted", "parked")
+    """An endpoint of the active settings: its declaration, halt, and the transfers it holds."""
 
-    def __init__(self, decl: Endpoint, interface: int):
+    __slots__ = ("decl", "halted", "interface", "parked")
+
+    def __init__(self, decl: EndpointDecl, interface: int):
         self.decl = decl
         self.interface = interface
         self.halted = False
@@ -293,21 +110,13 @@ class StandardDevice(UsbDevice):
     default_speed = Speed.HIGH
     configurations: tuple[Configuration, ...] = ()
 
-    _transfer_handlers: dict[int, str] = {}
-    _request_handlers: dict[tuple[int, int, int], str] = {}
+    # method names of the @on_transfer / @control_request handlers, collected per class
+    _transfer_handlers: ClassVar[dict[int, str]] = {}
+    _request_handlers: ClassVar[dict[RequestKey, str]] = {}
 
-    def __init_subclass__(cls, **kwargs):
+    def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        transfers: dict[int, str] = {}
-        requests: dict[tuple[int, int, int], str] = {}
-        for klass in reversed(cls.__mro__):
-            for attr, value in vars(klass).items():
-                for address in getattr(value, "_usb_endpoints", ()):
-                    transfers[address] = attr
-                for key in getattr(value, "_usb_requests", ()):
-                    requests[key] = attr
-        cls._transfer_handlers = transfers
-        cls._request_handlers = requests
+        cls._transfer_handlers, cls._request_handlers = declared_handlers(cls)
 
     def __init__(self, speed: Speed | None = None):
         speed = Speed(self.default_speed if speed is None else speed)
@@ -316,9 +125,8 @@ class StandardDevice(UsbDevice):
                              + ", ".join(s.label for s in self.speeds))
         self.speed = speed
         self.port: PortLink | None = None
-        self.scheduler = None           # xhcidbg.emu.timing.Scheduler when the port offers one
-        self._strings = self._collect_strings()
-        self._descriptor_cache: dict[tuple, bytes] = {}
+        self.scheduler: Clock | None = None     # the controller's clock, when the port offers it
+        self.descriptors = DescriptorSet(self)
         self._reset_state()
 
     def supports(self, speed: Speed) -> bool:
@@ -331,109 +139,16 @@ class StandardDevice(UsbDevice):
             raise ValueError(f"{self.name} cannot run at {Speed(speed).label}")
         self.speed = Speed(speed)
 
-    # ---- the declaration, per speed -------------------------------------------------------
-
-    def _collect_strings(self) -> dict[str, int]:
-        texts = [self.manufacturer, self.product, self.serial_number]
-        for config in self.configurations:
-            texts.append(config.name)
-            texts.extend(i.name for i in config.interfaces)
-        table: dict[str, int] = {}
-        for text in texts:
-            if text and text not in table:
-                table[text] = len(table) + 1
-        return table
-
-    def string_index(self, text: str | None) -> int:
-        return self._strings.get(text, 0) if text else 0
-
-    def _cached(self, key: tuple, build: Callable[[], bytes]) -> bytes:
-        blob = self._descriptor_cache.get(key)
-        if blob is None:
-            blob = self._descriptor_cache[key] = build()
-        return blob
+    # ---- descriptors at the speed the device runs at ----------------------------------------
 
     def device_descriptor(self, speed: Speed | None = None) -> bytes:
-        speed = self.speed if speed is None else speed
-        return self._cached(("device", speed), lambda: DeviceDescriptor.build({
-            "bcdUSB": 3.2 if speed >= Speed.SUPER else 2.0,
-            "bDeviceClass": self.device_class, "bDeviceSubclass": self.device_subclass,
-            "bDeviceProtocol": self.device_protocol,
-            "bMaxPacketSize0": 9 if speed >= Speed.SUPER else (8 if speed == Speed.LOW else 64),
-            "idVendor": self.vendor_id, "idProduct": self.product_id,
-            "bcdDevice": _bcd(self.device_version),
-            "iManufacturer": self.string_index(self.manufacturer),
-            "iProduct": self.string_index(self.product),
-            "iSerialNumber": self.string_index(self.serial_number),
-            "bNumConfigurations": len(self.configurations)}))
+        return self.descriptors.device(self.speed if speed is None else speed)
 
     def configuration_descriptor(self, index: int, speed: Speed | None = None,
                                  other_speed: bool = False) -> bytes:
         """The configuration with all its interfaces, class descriptors and endpoints."""
-        speed = self.speed if speed is None else speed
-        return self._cached(("config", index, speed, other_speed),
-                            lambda: self._build_configuration(index, speed, other_speed))
-
-    def _build_configuration(self, index: int, speed: Speed, other_speed: bool) -> bytes:
-        config = self.configurations[index]
-        body = b""
-        for iface in sorted(config.interfaces, key=lambda i: (i.number, i.alternate)):
-            body += InterfaceDescriptor.build({
-                "bInterfaceNumber": iface.number, "bAlternateSetting": iface.alternate,
-                "bNumEndpoints": len(iface.endpoints), "bInterfaceClass": iface.cls,
-                "bInterfaceSubclass": iface.subclass, "bInterfaceProtocol": iface.protocol,
-                "iInterface": self.string_index(iface.name)})
-            body += b"".join(iface.class_descriptors)
-            body += b"".join(ep.descriptor(speed) for ep in iface.endpoints)
-        unit = 8 if speed >= Speed.SUPER else 2     # bMaxPower units: 8 mA SuperSpeed, else 2 mA
-        fmt = OtherSpeedConfigurationDescriptor if other_speed else ConfigurationDescriptor
-        return fmt.build({
-            "wTotalLength": 9 + len(body), "bNumInterfaces": len(config.interface_numbers),
-            "bConfigurationValue": config.value,
-            "iConfiguration": self.string_index(config.name),
-            "bmAttributes": config.attributes,
-            "bMaxPower": min(255, -(-config.max_power_ma // unit))}) + body
-
-    def bos_descriptor(self) -> bytes:
-        """Binary Object Store (USB 3.2 9.6.2): USB 2.0 extension + SuperSpeed capability."""
-        def build():
-            caps = USB2ExtensionDescriptor.build({"bmAttributes": 0x2})   # LPM supported
-            # speed bits / codes: 0 low, 1 full, 2 high, 3 SuperSpeed
-            code = {Speed.LOW: 0, Speed.FULL: 1, Speed.HIGH: 2}
-            speeds = 0
-            for s in self.speeds:
-                speeds |= 1 << code.get(s, 3)
-            caps += SuperSpeedUSBDeviceCapabilityDescriptor.build({
-                "bmAttributes": 0, "wSpeedsSupported": speeds,
-                "bFunctionalitySupport": min(code.get(s, 3) for s in self.speeds),
-                "bU1DevExitLat": 0x0A, "wU2DevExitLat": 0x07FF})
-            return BinaryObjectStoreDescriptor.build(
-                {"wTotalLength": 5 + len(caps), "bNumDeviceCaps": 2}) + caps
-        return self._cached(("bos",), build)
-
-    def _other_speed(self) -> Speed | None:
-        """The other USB 2.0 speed for device_qualifier / other_speed_configuration: only for
-        high-speed capable devices operating at full or high speed (USB 2.0 9.6.2)."""
-        if Speed.HIGH not in self.speeds or Speed.FULL not in self.speeds:
-            return None
-        return {Speed.FULL: Speed.HIGH, Speed.HIGH: Speed.FULL}.get(self.speed)
-
-    def qualifier_descriptor(self) -> bytes | None:
-        other = self._other_speed()
-        if other is None:
-            return None
-        return DeviceQualifierDescriptor.build({
-            "bcdUSB": 2.0, "bDeviceClass": self.device_class,
-            "bDeviceSubclass": self.device_subclass, "bDeviceProtocol": self.device_protocol,
-            "bMaxPacketSize0": 64, "bNumConfigurations": len(self.configurations)})
-
-    def string_descriptor(self, index: int) -> bytes | None:
-        if index == 0:
-            return StringLanguageDescriptor.build({"wLANGID": [LanguageIDs.ENGLISH_US]})
-        for text, i in self._strings.items():
-            if i == index:
-                return StringDescriptor.build({"bString": text[:126]})
-        return None
+        return self.descriptors.configuration(index, self.speed if speed is None else speed,
+                                              other_speed)
 
     # ---- state -----------------------------------------------------------------------------
 
@@ -455,7 +170,7 @@ class StandardDevice(UsbDevice):
     def configuration_value(self) -> int:
         return self.configuration.value if self.configuration else 0
 
-    def endpoint(self, address: int) -> Endpoint | None:
+    def endpoint(self, address: int) -> EndpointDecl | None:
         """The declaration of an endpoint active in the current configuration and settings."""
         ep = self._endpoints.get(address)
         return ep.decl if ep else None
@@ -505,7 +220,7 @@ class StandardDevice(UsbDevice):
         """Data transfer on an endpoint that has no @on_transfer handler."""
         xfer.complete(Status.STALL)
 
-    def handle_request(self, request: Request):
+    def handle_request(self, request: Request) -> RequestResult:
         """Class/vendor request with no @control_request handler."""
         raise Stall
 
@@ -556,7 +271,10 @@ class StandardDevice(UsbDevice):
 
     def attached(self, port: PortLink) -> None:
         self.port = port
-        self.scheduler = getattr(port, "scheduler", None) or self.scheduler
+        # PortLink does not declare a clock; the controller's root ports offer theirs
+        clock = getattr(port, "scheduler", None)
+        if isinstance(clock, Clock):
+            self.scheduler = clock
 
     def detached(self) -> None:
         self._drop_all_parked()
@@ -582,9 +300,9 @@ class StandardDevice(UsbDevice):
             self.cancel(xfer)
             xfer.complete(Status.STALL)
 
-    def _safe_hook(self, fn, *args) -> None:
+    def _safe_hook(self, fn: Callable[_P, None], *args: _P.args, **kwargs: _P.kwargs) -> None:
         try:
-            fn(*args)
+            fn(*args, **kwargs)
         except Exception:
             log.exception("%s: %s failed", self.name, fn.__name__)
 
@@ -611,6 +329,7 @@ class StandardDevice(UsbDevice):
         if not setup[0] & 0x80:
             data = bytes(xfer.data or b"")[:int.from_bytes(setup[6:8], "little")]
         request = Request(setup, xfer, data)
+        result: RequestResult
         try:
             if request.type == RequestType.STANDARD:
                 result = self._standard(request)
@@ -633,11 +352,17 @@ class StandardDevice(UsbDevice):
     def _check_recipient(self, request: Request) -> None:
         """Interface and endpoint requests need that interface/endpoint in the configuration."""
         if request.recipient == Recipient.INTERFACE:
-            if self.state != DeviceState.CONFIGURED or request.interface not in self.alternates:
-                raise Stall
-        elif request.recipient == Recipient.ENDPOINT:
-            if not self._endpoint_valid(request.endpoint):
-                raise Stall
+            self._interface_owner(request)
+        elif request.recipient == Recipient.ENDPOINT and not self._endpoint_valid(request.endpoint):
+            raise Stall
+
+    def _interface_owner(self, request: Request) -> Configuration:
+        """The configuration holding the interface a request addresses; STALL if none does."""
+        config = self.configuration
+        if (self.state != DeviceState.CONFIGURED or config is None
+                or request.interface not in self.alternates):
+            raise Stall
+        return config
 
     def _endpoint_valid(self, address: int) -> bool:
         if address & 0x7F == 0:
@@ -646,18 +371,20 @@ class StandardDevice(UsbDevice):
 
     # ---- chapter 9 -------------------------------------------------------------------------
 
-    _STANDARD_IN = {StandardRequest.GET_STATUS, StandardRequest.GET_DESCRIPTOR,
-                    StandardRequest.GET_CONFIGURATION, StandardRequest.GET_INTERFACE,
-                    StandardRequest.SYNCH_FRAME}
+    # the standard requests with an IN data stage
+    _STANDARD_IN: ClassVar[frozenset[StandardRequest]] = frozenset({
+        StandardRequest.GET_STATUS, StandardRequest.GET_DESCRIPTOR,
+        StandardRequest.GET_CONFIGURATION, StandardRequest.GET_INTERFACE,
+        StandardRequest.SYNCH_FRAME})
 
-    def _standard(self, r: Request):
+    def _standard(self, r: Request) -> bytes | None:
         try:
             req = StandardRequest(r.request)
         except ValueError:
             raise Stall from None
         if r.is_in != (req in self._STANDARD_IN):
             raise Stall
-        handler = {
+        handlers: dict[StandardRequest, Callable[[Request], bytes | None]] = {
             StandardRequest.GET_DESCRIPTOR: self._get_descriptor,
             StandardRequest.SET_ADDRESS: self._set_address,
             StandardRequest.SET_CONFIGURATION: self._set_configuration,
@@ -670,7 +397,8 @@ class StandardDevice(UsbDevice):
             StandardRequest.SET_SEL: self._set_sel,
             StandardRequest.SET_ISOCH_DELAY: self._set_isoch_delay,
             StandardRequest.SYNCH_FRAME: self._synch_frame,
-        }.get(req)
+        }
+        handler = handlers.get(req)
         if handler is None:
             raise Stall
         return handler(r)
@@ -678,14 +406,14 @@ class StandardDevice(UsbDevice):
     def _get_descriptor(self, r: Request) -> bytes:
         kind, index = r.value >> 8, r.value & 0xFF
         if r.recipient == Recipient.INTERFACE:
-            self._check_recipient(r)
-            iface = self.configuration.setting(r.interface, self.alternates[r.interface])
+            iface = self._interface_owner(r).setting(r.interface, self.alternates[r.interface])
             blob = iface.requestable.get(kind) if iface else None
             if blob is None:
                 raise Stall
             return blob
         if r.recipient != Recipient.DEVICE:
             raise Stall
+        descriptors = self.descriptors
         blob = None
         if kind == DescriptorType.DEVICE:
             blob = self.device_descriptor()
@@ -693,16 +421,16 @@ class StandardDevice(UsbDevice):
             if index < len(self.configurations):
                 blob = self.configuration_descriptor(index)
         elif kind == DescriptorType.STRING:
-            blob = self.string_descriptor(index)
+            blob = descriptors.string(index)
         elif kind == DescriptorType.BOS:
             if self.speed >= Speed.SUPER:
-                blob = self.bos_descriptor()
+                blob = descriptors.bos()
         elif kind == DescriptorType.DEVICE_QUALIFIER:
-            blob = self.qualifier_descriptor()
+            blob = descriptors.qualifier(self.speed)
         elif kind == DescriptorType.OTHER_SPEED_CONFIGURATION:
-            other = self._other_speed()
+            other = descriptors.other_speed(self.speed)
             if other is not None and index < len(self.configurations):
-                blob = self.configuration_descriptor(index, other, other_speed=True)
+                blob = descriptors.configuration(index, other, other_speed=True)
         if blob is None:
             raise Stall
         return blob
@@ -734,8 +462,7 @@ class StandardDevice(UsbDevice):
     def _set_interface(self, r: Request) -> None:
         if r.recipient != Recipient.INTERFACE:
             raise Stall
-        self._check_recipient(r)
-        iface = self.configuration.setting(r.interface, r.value)
+        iface = self._interface_owner(r).setting(r.interface, r.value)
         if iface is None:
             raise Stall
         for ep in self._endpoints.values():
@@ -762,9 +489,9 @@ class StandardDevice(UsbDevice):
                         (16 if self.ltm_enabled else 0)
             return bits.to_bytes(2, "little")
         if r.recipient == Recipient.INTERFACE:
-            self._check_recipient(r)
+            config = self._interface_owner(r)
             bits = 0
-            if self.speed >= Speed.SUPER and self.configuration.remote_wakeup:
+            if self.speed >= Speed.SUPER and config.remote_wakeup:
                 bits = 1 | (2 if self.function_suspend.get(r.interface, 0) & 2 else 0)
             return bits.to_bytes(2, "little")
         if r.recipient == Recipient.ENDPOINT:
@@ -784,12 +511,14 @@ class StandardDevice(UsbDevice):
             elif feature == DeviceFeature.TEST_MODE and on and self.speed == Speed.HIGH:
                 log.info("%s: host selected USB 2.0 test mode %d (ignored)", self.name,
                          r.index >> 8)
-            elif (feature in (DeviceFeature.U1_ENABLE, DeviceFeature.U2_ENABLE,
-                              DeviceFeature.LTM_ENABLE)
-                  and self.speed >= Speed.SUPER and self.state == DeviceState.CONFIGURED):
-                attr = {DeviceFeature.U1_ENABLE: "u1_enabled", DeviceFeature.U2_ENABLE:
-                        "u2_enabled", DeviceFeature.LTM_ENABLE: "ltm_enabled"}[feature]
-                setattr(self, attr, on)
+            elif self.speed < Speed.SUPER or self.state != DeviceState.CONFIGURED:
+                raise Stall     # link power management: SuperSpeed, configured devices only
+            elif feature == DeviceFeature.U1_ENABLE:
+                self.u1_enabled = on
+            elif feature == DeviceFeature.U2_ENABLE:
+                self.u2_enabled = on
+            elif feature == DeviceFeature.LTM_ENABLE:
+                self.ltm_enabled = on
             else:
                 raise Stall
         elif r.recipient == Recipient.INTERFACE:

@@ -23,11 +23,28 @@ import construct as c
 
 from . import scsi
 from .base import EpType, Speed, Status, UsbTransfer
-from .bot import (BULK_ONLY_PROTOCOL, CBW, CBW_LENGTH, MSC_CLASS, SCSI_TRANSPARENT_SUBCLASS,
-                  BotRequest, CswStatus, csw, is_meaningful)
+from .bot import (
+    BULK_ONLY_PROTOCOL,
+    CBW,
+    CBW_LENGTH,
+    MSC_CLASS,
+    SCSI_TRANSPARENT_SUBCLASS,
+    BotRequest,
+    CswStatus,
+    csw,
+    is_meaningful,
+)
+from .declaration import (
+    Configuration,
+    EndpointDecl,
+    Interface,
+    Request,
+    Stall,
+    control_request,
+    on_transfer,
+)
 from .scsi import Op, Sense
-from .standard import (Configuration, Endpoint, Interface, Request, StandardDevice, Stall,
-                       control_request, on_transfer)
+from .standard import StandardDevice
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +159,8 @@ class StorageDevice(StandardDevice):
         Configuration(1, max_power_ma=200, interfaces=(
             Interface(0, cls=MSC_CLASS, subclass=SCSI_TRANSPARENT_SUBCLASS,
                       protocol=BULK_ONLY_PROTOCOL, name="Bulk-Only storage", endpoints=(
-                          Endpoint(BULK_IN, EpType.BULK, max_burst=15),
-                          Endpoint(BULK_OUT, EpType.BULK, max_burst=15))),)),
+                          EndpointDecl(BULK_IN, EpType.BULK, max_burst=15),
+                          EndpointDecl(BULK_OUT, EpType.BULK, max_burst=15))),)),
     )
 
     def __init__(self, *images: str | os.PathLike | Disk, readonly: bool = False,

@@ -14,11 +14,29 @@ from __future__ import annotations
 from enum import IntEnum
 
 from .base import EpType, Speed
-from .hid import (ABSOLUTE, CONSTANT, DATA, RELATIVE, VARIABLE, Collection, CollectionType,
-                  GenericDesktop, Input, LogicalMaximum, LogicalMinimum, Page, ReportCount,
-                  ReportSize, Usage, UsageMaximum, UsageMinimum, UsagePage, report_descriptor)
+from .declaration import Configuration, EndpointDecl
+from .hid import (
+    ABSOLUTE,
+    CONSTANT,
+    DATA,
+    RELATIVE,
+    VARIABLE,
+    Collection,
+    CollectionType,
+    GenericDesktop,
+    Input,
+    LogicalMaximum,
+    LogicalMinimum,
+    Page,
+    ReportCount,
+    ReportSize,
+    Usage,
+    UsageMaximum,
+    UsageMinimum,
+    UsagePage,
+    report_descriptor,
+)
 from .hid_device import HidDevice, hid_interface
-from .standard import Configuration, Endpoint
 
 AXIS_MAX = 32767
 
@@ -79,7 +97,7 @@ class Tablet(HidDevice):
     configurations = (
         Configuration(1, interfaces=(
             hid_interface(0, REPORT_DESCRIPTOR, name="HID tablet", endpoints=(
-                Endpoint(0x81, EpType.INTERRUPT, max_packet=8, interval_us=8000),)),),
+                EndpointDecl(0x81, EpType.INTERRUPT, max_packet=8, interval_us=8000),)),),
             remote_wakeup=True, max_power_ma=100),
     )
 
