@@ -387,3 +387,27 @@ def test_hostile_cbws_never_break_the_device(tmp_path_factory, blob, length, pre
     bot.tag = 1000
     assert bot.command(bytes(6), 0)[:2] == (0, 0)
     dev.close()
+
+
+def test_medium_errors_fail_the_command_with_sense(image, monkeypatch):
+    """An image that cannot be read or written: the command fails with the medium error in the
+    sense data, the data pipe stalls, and the device carries on."""
+    dev = StorageDevice(image)
+    bot = Bot(dev)
+
+    def broken(*args):
+        raise OSError(5, "Input/output error")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "pread", broken)
+        m.setattr(os, "preadv", broken)
+        status, residue, data = bot.read10(0, 8)
+    assert (status, residue, data) == (CswStatus.FAILED, 8 * 512, b"")
+    assert bot.sense() == (3, 0x11, 0)                                   # UNRECOVERED READ ERROR
+    with monkeypatch.context() as m:
+        m.setattr(os, "pwrite", broken)
+        status, residue, _ = bot.write10(0, bytes(4 * 512))
+    assert (status, residue) == (CswStatus.FAILED, 4 * 512)
+    assert bot.sense() == (3, 0x0C, 0)                                   # WRITE ERROR
+    assert bot.read10(0, 1)[:2] == (0, 0)
+    dev.close()

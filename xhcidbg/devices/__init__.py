@@ -11,8 +11,9 @@ from .declaration import Configuration, EndpointDecl, Interface
 from .host import DirectHost, TransferError
 from .keyboard import Keyboard
 from .loopback import LoopbackDevice
+from .scsi_target import Disk
 from .standard import StandardDevice
-from .storage import Disk, StorageDevice
+from .storage import StorageDevice
 from .tablet import Tablet
 
 __all__ = ["Configuration", "DirectHost", "Disk", "EndpointDecl", "EpType", "Interface", "Keyboard",

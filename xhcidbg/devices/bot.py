@@ -2,6 +2,8 @@
 
 A command goes out in a 31-byte Command Block Wrapper (CBW) on bulk OUT, data moves in the
 direction the CBW announces, and a 13-byte Command Status Wrapper (CSW) comes back on bulk IN.
+Both ends use these layouts: the device's transport (`storage`) and the host's driver
+(`xhcidbg.guest.storage`).
 """
 from __future__ import annotations
 
@@ -53,17 +55,21 @@ CSW = CommandStatusWrapper.compile()
 
 def cbw(tag: int, length: int, data_in: bool, cdb: bytes, lun: int = 0) -> bytes:
     """Build a CBW (what a host sends)."""
-    return CBW.build({"dCBWTag": tag, "dCBWDataTransferLength": length,
-                      "bmCBWFlags": 0x80 if data_in else 0, "bCBWLUN": lun,
-                      "bCBWCBLength": len(cdb), "CBWCB": bytes(cdb).ljust(16, b"\0")})
+    wrapper: bytes = CBW.build({"dCBWTag": tag, "dCBWDataTransferLength": length,
+                                "bmCBWFlags": 0x80 if data_in else 0, "bCBWLUN": lun,
+                                "bCBWCBLength": len(cdb), "CBWCB": bytes(cdb).ljust(16, b"\0")})
+    return wrapper
 
 
 def csw(tag: int, residue: int, status: int) -> bytes:
-    return CSW.build({"dCSWTag": tag, "dCSWDataResidue": residue, "bCSWStatus": status})
+    """Build a CSW (what a device answers)."""
+    wrapper: bytes = CSW.build({"dCSWTag": tag, "dCSWDataResidue": residue,
+                                "bCSWStatus": status})
+    return wrapper
 
 
-def is_meaningful(parsed) -> bool:
-    """A valid CBW whose fields are also meaningful (BOT 6.2.2): reserved bits clear and a
-    command block length of 1..16."""
-    return (parsed.bmCBWFlags & 0x3F == 0 and parsed.bCBWLUN & 0xF0 == 0
-            and 1 <= parsed.bCBWCBLength <= 16)
+def is_meaningful(parsed: c.Container) -> bool:
+    """A valid CBW (as `CBW.parse` returns it) whose fields are also meaningful (BOT 6.2.2):
+    reserved bits clear and a command block length of 1..16."""
+    return bool(parsed.bmCBWFlags & 0x3F == 0 and parsed.bCBWLUN & 0xF0 == 0
+                and 1 <= parsed.bCBWCBLength <= 16)

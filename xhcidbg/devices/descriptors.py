@@ -37,11 +37,10 @@ from usb_protocol.types.descriptors.standard import (
 
 __all__ = [
     "BinaryObjectStoreDescriptor", "ConfigurationDescriptor", "ContainerIdDescriptor",
-    "DescriptorType", "DeviceCapability",
-    "DeviceDescriptor", "DeviceFeature", "DeviceQualifierDescriptor", "EndpointDescriptor",
-    "EndpointFeature", "HidDescriptor", "InterfaceAssociationDescriptor", "InterfaceDescriptor",
-    "InterfaceFeature", "LanguageIDs", "OtherSpeedConfigurationDescriptor", "Recipient",
-    "RequestType", "SetupPacket", "StandardRequest", "StringDescriptor",
+    "DescriptorType", "DeviceDescriptor", "DeviceFeature", "DeviceQualifierDescriptor",
+    "EndpointDescriptor", "EndpointFeature", "HidDescriptor", "InterfaceAssociationDescriptor",
+    "InterfaceDescriptor", "InterfaceFeature", "LanguageIDs", "OtherSpeedConfigurationDescriptor",
+    "Recipient", "RequestType", "SetupPacket", "StandardRequest", "StringDescriptor",
     "StringLanguageDescriptor", "SuperSpeedEndpointCompanionDescriptor",
     "SuperSpeedUSBDeviceCapabilityDescriptor", "USB2ExtensionDescriptor", "USBDirection",
     "describe_setup", "parse_descriptors", "setup_packet",
@@ -50,7 +49,6 @@ __all__ = [
 StandardRequest = USBStandardRequests
 RequestType = USBRequestType
 Recipient = USBRequestRecipient
-DeviceCapability = DeviceCapabilityTypes
 
 
 class DescriptorType(IntEnum):

@@ -1,6 +1,7 @@
 """SCSI command blocks and responses for a direct-access block device (SPC-4, SBC-3), declared
-once with construct: the storage device parses CDBs and builds responses with them, and the
-tracer can decode captured mass-storage traffic with the same tables.  All fields big-endian.
+once with construct: the SCSI target (`scsi_target`) parses CDBs and builds responses with
+them, and the host side (`xhcidbg.guest.storage`, the console) builds CDBs and parses responses
+with the same tables.  All fields big-endian.
 """
 from __future__ import annotations
 
@@ -62,32 +63,20 @@ WRITE_ERROR = Sense(SenseKey.MEDIUM_ERROR, 0x0C, 0x00)
 INVALID_COMMAND_OPERATION_CODE = Sense(SenseKey.ILLEGAL_REQUEST, 0x20, 0x00)
 LBA_OUT_OF_RANGE = Sense(SenseKey.ILLEGAL_REQUEST, 0x21, 0x00)
 INVALID_FIELD_IN_CDB = Sense(SenseKey.ILLEGAL_REQUEST, 0x24, 0x00)
-LOGICAL_UNIT_NOT_SUPPORTED = Sense(SenseKey.ILLEGAL_REQUEST, 0x25, 0x00)
 SAVING_PARAMETERS_NOT_SUPPORTED = Sense(SenseKey.ILLEGAL_REQUEST, 0x39, 0x00)
 MEDIUM_REMOVAL_PREVENTED = Sense(SenseKey.ILLEGAL_REQUEST, 0x53, 0x02)
 WRITE_PROTECTED = Sense(SenseKey.DATA_PROTECT, 0x27, 0x00)
 MEDIUM_NOT_PRESENT = Sense(SenseKey.NOT_READY, 0x3A, 0x00)
 
 
-class Status(IntEnum):
-    """SCSI status byte (SAM)."""
-
-    GOOD = 0x00
-    CHECK_CONDITION = 0x02
-
-
-class SpacePadded(c.Adapter):
+def SpacePadded(length: int) -> c.Construct:
     """ASCII text left-aligned and padded with spaces, as SCSI identification strings are."""
-
-    def __init__(self, length: int):
-        super().__init__(c.Bytes(length))
-        self.length = length
-
-    def _decode(self, obj, context, path):
+    def decode(obj: bytes, context: object) -> str:
         return obj.decode("ascii", "replace").rstrip(" ")
 
-    def _encode(self, obj, context, path):
-        return obj.encode("ascii", "replace")[:self.length].ljust(self.length, b" ")
+    def encode(obj: str, context: object) -> bytes:
+        return obj.encode("ascii", "replace")[:length].ljust(length, b" ")
+    return c.ExprAdapter(c.Bytes(length), decode, encode)
 
 
 # ---- command descriptor blocks --------------------------------------------------------------
