@@ -9,7 +9,7 @@ the device runs at: `EndpointDecl` knows what it means at each speed (packet siz
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Final, Literal, Protocol, TypeVar
@@ -18,8 +18,8 @@ from .base import EpType, Speed, UsbTransfer
 from .descriptors import SETUP_PACKET, Recipient, RequestType
 
 __all__ = ["DEFER", "Configuration", "DeviceDeclaration", "EndpointDecl", "Interface", "Request",
-           "RequestHandler", "RequestResult", "Stall", "TransferHandler", "control_request",
-           "declared_handlers", "on_transfer"]
+           "RequestHandler", "RequestKey", "RequestResult", "Stall", "TransferHandler",
+           "control_request", "declared_handlers", "on_transfer"]
 
 
 # Largest wMaxPacketSize each speed allows, per transfer type (USB 2.0 5.5-5.8, USB 3.2 8.6).
@@ -262,14 +262,10 @@ def declared_handlers(cls: type) -> tuple[dict[int, str], dict[RequestKey, str]]
     by request.  A subclass's mark overrides its base's."""
     transfers: dict[int, str] = {}
     requests: dict[RequestKey, str] = {}
-    for name, value in _attributes(cls):
-        for address in getattr(value, _TRANSFER_MARK, ()):
-            transfers[address] = name
-        for key in getattr(value, _REQUEST_MARK, ()):
-            requests[key] = name
-    return transfers, requests
-
-
-def _attributes(cls: type) -> Iterator[tuple[str, object]]:
     for klass in reversed(cls.__mro__):
-        yield from vars(klass).items()
+        for name, value in vars(klass).items():
+            for address in getattr(value, _TRANSFER_MARK, ()):
+                transfers[address] = name
+            for key in getattr(value, _REQUEST_MARK, ()):
+                requests[key] = name
+    return transfers, requests

@@ -29,7 +29,7 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from enum import IntEnum
-from typing import Any, ClassVar, ParamSpec, Protocol, runtime_checkable
+from typing import ClassVar, ParamSpec, Protocol, runtime_checkable
 
 from .base import EpType, PortLink, Speed, Status, UsbDevice, UsbTransfer
 from .declaration import (
@@ -114,7 +114,7 @@ class StandardDevice(UsbDevice):
     _transfer_handlers: ClassVar[dict[int, str]] = {}
     _request_handlers: ClassVar[dict[RequestKey, str]] = {}
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
+    def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
         cls._transfer_handlers, cls._request_handlers = declared_handlers(cls)
 
