@@ -12,6 +12,7 @@ import logging
 from typing import Iterable
 
 from ..devices.base import UsbDevice
+from . import events
 from . import regs as R
 from .commands import Commands
 from .context import EpState, SlotState
@@ -24,7 +25,7 @@ from .rings import Ring, RingError
 from .slots import DeviceSlot, Endpoint
 from .timing import Scheduler
 from .transfers import TransferEngine
-from .trb import CC, Trb, TrbType
+from .trb import CC, Trb
 
 log = logging.getLogger("xhcidbg.emu")
 
@@ -428,9 +429,8 @@ class XhciController:
         self.crr = False
         self.crcr = (self.cmd_ring.dequeue & ~0x3F) | self.cmd_ring.ccs
         self.gate.forget("cmd")
-        ev = [self.cmd_ring.dequeue & 0xFFFFFFFF, self.cmd_ring.dequeue >> 32,
-              CC.COMMAND_RING_STOPPED << 24, TrbType.COMMAND_COMPLETION << 10]
-        self.post_event(0, ev)
+        self.post_event(0, events.command_completion(self.cmd_ring.dequeue,
+                                                     CC.COMMAND_RING_STOPPED))
 
     # ---- runtime registers --------------------------------------------------------------------------
     def mfindex(self) -> int:
@@ -449,7 +449,7 @@ class XhciController:
     def _wrap(self) -> None:
         self._wrap_timer = None
         if self.running and self.usbcmd & EWE:
-            self.post_event(0, [0, 0, CC.SUCCESS << 24, TrbType.MFINDEX_WRAP << 10])
+            self.post_event(0, events.mfindex_wrap())
             self._wrap_timer = self.scheduler.call_later(MFINDEX_WRAP_NS, self._wrap)
 
     def _read_rt(self, rel: int) -> int:
@@ -617,10 +617,8 @@ class XhciController:
     def _post_command(self, r: CommandResult) -> None:
         for fn in self.hooks.on_command:
             fn(r)
-        trb = r.trb
-        self.post_event(0, [trb.addr & 0xFFFFFFFF, trb.addr >> 32,
-                            (int(r.cc) << 24) | (r.param & 0xFFFFFF),
-                            (r.slot << 24) | (TrbType.COMMAND_COMPLETION << 10)], note=r.note)
+        self.post_event(0, events.command_completion(r.trb.addr, int(r.cc), r.slot, r.param),
+                        note=r.note)
 
     # ---- events -------------------------------------------------------------------------------------------
     def post_event(self, interrupter: int, dwords: list[int], block: bool = False,
@@ -639,11 +637,8 @@ class XhciController:
     def post_transfer_event(self, ep: Endpoint, trb: Trb, cc: int, length: int, intr: int,
                             event_data: bool, block: bool) -> None:
         pointer = trb.param if event_data else trb.addr
-        self.post_event(intr, [pointer & 0xFFFFFFFF, (pointer >> 32) & 0xFFFFFFFF,
-                               (int(cc) << 24) | (length & 0xFFFFFF),
-                               (ep.slot.id << 24) | (ep.dci << 16)
-                               | (TrbType.TRANSFER_EVENT << 10) | (4 if event_data else 0)],
-                        block)
+        self.post_event(intr, events.transfer_event(pointer, int(cc), length, ep.slot.id, ep.dci,
+                                                    event_data), block)
 
     def usbsts_eint(self) -> None:
         self.usbsts |= EINT
@@ -672,8 +667,7 @@ class XhciController:
     def port_changed(self, port: RootPort) -> None:
         self.usbsts |= PCD
         if self.running:
-            self.post_event(0, [port.number << 24, 0, CC.SUCCESS << 24,
-                                TrbType.PORT_STATUS_CHANGE << 10])
+            self.post_event(0, events.port_status_change(port.number))
 
     def _abort_port(self, port: RootPort) -> None:
         for slot in self.slots.values():

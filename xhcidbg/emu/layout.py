@@ -14,17 +14,30 @@ from typing import Iterable, Sequence
 @dataclass(frozen=True)
 class Field:
     """`width` bits starting at bit `lo` of dword `dword` (widths above 32 continue into the next
-    dword, as the 64-bit pointers in TRBs and contexts do)."""
+    dword, as the 64-bit pointers in TRBs and contexts do).
+
+    `mask` is the field's value mask, `bits` the field's bits in place in its dword: hot paths
+    test flags with `dword & F.bits` and read fields with `F.of(dword)`, all derived from here."""
 
     name: str
     dword: int
     lo: int
     width: int = 1
     doc: str = ""
+    mask: int = dc_field(init=False, repr=False, compare=False)
+    bits: int = dc_field(init=False, repr=False, compare=False)
 
-    @property
-    def mask(self) -> int:
-        return (1 << self.width) - 1
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mask", (1 << self.width) - 1)
+        object.__setattr__(self, "bits", ((1 << self.width) - 1) << self.lo)
+
+    def of(self, dword: int) -> int:
+        """This field's value in `dword` (or in a 64-bit pair for fields that span two)."""
+        return (dword >> self.lo) & self.mask
+
+    def put(self, value: int) -> int:
+        """`value` in this field's place, to OR into a dword."""
+        return (value & self.mask) << self.lo
 
     def get(self, dw: Sequence[int]) -> int:
         if self.lo + self.width <= 32:
@@ -87,6 +100,18 @@ class Layout:
 
     def pack(self, dw: Sequence[int]) -> bytes:
         return struct.pack(f"<{self.ndwords}I", *dw)
+
+
+DWORD_MASK = 0xFFFFFFFF
+
+
+def lo32(value: int) -> int:
+    """The low dword of a 64-bit value (pointers are split over two dwords)."""
+    return value & DWORD_MASK
+
+
+def hi32(value: int) -> int:
+    return (value >> 32) & DWORD_MASK
 
 
 def dwords(data: bytes | memoryview, n: int | None = None) -> list[int]:
