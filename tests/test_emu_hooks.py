@@ -34,10 +34,10 @@ def test_every_announcement_is_made_during_an_ordinary_session(bus, drv):
 
 def test_an_observer_turns_a_transfer_into_a_stall(bus, drv, dev):
     class Stall:
-        def on_urb_complete(self, xfer):
-            if xfer.endpoint == 0x81:
-                xfer.status = Status.STALL
-                xfer.note = "injected stall"
+        def on_urb_complete(self, rec):
+            if rec.xfer.endpoint == 0x81:
+                rec.xfer.status = Status.STALL
+                rec.note = "injected stall"
 
     bus.controller.hooks.attach(Stall(), first=True)
     t = dev.endpoint(0x81).submit(length=64)

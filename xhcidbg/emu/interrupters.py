@@ -40,7 +40,7 @@ class InterruptSink:
 
 
 class Interrupter:
-    def __init__(self, hc: "XhciController", index: int):
+    def __init__(self, hc: XhciController, index: int):
         self.hc = hc
         self.index = index
         self.reset()

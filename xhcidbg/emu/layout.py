@@ -7,8 +7,9 @@ access and the precomputed masks used on hot paths are all derived from that one
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field as dc_field
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 
 
 @dataclass(frozen=True)

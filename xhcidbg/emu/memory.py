@@ -9,7 +9,7 @@ or Host System Error a real controller reports.
 from __future__ import annotations
 
 import bisect
-from typing import Callable
+from collections.abc import Callable
 
 
 class DmaError(Exception):
@@ -20,7 +20,7 @@ class DmaError(Exception):
 
 
 class Region:
-    __slots__ = ("start", "end", "view", "reader", "writer", "writable")
+    __slots__ = ("end", "reader", "start", "view", "writable", "writer")
 
     def __init__(self, start: int, size: int, buffer=None, reader: Callable | None = None,
                  writer: Callable | None = None, writable: bool = True):

@@ -31,7 +31,7 @@ class RingError(Exception):
 
 
 class Ring:
-    __slots__ = ("mem", "dequeue", "ccs", "name", "announce", "_run", "_run_start", "_run_end")
+    __slots__ = ("_run", "_run_end", "_run_start", "announce", "ccs", "dequeue", "mem", "name")
 
     def __init__(self, mem: GuestMemory, dequeue: int = 0, ccs: int = 1, name: str = "",
                  announce: list | None = None):
@@ -101,4 +101,4 @@ class Ring:
         return trb
 
 
-__all__ = ["Ring", "RingError", "DmaError", "MAX_LINKS"]
+__all__ = ["MAX_LINKS", "DmaError", "Ring", "RingError"]

@@ -12,14 +12,13 @@ import itertools
 import logging
 import time
 from collections import deque
-from typing import Callable
-
+from collections.abc import Callable
 
 log = logging.getLogger("xhcidbg.emu")
 
 
 class Timer:
-    __slots__ = ("when", "fn", "args", "cancelled")
+    __slots__ = ("args", "cancelled", "fn", "when")
 
     def __init__(self, when: int, fn: Callable, args: tuple):
         self.when = when

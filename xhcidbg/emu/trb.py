@@ -8,7 +8,8 @@ from __future__ import annotations
 import struct
 from enum import IntEnum
 
-from .layout import Field as F, Layout, hi32, lo32
+from .layout import Field as F
+from .layout import Layout, hi32, lo32
 
 TRB_SIZE = 16
 _TRB = struct.Struct("<QII")
@@ -264,7 +265,7 @@ class Trb:
     """One TRB as fetched from or written to guest memory: four dwords plus where it lives.
     Treat it as a value: `type` is computed once from `control`."""
 
-    __slots__ = ("addr", "param", "status", "control", "type")
+    __slots__ = ("addr", "control", "param", "status", "type")
 
     def __init__(self, addr: int, param: int, status: int, control: int):
         self.addr = addr
@@ -274,7 +275,7 @@ class Trb:
         self.type = (control >> _TYPE_SHIFT) & _TYPE_MASK
 
     @classmethod
-    def unpack(cls, addr: int, data: bytes) -> "Trb":
+    def unpack(cls, addr: int, data: bytes) -> Trb:
         p, s, c = _TRB.unpack(data)
         return cls(addr, p, s, c)
 
@@ -296,7 +297,7 @@ class Trb:
         return layout_of(self.type).decode(self.dwords)
 
     @classmethod
-    def build(cls, trb_type: int, addr: int = 0, **values: int) -> "Trb":
+    def build(cls, trb_type: int, addr: int = 0, **values: int) -> Trb:
         dw = layout_of(trb_type).encode(type=int(trb_type), **values)
         return cls(addr, dw[0] | (dw[1] << 32), dw[2], dw[3])
 
