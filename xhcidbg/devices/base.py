@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import itertools
 from abc import ABC, abstractmethod
-from enum import IntEnum
 from collections.abc import Callable
+from enum import IntEnum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -83,7 +83,7 @@ class UsbTransfer:
         self.interval = interval          # endpoint context Interval: period 2**interval x 125 us
         self.status: Status | None = None
         self.actual = 0
-        self.result: bytes = b""          # IN payload returned by the device
+        self.result: bytes | memoryview = b""     # IN payload returned by the device
         self.done = False
         self._on_complete = on_complete
         # set by the host controller: the host's own IN buffers, see `in_buffers`
@@ -114,7 +114,7 @@ class UsbTransfer:
             out += view[:n - len(out)]
         return bytes(out)
 
-    def complete(self, status: Status = Status.OK, data: bytes | None = None,
+    def complete(self, status: Status = Status.OK, data: bytes | memoryview | None = None,
                  actual: int | None = None, filled: int | None = None) -> None:
         """Finish the transfer.  IN: `data` is what the device sent (at most `length` bytes are
         delivered; more is babble), or `filled` bytes were written into `in_buffers()`.
@@ -154,7 +154,7 @@ class UsbDevice(ABC):
     speed: Speed = Speed.HIGH
     name: str = "usb-device"
 
-    def bus_reset(self) -> None:
+    def bus_reset(self) -> None:  # noqa: B027 - optional, a no-op by default
         """A port reset reached the device: back to the Default state, address 0."""
 
     @abstractmethod
@@ -166,10 +166,10 @@ class UsbDevice(ABC):
         device must then not complete it any more (the controller completes it as cancelled)."""
         return False
 
-    def attached(self, port: "PortLink") -> None:
+    def attached(self, port: PortLink) -> None:  # noqa: B027 - optional
         """Plugged into a port; `port` lets the device signal remote wakeup or unplug itself."""
 
-    def detached(self) -> None:
+    def detached(self) -> None:  # noqa: B027 - optional
         """Unplugged: drop all pending transfers without completing them."""
 
 

@@ -695,9 +695,10 @@ class XhciController:
                                  f"{device.name}")
             target = free[0]
         else:
-            target = self.port(port)
-            if target is None:
+            chosen = self.port(port)
+            if chosen is None:
                 raise ValueError(f"port {port} does not exist (1..{len(self.ports)})")
+            target = chosen
             if target.device is not None:
                 raise ValueError(f"port {port} already has {target.device.name}")
             if target.usb3 != want_usb3:

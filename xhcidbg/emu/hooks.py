@@ -10,10 +10,12 @@ how a fault rule rewrites a completion code, drops an event or vetoes a command.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ..devices.base import UsbTransfer
+from .trb import Trb
 
 # name -> (arguments, what it means)
 ANNOUNCEMENTS = {
@@ -79,7 +81,7 @@ class EventRecord:
 
 @dataclass
 class CommandResult:
-    trb: Any                   # the command Trb
+    trb: Trb                   # the command TRB
     cc: int
     slot: int = 0
     param: int = 0             # Command Completion Parameter
@@ -87,9 +89,25 @@ class CommandResult:
 
 
 class Hooks:
-    __slots__ = tuple(f"on_{n}" for n in ANNOUNCEMENTS) + ("_observers",)
+    """One list of callables per announcement (see ANNOUNCEMENTS for the arguments)."""
 
-    def __init__(self):
+    __slots__ = (*(f"on_{n}" for n in ANNOUNCEMENTS), "_observers")
+
+    on_mmio: list[Callable[[MmioAccess], None]]
+    on_doorbell: list[Callable[[int, int, int], None]]
+    on_trb: list[Callable[[str, Trb], None]]
+    on_command: list[Callable[[CommandResult], None]]
+    on_event: list[Callable[[EventRecord], None]]
+    on_event_posted: list[Callable[[EventRecord], None]]
+    on_urb_submit: list[Callable[[TransferRecord], None]]
+    on_urb_complete: list[Callable[[TransferRecord], None]]
+    on_urb_retired: list[Callable[[TransferRecord], None]]
+    on_port: list[Callable[[int, int, int], None]]
+    on_state: list[Callable[[str, str, str, str], None]]
+    on_interrupt: list[Callable[[int], None]]
+    on_log: list[Callable[[str, str], None]]
+
+    def __init__(self) -> None:
         for n in ANNOUNCEMENTS:
             setattr(self, f"on_{n}", [])
         self._observers: list[Any] = []

@@ -64,7 +64,7 @@ class Layout:
     name: str
     ndwords: int
     fields: tuple[Field, ...]
-    by_name: dict = dc_field(init=False, repr=False, compare=False)
+    by_name: dict[str, Field] = dc_field(init=False, repr=False, compare=False)
 
     def __init__(self, name: str, ndwords: int, fields: Iterable[Field]):
         object.__setattr__(self, "name", name)

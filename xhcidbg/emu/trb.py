@@ -298,7 +298,7 @@ class Trb:
 
     @classmethod
     def build(cls, trb_type: int, addr: int = 0, **values: int) -> Trb:
-        dw = layout_of(trb_type).encode(type=int(trb_type), **values)
+        dw = layout_of(trb_type).encode(None, type=int(trb_type), **values)
         return cls(addr, dw[0] | (dw[1] << 32), dw[2], dw[3])
 
     def __repr__(self) -> str:
