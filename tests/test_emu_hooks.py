@@ -34,10 +34,10 @@ def test_every_announcement_is_made_during_an_ordinary_session(bus, drv):
 
 def test_an_observer_turns_a_transfer_into_a_stall(bus, drv, dev):
     class Stall:
-        def on_urb_complete(self, xfer):
-            if xfer.endpoint == 0x81:
-                xfer.status = Status.STALL
-                xfer.note = "injected stall"
+        def on_urb_complete(self, rec):
+            if rec.xfer.endpoint == 0x81:
+                rec.xfer.status = Status.STALL
+                rec.note = "injected stall"
 
     bus.controller.hooks.attach(Stall(), first=True)
     t = dev.endpoint(0x81).submit(length=64)
@@ -92,3 +92,29 @@ def test_detached_observers_hear_nothing(bus, drv):
 def test_attach_refuses_objects_that_listen_to_nothing(bus):
     with pytest.raises(TypeError, match="no on_<announcement>"):
         bus.controller.hooks.attach(object())
+
+
+def test_the_trace_shows_the_completion_code_an_observer_wrote(bus, drv, dev, tmp_path):
+    """A rule rewrites the Transfer Event the guest gets; the usbmon completion in the capture
+    carries the errno of the code actually posted, not of the device's own outcome."""
+    from xhcidbg.decode.usbmon import UsbmonRecord
+    from xhcidbg.trace.pcapng import LINKTYPE_USB_LINUX_MMAPPED, read_capture
+    from xhcidbg.trace.tracer import Tracer
+
+    class StallTheEvent:
+        def on_event(self, ev):
+            d = ev.dwords
+            if (d[3] >> 10) & 0x3F == T.TRANSFER_EVENT and (d[3] >> 16) & 0x1F == 3:
+                ev.dwords = [d[0], d[1], (CC.STALL_ERROR << 24) | (d[2] & 0xFFFFFF), d[3]]
+
+    bus.controller.hooks.attach(StallTheEvent(), first=True)
+    path = tmp_path / "rewritten.pcapng"
+    with Tracer(bus.controller, path, "kind=urb"):
+        t = dev.endpoint(0x81).submit(length=64)
+        assert t.wait().cc == CC.STALL_ERROR            # what the guest was told
+    with open(path, "rb") as f:
+        cap, packets = read_capture(f)
+        usbmon = [UsbmonRecord.parse(p.data) for p in packets
+                  if cap.interfaces[p.interface].linktype == LINKTYPE_USB_LINUX_MMAPPED]
+    done = [r for r in usbmon if r.type == "C" and r.epnum == 0x81]
+    assert [r.status for r in done] == [-32]                  # -EPIPE: Stall Error

@@ -95,10 +95,10 @@ def test_whole_block_packers_write_what_enhanced_packet_writes():
 
 def test_usbmon_block_is_the_usbmon_record_in_an_epb():
     from xhcidbg.devices.base import EpType, Status, UsbTransfer
+    from xhcidbg.emu.hooks import TransferRecord
     from xhcidbg.trace import pcapng
     from xhcidbg.trace.urb import usbmon_block, usbmon_record
     ctrl = UsbTransfer(0, EpType.CONTROL, 18, setup=bytes.fromhex("8006000100001200"))
-    ctrl.bus, ctrl.devnum = 1, 2
     bulk = UsbTransfer(0x02, EpType.BULK, 5, data=b"hello")
     iso = UsbTransfer(0x83, EpType.ISOCHRONOUS, 192, interval=1)
     ts = 1_700_000_000_123_456_789
@@ -109,8 +109,9 @@ def test_usbmon_block_is_the_usbmon_record_in_an_epb():
             if event == "C":
                 done()
             for max_data, comment in ((65535 - 64, ""), (3, "fault rule 1")):
-                record, orig = usbmon_record(xfer, event, ts, max_data, 8)
-                total, pieces = usbmon_block(xfer, event, ts, max_data, 8, 2,
+                rec = TransferRecord(xfer, 0, 0, 0, *((1, 2) if xfer is ctrl else (0, 0)))
+                record, orig = usbmon_record(rec, event, ts, max_data, 8)
+                total, pieces = usbmon_block(rec, event, ts, max_data, 8, 2,
                                              pcapng.comment_option(comment))
                 block = b"".join(pieces)
                 assert len(block) == total
@@ -122,13 +123,12 @@ def test_a_full_queue_drops_and_counts_records_and_the_file_stays_valid(tmp_path
     counted; once a reader comes, what was kept arrives as a valid capture."""
     import os
     import threading
-    from types import SimpleNamespace
-    from xhcidbg.emu.hooks import Hooks
+    from xhcidbg.emu.controller import XhciController
     from xhcidbg.trace import tracer as T
     from xhcidbg.trace.pcapng import read_capture
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    c = SimpleNamespace(hooks=Hooks())
+    c = XhciController()
     t = T.Tracer(c, fifo, "kind=interrupt", max_buffer=2 * T.CHUNK_SIZE,
                  flush_interval=0.01).start()
     per_chunk = T.CHUNK_SIZE // 40

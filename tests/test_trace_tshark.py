@@ -20,7 +20,8 @@ import pytest
 
 from xhcidbg.devices.base import EpType, UsbTransfer
 from xhcidbg.devices.tablet import Tablet
-from xhcidbg.emu.hooks import CommandResult, EventRecord, Hooks, MmioAccess
+from xhcidbg.emu.controller import XhciController
+from xhcidbg.emu.hooks import CommandResult, EventRecord, Hooks, MmioAccess, TransferRecord
 from xhcidbg.emu.memory import RamMemory
 from xhcidbg.emu.timing import Scheduler
 from xhcidbg.emu.trb import CC, Trb, TrbType as T
@@ -56,7 +57,8 @@ class Replay:
 
     def __init__(self):
         self.c = SimpleNamespace(hooks=Hooks(), mem=RamMemory(1 << 20), context_size=32,
-                                 scheduler=Scheduler(virtual=True), dcbaap=0)
+                                 scheduler=Scheduler(virtual=True), dcbaap=0,
+                                 register_name=XhciController().register_name)
         self.dev = Tablet()
         self.dev.bus_reset()
         self.ring_addr = 0x20000
@@ -92,10 +94,10 @@ class Replay:
                         idt=1, trt=3 if setup[0] & 0x80 and length else 0, cycle=1)
         self.say("trb", f"{slot}/1", trb)
         self.ring_addr += 16
-        x = UsbTransfer(0, EpType.CONTROL, length, setup=setup, on_complete=self._done)
-        x.slot, x.dci, x.bus, x.devnum = slot, 1, 1, devnum
-        x.submitted_ns = self.c.scheduler.now_ns()
-        self.say("urb_submit", x)
+        x = UsbTransfer(0, EpType.CONTROL, length, setup=setup,
+                        on_complete=lambda x: self._done(rec))
+        rec = TransferRecord(x, slot, 1, 1, 1, devnum, self.c.scheduler.now_ns())
+        self.say("urb_submit", rec)
         self.tick(125_000)
         self.dev.submit(x)
         return x
@@ -104,24 +106,28 @@ class Replay:
         """The SET_ADDRESS the controller sends by itself inside Address Device: announced
         as a transfer, with no TD on a ring behind it and no transfer event."""
         x = UsbTransfer(0, EpType.CONTROL, 0, setup=bytes([0, 5, address, 0, 0, 0, 0, 0]))
-        x.slot, x.dci, x.bus, x.devnum = slot, 1, 1, 0
-        x.submitted_ns = self.c.scheduler.now_ns()
-        self.say("urb_submit", x)
+        rec = TransferRecord(x, slot, 1, 1, 1, 0, self.c.scheduler.now_ns(), internal=True)
+        self.say("urb_submit", rec)
         self.dev.submit(x)
-        self.say("urb_complete", x)
+        self.say("urb_complete", rec)
+        rec.cc = CC.SUCCESS
+        self.say("urb_retired", rec)
 
-    def _done(self, x):
-        self.say("urb_complete", x)
+    def _done(self, rec):
+        x = rec.xfer
+        self.say("urb_complete", rec)
         cc = {0: CC.SUCCESS, 1: CC.STALL_ERROR}.get(int(x.status), CC.USB_TRANSACTION_ERROR)
         if cc == CC.SUCCESS and x.actual < x.length:
             cc = CC.SHORT_PACKET
         self.event([self.ring_addr - 16, 0, cc << 24 | (x.length - x.actual),
-                    x.slot << 24 | x.dci << 16 | T.TRANSFER_EVENT << 10 | 1])
+                    rec.slot << 24 | rec.dci << 16 | T.TRANSFER_EVENT << 10 | 1])
+        rec.cc = cc
+        self.say("urb_retired", rec)
 
     def enumerate(self):
         mem = self.c.mem
-        self.say("mmio", MmioAccess(True, 0x50, 4, DCBAA, "DCBAAP_LO"))
-        self.say("mmio", MmioAccess(False, 0x420, 4, 0x00220E03, "PORTSC[1]"))
+        self.say("mmio", MmioAccess(True, 0x50, 4, DCBAA))
+        self.say("mmio", MmioAccess(False, 0x420, 4, 0x00220E03))
         self.say("port", 1, 0x2A0, 0x00220E03)
         self.command(Trb.build(T.ENABLE_SLOT, addr=0x40000, cycle=1), slot=1)
         # output device context the controller wrote for slot 1: addressed, port 1, ep0 running
@@ -249,11 +255,10 @@ def test_comments_carry_fault_notes(tmp_path, home):
 
 _KILL_CHILD = textwrap.dedent("""
     import sys, time
-    from types import SimpleNamespace
-    from xhcidbg.emu.hooks import Hooks
+    from xhcidbg.emu.controller import XhciController
     from xhcidbg.emu.trb import Trb, TrbType
     from xhcidbg.trace.tracer import Tracer
-    c = SimpleNamespace(hooks=Hooks())
+    c = XhciController()
     t = Tracer(c, sys.argv[1], flush_interval=float(sys.argv[2])).start()
     trb = Trb.build(TrbType.NORMAL, addr=0x1000, length=512, cycle=1)
     for _ in range(1000):
@@ -331,13 +336,13 @@ def test_submit_errors_and_cancellations_use_the_kernel_errnos(tmp_path, home):
     r = Replay()
     with Tracer(r.c, path):
         gone = UsbTransfer(0x81, EpType.INTERRUPT, 8, interval=6)
-        gone.slot, gone.dci, gone.bus, gone.devnum = 1, 3, 1, 1
+        gone_rec = TransferRecord(gone, 1, 3, 1, 1, 1, r.c.scheduler.now_ns())
         gone.complete(Status.NODEV)                  # never handed to a device
-        r.say("urb_complete", gone)
+        r.say("urb_retired", gone_rec)
         taken = UsbTransfer(0x81, EpType.INTERRUPT, 8, interval=6)
-        taken.slot, taken.dci, taken.bus, taken.devnum = 1, 3, 1, 1
-        r.say("urb_submit", taken)
+        taken_rec = TransferRecord(taken, 1, 3, 1, 1, 1, r.c.scheduler.now_ns())
+        r.say("urb_submit", taken_rec)
         taken.complete(Status.CANCELLED)             # Stop Endpoint took it back
-        r.say("urb_complete", taken)
+        r.say("urb_retired", taken_rec)
     rows = fields(path, "usb", "usb.urb_type", "usb.urb_status", "usb.data_flag", home=home)
     assert rows == [["'E'", "-19", "'E'"], ["'S'", "-115", "'<'"], ["'C'", "-104", "'\\0'"]]

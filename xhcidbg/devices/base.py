@@ -9,10 +9,13 @@ Disable Slot, detach).  Devices never see TRBs, rings or guest memory.
 from __future__ import annotations
 
 import itertools
-import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from enum import IntEnum
-from typing import Callable, Optional
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..emu.timing import Scheduler
 
 
 class Speed(IntEnum):
@@ -64,15 +67,13 @@ _ids = itertools.count(1)
 class UsbTransfer:
     """One USB transfer (what Linux calls an URB): a control request or a data TD."""
 
-    __slots__ = ("id", "endpoint", "ep_type", "setup", "data", "length", "stream", "interval",
-                 "status", "actual", "result", "done", "_on_complete", "slot", "dci", "bus",
-                 "devnum", "submitted_ns", "completed_ns", "iso_frame", "context", "note",
-                 "buffers_fn", "in_place")
+    __slots__ = ("_on_complete", "actual", "buffers_fn", "data", "done", "endpoint", "ep_type",
+                 "id", "in_place", "interval", "length", "result", "setup", "status", "stream")
 
     def __init__(self, endpoint: int, ep_type: EpType, length: int, *, setup: bytes | None = None,
                  data: bytes | memoryview | None = None, stream: int = 0, interval: int = 0,
-                 on_complete: Optional[Callable[["UsbTransfer"], None]] = None):
-        self.id = next(_ids)
+                 on_complete: Callable[[UsbTransfer], None] | None = None):
+        self.id = next(_ids)              # unique: traces use it as the URB id
         self.endpoint = endpoint          # endpoint address: number | 0x80 for IN
         self.ep_type = ep_type
         self.setup = setup                # 8 bytes for control transfers
@@ -82,19 +83,11 @@ class UsbTransfer:
         self.interval = interval          # endpoint context Interval: period 2**interval x 125 us
         self.status: Status | None = None
         self.actual = 0
-        self.result: bytes = b""          # IN payload returned by the device
+        self.result: bytes | memoryview = b""     # IN payload returned by the device
         self.done = False
         self._on_complete = on_complete
-        self.slot = 0                     # filled in by the controller for observers
-        self.dci = 0
-        self.bus = 0
-        self.devnum = 0
-        self.submitted_ns = 0
-        self.completed_ns = 0
-        self.iso_frame = 0
-        self.context = None               # the controller's own bookkeeping
-        self.note = ""                    # why an observer changed it (goes into traces)
-        self.buffers_fn = None            # set by the controller: the host's buffers, see below
+        # set by the host controller: the host's own IN buffers, see `in_buffers`
+        self.buffers_fn: Callable[[], list[memoryview] | None] | None = None
         self.in_place = False             # IN data was written straight into those buffers
 
     @property
@@ -121,7 +114,7 @@ class UsbTransfer:
             out += view[:n - len(out)]
         return bytes(out)
 
-    def complete(self, status: Status = Status.OK, data: bytes | None = None,
+    def complete(self, status: Status = Status.OK, data: bytes | memoryview | None = None,
                  actual: int | None = None, filled: int | None = None) -> None:
         """Finish the transfer.  IN: `data` is what the device sent (at most `length` bytes are
         delivered; more is babble), or `filled` bytes were written into `in_buffers()`.
@@ -144,7 +137,6 @@ class UsbTransfer:
             self.actual = self.length if actual is None else max(0, min(actual, self.length))
             if status != Status.OK and actual is None:
                 self.actual = 0
-        self.completed_ns = time.monotonic_ns()
         if self._on_complete is not None:
             self._on_complete(self)
 
@@ -162,7 +154,7 @@ class UsbDevice(ABC):
     speed: Speed = Speed.HIGH
     name: str = "usb-device"
 
-    def bus_reset(self) -> None:
+    def bus_reset(self) -> None:  # noqa: B027 - optional, a no-op by default
         """A port reset reached the device: back to the Default state, address 0."""
 
     @abstractmethod
@@ -174,15 +166,19 @@ class UsbDevice(ABC):
         device must then not complete it any more (the controller completes it as cancelled)."""
         return False
 
-    def attached(self, port: "PortLink") -> None:
+    def attached(self, port: PortLink) -> None:  # noqa: B027 - optional
         """Plugged into a port; `port` lets the device signal remote wakeup or unplug itself."""
 
-    def detached(self) -> None:
+    def detached(self) -> None:  # noqa: B027 - optional
         """Unplugged: drop all pending transfers without completing them."""
 
 
 class PortLink(ABC):
     """What a device may ask of the port it is plugged into."""
+
+    # The controller's clock and timers, for devices that act on time (HID idle reports);
+    # None where the port has none.
+    scheduler: Scheduler | None = None
 
     @abstractmethod
     def remote_wakeup(self) -> None:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-from .layout import Field as F, Layout
+from .layout import Field as F
+from .layout import Layout
 
 
 class SlotState(IntEnum):

@@ -9,22 +9,23 @@ controller error a real xHC reports, and one log line.
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+from collections.abc import Iterable
 
 from ..devices.base import UsbDevice
+from . import events
 from . import regs as R
 from .commands import Commands
 from .context import EpState, SlotState
 from .gate import Gate
 from .hooks import CommandResult, EventRecord, Hooks, MmioAccess
-from .interrupters import InterruptSink, Interrupter
+from .interrupters import Interrupter, InterruptSink
 from .memory import DmaError, GuestMemory
 from .ports import RootPort
 from .rings import Ring, RingError
-from .slots import DeviceSlot, Endpoint
+from .slots import DeviceSlot, SlotEndpoint
 from .timing import Scheduler
 from .transfers import TransferEngine
-from .trb import CC, Trb, TrbType
+from .trb import CC, Trb
 
 log = logging.getLogger("xhcidbg.emu")
 
@@ -65,11 +66,18 @@ class XhciController:
         self.ports = [RootPort(self, i + 1, i >= usb2_ports) for i in range(usb2_ports + usb3_ports)]
         self.full_event_rings = 0
         self.interrupters = [Interrupter(self, i) for i in range(interrupters)]
-        self.commands = Commands(self)
-        self.transfers = TransferEngine(self)
+        self.slots: dict[int, DeviceSlot] = {}
+        self.transfers = TransferEngine(self._mem, self.scheduler, self.hooks, self,
+                                        self.post_event, self.gate, self.mfindex,
+                                        self.kick_endpoint, max_inflight)
+        self.commands = Commands(mem=self._mem, hooks=self.hooks, scheduler=self.scheduler,
+                                 report=self, transfers=self.transfers, slots=self.slots,
+                                 ports=self.ports, context_size=context_size,
+                                 max_slots_enabled=lambda: self.max_slots_enabled,
+                                 dcbaa_entry=self.dcbaa_entry, release_slot=self.release_slot,
+                                 finish=self.finish_command)
         self.full_event_rings = 0    # kept by the interrupters
         self._refused: set[str] = set()
-        self._reg_names: dict[int, str] = {}    # offset -> name, for MMIO announcements
         self.refusals = 0
         self.internal_errors = 0     # bugs of ours caught at the MMIO boundary (tests assert 0)
         self.legsup = 0          # USBLEGSUP ownership bits
@@ -87,14 +95,17 @@ class XhciController:
         """Guest memory for every DMA (the transport sets it once, then maps regions into it)."""
         self._mem = mem
         self.cmd_ring.mem = mem
+        self.transfers.mem = self.commands.mem = mem
         for slot in self.slots.values():
+            slot.mem = mem
             for ep in slot.endpoints.values():
                 ep.ring.mem = mem
 
     def _reset_state(self) -> None:
-        for slot in getattr(self, "slots", {}).values():
+        for slot in self.slots.values():
             for ep in slot.endpoints.values():
                 self.transfers.take_back(ep)
+        self.slots.clear()
         self.usbcmd = 0
         self.usbsts = HCH
         self.dnctrl = 0
@@ -103,7 +114,6 @@ class XhciController:
         self._crcr_hi_ignore = False
         self.dcbaap = 0
         self.config = 0
-        self.slots: dict[int, DeviceSlot] = {}
         self.cmd_ring = Ring(self.mem, name="cmd", announce=self.hooks.on_trb)
         self.cmd_pending: Trb | None = None
         self.mfindex_frozen = 0
@@ -211,8 +221,7 @@ class XhciController:
             self.host_controller_error(f"internal error reading {offset:#x}: {e!r}")
             value = 0
         if self.hooks.on_mmio:
-            acc = MmioAccess(False, offset, size, value,
-                             self._reg_names.get(offset) or self.reg_name(offset))
+            acc = MmioAccess(False, offset, size, value)
             for fn in self.hooks.on_mmio:
                 fn(acc)
             value = acc.value
@@ -220,8 +229,7 @@ class XhciController:
 
     def mmio_write(self, offset: int, size: int, value: int) -> None:
         if self.hooks.on_mmio:
-            acc = MmioAccess(True, offset, size, value,
-                             self._reg_names.get(offset) or self.reg_name(offset))
+            acc = MmioAccess(True, offset, size, value)
             for fn in self.hooks.on_mmio:
                 fn(acc)
         try:
@@ -251,11 +259,9 @@ class XhciController:
             return self._read32(offset) | (self._read32(offset + 4) << 32)
         return (self._read32(offset & ~3) >> ((offset & 3) * 8)) & ((1 << (size * 8)) - 1)
 
-    def reg_name(self, offset: int) -> str:
-        name = R.reg_name(offset, len(self.ports), len(self.interrupters))
-        if len(self._reg_names) < 4096:          # remembered: traced MMIO names it each time
-            self._reg_names[offset] = name
-        return name
+    def register_name(self, offset: int) -> str:
+        """The name of the register at BAR0 `offset`, for observers ("USBSTS", "PORTSC[3]")."""
+        return R.reg_name(offset, len(self.ports), len(self.interrupters))
 
     def _strobe_mask(self, base: int) -> int:
         if R.PORT_BASE <= base < R.PORT_BASE + 0x10 * len(self.ports) and base % 0x10 == 0:
@@ -290,7 +296,7 @@ class XhciController:
     def _write32(self, off: int, v: int) -> None:
         if off < R.CAP_LENGTH:
             self.refuse(f"capw{off}", f"write {v:#x} to read-only capability register "
-                        f"{self.reg_name(off)} ignored")
+                        f"{self.register_name(off)} ignored")
         elif off < R.PORT_BASE:
             self._write_op(off - R.OP_BASE, v)
         elif off < R.PORT_BASE + 0x10 * len(self.ports):
@@ -428,9 +434,8 @@ class XhciController:
         self.crr = False
         self.crcr = (self.cmd_ring.dequeue & ~0x3F) | self.cmd_ring.ccs
         self.gate.forget("cmd")
-        ev = [self.cmd_ring.dequeue & 0xFFFFFFFF, self.cmd_ring.dequeue >> 32,
-              CC.COMMAND_RING_STOPPED << 24, TrbType.COMMAND_COMPLETION << 10]
-        self.post_event(0, ev)
+        self.post_event(0, events.command_completion(self.cmd_ring.dequeue,
+                                                     CC.COMMAND_RING_STOPPED))
 
     # ---- runtime registers --------------------------------------------------------------------------
     def mfindex(self) -> int:
@@ -449,7 +454,7 @@ class XhciController:
     def _wrap(self) -> None:
         self._wrap_timer = None
         if self.running and self.usbcmd & EWE:
-            self.post_event(0, [0, 0, CC.SUCCESS << 24, TrbType.MFINDEX_WRAP << 10])
+            self.post_event(0, events.mfindex_wrap())
             self._wrap_timer = self.scheduler.call_later(MFINDEX_WRAP_NS, self._wrap)
 
     def _read_rt(self, rel: int) -> int:
@@ -558,7 +563,7 @@ class XhciController:
     def kick_commands(self) -> None:
         self.gate.kick("cmd", self._command_worker)
 
-    def kick_endpoint(self, ep: Endpoint) -> None:
+    def kick_endpoint(self, ep: SlotEndpoint) -> None:
         if not self.running or ep.state != EpState.RUNNING:
             return
         worker = ep.worker
@@ -566,7 +571,7 @@ class XhciController:
             worker = ep.worker = lambda unit: self._endpoint_worker(ep, unit)
         self.gate.kick(ep.key, worker)
 
-    def _endpoint_worker(self, ep: Endpoint, unit: str) -> bool:
+    def _endpoint_worker(self, ep: SlotEndpoint, unit: str) -> bool:
         if (self.usbsts & HCH or self.full_event_rings
                 or ep.slot.endpoints.get(ep.dci) is not ep):
             return False
@@ -617,14 +622,14 @@ class XhciController:
     def _post_command(self, r: CommandResult) -> None:
         for fn in self.hooks.on_command:
             fn(r)
-        trb = r.trb
-        self.post_event(0, [trb.addr & 0xFFFFFFFF, trb.addr >> 32,
-                            (int(r.cc) << 24) | (r.param & 0xFFFFFF),
-                            (r.slot << 24) | (TrbType.COMMAND_COMPLETION << 10)], note=r.note)
+        self.post_event(0, events.command_completion(r.trb.addr, int(r.cc), r.slot, r.param),
+                        note=r.note)
 
     # ---- events -------------------------------------------------------------------------------------------
     def post_event(self, interrupter: int, dwords: list[int], block: bool = False,
-                   note: str = "") -> None:
+                   note: str = "") -> list[int] | None:
+        """Post one event TRB (built by `events`); returns the dwords as they were written,
+        after observers rewrote them, or None when an observer dropped it."""
         if interrupter >= len(self.interrupters):
             self.refuse(f"intr{interrupter}", f"interrupter target {interrupter} does not exist; "
                         f"event goes to interrupter 0")
@@ -633,17 +638,10 @@ class XhciController:
         hooks = self.hooks
         if (not hooks.on_event and not hooks.on_event_posted and not note and ir.segments
                 and not ir.full and ir.write_unobserved(dwords, block)):
-            return
-        ir.post(EventRecord(interrupter, dwords, note=note), block)
-
-    def post_transfer_event(self, ep: Endpoint, trb: Trb, cc: int, length: int, intr: int,
-                            event_data: bool, block: bool) -> None:
-        pointer = trb.param if event_data else trb.addr
-        self.post_event(intr, [pointer & 0xFFFFFFFF, (pointer >> 32) & 0xFFFFFFFF,
-                               (int(cc) << 24) | (length & 0xFFFFFF),
-                               (ep.slot.id << 24) | (ep.dci << 16)
-                               | (TrbType.TRANSFER_EVENT << 10) | (4 if event_data else 0)],
-                        block)
+            return dwords
+        ev = EventRecord(interrupter, dwords, note=note)
+        ir.post(ev, block)
+        return None if ev.drop else ev.dwords
 
     def usbsts_eint(self) -> None:
         self.usbsts |= EINT
@@ -672,8 +670,7 @@ class XhciController:
     def port_changed(self, port: RootPort) -> None:
         self.usbsts |= PCD
         if self.running:
-            self.post_event(0, [port.number << 24, 0, CC.SUCCESS << 24,
-                                TrbType.PORT_STATUS_CHANGE << 10])
+            self.post_event(0, events.port_status_change(port.number))
 
     def _abort_port(self, port: RootPort) -> None:
         for slot in self.slots.values():
@@ -698,9 +695,10 @@ class XhciController:
                                  f"{device.name}")
             target = free[0]
         else:
-            target = self.port(port)
-            if target is None:
+            chosen = self.port(port)
+            if chosen is None:
                 raise ValueError(f"port {port} does not exist (1..{len(self.ports)})")
+            target = chosen
             if target.device is not None:
                 raise ValueError(f"port {port} already has {target.device.name}")
             if target.usb3 != want_usb3:

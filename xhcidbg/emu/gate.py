@@ -7,7 +7,7 @@ runs exactly one unit: one TRB, one TD, or one command.  MMIO is answered either
 """
 from __future__ import annotations
 
-from typing import Callable, Hashable
+from collections.abc import Callable, Hashable
 
 from .timing import Scheduler
 

@@ -10,8 +10,12 @@ how a fault rule rewrites a completion code, drops an event or vetoes a command.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from ..devices.base import UsbTransfer
+from .trb import Trb
 
 # name -> (arguments, what it means)
 ANNOUNCEMENTS = {
@@ -23,9 +27,11 @@ ANNOUNCEMENTS = {
     "event": "(ev: EventRecord) an event is about to be written; may be rewritten or dropped "
              "(mutable)",
     "event_posted": "(ev: EventRecord) an event was written to the event ring",
-    "urb_submit": "(xfer: UsbTransfer) a transfer was handed to a device",
-    "urb_complete": "(xfer: UsbTransfer) a device finished a transfer; status/actual may be "
-                    "rewritten (mutable)",
+    "urb_submit": "(rec: TransferRecord) a transfer was handed to a device",
+    "urb_complete": "(rec: TransferRecord) a device finished a transfer; rec.xfer.status and "
+                    "rec.xfer.actual may be rewritten (mutable)",
+    "urb_retired": "(rec: TransferRecord) the controller retired the transfer: rec.cc is the "
+                   "completion code it posted",
     "port": "(port: int, old: int, new: int) a root port's PORTSC changed",
     "state": "(kind: str, ident: str, old: str, new: str) a slot, endpoint, port or "
              "controller changed state",
@@ -34,13 +40,34 @@ ANNOUNCEMENTS = {
 }
 
 
-@dataclass
+@dataclass(eq=False, slots=True)
+class TransferRecord:
+    """One transfer as observers see it: what the device got (`xfer`, the device contract and
+    nothing more) and where it went and what came of it on the controller's side."""
+
+    xfer: UsbTransfer
+    slot: int
+    dci: int
+    port: int
+    bus: int                   # usbmon bus number: 1 the USB 2 root hub, 2 the USB 3 one
+    devnum: int                # the device's USB address when it was submitted
+    submitted_ns: int = 0      # 0: submitted before anyone was watching
+    iso_frame: int = 0         # the frame an isochronous TD was scheduled in
+    completed_ns: int = 0      # when the device finished it
+    cc: int | None = None      # the completion code the controller posted (None until then)
+    note: str = ""             # why an observer changed it (goes into traces)
+    internal: bool = False     # the controller's own request (SET_ADDRESS in Address Device)
+
+
+@dataclass(slots=True)
 class MmioAccess:
+    """One BAR0 access.  Observers that show register names look them up by `offset`
+    (`XhciController.register_name`): the MMIO path does not build names."""
+
     write: bool
     offset: int
     size: int
     value: int
-    name: str
 
 
 @dataclass
@@ -54,7 +81,7 @@ class EventRecord:
 
 @dataclass
 class CommandResult:
-    trb: Any                   # the command Trb
+    trb: Trb                   # the command TRB
     cc: int
     slot: int = 0
     param: int = 0             # Command Completion Parameter
@@ -62,9 +89,25 @@ class CommandResult:
 
 
 class Hooks:
-    __slots__ = tuple(f"on_{n}" for n in ANNOUNCEMENTS) + ("_observers",)
+    """One list of callables per announcement (see ANNOUNCEMENTS for the arguments)."""
 
-    def __init__(self):
+    __slots__ = (*(f"on_{n}" for n in ANNOUNCEMENTS), "_observers")
+
+    on_mmio: list[Callable[[MmioAccess], None]]
+    on_doorbell: list[Callable[[int, int, int], None]]
+    on_trb: list[Callable[[str, Trb], None]]
+    on_command: list[Callable[[CommandResult], None]]
+    on_event: list[Callable[[EventRecord], None]]
+    on_event_posted: list[Callable[[EventRecord], None]]
+    on_urb_submit: list[Callable[[TransferRecord], None]]
+    on_urb_complete: list[Callable[[TransferRecord], None]]
+    on_urb_retired: list[Callable[[TransferRecord], None]]
+    on_port: list[Callable[[int, int, int], None]]
+    on_state: list[Callable[[str, str, str, str], None]]
+    on_interrupt: list[Callable[[int], None]]
+    on_log: list[Callable[[str, str], None]]
+
+    def __init__(self) -> None:
         for n in ANNOUNCEMENTS:
             setattr(self, f"on_{n}", [])
         self._observers: list[Any] = []

@@ -9,9 +9,10 @@ import struct
 from collections import deque
 from typing import TYPE_CHECKING
 
+from . import events
 from .hooks import EventRecord
 from .memory import DmaError
-from .trb import CC, TRB_SIZE, TrbType
+from .trb import CC, TRB_SIZE
 
 if TYPE_CHECKING:
     from .controller import XhciController
@@ -39,7 +40,7 @@ class InterruptSink:
 
 
 class Interrupter:
-    def __init__(self, hc: "XhciController", index: int):
+    def __init__(self, hc: XhciController, index: int):
         self.hc = hc
         self.index = index
         self.reset()
@@ -176,8 +177,7 @@ class Interrupter:
         if self.segments[seg][0] + idx * TRB_SIZE == self.erdp:
             # The last free TRB gets an Event Ring Full Error; further events wait (4.9.4).
             self.full = True
-            full = EventRecord(self.index, [0, 0, CC.EVENT_RING_FULL << 24,
-                                            TrbType.HOST_CONTROLLER_EVENT << 10])
+            full = EventRecord(self.index, events.host_controller_event(CC.EVENT_RING_FULL))
             self.backlog.appendleft(ev)
             ev = full
         addr = self._store(ev.dwords, seg, idx)

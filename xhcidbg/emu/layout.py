@@ -7,24 +7,38 @@ access and the precomputed masks used on hot paths are all derived from that one
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field as dc_field
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 
 
 @dataclass(frozen=True)
 class Field:
     """`width` bits starting at bit `lo` of dword `dword` (widths above 32 continue into the next
-    dword, as the 64-bit pointers in TRBs and contexts do)."""
+    dword, as the 64-bit pointers in TRBs and contexts do).
+
+    `mask` is the field's value mask, `bits` the field's bits in place in its dword: hot paths
+    test flags with `dword & F.bits` and read fields with `F.of(dword)`, all derived from here."""
 
     name: str
     dword: int
     lo: int
     width: int = 1
     doc: str = ""
+    mask: int = dc_field(init=False, repr=False, compare=False)
+    bits: int = dc_field(init=False, repr=False, compare=False)
 
-    @property
-    def mask(self) -> int:
-        return (1 << self.width) - 1
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mask", (1 << self.width) - 1)
+        object.__setattr__(self, "bits", ((1 << self.width) - 1) << self.lo)
+
+    def of(self, dword: int) -> int:
+        """This field's value in `dword` (or in a 64-bit pair for fields that span two)."""
+        return (dword >> self.lo) & self.mask
+
+    def put(self, value: int) -> int:
+        """`value` in this field's place, to OR into a dword."""
+        return (value & self.mask) << self.lo
 
     def get(self, dw: Sequence[int]) -> int:
         if self.lo + self.width <= 32:
@@ -50,7 +64,7 @@ class Layout:
     name: str
     ndwords: int
     fields: tuple[Field, ...]
-    by_name: dict = dc_field(init=False, repr=False, compare=False)
+    by_name: dict[str, Field] = dc_field(init=False, repr=False, compare=False)
 
     def __init__(self, name: str, ndwords: int, fields: Iterable[Field]):
         object.__setattr__(self, "name", name)
@@ -87,6 +101,18 @@ class Layout:
 
     def pack(self, dw: Sequence[int]) -> bytes:
         return struct.pack(f"<{self.ndwords}I", *dw)
+
+
+DWORD_MASK = 0xFFFFFFFF
+
+
+def lo32(value: int) -> int:
+    """The low dword of a 64-bit value (pointers are split over two dwords)."""
+    return value & DWORD_MASK
+
+
+def hi32(value: int) -> int:
+    return (value >> 32) & DWORD_MASK
 
 
 def dwords(data: bytes | memoryview, n: int | None = None) -> list[int]:

@@ -9,7 +9,11 @@ or Host System Error a real controller reports.
 from __future__ import annotations
 
 import bisect
-from typing import Callable
+from collections.abc import Callable, Iterator
+
+BytesLike = bytes | bytearray | memoryview
+Reader = Callable[[int, int], bytes]      # (address, length) -> data, for fd-less regions
+Writer = Callable[[int, bytes], None]
 
 
 class DmaError(Exception):
@@ -20,10 +24,11 @@ class DmaError(Exception):
 
 
 class Region:
-    __slots__ = ("start", "end", "view", "reader", "writer", "writable")
+    __slots__ = ("end", "reader", "start", "view", "writable", "writer")
 
-    def __init__(self, start: int, size: int, buffer=None, reader: Callable | None = None,
-                 writer: Callable | None = None, writable: bool = True):
+    def __init__(self, start: int, size: int, buffer: BytesLike | None = None,
+                 reader: Reader | None = None, writer: Writer | None = None,
+                 writable: bool = True):
         self.start = start
         self.end = start + size
         self.view = memoryview(buffer).cast("B") if buffer is not None else None
@@ -35,13 +40,14 @@ class Region:
 class GuestMemory:
     """Guest-physical address space made of non-overlapping regions."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._starts: list[int] = []
         self._regions: list[Region] = []
         self._last: Region | None = None
 
     # ---- mapping -------------------------------------------------------------------------
-    def map(self, start: int, size: int, buffer=None, *, reader=None, writer=None,
+    def map(self, start: int, size: int, buffer: BytesLike | None = None, *,
+            reader: Reader | None = None, writer: Writer | None = None,
             writable: bool = True) -> Region:
         if size <= 0 or start < 0 or start + size > 1 << 64:
             raise ValueError(f"bad region {start:#x}+{size:#x}")
@@ -101,7 +107,7 @@ class GuestMemory:
             return bytes(r.view[off:off + length])
         if r.reader is None:
             raise DmaError(addr, length, "is in a region that cannot be read")
-        return r.reader(addr, length)
+        return bytes(r.reader(addr, length))
 
     def view(self, addr: int, length: int) -> memoryview | None:
         """A zero-copy view when [addr, addr+length) lies in one directly mapped region."""
@@ -114,8 +120,8 @@ class GuestMemory:
         off = addr - r.start
         return r.view[off:off + length]
 
-    def write(self, addr: int, data) -> None:
-        length = len(data)
+    def write(self, addr: int, data: BytesLike) -> None:
+        length = len(memoryview(data))
         if length == 0:
             return
         if addr < 0:
@@ -135,7 +141,7 @@ class GuestMemory:
         r.writer(addr, bytes(data))
 
     # Accesses that straddle two adjacent regions (rare: RAM split at a hole).
-    def _pieces(self, addr: int, length: int):
+    def _pieces(self, addr: int, length: int) -> Iterator[tuple[int, int]]:
         end = addr + length
         pos = addr
         while pos < end:
@@ -150,8 +156,8 @@ class GuestMemory:
     def _read_split(self, addr: int, length: int) -> bytes:
         return b"".join(self.read(a, n) for a, n in list(self._pieces(addr, length)))
 
-    def _write_split(self, addr: int, data) -> None:
-        pieces = list(self._pieces(addr, len(data)))
+    def _write_split(self, addr: int, data: BytesLike) -> None:
+        pieces = list(self._pieces(addr, len(memoryview(data))))
         mv = memoryview(bytes(data))
         for a, n in pieces:
             self.write(a, mv[a - addr:a - addr + n])
@@ -172,7 +178,7 @@ class GuestMemory:
 class RamMemory(GuestMemory):
     """Plain RAM from address `base`, the in-process bus's guest memory."""
 
-    def __init__(self, size: int, base: int = 0):
+    def __init__(self, size: int, base: int = 0) -> None:
         super().__init__()
         self.ram = bytearray(size)
         self.map(base, size, self.ram)

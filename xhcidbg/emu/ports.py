@@ -38,7 +38,7 @@ WAKE_BITS = WCE | WDE | WOE
 
 
 class RootPort(PortLink):
-    def __init__(self, hc: "XhciController", number: int, usb3: bool):
+    def __init__(self, hc: XhciController, number: int, usb3: bool):
         self.hc = hc
         self.number = number            # 1-based port id
         self.usb3 = usb3

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .layout import Field as F, Layout
+from .layout import Field as F
+from .layout import Layout
 
 BAR_SIZE = 0x10000
 CAP_LENGTH = 0x20

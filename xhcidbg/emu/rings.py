@@ -13,6 +13,7 @@ dequeue pointer (Set TR Dequeue, Stop Endpoint, a restart).
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 from .memory import DmaError, GuestMemory
 from .trb import TRB_SIZE, Trb, TrbType
@@ -31,10 +32,10 @@ class RingError(Exception):
 
 
 class Ring:
-    __slots__ = ("mem", "dequeue", "ccs", "name", "announce", "_run", "_run_start", "_run_end")
+    __slots__ = ("_run", "_run_end", "_run_start", "announce", "ccs", "dequeue", "mem", "name")
 
     def __init__(self, mem: GuestMemory, dequeue: int = 0, ccs: int = 1, name: str = "",
-                 announce: list | None = None):
+                 announce: list[Callable[[str, Trb], None]] | None = None):
         self.mem = mem
         self.dequeue = dequeue
         self.ccs = ccs
@@ -101,4 +102,4 @@ class Ring:
         return trb
 
 
-__all__ = ["Ring", "RingError", "DmaError", "MAX_LINKS"]
+__all__ = ["MAX_LINKS", "DmaError", "Ring", "RingError"]

@@ -9,35 +9,56 @@ from __future__ import annotations
 from collections import deque
 from typing import TYPE_CHECKING
 
+from ..devices.base import EpType, UsbDevice
 from .context import EP_CTX, EP_STATE_NAMES, SLOT_CTX, SLOT_STATE_NAMES, XhciEpType
-from ..devices.base import EpType
-from .memory import DmaError
+from .gate import Worker
+from .hooks import Hooks
+from .interfaces import ErrorReporter
+from .memory import DmaError, GuestMemory
 from .rings import Ring
+from .timing import Timer
 
 if TYPE_CHECKING:
-    from .controller import XhciController
     from .ports import RootPort
+    from .transfers import Td
+
+CONTEXT_DWORDS = 8               # the dwords that carry fields, in 32- and 64-byte contexts
+EP0_DCI = 1
+MAX_INTERVAL_EXPONENT = 15
+MICROFRAME_NS = 125_000
+_STATE = EP_CTX["ep_state"]
+_SLOT_STATE = SLOT_CTX["slot_state"]
 
 
-class Endpoint:
-    def __init__(self, slot: "DeviceSlot", dci: int, ctx: list[int]):
+def endpoint_address(dci: int) -> int:
+    """USB endpoint address of Device Context Index `dci` (4.5.1): DCI = 2 * number + IN."""
+    if dci == EP0_DCI:
+        return 0
+    return (dci // 2) | (0x80 if dci & 1 else 0)
+
+
+class SlotEndpoint:
+    """One enabled endpoint of a device slot: its context, its transfer ring and the TDs it
+    has in flight."""
+
+    def __init__(self, slot: DeviceSlot, dci: int, ctx: list[int]):
         self.slot = slot
         self.dci = dci
-        self.ctx = list(ctx[:8])
-        hc = slot.hc
-        self.ring = Ring(hc.mem, name=f"{slot.id}/{dci}", announce=hc.hooks.on_trb)
+        self.ctx = list(ctx[:CONTEXT_DWORDS])
+        self.ring = Ring(slot.mem, name=f"{slot.id}/{dci}", announce=slot.hooks.on_trb)
         self.ring.set_dequeue(EP_CTX.get(self.ctx, "dequeue") << 4, EP_CTX.get(self.ctx, "dcs"))
-        self.inflight: deque = deque()       # TDs handed to the device, oldest first
-        self.building = None                 # TD being assembled TRB by TRB (single-step)
+        self.inflight: deque[Td] = deque()   # TDs handed to the device, oldest first
+        self.building: Td | None = None      # TD being assembled TRB by TRB (single-step)
         self.key = (slot.id, dci)            # the gate's name for this ring
-        self.worker = None                   # the gate's callable, made once by the controller
+        self.worker: Worker | None = None    # the gate's callable, made once by the controller
         self.next_service_ns = 0             # isoch pacing
-        self.isoch_timer = None
-        # Fixed for the endpoint's lifetime (a new Configure Endpoint makes a new Endpoint):
+        self.isoch_timer: Timer | None = None
+        # Fixed for the endpoint's lifetime (a new Configure Endpoint makes a new endpoint):
         # kept as plain attributes because the transfer path reads them for every TD.
-        self.ep_type = XhciEpType((self.ctx[1] >> 3) & 7)
-        self.is_in = dci == 1 or bool(dci & 1)
-        self.address = 0 if dci == 1 else (dci // 2) | (0x80 if dci & 1 else 0)
+        self.ep_type = XhciEpType(EP_CTX.get(self.ctx, "ep_type"))
+        self.is_in = dci == EP0_DCI or bool(dci & 1)
+        self.address = endpoint_address(dci)
+        self.interval = EP_CTX.get(self.ctx, "interval")
         self.transfer_type = EpType(self.ep_type.usb_type)
         self.is_isoch = self.ep_type in (XhciEpType.ISOCH_IN, XhciEpType.ISOCH_OUT)
         self.polled = self.ep_type in (XhciEpType.INTERRUPT_IN, XhciEpType.INTERRUPT_OUT,
@@ -46,27 +67,26 @@ class Endpoint:
     # ---- fields from the context --------------------------------------------------------------
     @property
     def state(self) -> int:
-        return self.ctx[0] & 7
+        return _STATE.of(self.ctx[_STATE.dword])
 
     def set_state(self, state: int) -> None:
         old = self.state
-        self.ctx[0] = (self.ctx[0] & ~7) | state
+        _STATE.set(self.ctx, state)
         if old != state:
             # Software reads the endpoint's state from the output context (6.2.3).
             if self.slot.endpoints.get(self.dci) is self:
                 self.write_back()
-            hooks = self.slot.hc.hooks.on_state
-            for fn in hooks:
+            for fn in self.slot.hooks.on_state:
                 fn("endpoint", f"{self.slot.id}/{self.dci}", EP_STATE_NAMES.get(old, "?"),
                    EP_STATE_NAMES.get(state, "?"))
 
     @property
     def max_packet(self) -> int:
-        return self.ctx[1] >> 16
+        return EP_CTX.get(self.ctx, "max_packet")
 
     @property
     def interval_ns(self) -> int:
-        return (1 << min(((self.ctx[0] >> 16) & 0xFF), 15)) * 125_000
+        return (1 << min(self.interval, MAX_INTERVAL_EXPONENT)) * MICROFRAME_NS
 
     def sync_dequeue(self) -> None:
         """Copy the ring's dequeue pointer and cycle state into the context."""
@@ -84,46 +104,54 @@ class Endpoint:
 
 
 class DeviceSlot:
-    def __init__(self, hc: "XhciController", slot_id: int):
-        self.hc = hc
+    """A device slot: its slot context, the port it is bound to and its endpoints.  The
+    controller keeps the contexts and writes them to the output device context in guest
+    memory whenever the spec says the xHC updates it."""
+
+    def __init__(self, slot_id: int, mem: GuestMemory, hooks: Hooks, report: ErrorReporter,
+                 context_size: int):
         self.id = slot_id
-        self.ctx = [0] * 8
+        self.mem = mem
+        self.hooks = hooks
+        self.report = report
+        self.context_size = context_size
+        self.ctx = [0] * CONTEXT_DWORDS
         self.out_ctx = 0                      # output device context (from the DCBAA)
-        self.port: "RootPort | None" = None
-        self.endpoints: dict[int, Endpoint] = {}
+        self.port: RootPort | None = None
+        self.endpoints: dict[int, SlotEndpoint] = {}
         self.address = 0
 
     @property
     def state(self) -> int:
-        return self.ctx[3] >> 27
+        return _SLOT_STATE.of(self.ctx[_SLOT_STATE.dword])
 
     def set_state(self, state: int) -> None:
         old = self.state
-        self.ctx[3] = (self.ctx[3] & 0x07FFFFFF) | (state << 27)
+        _SLOT_STATE.set(self.ctx, state)
         if old != state:
-            for fn in self.hc.hooks.on_state:
+            for fn in self.hooks.on_state:
                 fn("slot", str(self.id), SLOT_STATE_NAMES.get(old, "?"),
                    SLOT_STATE_NAMES.get(state, "?"))
 
     @property
-    def device(self):
+    def device(self) -> UsbDevice | None:
         return self.port.device if self.port is not None else None
 
     def write_context(self, index: int, dwords: list[int]) -> None:
         """Write context `index` (0 slot, 1-31 endpoints) of the output device context."""
         if not self.out_ctx:
             return
-        addr = self.out_ctx + index * self.hc.context_size
+        addr = self.out_ctx + index * self.context_size
         try:
-            self.hc.mem.write(addr, EP_CTX.pack(dwords[:8]))
+            self.mem.write(addr, EP_CTX.pack(dwords[:CONTEXT_DWORDS]))
         except DmaError as e:
-            self.hc.host_system_error(f"slot {self.id}: output context write at {addr:#x} "
-                                      f"failed ({e})")
+            self.report.host_system_error(f"slot {self.id}: output context write at {addr:#x} "
+                                          f"failed ({e})")
 
     def write_slot_context(self) -> None:
         self.write_context(0, self.ctx)
 
     def update_context_entries(self) -> None:
-        last = max(self.endpoints, default=1)
-        SLOT_CTX["context_entries"].set(self.ctx, max(1, last))
+        last = max(self.endpoints, default=EP0_DCI)
+        SLOT_CTX["context_entries"].set(self.ctx, max(EP0_DCI, last))
 

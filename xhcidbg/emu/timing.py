@@ -12,16 +12,15 @@ import itertools
 import logging
 import time
 from collections import deque
-from typing import Callable
-
+from collections.abc import Callable
 
 log = logging.getLogger("xhcidbg.emu")
 
 
 class Timer:
-    __slots__ = ("when", "fn", "args", "cancelled")
+    __slots__ = ("args", "cancelled", "fn", "when")
 
-    def __init__(self, when: int, fn: Callable, args: tuple):
+    def __init__(self, when: int, fn: Callable[..., object], args: tuple[object, ...]):
         self.when = when
         self.fn = fn
         self.args = args
@@ -37,7 +36,7 @@ class Scheduler:
         self._now = start_ns
         self._heap: list[tuple[int, int, Timer]] = []
         self._seq = itertools.count()
-        self._soon: deque[tuple[Callable, tuple]] = deque()
+        self._soon: deque[tuple[Callable[..., object], tuple[object, ...]]] = deque()
         # Called when a timer earlier than every other one is added (the asyncio driver re-arms).
         self.on_new_deadline: Callable[[int], None] | None = None
         self.errors = 0          # callbacks that raised (a bug of ours; tests assert 0)
@@ -45,12 +44,12 @@ class Scheduler:
     def now_ns(self) -> int:
         return self._now if self.virtual else time.monotonic_ns()
 
-    def call_soon(self, fn: Callable, *args) -> None:
+    def call_soon(self, fn: Callable[..., object], *args: object) -> None:
         self._soon.append((fn, args))
         if self.on_new_deadline is not None:
             self.on_new_deadline(self.now_ns())
 
-    def call_later(self, delay_ns: int, fn: Callable, *args) -> Timer:
+    def call_later(self, delay_ns: int, fn: Callable[..., object], *args: object) -> Timer:
         t = Timer(self.now_ns() + max(0, int(delay_ns)), fn, args)
         first = not self._heap or t.when < self._heap[0][0]
         heapq.heappush(self._heap, (t.when, next(self._seq), t))

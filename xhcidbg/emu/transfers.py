@@ -3,39 +3,89 @@
 
 A TD is assembled TRB by TRB (so the debugger can step one TRB), handed to the device as one
 `UsbTransfer`, and retired in ring order when the device completes it: IN data scattered into
-the TRB buffers, events posted where IOC, ISP, Event Data or an error say so.
+the TRB buffers, events posted where IOC, ISP, Event Data or an error say so.  Retiring goes by
+kind, as a host driver reads it back: control, bulk/interrupt and isochronous TDs each have
+their own walk over the TRBs, and one `_finish` records what was posted and decides the halt.
 """
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..devices.base import Status, UsbTransfer
+from . import events
 from .context import EpState, XhciEpType
-from .memory import DmaError
+from .gate import Gate
+from .hooks import Hooks, TransferRecord
+from .interfaces import ErrorReporter, EventPoster
+from .memory import DmaError, GuestMemory
 from .rings import RingError
-from .trb import CC, TRB_SIZE, Trb, TrbType
+from .timing import Scheduler
+from .trb import (
+    BEI,
+    BM_REQUEST_TYPE,
+    CC,
+    CHAIN,
+    COMPLETION_CODE,
+    DIR,
+    FRAME_ID,
+    IDT,
+    INTERRUPTER,
+    IOC,
+    ISP,
+    LENGTH,
+    SIA,
+    Trb,
+    TrbType,
+)
 
 if TYPE_CHECKING:
-    from .controller import XhciController
-    from .slots import Endpoint
+    from .slots import SlotEndpoint
 
 MAX_TD_TRBS = 1024           # bounds the memory one TD may make us gather
 TRBS_PER_STEP = 64           # a long TD is assembled over several gate turns
+SETUP_PACKET_BYTES = 8
+IMMEDIATE_DATA_MAX = 8       # IDT carries at most the 8 bytes of the TRB's parameter
+FRAMES = FRAME_ID.mask + 1   # Frame ID counts 1 ms frames modulo 2048
+MICROFRAME_NS = 125_000
 T = TrbType
 _DATA_TYPES = (T.NORMAL, T.DATA_STAGE, T.ISOCH)
+_BLOCKABLE = (T.NORMAL, T.ISOCH, T.EVENT_DATA)   # the TRB types that have a BEI flag
+# flags tested on every TD, derived once from the TRB declarations
+_IOC, _ISP, _IDT, _CHAIN, _BEI, _SIA, _DIR = (IOC.bits, ISP.bits, IDT.bits, CHAIN.bits, BEI.bits,
+                                              SIA.bits, DIR.bits)
+_LEN = LENGTH.mask
+_DIR_IN = BM_REQUEST_TYPE.put(0x80)              # bmRequestType bit 7: device to host
+_INTR_SHIFT, _INTR_MASK = INTERRUPTER.lo, INTERRUPTER.mask
+_CC_SHIFT, _CC_MASK = COMPLETION_CODE.lo, COMPLETION_CODE.mask
 
 STATUS_CC = {
     Status.OK: CC.SUCCESS, Status.STALL: CC.STALL_ERROR, Status.BABBLE: CC.BABBLE_DETECTED,
     Status.XACT_ERROR: CC.USB_TRANSACTION_ERROR, Status.NODEV: CC.USB_TRANSACTION_ERROR,
     Status.CANCELLED: CC.STOPPED,
 }
+# Completions that leave the endpoint running: Stopped is the host's own doing, a Data Buffer
+# Error is the host's memory (4.10.2.x); every other error halts a non-isochronous endpoint.
+_NO_HALT = (CC.SUCCESS, CC.SHORT_PACKET, CC.STOPPED, CC.DATA_BUFFER_ERROR)
+
+
+def status_cc(xfer: UsbTransfer) -> int:
+    """The completion code a real controller reports for how the transfer ended on the bus."""
+    if xfer.status is None:
+        return CC.USB_TRANSACTION_ERROR
+    return STATUS_CC.get(xfer.status, CC.USB_TRANSACTION_ERROR)
+
+
+def trb_length(trb: Trb) -> int:
+    return trb.status & _LEN
 
 
 class Td:
-    __slots__ = ("ep", "trbs", "start", "start_ccs", "xfer", "done", "bad")
+    __slots__ = ("bad", "cc", "done", "ep", "iso_frame", "record", "start", "start_ccs", "trbs",
+                 "xfer")
 
-    def __init__(self, ep: "Endpoint"):
+    def __init__(self, ep: SlotEndpoint):
         self.ep = ep
         self.trbs: list[Trb] = []
         self.start = ep.ring.dequeue
@@ -43,21 +93,39 @@ class Td:
         self.xfer: UsbTransfer | None = None
         self.done = False
         self.bad: tuple[Trb, str] | None = None     # (offending TRB, why) -> TRB Error
+        self.cc: int | None = None                  # the last completion code posted for it
+        self.iso_frame = 0
+        self.record: TransferRecord | None = None   # made only when someone observes
 
     def complete_after(self, trb: Trb, control_ep: bool) -> bool:
         """Does `trb` end this TD?"""
-        t = trb.type
         if control_ep and self.trbs and self.trbs[0].type == T.SETUP_STAGE:
-            return t == T.STATUS_STAGE
-        return not (trb.control & 0x10)            # chain bit clear
+            return trb.type == T.STATUS_STAGE
+        return not (trb.control & _CHAIN)
 
 
 class TransferEngine:
-    def __init__(self, hc: "XhciController"):
-        self.hc = hc
+    """Assembles, submits and retires the TDs of every endpoint.  It is given what it uses:
+    guest memory, the clock, the hooks, the error reporter, the event poster, the gate (a
+    completion that arrives while paused waits for a step), the MFINDEX reader (isochronous
+    scheduling) and `kick` (an endpoint has work again)."""
+
+    def __init__(self, mem: GuestMemory, scheduler: Scheduler, hooks: Hooks,
+                 report: ErrorReporter, post_event: EventPoster, gate: Gate,
+                 mfindex: Callable[[], int], kick: Callable[[SlotEndpoint], None],
+                 max_inflight: int = 8):
+        self.mem = mem
+        self.scheduler = scheduler
+        self.hooks = hooks
+        self.report = report
+        self.post_event = post_event
+        self.gate = gate
+        self.mfindex = mfindex
+        self.kick = kick
+        self.max_inflight = max_inflight
 
     # ---- assembling TDs ---------------------------------------------------------------------------
-    def step(self, ep: "Endpoint", unit: str) -> bool:
+    def step(self, ep: SlotEndpoint, unit: str) -> bool:
         """Advance `ep` by one TRB (unit 'trb') or one TD; False when there is nothing to do."""
         if ep.state != EpState.RUNNING:
             return False
@@ -68,7 +136,7 @@ class TransferEngine:
             return False                  # the next isoch TD waits for its frame
         if ep.inflight and ep.polled:
             return False    # one outstanding TD on interrupt/control endpoints, as a device polls
-        if len(ep.inflight) >= self.hc.max_inflight:
+        if len(ep.inflight) >= self.max_inflight:
             return False
         progressed = False
         fetched = 0
@@ -84,8 +152,8 @@ class TransferEngine:
                 return True
             except DmaError as e:
                 ep.building = None
-                self.hc.host_system_error(f"endpoint {ep.slot.id}/{ep.dci}: transfer ring "
-                                          f"unreadable ({e})")
+                self.report.host_system_error(f"endpoint {ep.slot.id}/{ep.dci}: transfer ring "
+                                              f"unreadable ({e})")
                 return True
             if trb is None:
                 if not td.trbs:
@@ -109,8 +177,7 @@ class TransferEngine:
                 return True
 
     # ---- submitting ---------------------------------------------------------------------------------
-    def submit(self, ep: "Endpoint", td: Td) -> None:
-        hc = self.hc
+    def submit(self, ep: SlotEndpoint, td: Td) -> None:
         slot = ep.slot
         why = self._validate(ep, td)
         if why:
@@ -126,99 +193,107 @@ class TransferEngine:
         is_in = ep.is_in
         if first.type == T.SETUP_STAGE:
             setup = struct.pack("<Q", first.param)
-            is_in = bool(first.param & 0x80)
+            is_in = bool(first.param & _DIR_IN)
         length = 0
         out = []
         try:
             for trb in td.trbs:
                 if trb.type in _DATA_TYPES:
-                    n = trb.status & 0x1FFFF
+                    n = trb.status & _LEN
                     length += n
                     if not is_in and n:
-                        if trb.control & 0x40:       # IDT: the data is the parameter itself
-                            out.append(trb.param.to_bytes(8, "little")[:n])
+                        if trb.control & _IDT:       # the data is the parameter itself
+                            out.append(trb.param.to_bytes(IMMEDIATE_DATA_MAX, "little")[:n])
                         else:
-                            out.append(hc.mem.read(trb.param, n))
+                            out.append(self.mem.read(trb.param, n))
         except DmaError as e:
-            hc.refuse(f"dbe{slot.id}/{ep.dci}", f"endpoint {slot.id}/{ep.dci}: OUT data buffer "
-                      f"unreadable ({e}); Data Buffer Error")
+            self.report.refuse(f"dbe{slot.id}/{ep.dci}", f"endpoint {slot.id}/{ep.dci}: OUT "
+                               f"data buffer unreadable ({e}); Data Buffer Error")
             td.done = True
             ep.inflight.append(td)
-            self._post(ep, td.trbs[-1], CC.DATA_BUFFER_ERROR, td.trbs[-1].status & 0x1FFFF)
+            self._post(ep, td, td.trbs[-1], CC.DATA_BUFFER_ERROR, trb_length(td.trbs[-1]))
             ep.inflight.pop()
             return
         data = None if is_in else (out[0] if len(out) == 1 else b"".join(out))
         endpoint = ep.address if setup is None else 0
         xfer = UsbTransfer(endpoint, ep.transfer_type, length, setup=setup, data=data,
-                           on_complete=self._on_complete,
-                           interval=(ep.ctx[0] >> 16) & 0xFF)
+                           on_complete=lambda x: self._on_complete(td), interval=ep.interval)
         if setup is None and is_in:
             xfer.endpoint |= 0x80
             xfer.buffers_fn = lambda: self._guest_buffers(td)
-        xfer.slot, xfer.dci = slot.id, ep.dci
-        xfer.bus = 2 if slot.port is not None and slot.port.usb3 else 1
-        xfer.devnum = slot.address
-        xfer.submitted_ns = hc.scheduler.now_ns()
         if first.type == T.ISOCH:
-            xfer.iso_frame = (hc.mfindex() >> 3) & 0x7FF
-        xfer.context = td
+            td.iso_frame = (self.mfindex() >> 3) % FRAMES
         td.xfer = xfer
         ep.inflight.append(td)
-        for fn in hc.hooks.on_urb_submit:
-            fn(xfer)
+        if self.hooks.on_urb_submit:
+            record = self._record(td, xfer)
+            record.submitted_ns = self.scheduler.now_ns()
+            for fn in self.hooks.on_urb_submit:
+                fn(record)
         dev = slot.device
-        if dev is None or not slot.port.enabled:
+        if dev is None or slot.port is None or not slot.port.enabled:
             xfer.complete(Status.NODEV)
             return
         try:
             dev.submit(xfer)
         except Exception as e:      # a device bug must not take the controller down
-            hc.refuse(f"devexc{slot.id}", f"slot {slot.id}: device {dev!r} raised {e!r} on "
-                      f"{xfer!r}; reporting a USB Transaction Error")
+            self.report.refuse(f"devexc{slot.id}", f"slot {slot.id}: device {dev!r} raised "
+                               f"{e!r} on {xfer!r}; reporting a USB Transaction Error")
             xfer.complete(Status.XACT_ERROR)
 
+    def _record(self, td: Td, xfer: UsbTransfer) -> TransferRecord:
+        """What observers see of `td`, made when the first observer looks."""
+        record = td.record
+        if record is None:
+            slot = td.ep.slot
+            port = slot.port
+            record = td.record = TransferRecord(
+                xfer, slot.id, td.ep.dci, port.number if port is not None else 0,
+                2 if port is not None and port.usb3 else 1, slot.address,
+                iso_frame=td.iso_frame)
+        return record
+
     # ---- isochronous scheduling (4.11.2.5, 4.14.2) ---------------------------------------------------
-    def _schedule_isoch(self, ep: "Endpoint", td: Td) -> None:
+    def _schedule_isoch(self, ep: SlotEndpoint, td: Td) -> None:
         """Run an isoch TD in its frame: at once, later on a timer, or never (Missed Service)."""
-        hc = self.hc
-        now = hc.scheduler.now_ns()
+        now = self.scheduler.now_ns()
         first = td.trbs[0]
-        if first.control & (1 << 31):                   # SIA: as soon as possible
+        if first.control & _SIA:                        # as soon as possible
             start = max(now, ep.next_service_ns)
         else:
-            mf = hc.mfindex()
-            frame = (first.control >> 20) & 0x7FF
-            ahead = (frame - (mf >> 3)) % 2048
-            if ahead >= 1024:                           # that frame has already passed
+            mf = self.mfindex()
+            frame = FRAME_ID.of(first.control)
+            ahead = (frame - (mf >> 3)) % FRAMES
+            if ahead >= FRAMES // 2:                    # that frame has already passed
                 ep.inflight.append(td)
                 td.done = True
-                length = sum(t.status & 0x1FFFF for t in td.trbs if t.type in _DATA_TYPES)
-                self._post(ep, first, CC.MISSED_SERVICE, length)
+                length = sum(trb_length(t) for t in td.trbs if t.type in _DATA_TYPES)
+                self._post(ep, td, first, CC.MISSED_SERVICE, length)
                 ep.inflight.remove(td)
                 return
-            start = now + ahead * 1_000_000 - (mf & 7) * 125_000 if ahead else now
+            start = now + ahead * 8 * MICROFRAME_NS - (mf & 7) * MICROFRAME_NS if ahead else now
         ep.next_service_ns = start + ep.interval_ns
         if start <= now:
             self.submit(ep, td)
             return
         ep.inflight.append(td)          # waiting for its frame; take_back rewinds to it
-        ep.isoch_timer = hc.scheduler.call_later(start - now, self._isoch_due, ep, td)
+        ep.isoch_timer = self.scheduler.call_later(start - now, self._isoch_due, ep, td)
 
-    def _isoch_due(self, ep: "Endpoint", td: Td) -> None:
+    def _isoch_due(self, ep: SlotEndpoint, td: Td) -> None:
         ep.isoch_timer = None
         if td not in ep.inflight or ep.state != EpState.RUNNING:
             return
         ep.inflight.remove(td)
         self.submit(ep, td)
-        self.hc.kick_endpoint(ep)
+        self.kick(ep)
 
     def _guest_buffers(self, td: Td) -> list[memoryview] | None:
         """Views of the TD's IN buffers in guest memory, if every one is directly mapped."""
         views = []
-        mem = self.hc.mem
+        mem = self.mem
         for trb in td.trbs:
             if trb.type in _DATA_TYPES:
-                n = trb.status & 0x1FFFF
+                n = trb.status & _LEN
                 if n:
                     v = mem.view(trb.param, n)
                     if v is None:
@@ -226,10 +301,10 @@ class TransferEngine:
                     views.append(v)
         return views
 
-    def _validate(self, ep: "Endpoint", td: Td) -> tuple[Trb, str] | None:
+    def _validate(self, ep: SlotEndpoint, td: Td) -> tuple[Trb, str] | None:
         first = td.trbs[0]
         t0 = first.type
-        if t0 == T.NORMAL and len(td.trbs) == 1 and not first.control & 0x40 and not ep.is_isoch \
+        if t0 == T.NORMAL and len(td.trbs) == 1 and not first.control & _IDT and not ep.is_isoch \
                 and ep.ep_type != XhciEpType.CONTROL:
             return None     # the common case: one plain Normal TRB on a bulk/interrupt ring
         control = ep.ep_type == XhciEpType.CONTROL
@@ -239,11 +314,11 @@ class TransferEngine:
         if control:
             if t0 != T.SETUP_STAGE:
                 return first, f"{first!r} cannot start a control TD (expected Setup Stage)"
-            if not first.control & 0x40 or (first.status & 0x1FFFF) != 8:
+            if not first.control & _IDT or trb_length(first) != SETUP_PACKET_BYTES:
                 return first, "Setup Stage TRB without IDT or with a length other than 8"
-            dir_in = bool(first.param & 0x80)
+            dir_in = bool(first.param & _DIR_IN)
             for trb in td.trbs[1:]:
-                if trb.type == T.DATA_STAGE and bool(trb.control & (1 << 16)) != dir_in:
+                if trb.type == T.DATA_STAGE and bool(trb.control & _DIR) != dir_in:
                     return trb, "Data Stage direction disagrees with bmRequestType"
                 if trb.type not in (T.DATA_STAGE, T.NORMAL, T.EVENT_DATA, T.STATUS_STAGE, T.NOOP):
                     return trb, f"{trb!r} does not belong in a control TD"
@@ -255,28 +330,30 @@ class TransferEngine:
         for trb in td.trbs:
             if trb.type not in allowed or (trb.type == T.ISOCH and trb is not first):
                 return trb, f"{trb!r} does not belong on a {ep.ep_type.name} ring"
-            if trb.control & 0x40 and trb.type == T.NORMAL and (
-                    ep.is_in or (trb.status & 0x1FFFF) > 8):
+            if trb.control & _IDT and trb.type == T.NORMAL and (
+                    ep.is_in or trb_length(trb) > IMMEDIATE_DATA_MAX):
                 return trb, "Immediate Data on an IN endpoint or longer than 8 bytes"
         return None
 
     # ---- completion ------------------------------------------------------------------------------
-    def _on_complete(self, xfer: UsbTransfer) -> None:
-        hc = self.hc
-        for fn in hc.hooks.on_urb_complete:
-            fn(xfer)
-        td: Td = xfer.context
+    def _on_complete(self, td: Td) -> None:
+        xfer = td.xfer
+        if xfer is not None and self.hooks.on_urb_complete:
+            record = self._record(td, xfer)
+            record.completed_ns = self.scheduler.now_ns()
+            for fn in self.hooks.on_urb_complete:
+                fn(record)
         td.done = True
         ep = td.ep
         if td not in ep.inflight:
             return          # taken back by Stop Endpoint / Disable Slot meanwhile
-        if not hc.gate.paused:
+        if not self.gate.paused:
             self._retire_ready(ep)
         # While paused nothing retires: the completion waits as gate work, and retiring it is
         # the next step on this ring (as a halted schedule would not see the device's answer).
-        hc.kick_endpoint(ep)
+        self.kick(ep)
 
-    def _retire_ready(self, ep: "Endpoint") -> None:
+    def _retire_ready(self, ep: SlotEndpoint) -> None:
         while ep.inflight and ep.inflight[0].done:
             td = ep.inflight.popleft()
             if not self._retire(ep, td):
@@ -286,131 +363,201 @@ class TransferEngine:
                 ep.write_back()
                 return
 
-    def _retire(self, ep: "Endpoint", td: Td) -> bool:
+    def _retire(self, ep: SlotEndpoint, td: Td) -> bool:
         """Scatter data and post events for a finished TD.  False if the endpoint halted."""
-        hc = self.hc
         xfer = td.xfer
-        if xfer is not None and xfer.status == Status.OK and len(td.trbs) == 1 \
-                and td.trbs[0].type == T.NORMAL:
-            # The common case, kept short: one Normal TRB that completed.
-            trb = td.trbs[0]
-            n = xfer.actual
-            residue = (trb.status & 0x1FFFF) - n
-            if n and xfer.is_in and not xfer.in_place:
-                try:
-                    hc.mem.write(trb.param, xfer.result)
-                except DmaError as e:
-                    hc.refuse(f"dbe{ep.slot.id}/{ep.dci}", f"endpoint {ep.slot.id}/{ep.dci}:"
-                              f" IN data buffer unwritable ({e}); Data Buffer Error")
-                    self._post(ep, trb, CC.DATA_BUFFER_ERROR, residue + n)
-                    return True
-            if residue:
-                if trb.control & 0x24:                          # ISP or IOC
-                    self._post(ep, trb, CC.SHORT_PACKET, residue)
-            elif trb.control & 0x20:
-                self._post(ep, trb, CC.SUCCESS, 0)
+        if xfer is None:
+            self._retire_noop(ep, td)
             return True
-        if xfer is None:          # No-Op TD
-            for trb in td.trbs:
-                if trb.control & 0x20:
-                    if trb.type == T.EVENT_DATA:
-                        self._post(ep, trb, CC.SUCCESS, 0, event_data=True)
-                    else:
-                        self._post(ep, trb, CC.SUCCESS, 0)
+        first = td.trbs[0]
+        if xfer.status == Status.OK and len(td.trbs) == 1 and first.type == T.NORMAL:
+            failed = self._retire_one_normal(ep, td, xfer)     # the common case, kept short
+        elif first.type == T.SETUP_STAGE:
+            failed = self._retire_control(ep, td, xfer)
+        elif ep.is_isoch:
+            failed = self._retire_isoch(ep, td, xfer)
+        else:
+            failed = self._retire_bulk_intr(ep, td, xfer)
+        return self._finish(ep, td, xfer, failed)
+
+    def _finish(self, ep: SlotEndpoint, td: Td, xfer: UsbTransfer, failed: int | None) -> bool:
+        """Tell observers what was posted; halt the endpoint on an error that halts it (a
+        real controller halts every endpoint but an isochronous one).  False if it halted."""
+        if self.hooks.on_urb_retired:
+            record = self._record(td, xfer)
+            record.cc = td.cc if td.cc is not None else (failed or CC.SUCCESS)
+            for fn in self.hooks.on_urb_retired:
+                fn(record)
+        if failed is None or failed in _NO_HALT or ep.is_isoch:
             return True
-        status = xfer.status
-        cc = STATUS_CC.get(status, CC.USB_TRANSACTION_ERROR)
-        failed = cc not in (CC.SUCCESS,)
+        ep.set_state(EpState.HALTED)
+        return False
+
+    def _retire_noop(self, ep: SlotEndpoint, td: Td) -> None:
+        """A TD of No-Op or lone Event Data TRBs: events where they ask for one."""
+        for trb in td.trbs:
+            if trb.control & _IOC:
+                self._post(ep, td, trb, CC.SUCCESS, 0, event_data=trb.type == T.EVENT_DATA)
+
+    def _retire_one_normal(self, ep: SlotEndpoint, td: Td, xfer: UsbTransfer) -> int | None:
+        trb = td.trbs[0]
+        n = xfer.actual
+        residue = (trb.status & _LEN) - n
+        if n and xfer.is_in and not xfer.in_place and not self._scatter(ep, td, trb, xfer.result,
+                                                                          residue + n):
+            return CC.DATA_BUFFER_ERROR
+        if residue:
+            if trb.control & (_ISP | _IOC):
+                self._post(ep, td, trb, CC.SHORT_PACKET, residue)
+        elif trb.control & _IOC:
+            self._post(ep, td, trb, CC.SUCCESS, 0)
+        return None
+
+    def _scatter(self, ep: SlotEndpoint, td: Td, trb: Trb, data: bytes | memoryview,
+                 residue: int) -> bool:
+        """IN data into the TRB's buffer; False if it is unwritable, after posting a Data
+        Buffer Error with `residue`."""
+        try:
+            self.mem.write(trb.param, data)
+        except DmaError as e:
+            self.report.refuse(f"dbe{ep.slot.id}/{ep.dci}", f"endpoint {ep.slot.id}/{ep.dci}: "
+                               f"IN data buffer unwritable ({e}); Data Buffer Error")
+            self._post(ep, td, trb, CC.DATA_BUFFER_ERROR, residue)
+            return False
+        return True
+
+    def _retire_bulk_intr(self, ep: SlotEndpoint, td: Td, xfer: UsbTransfer) -> int | None:
+        """Normal TRBs (and Event Data, No-Op) of a bulk or interrupt TD.  Returns the
+        completion code that fails the TD, or None."""
+        cc = status_cc(xfer)
+        failed = cc != CC.SUCCESS
         result = memoryview(xfer.result) if xfer.is_in and not xfer.in_place else None
-        remaining = xfer.actual
-        pos = 0
-        short = False
-        edtla = 0
-        control = td.trbs[0].type == T.SETUP_STAGE
-        skip_to_status = False
-        data_trbs = [t for t in td.trbs if t.type in _DATA_TYPES]
-        last_data = data_trbs[-1] if data_trbs else None
+        remaining, pos, edtla, short = xfer.actual, 0, 0, False
+        last_data = next((t for t in reversed(td.trbs) if t.type in _DATA_TYPES), None)
         for trb in td.trbs:
             t = trb.type
-            ioc = trb.control & 0x20
+            ioc = trb.control & _IOC
             if t in _DATA_TYPES:
-                if skip_to_status:
-                    continue
-                length = trb.status & 0x1FFFF
+                length = trb.status & _LEN
                 n = min(length, remaining)
-                if n and result is not None:
-                    try:
-                        hc.mem.write(trb.param, result[pos:pos + n])
-                    except DmaError as e:
-                        hc.refuse(f"dbe{ep.slot.id}/{ep.dci}", f"endpoint {ep.slot.id}/{ep.dci}:"
-                                  f" IN data buffer unwritable ({e}); Data Buffer Error")
-                        self._post(ep, trb, CC.DATA_BUFFER_ERROR, length - n)
-                        return True
+                if n and result is not None and not self._scatter(ep, td, trb,
+                                                                  result[pos:pos + n], length - n):
+                    return CC.DATA_BUFFER_ERROR
                 pos += n
                 remaining -= n
                 edtla += n
                 residue = length - n
                 if failed and (residue or trb is last_data):
-                    self._post(ep, trb, cc, residue)
-                    return self._halt(ep, cc)
+                    self._post(ep, td, trb, cc, residue)
+                    return cc
                 if residue and not short:
                     short = True
-                    if trb.control & 0x4 or ioc:                   # ISP or IOC
-                        self._post(ep, trb, CC.SHORT_PACKET, residue)
-                        if control:
-                            skip_to_status = True
-                            continue
-                        return True
+                    if trb.control & _ISP or ioc:
+                        self._post(ep, td, trb, CC.SHORT_PACKET, residue)
+                        return None          # the rest of the TD is skipped (4.10.1.1)
                     continue
                 if ioc:
-                    self._post(ep, trb, CC.SHORT_PACKET if short else CC.SUCCESS, residue)
+                    self._post(ep, td, trb, CC.SHORT_PACKET if short else CC.SUCCESS, residue)
+            elif t == T.EVENT_DATA:
+                if ioc:
+                    self._post(ep, td, trb, CC.SHORT_PACKET if short else CC.SUCCESS, edtla,
+                               event_data=True)
+                edtla = 0
+            elif ioc:
+                self._post(ep, td, trb, CC.SUCCESS, 0)
+        if failed:
+            self._post(ep, td, td.trbs[-1], cc, 0)
+            return cc
+        return None
+
+    def _retire_isoch(self, ep: SlotEndpoint, td: Td, xfer: UsbTransfer) -> int | None:
+        """An isochronous TD reads back as a bulk one does; its errors never halt the
+        endpoint (`_finish`), the next service interval goes on."""
+        return self._retire_bulk_intr(ep, td, xfer)
+
+    def _retire_control(self, ep: SlotEndpoint, td: Td, xfer: UsbTransfer) -> int | None:
+        """Setup, Data and Status stages.  A short Data stage skips to the Status stage."""
+        cc = status_cc(xfer)
+        failed = cc != CC.SUCCESS
+        result = memoryview(xfer.result) if xfer.is_in and not xfer.in_place else None
+        remaining, pos, edtla, short, skip_to_status = xfer.actual, 0, 0, False, False
+        data_trbs = [t for t in td.trbs if t.type in _DATA_TYPES]
+        last_data = data_trbs[-1] if data_trbs else None
+        for trb in td.trbs:
+            t = trb.type
+            ioc = trb.control & _IOC
+            if t in _DATA_TYPES:
+                if skip_to_status:
+                    continue
+                length = trb.status & _LEN
+                n = min(length, remaining)
+                if n and result is not None and not self._scatter(ep, td, trb,
+                                                                  result[pos:pos + n], length - n):
+                    return CC.DATA_BUFFER_ERROR
+                pos += n
+                remaining -= n
+                edtla += n
+                residue = length - n
+                if failed and (residue or trb is last_data):
+                    self._post(ep, td, trb, cc, residue)
+                    return cc
+                if residue and not short:
+                    short = True
+                    if trb.control & _ISP or ioc:
+                        self._post(ep, td, trb, CC.SHORT_PACKET, residue)
+                        skip_to_status = True
+                    continue
+                if ioc:
+                    self._post(ep, td, trb, CC.SHORT_PACKET if short else CC.SUCCESS, residue)
             elif t == T.EVENT_DATA:
                 if ioc and not skip_to_status:
-                    self._post(ep, trb, CC.SHORT_PACKET if short else CC.SUCCESS, edtla,
+                    self._post(ep, td, trb, CC.SHORT_PACKET if short else CC.SUCCESS, edtla,
                                event_data=True)
                 edtla = 0
             elif t == T.STATUS_STAGE:
                 if failed:
-                    self._post(ep, trb, cc, 0)
-                    return self._halt(ep, cc)
+                    self._post(ep, td, trb, cc, 0)
+                    return cc
                 if ioc:
-                    self._post(ep, trb, CC.SUCCESS, 0)
+                    self._post(ep, td, trb, CC.SUCCESS, 0)
             elif t == T.SETUP_STAGE:
-                if failed and not data_trbs and not any(x.type == T.STATUS_STAGE for x in td.trbs):
-                    self._post(ep, trb, cc, 0)
-                    return self._halt(ep, cc)
+                if failed and not data_trbs and not any(x.type == T.STATUS_STAGE
+                                                        for x in td.trbs):
+                    self._post(ep, td, trb, cc, 0)
+                    return cc
                 if ioc and not failed:
-                    self._post(ep, trb, CC.SUCCESS, 0)
+                    self._post(ep, td, trb, CC.SUCCESS, 0)
             elif ioc:
-                self._post(ep, trb, CC.SUCCESS, 0)
-        if failed and not control:
-            self._post(ep, td.trbs[-1], cc, 0)
-            return self._halt(ep, cc)
-        return True
+                self._post(ep, td, trb, CC.SUCCESS, 0)
+        return None
 
-    def _halt(self, ep: "Endpoint", cc: int) -> bool:
-        if cc == CC.STOPPED:
-            return True
-        if cc in (CC.DATA_BUFFER_ERROR,):
-            return True
-        if ep.is_isoch:
-            return True     # isoch errors do not halt: the next service interval goes on
-        ep.set_state(EpState.HALTED)
-        return False
+    def _post(self, ep: SlotEndpoint, td: Td, trb: Trb, cc: int, length: int,
+              event_data: bool = False) -> None:
+        """One Transfer Event for `trb`, to the interrupter it names; remembers the code that
+        was really written (an observer may have rewritten it) as the TD's."""
+        intr = (trb.status >> _INTR_SHIFT) & _INTR_MASK
+        block = bool(trb.control & _BEI) and trb.type in _BLOCKABLE
+        pointer = trb.param if event_data else trb.addr
+        written = self.post_event(intr, events.transfer_event(pointer, cc, length, ep.slot.id,
+                                                              ep.dci, event_data), block)
+        td.cc = (written[2] >> _CC_SHIFT) & _CC_MASK if written is not None else cc
 
-    def _post(self, ep: "Endpoint", trb: Trb, cc: int, length: int, event_data: bool = False):
-        intr = (trb.status >> 22) & 0x3FF
-        block = bool(trb.control & (1 << 9)) and trb.type in (T.NORMAL, T.ISOCH, T.EVENT_DATA)
-        self.hc.post_transfer_event(ep, trb, cc, length, intr, event_data, block)
-
-    def _trb_error(self, ep: "Endpoint", trb: Trb, why: str) -> None:
-        self.hc.refuse(f"trberr{ep.slot.id}/{ep.dci}", f"endpoint {ep.slot.id}/{ep.dci}: {why}; "
-                       f"TRB Error, endpoint to Error state")
-        self.hc.post_transfer_event(ep, trb, CC.TRB_ERROR, 0, 0, False, False)
+    def _trb_error(self, ep: SlotEndpoint, trb: Trb, why: str) -> None:
+        self.report.refuse(f"trberr{ep.slot.id}/{ep.dci}", f"endpoint {ep.slot.id}/{ep.dci}: "
+                           f"{why}; TRB Error, endpoint to Error state")
+        self.post_event(0, events.transfer_event(trb.addr, CC.TRB_ERROR, 0, ep.slot.id, ep.dci))
         ep.set_state(EpState.ERROR)
 
+    def stopped(self, ep: SlotEndpoint, td: Td) -> None:
+        """Stop Endpoint took `td` back: the Stopped event names the TD's first TRB."""
+        trb = td.trbs[0] if td.trbs else Trb(td.start, 0, 0, 0)
+        length = trb_length(trb) if trb.type in _DATA_TYPES else 0
+        self.post_event(0, events.transfer_event(trb.addr, CC.STOPPED, length, ep.slot.id,
+                                                 ep.dci))
+
     # ---- taking TDs back -----------------------------------------------------------------------------
-    def take_back(self, ep: "Endpoint", dequeue: int | None = None, ccs: int | None = None):
+    def take_back(self, ep: SlotEndpoint, dequeue: int | None = None,
+                  ccs: int | None = None) -> Td | None:
         """Cancel every TD in flight and rewind the ring to the first one (or to `dequeue`).
         Returns the first cancelled TD, if any."""
         first = ep.inflight[0] if ep.inflight else None
@@ -422,18 +569,12 @@ class TransferEngine:
             first = first or ep.building
         if first is not None and dequeue is None:
             dequeue, ccs = first.start, first.start_ccs
-        if ep.building is not None and dequeue is None and ep.building.trbs:
-            dequeue, ccs = ep.building.start, ep.building.start_ccs
         ep.inflight.clear()
         ep.building = None
         ep.cancel_timers()
         if dequeue is not None:
-            ep.ring.set_dequeue(dequeue, ccs)
+            ep.ring.set_dequeue(dequeue, ccs if ccs is not None else ep.ring.ccs)
         return first
 
 
-def stopped_event_trb(td: Td) -> Trb:
-    return td.trbs[0] if td.trbs else Trb(td.start, 0, 0, 0)
-
-
-__all__ = ["TransferEngine", "Td", "STATUS_CC", "stopped_event_trb", "TRB_SIZE"]
+__all__ = ["STATUS_CC", "Td", "TransferEngine", "status_cc", "trb_length"]

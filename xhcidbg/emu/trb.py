@@ -8,7 +8,8 @@ from __future__ import annotations
 import struct
 from enum import IntEnum
 
-from .layout import Field as F, Layout
+from .layout import Field as F
+from .layout import Layout, hi32, lo32
 
 TRB_SIZE = 16
 _TRB = struct.Struct("<QII")
@@ -132,117 +133,149 @@ def cc_name(cc: int) -> str:
 
 
 # ---- field tables ---------------------------------------------------------------------------
-# dword 0-1 parameter, dword 2 status, dword 3 control.  Bits shared by many types first.
-_C = F("cycle", 3, 0, 1, "Cycle bit")
-_TYPE = F("type", 3, 10, 6, "TRB Type")
-_IOC = F("ioc", 3, 5, 1, "Interrupt On Completion")
-_CH = F("chain", 3, 4, 1, "Chain bit")
-_ENT = F("ent", 3, 1, 1, "Evaluate Next TRB")
-_ISP = F("isp", 3, 2, 1, "Interrupt on Short Packet")
-_NS = F("ns", 3, 3, 1, "No Snoop")
-_IDT = F("idt", 3, 6, 1, "Immediate Data")
-_BEI = F("bei", 3, 9, 1, "Block Event Interrupt")
-_PTR = F("pointer", 0, 0, 64, "Data Buffer / pointer")
-_LEN = F("length", 2, 0, 17, "TRB Transfer Length")
-_TDS = F("td_size", 2, 17, 5, "TD Size")
-_INTR = F("interrupter", 2, 22, 10, "Interrupter Target")
-_SLOT = F("slot", 3, 24, 8, "Slot ID")
-_EP = F("ep", 3, 16, 5, "Endpoint ID (DCI)")
-_CC = F("cc", 2, 24, 8, "Completion Code")
-_XFER = (_PTR, _LEN, _TDS, _INTR)
+# dword 0-1 parameter, dword 2 status, dword 3 control.  Every field is named once here; code
+# reads and builds TRBs through these names (`F.of(dword)`, `F.put(value)`, `dword & F.bits`).
+CYCLE = F("cycle", 3, 0, 1, "Cycle bit")
+TRB_TYPE = F("type", 3, 10, 6, "TRB Type")
+IOC = F("ioc", 3, 5, 1, "Interrupt On Completion")
+CHAIN = F("chain", 3, 4, 1, "Chain bit")
+ENT = F("ent", 3, 1, 1, "Evaluate Next TRB")
+ISP = F("isp", 3, 2, 1, "Interrupt on Short Packet")
+NS = F("ns", 3, 3, 1, "No Snoop")
+IDT = F("idt", 3, 6, 1, "Immediate Data")
+BEI = F("bei", 3, 9, 1, "Block Event Interrupt")
+POINTER = F("pointer", 0, 0, 64, "Data Buffer / pointer")
+LENGTH = F("length", 2, 0, 17, "TRB Transfer Length")
+TD_SIZE = F("td_size", 2, 17, 5, "TD Size")
+INTERRUPTER = F("interrupter", 2, 22, 10, "Interrupter Target")
+SLOT_ID = F("slot", 3, 24, 8, "Slot ID")
+EP_ID = F("ep", 3, 16, 5, "Endpoint ID (DCI)")
+COMPLETION_CODE = F("cc", 2, 24, 8, "Completion Code")
+_XFER = (POINTER, LENGTH, TD_SIZE, INTERRUPTER)
+
+# Fields of one TRB type (or a few)
+BM_REQUEST_TYPE = F("bmRequestType", 0, 0, 8)
+TRT = F("trt", 3, 16, 2, "Transfer Type: 0 no data, 2 OUT, 3 IN")
+DIR = F("dir", 3, 16, 1, "Direction: 1 IN")
+TBC = F("tbc", 3, 7, 2, "Transfer Burst Count")
+TLBPC = F("tlbpc", 3, 16, 4, "Transfer Last Burst Packet Count")
+FRAME_ID = F("frame_id", 3, 20, 11, "Frame ID")
+SIA = F("sia", 3, 31, 1, "Start Isoch ASAP")
+TOGGLE_CYCLE = F("tc", 3, 1, 1, "Toggle Cycle")
+SLOT_TYPE = F("slot_type", 3, 16, 5)
+BSR = F("bsr", 3, 9, 1, "Block Set Address")
+DC = F("dc", 3, 9, 1, "Deconfigure")
+TSP = F("tsp", 3, 9, 1, "Transfer State Preserve")
+SUSPEND = F("sp", 3, 23, 1, "Suspend")
+DCS = F("dcs", 0, 0, 1, "Dequeue Cycle State")
+SCT = F("sct", 0, 1, 3, "Stream Context Type")
+TR_DEQUEUE = F("pointer", 0, 4, 60, "New TR Dequeue Pointer >> 4")
+STREAM_ID = F("stream", 2, 16, 16)
+DEV_SPEED = F("speed", 3, 16, 4, "Dev Speed")
+HUB_SLOT = F("hub_slot", 3, 24, 8, "Hub Slot ID")
+HEADER_PORT = F("port", 3, 24, 8, "Root Hub Port Number")
+BELT = F("belt", 3, 16, 12, "Best Effort Latency Tolerance")
+VF_ID = F("vf_id", 3, 16, 8)
+# events
+EVENT_POINTER = F("pointer", 0, 0, 64, "TRB Pointer or Event Data")
+EVENT_LENGTH = F("length", 2, 0, 24, "TRB Transfer Length (residue)")
+EVENT_DATA_FLAG = F("ed", 3, 2, 1, "Event Data")
+COMMAND_POINTER = F("pointer", 0, 0, 64, "Command TRB Pointer")
+COMMAND_PARAM = F("param", 2, 0, 24)
+PORT_ID = F("port", 0, 24, 8, "Port ID")
+DOORBELL_REASON = F("reason", 0, 0, 5)
+NOTIFICATION_TYPE = F("notification_type", 0, 4, 4)
+NOTIFICATION_DATA = F("data", 0, 8, 56)
+_INPUT_CTX = F("pointer", 0, 0, 64, "Input Context Pointer")
 
 LAYOUTS: dict[int, Layout] = {
-    TrbType.NORMAL: Layout("Normal", 4, (*_XFER, _C, _ENT, _ISP, _NS, _CH, _IOC, _IDT, _BEI, _TYPE)),
+    TrbType.NORMAL: Layout("Normal", 4, (*_XFER, CYCLE, ENT, ISP, NS, CHAIN, IOC, IDT, BEI,
+                                         TRB_TYPE)),
     TrbType.SETUP_STAGE: Layout("Setup Stage", 4, (
-        F("bmRequestType", 0, 0, 8), F("bRequest", 0, 8, 8), F("wValue", 0, 16, 16),
-        F("wIndex", 1, 0, 16), F("wLength", 1, 16, 16), _LEN, _INTR, _C, _IOC, _IDT, _TYPE,
-        F("trt", 3, 16, 2, "Transfer Type: 0 no data, 2 OUT, 3 IN"))),
-    TrbType.DATA_STAGE: Layout("Data Stage", 4, (*_XFER, _C, _ENT, _ISP, _NS, _CH, _IOC, _IDT,
-                                                  _TYPE, F("dir", 3, 16, 1, "Direction: 1 IN"))),
-    TrbType.STATUS_STAGE: Layout("Status Stage", 4, (_INTR, _C, _ENT, _CH, _IOC, _TYPE,
-                                                      F("dir", 3, 16, 1, "Direction: 1 IN"))),
-    TrbType.ISOCH: Layout("Isoch", 4, (*_XFER, _C, _ENT, _ISP, _NS, _CH, _IOC, _IDT, _BEI, _TYPE,
-                                        F("tbc", 3, 7, 2, "Transfer Burst Count"),
-                                        F("tlbpc", 3, 16, 4, "Transfer Last Burst Packet Count"),
-                                        F("frame_id", 3, 20, 11, "Frame ID"),
-                                        F("sia", 3, 31, 1, "Start Isoch ASAP"))),
-    TrbType.LINK: Layout("Link", 4, (F("pointer", 0, 0, 64, "Ring Segment Pointer"), _INTR, _C,
-                                      F("tc", 3, 1, 1, "Toggle Cycle"), _CH, _IOC, _TYPE)),
-    TrbType.EVENT_DATA: Layout("Event Data", 4, (F("pointer", 0, 0, 64, "Event Data"), _INTR, _C,
-                                                  _ENT, _CH, _IOC, _BEI, _TYPE)),
-    TrbType.NOOP: Layout("No-Op", 4, (_INTR, _C, _ENT, _CH, _IOC, _TYPE)),
-    TrbType.ENABLE_SLOT: Layout("Enable Slot", 4, (_C, _TYPE, F("slot_type", 3, 16, 5))),
-    TrbType.DISABLE_SLOT: Layout("Disable Slot", 4, (_C, _TYPE, _SLOT)),
-    TrbType.ADDRESS_DEVICE: Layout("Address Device", 4, (
-        F("pointer", 0, 0, 64, "Input Context Pointer"), _C, F("bsr", 3, 9, 1, "Block Set Address"),
-        _TYPE, _SLOT)),
-    TrbType.CONFIGURE_ENDPOINT: Layout("Configure Endpoint", 4, (
-        F("pointer", 0, 0, 64, "Input Context Pointer"), _C, F("dc", 3, 9, 1, "Deconfigure"),
-        _TYPE, _SLOT)),
-    TrbType.EVALUATE_CONTEXT: Layout("Evaluate Context", 4, (
-        F("pointer", 0, 0, 64, "Input Context Pointer"), _C, _TYPE, _SLOT)),
-    TrbType.RESET_ENDPOINT: Layout("Reset Endpoint", 4, (
-        _C, F("tsp", 3, 9, 1, "Transfer State Preserve"), _TYPE, _EP, _SLOT)),
-    TrbType.STOP_ENDPOINT: Layout("Stop Endpoint", 4, (
-        _C, _TYPE, _EP, F("sp", 3, 23, 1, "Suspend"), _SLOT)),
+        BM_REQUEST_TYPE, F("bRequest", 0, 8, 8), F("wValue", 0, 16, 16),
+        F("wIndex", 1, 0, 16), F("wLength", 1, 16, 16), LENGTH, INTERRUPTER, CYCLE, IOC, IDT,
+        TRB_TYPE, TRT)),
+    TrbType.DATA_STAGE: Layout("Data Stage", 4, (*_XFER, CYCLE, ENT, ISP, NS, CHAIN, IOC, IDT,
+                                                  TRB_TYPE, DIR)),
+    TrbType.STATUS_STAGE: Layout("Status Stage", 4, (INTERRUPTER, CYCLE, ENT, CHAIN, IOC,
+                                                      TRB_TYPE, DIR)),
+    TrbType.ISOCH: Layout("Isoch", 4, (*_XFER, CYCLE, ENT, ISP, NS, CHAIN, IOC, IDT, BEI, TRB_TYPE,
+                                        TBC, TLBPC, FRAME_ID, SIA)),
+    TrbType.LINK: Layout("Link", 4, (F("pointer", 0, 0, 64, "Ring Segment Pointer"), INTERRUPTER,
+                                      CYCLE, TOGGLE_CYCLE, CHAIN, IOC, TRB_TYPE)),
+    TrbType.EVENT_DATA: Layout("Event Data", 4, (F("pointer", 0, 0, 64, "Event Data"),
+                                                  INTERRUPTER, CYCLE, ENT, CHAIN, IOC, BEI,
+                                                  TRB_TYPE)),
+    TrbType.NOOP: Layout("No-Op", 4, (INTERRUPTER, CYCLE, ENT, CHAIN, IOC, TRB_TYPE)),
+    TrbType.ENABLE_SLOT: Layout("Enable Slot", 4, (CYCLE, TRB_TYPE, SLOT_TYPE)),
+    TrbType.DISABLE_SLOT: Layout("Disable Slot", 4, (CYCLE, TRB_TYPE, SLOT_ID)),
+    TrbType.ADDRESS_DEVICE: Layout("Address Device", 4, (_INPUT_CTX, CYCLE, BSR, TRB_TYPE,
+                                                          SLOT_ID)),
+    TrbType.CONFIGURE_ENDPOINT: Layout("Configure Endpoint", 4, (_INPUT_CTX, CYCLE, DC,
+                                                                  TRB_TYPE, SLOT_ID)),
+    TrbType.EVALUATE_CONTEXT: Layout("Evaluate Context", 4, (_INPUT_CTX, CYCLE, TRB_TYPE,
+                                                              SLOT_ID)),
+    TrbType.RESET_ENDPOINT: Layout("Reset Endpoint", 4, (CYCLE, TSP, TRB_TYPE, EP_ID, SLOT_ID)),
+    TrbType.STOP_ENDPOINT: Layout("Stop Endpoint", 4, (CYCLE, TRB_TYPE, EP_ID, SUSPEND, SLOT_ID)),
     TrbType.SET_TR_DEQUEUE: Layout("Set TR Dequeue Pointer", 4, (
-        F("dcs", 0, 0, 1, "Dequeue Cycle State"), F("sct", 0, 1, 3, "Stream Context Type"),
-        F("pointer", 0, 4, 60, "New TR Dequeue Pointer >> 4"), F("stream", 2, 16, 16),
-        _C, _TYPE, _EP, _SLOT)),
-    TrbType.RESET_DEVICE: Layout("Reset Device", 4, (_C, _TYPE, _SLOT)),
+        DCS, SCT, TR_DEQUEUE, STREAM_ID, CYCLE, TRB_TYPE, EP_ID, SLOT_ID)),
+    TrbType.RESET_DEVICE: Layout("Reset Device", 4, (CYCLE, TRB_TYPE, SLOT_ID)),
     TrbType.FORCE_EVENT: Layout("Force Event", 4, (
-        F("pointer", 0, 0, 64, "Event TRB Pointer"), F("vf_interrupter", 2, 22, 10), _C, _TYPE,
-        F("vf_id", 3, 16, 8))),
-    TrbType.NEGOTIATE_BANDWIDTH: Layout("Negotiate Bandwidth", 4, (_C, _TYPE, _SLOT)),
+        F("pointer", 0, 0, 64, "Event TRB Pointer"), F("vf_interrupter", 2, 22, 10), CYCLE,
+        TRB_TYPE, VF_ID)),
+    TrbType.NEGOTIATE_BANDWIDTH: Layout("Negotiate Bandwidth", 4, (CYCLE, TRB_TYPE, SLOT_ID)),
     TrbType.SET_LATENCY_TOLERANCE: Layout("Set Latency Tolerance Value", 4, (
-        _C, _TYPE, F("belt", 3, 16, 12, "Best Effort Latency Tolerance"))),
+        CYCLE, TRB_TYPE, BELT)),
     TrbType.GET_PORT_BANDWIDTH: Layout("Get Port Bandwidth", 4, (
-        F("pointer", 0, 0, 64, "Port Bandwidth Context Pointer"), _C, _TYPE,
-        F("speed", 3, 16, 4, "Dev Speed"), F("hub_slot", 3, 24, 8, "Hub Slot ID"))),
+        F("pointer", 0, 0, 64, "Port Bandwidth Context Pointer"), CYCLE, TRB_TYPE, DEV_SPEED,
+        HUB_SLOT)),
     TrbType.FORCE_HEADER: Layout("Force Header", 4, (
         F("packet_type", 0, 0, 5), F("header_lo", 0, 5, 27), F("header_mid", 1, 0, 32),
-        F("header_hi", 2, 0, 32), _C, _TYPE, F("port", 3, 24, 8, "Root Hub Port Number"))),
-    TrbType.NOOP_COMMAND: Layout("No-Op Command", 4, (_C, _TYPE)),
+        F("header_hi", 2, 0, 32), CYCLE, TRB_TYPE, HEADER_PORT)),
+    TrbType.NOOP_COMMAND: Layout("No-Op Command", 4, (CYCLE, TRB_TYPE)),
     TrbType.TRANSFER_EVENT: Layout("Transfer Event", 4, (
-        F("pointer", 0, 0, 64, "TRB Pointer or Event Data"), F("length", 2, 0, 24,
-                                                                 "TRB Transfer Length (residue)"),
-        _CC, _C, F("ed", 3, 2, 1, "Event Data"), _TYPE, _EP, _SLOT)),
+        EVENT_POINTER, EVENT_LENGTH, COMPLETION_CODE, CYCLE, EVENT_DATA_FLAG, TRB_TYPE, EP_ID,
+        SLOT_ID)),
     TrbType.COMMAND_COMPLETION: Layout("Command Completion Event", 4, (
-        F("pointer", 0, 0, 64, "Command TRB Pointer"), F("param", 2, 0, 24), _CC, _C, _TYPE,
-        F("vf_id", 3, 16, 8), _SLOT)),
+        COMMAND_POINTER, COMMAND_PARAM, COMPLETION_CODE, CYCLE, TRB_TYPE, VF_ID, SLOT_ID)),
     TrbType.PORT_STATUS_CHANGE: Layout("Port Status Change Event", 4, (
-        F("port", 0, 24, 8, "Port ID"), _CC, _C, _TYPE)),
-    TrbType.BANDWIDTH_REQUEST: Layout("Bandwidth Request Event", 4, (_CC, _C, _TYPE, _SLOT)),
+        PORT_ID, COMPLETION_CODE, CYCLE, TRB_TYPE)),
+    TrbType.BANDWIDTH_REQUEST: Layout("Bandwidth Request Event", 4, (
+        COMPLETION_CODE, CYCLE, TRB_TYPE, SLOT_ID)),
     TrbType.DOORBELL_EVENT: Layout("Doorbell Event", 4, (
-        F("reason", 0, 0, 5), _CC, _C, _TYPE, F("vf_id", 3, 16, 8), _SLOT)),
-    TrbType.HOST_CONTROLLER_EVENT: Layout("Host Controller Event", 4, (_CC, _C, _TYPE)),
+        DOORBELL_REASON, COMPLETION_CODE, CYCLE, TRB_TYPE, VF_ID, SLOT_ID)),
+    TrbType.HOST_CONTROLLER_EVENT: Layout("Host Controller Event", 4, (
+        COMPLETION_CODE, CYCLE, TRB_TYPE)),
     TrbType.DEVICE_NOTIFICATION: Layout("Device Notification Event", 4, (
-        F("notification_type", 0, 4, 4), F("data", 0, 8, 56), _CC, _C, _TYPE, _SLOT)),
-    TrbType.MFINDEX_WRAP: Layout("MFINDEX Wrap Event", 4, (_CC, _C, _TYPE)),
+        NOTIFICATION_TYPE, NOTIFICATION_DATA, COMPLETION_CODE, CYCLE, TRB_TYPE, SLOT_ID)),
+    TrbType.MFINDEX_WRAP: Layout("MFINDEX Wrap Event", 4, (COMPLETION_CODE, CYCLE, TRB_TYPE)),
 }
 
-GENERIC = Layout("TRB", 4, (F("parameter", 0, 0, 64), F("status", 2, 0, 32), _C, _TYPE))
+GENERIC = Layout("TRB", 4, (F("parameter", 0, 0, 64), F("status", 2, 0, 32), CYCLE, TRB_TYPE))
 
 
 def layout_of(trb_type: int) -> Layout:
     return LAYOUTS.get(trb_type, GENERIC)
 
 
+_TYPE_SHIFT, _TYPE_MASK = TRB_TYPE.lo, TRB_TYPE.mask
+
+
 class Trb:
     """One TRB as fetched from or written to guest memory: four dwords plus where it lives.
     Treat it as a value: `type` is computed once from `control`."""
 
-    __slots__ = ("addr", "param", "status", "control", "type")
+    __slots__ = ("addr", "control", "param", "status", "type")
 
     def __init__(self, addr: int, param: int, status: int, control: int):
         self.addr = addr
         self.param = param
         self.status = status
         self.control = control
-        self.type = (control >> 10) & 0x3F
+        self.type = (control >> _TYPE_SHIFT) & _TYPE_MASK
 
     @classmethod
-    def unpack(cls, addr: int, data: bytes) -> "Trb":
+    def unpack(cls, addr: int, data: bytes) -> Trb:
         p, s, c = _TRB.unpack(data)
         return cls(addr, p, s, c)
 
@@ -251,11 +284,11 @@ class Trb:
 
     @property
     def dwords(self) -> list[int]:
-        return [self.param & 0xFFFFFFFF, self.param >> 32, self.status, self.control]
+        return [lo32(self.param), hi32(self.param), self.status, self.control]
 
     @property
     def cycle(self) -> int:
-        return self.control & 1
+        return self.control & CYCLE.bits
 
     def field(self, name: str) -> int:
         return layout_of(self.type).get(self.dwords, name)
@@ -264,8 +297,8 @@ class Trb:
         return layout_of(self.type).decode(self.dwords)
 
     @classmethod
-    def build(cls, trb_type: int, addr: int = 0, **values: int) -> "Trb":
-        dw = layout_of(trb_type).encode(type=int(trb_type), **values)
+    def build(cls, trb_type: int, addr: int = 0, **values: int) -> Trb:
+        dw = layout_of(trb_type).encode(None, type=int(trb_type), **values)
         return cls(addr, dw[0] | (dw[1] << 32), dw[2], dw[3])
 
     def __repr__(self) -> str:

@@ -28,18 +28,33 @@ import stat
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Protocol
 
-from xhcidbg.emu import regs
+from xhcidbg.emu.hooks import Hooks, MmioAccess, TransferRecord
+from xhcidbg.emu.memory import GuestMemory
+from xhcidbg.emu.timing import Scheduler
 from xhcidbg.emu.trb import TrbType
+
 from . import pcapng, records
 from .filters import CaptureFilter, dci_of_address
-from .records import (CTX_INPUT_CONTROL, CTX_SLOT, EPB_DOORBELL, EPB_EVENT, EPB_INTERRUPT,
-                      EPB_MMIO_HEAD, EPB_PORT, EPB_TRB, HEAD, Kind, Ring)
-from .urb import HAS_NOTE, urb_interval, usbmon_block, usbmon_record
+from .records import (
+    CTX_INPUT_CONTROL,
+    CTX_SLOT,
+    EPB_DOORBELL,
+    EPB_EVENT,
+    EPB_INTERRUPT,
+    EPB_MMIO_HEAD,
+    EPB_PORT,
+    EPB_TRB,
+    HEAD,
+    Kind,
+    Ring,
+)
+from .urb import urb_interval, usbmon_block, usbmon_record
 
 DEFAULT_SNAPLEN = 65535        # bytes per usbmon record, header included (as tcpdump)
 DEFAULT_BUSES = {1: "USB 2.0 root hub", 2: "USB 3 root hub"}
@@ -54,7 +69,7 @@ class _Chunk:
     `end`; the writer writes `buf[written:end]`.  A chunk is only filled further while it is
     the last one in the queue."""
 
-    __slots__ = ("buf", "end", "limit", "written", "rotate")
+    __slots__ = ("buf", "end", "limit", "rotate", "written")
 
     def __init__(self, size: int = CHUNK_SIZE):
         # a memoryview: slice assignment into it copies straight in (a bytearray's own would
@@ -66,7 +81,7 @@ class _Chunk:
         self.rotate = 0                # > 0: start the next file after this chunk, with
                                        # that many of the tracer's headers at its top
 
-    def reset(self) -> "_Chunk":
+    def reset(self) -> _Chunk:
         self.end = self.written = self.rotate = 0
         self.limit = len(self.buf)
         return self
@@ -77,8 +92,6 @@ _M32, _M64 = 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF
 _H_MMIO, _H_DOORBELL, _H_TRB = HEAD[Kind.MMIO], HEAD[Kind.DOORBELL], HEAD[Kind.TRB]
 _H_EVENT, _H_INTERRUPT, _H_PORT = HEAD[Kind.EVENT], HEAD[Kind.INTERRUPT], HEAD[Kind.PORT]
 _TRANSFER_EVENT, _PORT_STATUS_CHANGE = int(TrbType.TRANSFER_EVENT), int(TrbType.PORT_STATUS_CHANGE)
-_DCBAAP_LO = regs.OP_BASE + regs.DCBAAP_LO.offset
-_DCBAAP_HI = regs.OP_BASE + regs.DCBAAP_HI.offset
 _MMIO_NAMES_MAX = 4096         # register names remembered with their ready block tails
 _MMIO_HEAD_LEN = EPB_MMIO_HEAD.size
 
@@ -103,6 +116,18 @@ def _sets_address(xfer) -> bool:
     TD, and is written like any other request."""
     setup = xfer.setup
     return setup is not None and len(setup) >= 2 and setup[0] == 0x00 and setup[1] == 0x05
+
+
+class TracedController(Protocol):
+    """What the tracer reads of the controller it traces (an `XhciController`)."""
+
+    hooks: Hooks
+    mem: GuestMemory
+    scheduler: Scheduler
+    context_size: int
+    dcbaap: int
+
+    def register_name(self, offset: int) -> str: ...
 
 
 class TraceError(Exception):
@@ -140,7 +165,7 @@ def _guarded(fn: Callable) -> Callable:
     def wrapper(self, *args):
         try:
             fn(self, *args)
-        except Exception as e:            # noqa: BLE001 - reported in status()
+        except Exception as e:
             self._error = f"{fn.__name__}: {type(e).__name__}: {e}"
     return wrapper
 
@@ -153,7 +178,7 @@ class Tracer:
     max_files: keep only that many of them (a ring buffer).
     """
 
-    def __init__(self, controller: Any = None, path: str | os.PathLike = "xhcidbg.pcapng",
+    def __init__(self, controller: TracedController | None = None, path: str | os.PathLike = "xhcidbg.pcapng",
                  filters: CaptureFilter | str | list[str] | None = None, *,
                  snaplen: int = DEFAULT_SNAPLEN, flush_interval: float = 0.2,
                  max_bytes: int | None = None, max_seconds: float | None = None,
@@ -207,13 +232,11 @@ class Tracer:
         # what the hot paths ask of the filter, answered once
         f = self.filter
         self._narrow = any(x is not None for x in (f.buses, f.ports, f.slots, f.dcis))
-        self._want_mmio = "mmio" in f.kinds
         self._want_urb = "urb" in f.kinds
         self._want_xurb = "xurb" in f.kinds
         self._max_data = self.snaplen - 64
         # what the tracer learns from the traffic to read contexts and resolve ports
-        self._dcbaap = 0
-        self._learn_dcbaap = False
+        self._mmio_names: dict[int, str] = {}     # offset -> register name
         self._slot_port: dict[int, int] = {}
         self._slot_fs_ls: dict[int, bool] = {}     # full- or low-speed device in the slot
         self._ring_cache: dict[str, tuple[int, int, int, int]] = {}
@@ -223,7 +246,7 @@ class Tracer:
         self._initial_buses = dict(DEFAULT_BUSES if buses is None else buses)
 
     # ---- public API ------------------------------------------------------------------------
-    def start(self) -> "Tracer":
+    def start(self) -> Tracer:
         if self._running:
             raise TraceError("this tracer is already running")
         self._headers = [pcapng.section_header(
@@ -240,8 +263,7 @@ class Tracer:
         if not self._fifo:
             self._open_next()            # fail here, in the caller, if the path is unusable
         self._stop.clear()
-        sched = getattr(self.controller, "scheduler", None)
-        self._started_ns = sched.now_ns() if sched is not None else 0
+        self._started_ns = self.controller.scheduler.now_ns() if self.controller else 0
         self._running = True
         self._thread = threading.Thread(target=self._writer, name="xhcidbg-trace", daemon=True)
         self._thread.start()
@@ -281,7 +303,7 @@ class Tracer:
         if "log" in self.filter.kinds:
             self._emit(0, records.log(level, text), comment=text)
 
-    def __enter__(self) -> "Tracer":
+    def __enter__(self) -> Tracer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -302,13 +324,9 @@ class Tracer:
                 setattr(obs, fn.__name__, fn)
         if k & {"command", "context"}:
             obs.on_command = self.on_command
-        # without the controller's own DCBAAP, learn it from the guest's writes
-        self._learn_dcbaap = "context" in k and not hasattr(self.controller, "dcbaap")
-        if self._learn_dcbaap:
-            obs.on_mmio = self.on_mmio
         if k & {"urb", "xurb"}:
             obs.on_urb_submit = self.on_urb_submit
-            obs.on_urb_complete = self.on_urb_complete
+            obs.on_urb_retired = self.on_urb_retired
         return obs
 
     def _failed(self, where: str, e: Exception) -> None:
@@ -330,14 +348,12 @@ class Tracer:
             self._mmio_tails[name] = tail
         return tail
 
-    def on_mmio(self, access) -> None:
+    def on_mmio(self, access: MmioAccess) -> None:
         try:
-            if self._learn_dcbaap and access.write:
-                self._learn_dcbaap_from(access)
-            if not self._want_mmio:
-                return
-            total, n, tail, keep = self._mmio_tails.get(access.name) or \
-                self._mmio_tail(access.name)
+            name = self._mmio_names.get(access.offset)
+            if name is None:
+                name = self._register_name(access.offset)
+            total, n, tail, keep = self._mmio_tails.get(name) or self._mmio_tail(name)
             if not keep:
                 return
             c = self._chunk
@@ -351,17 +367,16 @@ class Tracer:
             c.buf[at + _MMIO_HEAD_LEN:at + total] = tail
             c.end = at + total                   # published: the writer may take it now
             self._records += 1
-        except Exception as e:           # noqa: BLE001 - reported in status()
+        except Exception as e:
             self._failed("on_mmio", e)
 
-    def _learn_dcbaap_from(self, access) -> None:
-        off, value = access.offset, access.value
-        if off == _DCBAAP_LO:
-            self._dcbaap = (self._dcbaap & ~_M32) | (value & 0xFFFFFFC0)
-            if access.size == 8:
-                self._dcbaap = value & ~0x3F
-        elif off == _DCBAAP_HI:
-            self._dcbaap = (self._dcbaap & _M32) | (value & _M32) << 32
+    def _register_name(self, offset: int) -> str:
+        """The register's name, from the controller's register table (looked up here, by
+        the observer, once per offset: the controller's MMIO path never builds names)."""
+        name = self.controller.register_name(offset) if self.controller else f"BAR0+{offset:#x}"
+        if len(self._mmio_names) < _MMIO_NAMES_MAX:
+            self._mmio_names[offset] = name
+        return name
 
     def on_doorbell(self, slot: int, target: int, stream: int) -> None:
         try:
@@ -378,7 +393,7 @@ class Tracer:
                                    target & 0xFF | (stream & 0xFFFF) << 16, 44)
             c.end += 44
             self._records += 1
-        except Exception as e:           # noqa: BLE001
+        except Exception as e:
             self._failed("on_doorbell", e)
 
     def _ring(self, ring: str) -> tuple[int, int, int, int]:
@@ -411,7 +426,7 @@ class Tracer:
                               trb.addr & _M64, info, trb.param, trb.status, trb.control, 64)
             c.end += 64
             self._records += 1
-        except Exception as e:           # noqa: BLE001
+        except Exception as e:
             self._failed("on_trb", e)
 
     @_guarded
@@ -457,7 +472,7 @@ class Tracer:
                                 dw[0], dw[1], dw[2], dw[3], 64)
             c.end += 64
             self._records += 1
-        except Exception as e:           # noqa: BLE001
+        except Exception as e:
             self._failed("on_event_posted", e)
 
     def on_port(self, port: int, old: int, new: int) -> None:
@@ -466,7 +481,7 @@ class Tracer:
                 ts = self._now() + self._ts_offset
                 self._put(EPB_PORT.pack(_EPB, 48, 0, ts >> 32, ts & _M32, 16, 16, _H_PORT,
                                         port & 0xFF, old & _M32, new & _M32, 48))
-        except Exception as e:           # noqa: BLE001
+        except Exception as e:
             self._failed("on_port", e)
 
     def on_interrupt(self, interrupter: int) -> None:
@@ -479,7 +494,7 @@ class Tracer:
                                     _H_INTERRUPT, interrupter & 0xFFFF, 40)
             c.end += 40
             self._records += 1
-        except Exception as e:           # noqa: BLE001
+        except Exception as e:
             self._failed("on_interrupt", e)
 
     @_guarded
@@ -490,70 +505,74 @@ class Tracer:
     def on_log(self, level: str, message: str) -> None:
         self._emit(0, records.log(level, message))
 
-    def _urb_wanted(self, xfer) -> bool:
+    def _urb_wanted(self, rec: TransferRecord) -> bool:
         f = self.filter
-        if f.buses is not None and xfer.bus not in f.buses:
+        if f.buses is not None and rec.bus not in f.buses:
             return False
-        if xfer.slot and not f.slot_ok(xfer.slot, self._slot_port.get(xfer.slot)):
+        if rec.slot and not f.slot_ok(rec.slot, self._slot_port.get(rec.slot)):
             return False
-        return f.dci_ok(xfer.dci or dci_of_address(xfer.endpoint))
+        return f.dci_ok(rec.dci or dci_of_address(rec.xfer.endpoint))
 
-    def on_urb_submit(self, xfer) -> None:
+    def on_urb_submit(self, rec: TransferRecord) -> None:
         try:
-            if self._narrow and not self._urb_wanted(xfer):
+            if self._narrow and not self._urb_wanted(rec):
                 return
             inflight = self._inflight
             if len(inflight) > 1 << 16:        # transfers dropped without completion
                 inflight.clear()
-            inflight.add(xfer.id)
-            self._emit_urb(xfer, "S")
-        except Exception as e:           # noqa: BLE001
+            inflight.add(rec.xfer.id)
+            self._emit_urb(rec, "S")
+        except Exception as e:
             self._failed("on_urb_submit", e)
 
-    def on_urb_complete(self, xfer) -> None:
+    def on_urb_retired(self, rec: TransferRecord) -> None:
+        """The completion goes into the trace when the controller has posted it, with the
+        completion code it posted (a fault rule's rewrite included)."""
         try:
-            if self._narrow and not self._urb_wanted(xfer):
+            if self._narrow and not self._urb_wanted(rec):
                 return
             inflight = self._inflight
-            if xfer.id in inflight:
-                inflight.discard(xfer.id)
+            if rec.xfer.id in inflight:
+                inflight.discard(rec.xfer.id)
                 event = "C"
-            elif xfer.submitted_ns and xfer.submitted_ns < self._started_ns:
+            elif rec.submitted_ns < self._started_ns:
                 event = "C"                          # submitted before tracing began
             else:
                 event = "E"                          # never handed to a device: a submit error
-            self._emit_urb(xfer, event)
-        except Exception as e:           # noqa: BLE001
-            self._failed("on_urb_complete", e)
+            self._emit_urb(rec, event)
+        except Exception as e:
+            self._failed("on_urb_retired", e)
 
-    def _emit_urb(self, xfer, event: str) -> None:
+    def _emit_urb(self, rec: TransferRecord, event: str) -> None:
         ts = self._now() + self._ts_offset
+        xfer = rec.xfer
         interval = xfer.interval
         if interval:
-            interval = urb_interval(interval, self._slot_fs_ls.get(xfer.slot, False))
-        note = xfer.note if HAS_NOTE else ""
-        if self._want_urb and not (xfer.context is None and _sets_address(xfer)):
-            iface = self._bus_iface.get(xfer.bus)
+            interval = urb_interval(interval, self._slot_fs_ls.get(rec.slot, False))
+        note = rec.note
+        if self._want_urb and not (rec.internal and _sets_address(xfer)):
+            iface = self._bus_iface.get(rec.bus)
             if iface is None:
-                iface = self._add_bus(xfer.bus, f"bus {xfer.bus}")
-            self._put_pieces(*usbmon_block(xfer, event, ts, self._max_data, interval, iface,
+                iface = self._add_bus(rec.bus, f"bus {rec.bus}")
+            self._put_pieces(*usbmon_block(rec, event, ts, self._max_data, interval, iface,
                                            pcapng.comment_option(note) if note else b""))
         if self._want_xurb:
-            data, orig = usbmon_record(xfer, event, ts, self._max_data, interval)
+            data, orig = usbmon_record(rec, event, ts, self._max_data, interval)
             # its own URB id (top bit set), so Wireshark pairs each copy with its own submit
             copy = (xfer.id | 1 << 63).to_bytes(8, "little") + data[8:]
-            self._emit(0, records.urb(xfer.slot, xfer.dci, xfer.stream, copy), orig + 8, note, ts)
+            self._emit(0, records.urb(rec.slot, rec.dci, xfer.stream, copy), orig + 8, note, ts)
+
     # ---- contexts --------------------------------------------------------------------------
     def _context_size(self) -> int:
-        return 64 if getattr(self.controller, "context_size", 32) == 64 else 32
+        return self.controller.context_size if self.controller else 32
 
     def _snapshot_contexts(self, ttype: int, slot: int, trb) -> None:
         """Read the contexts a command changed, as Linux's xhci_handle_cmd_* tracepoints show
         them.  Guest memory is read defensively: a bad pointer just means no record."""
-        mem = getattr(self.controller, "mem", None)
-        if mem is None:
+        if self.controller is None:
             return
-        dcbaap = getattr(self.controller, "dcbaap", 0) or self._dcbaap
+        mem = self.controller.mem
+        dcbaap = self.controller.dcbaap
         stride = self._context_size()
         try:
             out = mem.read_u64(dcbaap + 8 * slot) & ~0x3F if dcbaap else 0
@@ -579,7 +598,7 @@ class Tracer:
             for dci in dcis:
                 if 1 <= dci <= 31:
                     self._context(out + stride * dci, slot, dci, ttype, mem.read(out + stride * dci, 32))
-        except Exception:            # noqa: BLE001 - the guest pointed somewhere unmapped
+        except Exception:
             return
 
     def _context(self, addr: int, slot: int, dci: int, reason: int, raw: bytes) -> None:
@@ -590,13 +609,13 @@ class Tracer:
     def _timebase(self, clock: Callable[[], int] | None) -> tuple[Callable[[], int], int]:
         if clock is not None:
             return clock, 0
-        sched = getattr(self.controller, "scheduler", None)
-        if sched is None:
+        if self.controller is None:
             return time.time_ns, 0
+        sched = self.controller.scheduler
         # wall-clock start, then the controller's own (possibly virtual) time: reproducible
         # intervals in tests, real ones with a real VM (the same clock as the scheduler's,
         # read without going through it)
-        now = sched.now_ns if getattr(sched, "virtual", True) else time.monotonic_ns
+        now = sched.now_ns if sched.virtual else time.monotonic_ns
         return now, time.time_ns() - sched.now_ns()
 
     def _clock(self) -> int:

@@ -1,26 +1,35 @@
-"""UsbTransfer -> usbmon records, following what Linux's mon_bin.c writes.
+"""Transfers -> usbmon records, following what Linux's mon_bin.c writes.
 
-The controller tells devices' outcomes in `Status`; Linux tells the guest driver a completion
-code and then the URB an errno.  Both mappings live here: Status -> completion code (the one the
-controller posts, unless it told us its own in `xfer.cc`) -> errno (xhci-ring.c's choice).
+The controller retires a transfer with a completion code (`TransferRecord.cc`, the one it
+posted, after any observer rewrote it); Linux turns that code into the URB's errno
+(xhci-ring.c's choice, here).  A transfer that ends without the controller posting anything (a
+submission error) is judged by how it ended on the bus (`Status`).
 """
 from __future__ import annotations
 
 import errno
 import struct
 
-from xhcidbg.decode.usbmon import (FLAG_PRESENT, HEADER, HEADER_LEN, ISO_DESC, URB_DIR_IN,
-                                   XFER_BULK, XFER_CONTROL, XFER_INT, XFER_ISO)
+from xhcidbg.decode.usbmon import (
+    FLAG_PRESENT,
+    HEADER,
+    HEADER_LEN,
+    ISO_DESC,
+    URB_DIR_IN,
+    XFER_BULK,
+    XFER_CONTROL,
+    XFER_INT,
+    XFER_ISO,
+)
 from xhcidbg.devices.base import EpType, Status, UsbTransfer
+from xhcidbg.emu.hooks import TransferRecord
+from xhcidbg.emu.transfers import STATUS_CC
 from xhcidbg.emu.trb import CC
+
 from . import pcapng
 
 XFER_TYPE = {EpType.CONTROL: XFER_CONTROL, EpType.ISOCHRONOUS: XFER_ISO, EpType.BULK: XFER_BULK,
              EpType.INTERRUPT: XFER_INT}
-
-STATUS_CC = {Status.OK: CC.SUCCESS, Status.STALL: CC.STALL_ERROR,
-             Status.BABBLE: CC.BABBLE_DETECTED, Status.XACT_ERROR: CC.USB_TRANSACTION_ERROR,
-             Status.NODEV: CC.USB_TRANSACTION_ERROR, Status.CANCELLED: CC.STOPPED}
 
 # Linux xhci-ring.c: completion code of a transfer event -> URB status
 CC_ERRNO = {
@@ -35,17 +44,13 @@ CC_ERRNO = {
 }
 
 
-# UsbTransfer may grow `cc` (what the controller posted) and `note` (why a fault rule changed
-# it); asked once here rather than with a failing getattr per record
-HAS_CC = "cc" in getattr(UsbTransfer, "__slots__", ())
-HAS_NOTE = "note" in getattr(UsbTransfer, "__slots__", ())
-HAS_IN_PLACE = "in_place" in getattr(UsbTransfer, "__slots__", ())
-
-
-def completion_code(xfer: UsbTransfer) -> int:
-    if HAS_CC and xfer.cc is not None:       # the controller's own, when it records one
-        return xfer.cc
-    cc = STATUS_CC.get(xfer.status, CC.USB_TRANSACTION_ERROR)
+def completion_code(rec: TransferRecord) -> int:
+    """The code the controller posted; before it did, what the bus outcome implies."""
+    if rec.cc is not None:
+        return rec.cc
+    xfer = rec.xfer
+    cc = STATUS_CC.get(xfer.status, CC.USB_TRANSACTION_ERROR) if xfer.status is not None \
+        else CC.USB_TRANSACTION_ERROR
     if cc == CC.SUCCESS and xfer.actual < xfer.length:
         return CC.SHORT_PACKET
     return cc
@@ -89,15 +94,16 @@ def urb_interval(exponent: int, full_or_low_speed: bool) -> int:
     return max(1, micro // 8) if full_or_low_speed else micro
 
 
-def _urb_errno(xfer: UsbTransfer) -> int:
-    if HAS_CC and xfer.cc is not None:
-        return urb_status(xfer.cc)
-    return _STATUS_ERRNO.get(xfer.status, _EPROTO)
+def _urb_errno(rec: TransferRecord) -> int:
+    if rec.cc is not None:
+        return urb_status(rec.cc)
+    status = rec.xfer.status
+    return _EPROTO if status is None else _STATUS_ERRNO.get(int(status), _EPROTO)
 
 
-def _in_views(xfer: UsbTransfer, n: int) -> list:
+def _in_views(xfer: UsbTransfer, n: int) -> list[memoryview]:
     """The first `n` bytes an IN transfer delivered, as views (nothing copied)."""
-    if not (HAS_IN_PLACE and xfer.in_place):
+    if not xfer.in_place:
         return [memoryview(xfer.result)[:n]]
     out = []
     for view in xfer.in_buffers() or ():
@@ -108,19 +114,20 @@ def _in_views(xfer: UsbTransfer, n: int) -> list:
     return out
 
 
-def usbmon_block(xfer: UsbTransfer, event: str, ts_ns: int, max_data: int, interval: int,
-                 interface: int, comment: bytes = b"") -> tuple[int, tuple]:
+def usbmon_block(rec: TransferRecord, event: str, ts_ns: int, max_data: int, interval: int,
+                 interface: int, comment: bytes = b"") -> tuple[int, tuple[bytes | memoryview, ...]]:
     """One usbmon record for `event` ('S', 'C' or 'E') as a whole pcapng EPB on `interface`,
     in pieces: (block length, pieces) -- the packed block and usbmon headers, the ISO
     descriptors, views of the transfer's data (nothing copied yet) and the tail.  The caller
     copies them once, wherever the block goes.  `interval` is urb->interval (see
     `urb_interval`), written for interrupt and isoch only; at most `max_data` bytes of data
     are kept; `comment` is a ready option list (pcapng.comment_option)."""
+    xfer = rec.xfer
     is_in = xfer.is_in
     xtype = _XFER_TYPE[xfer.ep_type]
     usec = ts_ns // 1000
     if xtype == XFER_ISO:
-        start_frame = xfer.iso_frame
+        start_frame = rec.iso_frame
     else:
         start_frame = 0
         if xtype != XFER_INT:
@@ -140,7 +147,7 @@ def usbmon_block(xfer: UsbTransfer, event: str, ts_ns: int, max_data: int, inter
             if cap > 0:
                 captured = (memoryview(data)[:cap],)
     elif event == "C":
-        status, length = _urb_errno(xfer), xfer.actual
+        status, length = _urb_errno(rec), xfer.actual
         if is_in:
             n, flag_data = length, FLAG_PRESENT       # IN data comes with the completion
             cap = min(n, max_data)
@@ -150,7 +157,7 @@ def usbmon_block(xfer: UsbTransfer, event: str, ts_ns: int, max_data: int, inter
         else:
             n, flag_data = 0, _OUT_COMPLETE
     else:                                             # a submission error: header only
-        status = -errno.ENODEV if xfer.status == _NODEV else _urb_errno(xfer)
+        status = -errno.ENODEV if xfer.status == _NODEV else _urb_errno(rec)
         length, n, flag_data = 0, 0, _ERROR
     if xtype == XFER_ISO and event != "E":
         # one isochronous TD is one packet: a single descriptor covering the whole buffer
@@ -163,7 +170,7 @@ def usbmon_block(xfer: UsbTransfer, event: str, ts_ns: int, max_data: int, inter
     head = EPB_USBMON_HEAD.pack(
         pcapng.EPB, total, interface, ts_ns >> 32, ts_ns & 0xFFFFFFFF, size,
         HEADER_LEN + len(iso) + n, xfer.id, _EVENT[event], xtype,
-        (xfer.endpoint & 0x7F) | (0x80 if is_in else 0), xfer.devnum & 0xFF, xfer.bus & 0xFFFF,
+        (xfer.endpoint & 0x7F) | (0x80 if is_in else 0), rec.devnum & 0xFF, rec.bus & 0xFFFF,
         flag_setup, FLAG_PRESENT if n and event != "E" else flag_data, usec // 1_000_000,
         usec % 1_000_000, status, length, len(iso) + cap, setup, interval, start_frame,
         URB_DIR_IN if is_in else 0, ndesc)
@@ -172,10 +179,10 @@ def usbmon_block(xfer: UsbTransfer, event: str, ts_ns: int, max_data: int, inter
     return total, (head, iso, *captured, _EPB_TAIL[size & 3].pack(total))
 
 
-def usbmon_record(xfer: UsbTransfer, event: str, ts_ns: int, max_data: int,
+def usbmon_record(rec: TransferRecord, event: str, ts_ns: int, max_data: int,
                   interval: int = 0) -> tuple[bytes, int]:
     """The usbmon record of `usbmon_block` alone; returns (bytes, original length)."""
-    total, pieces = usbmon_block(xfer, event, ts_ns, max_data, interval, 0)
+    total, pieces = usbmon_block(rec, event, ts_ns, max_data, interval, 0)
     block = b"".join(pieces)
     size, orig = _CAPTURED.unpack_from(block, _CAPTURED_AT)
     return block[pcapng.EPB_HEADER:pcapng.EPB_HEADER + size], orig

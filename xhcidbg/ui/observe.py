@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
+from ..emu.hooks import TransferRecord
 from ..emu.trb import CC_NAMES, TRB_NAMES, TrbType, cc_name, trb_name
 from .render import linux, trb_text
 
@@ -62,17 +63,19 @@ class ActivityLog:
         self.add("event", f"event intr {ev.interrupter} @{ev.addr:#x}: "
                           f"{linux.decode_trb(*dw) if linux else dw}")
 
-    def on_urb_submit(self, x) -> None:
+    def on_urb_submit(self, rec: TransferRecord) -> None:
+        x = rec.xfer
         data = f" data {bytes(x.data[:32]).hex(' ')}" if x.data else ""
-        self.add("urb", f"URB #{x.id} submit slot {x.slot} ep {x.endpoint:#04x} "
+        self.add("urb", f"URB #{x.id} submit slot {rec.slot} ep {x.endpoint:#04x} "
                         f"{x.ep_type.name.lower()} {'in' if x.is_in else 'out'} len {x.length}"
                         f"{' setup ' + x.setup.hex(' ') if x.setup else ''}{data}")
 
-    def on_urb_complete(self, x) -> None:
+    def on_urb_complete(self, rec: TransferRecord) -> None:
+        x = rec.xfer
         data = f" data {x.in_data(32).hex(' ')}" if x.is_in and x.actual else ""
         more = "..." if x.is_in and x.actual > 32 else ""
         status = x.status.name if x.status is not None else "?"
-        self.add("urb", f"URB #{x.id} done   slot {x.slot} ep {x.endpoint:#04x} {status} "
+        self.add("urb", f"URB #{x.id} done   slot {rec.slot} ep {x.endpoint:#04x} {status} "
                         f"actual {x.actual}{data}{more}")
 
     def on_port(self, port: int, old: int, new: int) -> None:
@@ -258,15 +261,16 @@ class Breakpoints:
                                 f"{linux.decode_trb(*dw) if linux else dw}",
                         f"{dw[3] >> 24}/{(dw[3] >> 16) & 0x1F}" if dw[3] >> 24 else None)
 
-    def _urb(self, x, phase: str) -> None:
+    def _urb(self, rec: TransferRecord, phase: str) -> None:
+        x = rec.xfer
         if self._wanted("urb"):
-            self._check("urb", {"slot": x.slot, "ep": x.endpoint, "phase": phase,
+            self._check("urb", {"slot": rec.slot, "ep": x.endpoint, "phase": phase,
                                 "status": x.status.name if x.status is not None else None},
-                        lambda: f"URB #{x.id} {phase}: slot {x.slot} ep {x.endpoint:#04x}",
-                        f"{x.slot}/{x.dci}")
+                        lambda: f"URB #{x.id} {phase}: slot {rec.slot} ep {x.endpoint:#04x}",
+                        f"{rec.slot}/{rec.dci}")
 
-    def on_urb_submit(self, x) -> None:
-        self._urb(x, "submit")
+    def on_urb_submit(self, rec: TransferRecord) -> None:
+        self._urb(rec, "submit")
 
-    def on_urb_complete(self, x) -> None:
-        self._urb(x, "done")
+    def on_urb_complete(self, rec: TransferRecord) -> None:
+        self._urb(rec, "done")
