@@ -1,5 +1,6 @@
-"""The Debian side of the kit: version order, .deb unpacking, ELF needs, and the verifying archive
-client against a local mirror signed with a throw-away key."""
+"""The Debian side of the kit: version order, .deb unpacking, ELF needs, the verifying archive
+client against a local mirror signed with a throw-away key, and python-debian reading the
+indexes and .debs the kit really fetched."""
 import hashlib
 import io
 import lzma
@@ -12,16 +13,21 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from debian.debian_support import Version
 from hypothesis import given, settings, strategies as st
 
 from xhcidbg.guestkit import debfile
-from xhcidbg.guestkit.archive import Archive, parse_packages, parse_relations
-from xhcidbg.guestkit.debversion import compare, sort_key
+from xhcidbg.guestkit.archive import Archive, parse_packages, relation_names
 from xhcidbg.guestkit.elf import dynamic_info
 from xhcidbg.guestkit.report import KitError, OfflineError
 from xhcidbg.guestkit.sources import DebianMirror
 
-# -- version order ---------------------------------------------------------------------------
+# -- version order (python-debian's, which picks the newest of several suites) ----------------
+
+
+def compare(a: str, b: str) -> int:
+    """-1, 0 or 1 as Debian version `a` sorts before, equal to or after `b`."""
+    return (Version(a) > Version(b)) - (Version(a) < Version(b))
 
 
 @pytest.mark.parametrize("a, b, expected", [
@@ -52,23 +58,23 @@ def test_version_order_agrees_with_dpkg(a, b, revision):
         assert (subprocess.run(["dpkg", "--compare-versions", a, op, b]).returncode == 0) == holds, (a, op, b)
 
 
-def test_sort_key_orders_lists():
-    assert sorted(["1.0", "1.0~rc1", "1:0.5", "0.9"], key=sort_key) == ["0.9", "1.0~rc1", "1.0", "1:0.5"]
+def test_versions_sort_as_keys():
+    assert sorted(["1.0", "1.0~rc1", "1:0.5", "0.9"], key=Version) == ["0.9", "1.0~rc1", "1.0", "1:0.5"]
 
 
 # -- relations and indexes -------------------------------------------------------------------
 
-def test_parse_relations_drops_versions_and_qualifiers():
-    assert parse_relations("libc6 (>= 2.38), libfoo1 | libbar2 [amd64], python3:any") == [
+def test_relation_names_drop_versions_and_qualifiers():
+    assert relation_names("libc6 (>= 2.38), libfoo1 | libbar2 [amd64], python3:any") == [
         ["libc6"], ["libfoo1", "libbar2"], ["python3"]]
-    assert parse_relations("") == []
+    assert relation_names("") == []
 
 
 def test_parse_packages_keeps_needed_fields():
     text = ("Package: a\nVersion: 1.0\nArchitecture: amd64\nPre-Depends: p\nDepends: b (>= 1), c | d\n"
             "Provides: v (= 1)\nDescription: x\n more\nFilename: pool/a.deb\nSize: 10\nSHA256: AB\n\n"
             "Package: incomplete\nVersion: 1\n")
-    [pkg] = parse_packages(text, "s")
+    [pkg] = parse_packages(io.BytesIO(text.encode()), "s")
     assert (pkg.name, pkg.depends, pkg.provides, pkg.sha256, pkg.deb_name) == (
         "a", [["p"], ["b"], ["c", "d"]], ["v"], "ab", "a.deb")
 
