@@ -144,6 +144,27 @@ def test_extract_rejects_what_is_not_a_deb(tmp_path):
         debfile.extract(tmp_path / "y.deb", tmp_path / "p")
 
 
+@pytest.mark.skipif(not shutil.which("dpkg-deb"), reason="no dpkg-deb to build a .deb")
+def test_extract_reads_a_zstd_data_archive_or_says_what_it_needs(tmp_path):
+    # Debian's own archive uses xz, but dpkg-deb (and other distributions) can use zstd.
+    tree = tmp_path / "tree"
+    (tree / "DEBIAN").mkdir(parents=True)
+    (tree / "DEBIAN/control").write_text("Package: z\nVersion: 1\nArchitecture: all\n"
+                                         "Maintainer: t <t@test.invalid>\nDescription: test\n")
+    (tree / "usr/share/z").mkdir(parents=True)
+    (tree / "usr/share/z/file").write_bytes(b"zstd inside")
+    deb = tmp_path / "z.deb"
+    subprocess.run(["dpkg-deb", "-Zzstd", "--root-owner-group", "--build", str(tree), str(deb)],
+                   capture_output=True, check=True)
+    assert b"data.tar.zst" in deb.read_bytes()
+    if shutil.which("unzstd"):
+        assert debfile.extract(deb, tmp_path / "p") == ["usr/share/z/file"]
+        assert (tmp_path / "p/usr/share/z/file").read_bytes() == b"zstd inside"
+    else:
+        with pytest.raises(KitError, match="install zstd"):
+            debfile.extract(deb, tmp_path / "p")
+
+
 # -- ELF dynamic section ---------------------------------------------------------------------
 
 @pytest.mark.skipif(not shutil.which("readelf"), reason="no readelf to compare with")

@@ -192,7 +192,8 @@ class Archive:
                     return parse_packages(index, suite)
         raise KitError(f"{suite} has no {base} index on the mirror")
 
-    def _load(self) -> dict[str, Package]:
+    def packages(self) -> dict[str, Package]:
+        """The newest package of each name across the suites (the indexes are read once)."""
         if self._packages is None:
             newest: dict[str, Package] = {}
             for suite in self.suites:
@@ -213,7 +214,7 @@ class Archive:
 
     def get(self, name: str) -> Package:
         """The newest package called `name` (or, for a virtual name, the first real provider)."""
-        packages = self._load()
+        packages = self.packages()
         if name in packages:
             return packages[name]
         if self._providers.get(name):

@@ -130,7 +130,7 @@ class Kernel:
             rel = member.name.removeprefix("./")
             if not rel.startswith(prefix) or rel[len(prefix):] not in paths:
                 continue
-            data = tar.extractfile(member).read()
+            data = debfile.read_member(tar, member)
             if rel.endswith(".xz"):
                 data = lzma.decompress(data)
             dest = self.module_file(rel[len(prefix):])
@@ -150,7 +150,7 @@ def _index_package(deb: Path, root: Path) -> str:
             continue
         if re.fullmatch(r"boot/vmlinuz-.*", rel):
             release = rel.removeprefix("boot/vmlinuz-")
-            with tar.extractfile(member) as src, open(root / "vmlinuz", "wb") as out:
+            with debfile.open_member(tar, member) as src, open(root / "vmlinuz", "wb") as out:
                 shutil.copyfileobj(src, out)
             continue
         match = re.fullmatch(r"lib/modules/([^/]+)/(.*)", rel)
@@ -158,11 +158,11 @@ def _index_package(deb: Path, root: Path) -> str:
             continue
         path = match.group(2)
         if path == "modules.builtin":
-            builtin = {module_name(line) for line in tar.extractfile(member).read().decode().split()}
+            builtin = {module_name(line) for line in debfile.read_member(tar, member).decode().split()}
         elif path == "modules.dep":
-            shipped_dep = tar.extractfile(member).read().decode()
+            shipped_dep = debfile.read_member(tar, member).decode()
         elif path.endswith(MODULE_SUFFIXES):
-            data = tar.extractfile(member).read()
+            data = debfile.read_member(tar, member)
             if path.endswith(".xz"):
                 data = lzma.decompress(data)
             depends = ",".join(modinfo(data).get("depends", []))
