@@ -129,7 +129,7 @@ class _Stream:
         raise VmExited(error.returncode, error.stderr, tail)
 
 
-class Console:
+class SerialConsole:
     """The guest shell on the serial port.
 
     Each command is sent as one shell input whose output is framed by a begin line and an end
@@ -392,7 +392,7 @@ class Vm:
 
     def __init__(self) -> None:
         self.process: asyncio.subprocess.Process | None = None
-        self.console: Console | None = None
+        self.console: SerialConsole | None = None
         self.qmp: Qmp | None = None
         self.argv: list[str] = []
         self.workdir: Path | None = None
@@ -474,7 +474,7 @@ class Vm:
             for server in servers:
                 server.close()
         (serial_r, serial_w), (qmp_r, qmp_w) = waiting.result()
-        self.console = Console(serial_r, serial_w, self.exited, log, report)
+        self.console = SerialConsole(serial_r, serial_w, self.exited, log, report)
         self.qmp = Qmp(qmp_r, qmp_w, self.exited)
         await self.qmp.connect()
 

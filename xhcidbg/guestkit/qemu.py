@@ -18,6 +18,8 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from debian.debian_support import Version
+
 from . import debfile
 from .archive import Archive, Package
 from .cache import QEMU_SUITES, cache_dir, cache_lock, qemu_archive
@@ -202,7 +204,7 @@ def build_private_qemu(archive: Archive | None = None) -> QemuInstall:
                        f" install a QEMU >= 10.1 with vfio-user-pci or set {QEMU_ENV}")
     archive = archive or qemu_archive()
     root = archive.get(QEMU_PACKAGE)
-    upstream = re.match(r"(?:\d+:)?(\d+)\.(\d+)", root.version)
+    upstream = re.match(r"(\d+)\.(\d+)", Version(root.version).upstream_version or "")
     if not upstream or (int(upstream.group(1)), int(upstream.group(2))) < MIN_VERSION:
         raise KitError(f"the mirror's newest {QEMU_PACKAGE} is {root.version}; vfio-user needs >= 10.1")
     prefix = _prefix_dir()

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .launch import Console, Vm
+from .launch import SerialConsole, Vm
 
 DISK_ID = "usbdisk"
 
@@ -40,7 +40,7 @@ ENUMERATED = ("i=0; while [ $i -lt {tries} ]; do"
               " grep -q 'Bus=0003' /proc/bus/input/devices && [ -b {disk} ] && cut -d' ' -f1 /proc/uptime")
 
 
-async def wait_enumerated(console: Console, disk: str = "/dev/sda", timeout: float = 120.0) -> float:
+async def wait_enumerated(console: SerialConsole, disk: str = "/dev/sda", timeout: float = 120.0) -> float:
     """Wait until a USB input device and `disk` exist; the guest's uptime (s) at that moment."""
     result = await console.run(ENUMERATED.format(tries=int(timeout / 0.02), disk=disk), timeout + 30)
     if not result.ok:
@@ -53,7 +53,7 @@ ENUMERATED_LOG = re.compile(r"^\[\s*([\d.]+)\] (?:input: .* as /devices/\S*/usb\
                             re.M)
 
 
-async def enumerated_at(console: Console) -> float | None:
+async def enumerated_at(console: SerialConsole) -> float | None:
     """Guest time (s) of the last USB input/disk attach in the kernel log: when enumeration
     really ended, independent of when anyone looked."""
     log = (await console.run("dmesg")).output
@@ -71,7 +71,7 @@ class ReadSpeed:
         return self.bytes / self.seconds / 1e6
 
 
-async def read_speed(console: Console, disk: str = "/dev/sda", mib: int = 256) -> ReadSpeed:
+async def read_speed(console: SerialConsole, disk: str = "/dev/sda", mib: int = 256) -> ReadSpeed:
     """dd `mib` MiB from `disk` with O_DIRECT (no guest page cache), timed by the guest's clock."""
     # busybox dd here prints no timing line and date has no %N: /proc/uptime has 10 ms steps.
     result = await console.run(
