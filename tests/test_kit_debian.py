@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 from debian.debian_support import Version
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from xhcidbg.guestkit import debfile
 from xhcidbg.guestkit.archive import Archive, parse_packages, relation_names
@@ -137,7 +138,7 @@ def test_extract_keeps_everything_inside_the_prefix(tmp_path):
 
 def test_extract_rejects_what_is_not_a_deb(tmp_path):
     (tmp_path / "x.deb").write_bytes(b"PK\x03\x04 not an ar archive")
-    with pytest.raises(KitError, match="not a .deb"):
+    with pytest.raises(KitError, match=r"not a \.deb"):
         debfile.extract(tmp_path / "x.deb", tmp_path / "p")
     (tmp_path / "y.deb").write_bytes(ar_archive([("debian-binary", b"2.0\n")]))
     with pytest.raises(KitError, match="no data archive"):

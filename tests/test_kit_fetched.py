@@ -2,6 +2,7 @@
 suite it uses (bookworm's, trixie's, trixie-backports') and every .deb, whatever compression
 Debian chose for them (today .xz throughout), read offline from the kit's cache."""
 import json
+from pathlib import Path
 
 import pytest
 from debian.debfile import DebFile
@@ -62,7 +63,7 @@ def test_kit_unpacks_busybox_and_qemu_as_it_installed_them(cache, tmp_path):
     stamp = json.loads((cache / "busybox" / "installed.json").read_text())
     deb = deb_of(cache, "busybox-static", stamp["version"])
     assert debfile.extract(deb, tmp_path / "busybox", lambda p: p == "bin/busybox") == ["bin/busybox"]
-    assert (tmp_path / "busybox/bin/busybox").read_bytes() == open(stamp["binary"], "rb").read()
+    assert (tmp_path / "busybox/bin/busybox").read_bytes() == Path(stamp["binary"]).read_bytes()
     prefix = cache / "qemu"
     if (prefix / STAMP).exists():           # the private QEMU (not a system one)
         version = json.loads((prefix / STAMP).read_text())["packages"]["qemu-system-x86"]

@@ -5,8 +5,13 @@ import subprocess
 import pytest
 
 from xhcidbg.guestkit.elf import modinfo
-from xhcidbg.guestkit.kernel import (format_modules_dep, load_order, module_name,
-                                     parse_modules_dep, plain_path)
+from xhcidbg.guestkit.kernel import (
+    format_modules_dep,
+    load_order,
+    module_name,
+    parse_modules_dep,
+    plain_path,
+)
 from xhcidbg.guestkit.report import KitError
 
 # The shape depmod writes: each module lists all it needs, nearest first.
@@ -54,7 +59,7 @@ def test_builtin_modules_are_skipped_and_unknown_ones_named():
     with pytest.raises(KitError, match="nosuch"):
         load_order(["nosuch"], modules, set())
     modules["usbcore"] = (modules["usbcore"][0], ["usb_common", "missing_dep"])
-    with pytest.raises(KitError, match="missing_dep.*needed by usbcore"):
+    with pytest.raises(KitError, match=r"missing_dep.*needed by usbcore"):
         load_order(["xhci_pci"], modules, set())
 
 

@@ -3,9 +3,16 @@ from pathlib import Path
 
 import pytest
 
-from xhcidbg.guestkit.sources import (MIRROR_ENV, find_debian_mirror, host_codename, parse_deb822,
-                                      parse_one_line, pick_debian_mirror, read_sources)
 from xhcidbg.guestkit.report import KitError
+from xhcidbg.guestkit.sources import (
+    MIRROR_ENV,
+    find_debian_mirror,
+    host_codename,
+    parse_deb822,
+    parse_one_line,
+    pick_debian_mirror,
+    read_sources,
+)
 
 MIRROR = "http://mirror.example/debian"
 SECURITY = "http://mirror.example/debian-security"

@@ -18,10 +18,9 @@ import subprocess
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
 from debian.deb822 import Packages, PkgRelation, Release
 from debian.debian_support import Version
@@ -34,10 +33,11 @@ TIMEOUT = 60
 INDEX_FIELDS = ["Package", "Version", "Architecture", "Filename", "Size", "SHA256",
                 "Pre-Depends", "Depends", "Provides"]
 # Packages index compressions, in the order they are preferred.
-INDEX_OPENERS: list[tuple[str, Callable[[Path], IO[bytes]]]] = [
-    (".xz", lambda path: lzma.open(path, "rb")),
-    (".gz", lambda path: gzip.open(path, "rb")),
-]
+INDEX_SUFFIXES = (".xz", ".gz")
+
+
+def _open_index(path: Path) -> lzma.LZMAFile | gzip.GzipFile:
+    return lzma.open(path) if path.suffix == ".xz" else gzip.open(path)
 
 
 def relation_names(field: str) -> list[list[str]]:
@@ -76,7 +76,7 @@ class Package:
         return relation_names(self.depends_field)
 
 
-def parse_packages(index: Iterable[str] | Iterable[bytes] | IO[bytes], suite: str) -> list[Package]:
+def parse_packages(index: Iterable[str] | Iterable[bytes], suite: str) -> list[Package]:
     """The packages of a Packages index (its lines, or the open file); stanzas that name no
     file or hash are skipped."""
     packages = []
@@ -155,7 +155,7 @@ class Archive:
             say(f"[yellow]mirror unreachable: using the cached index of {suite}[/]")
             source = cached
         release = Release(self._gpgv(source))
-        found = {release.get("Codename"), release.get("Suite")} - {None}
+        found = {release[key] for key in ("Codename", "Suite") if key in release}
         if suite not in found:
             raise KitError(f"the mirror's dists/{suite}/InRelease is for {sorted(found)}, not {suite}")
         if source is fresh:
@@ -181,14 +181,14 @@ class Archive:
         sums = {entry["name"]: (entry["sha256"].lower(), int(entry["size"]))
                 for entry in release.get("SHA256", [])}
         base = f"{self.component}/binary-{self.arch}/Packages"
-        for suffix, opener in INDEX_OPENERS:
+        for suffix in INDEX_SUFFIXES:
             if base + suffix in sums:
                 digest, size = sums[base + suffix]
                 stored = self.cache / "indexes" / f"{digest}{suffix}"
                 if not stored.exists() or _sha256(stored) != digest:
                     self._download(f"dists/{suite}/{base}{suffix}", stored,
                                    f"{suite} {base}{suffix}", size, digest)
-                with opener(stored) as index:
+                with _open_index(stored) as index:
                     return parse_packages(index, suite)
         raise KitError(f"{suite} has no {base} index on the mirror")
 

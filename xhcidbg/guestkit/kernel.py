@@ -31,7 +31,7 @@ MODULE_SUFFIXES = (".ko", ".ko.xz")
 def module_name(path: str) -> str:
     """Kernel module name of a file path: basename without suffix, dashes as underscores."""
     base = posixpath.basename(path)
-    for suffix in MODULE_SUFFIXES + (".ko.zst", ".ko.gz"):
+    for suffix in (*MODULE_SUFFIXES, ".ko.zst", ".ko.gz"):
         if base.endswith(suffix):
             base = base[: -len(suffix)]
             break
@@ -77,13 +77,13 @@ def load_order(wanted: list[str], modules: dict[str, tuple[str, list[str]]],
         if state.get(name) == "done" or name in builtin:
             return
         if state.get(name) == "visiting":
-            raise KitError(f"module dependency cycle: {' -> '.join(chain + (name,))}")
+            raise KitError(f"module dependency cycle: {' -> '.join((*chain, name))}")
         if name not in modules:
             raise KitError(f"kernel module {name} is neither a module nor built in"
                            + (f" (needed by {chain[-1]})" if chain else ""))
         state[name] = "visiting"
         for dep in modules[name][1]:
-            visit(dep, chain + (name,))
+            visit(dep, (*chain, name))
         state[name] = "done"
         order.append(name)
 
