@@ -14,7 +14,8 @@ from xhcidbg.guestkit.qemu import QEMU_BINARY, STAMP
 from xhcidbg.guestkit.sources import DEFAULT_KEYRING, DebianMirror
 from xhcidbg.guestkit.testing import guest_kit
 
-# Nothing listens on port 9: the archive falls back to its cached InRelease, which gpgv still checks.
+# Nothing listens on port 9: the archive falls back to its cached InRelease, which gpgv still
+# checks.
 UNREACHABLE = "http://127.0.0.1:9/debian"
 
 
@@ -62,7 +63,8 @@ def test_every_cached_deb_opens_with_debfile(cache):
 def test_kit_unpacks_busybox_and_qemu_as_it_installed_them(cache, tmp_path):
     stamp = json.loads((cache / "busybox" / "installed.json").read_text())
     deb = deb_of(cache, "busybox-static", stamp["version"])
-    assert debfile.extract(deb, tmp_path / "busybox", lambda p: p == "bin/busybox") == ["bin/busybox"]
+    written = debfile.extract(deb, tmp_path / "busybox", lambda p: p == "bin/busybox")
+    assert written == ["bin/busybox"]
     assert (tmp_path / "busybox/bin/busybox").read_bytes() == Path(stamp["binary"]).read_bytes()
     prefix = cache / "qemu"
     if (prefix / STAMP).exists():           # the private QEMU (not a system one)

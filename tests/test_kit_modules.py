@@ -14,18 +14,23 @@ from xhcidbg.guestkit.kernel import (
 )
 from xhcidbg.guestkit.report import KitError
 
-# The shape depmod writes: each module lists all it needs, nearest first.
+# The shape depmod writes: each module lists all it needs, nearest first (a trailing backslash
+# only wraps the line here).
 MODULES_DEP = """\
 kernel/drivers/usb/common/usb-common.ko:
 kernel/drivers/usb/core/usbcore.ko: kernel/drivers/usb/common/usb-common.ko
-kernel/drivers/usb/host/xhci-hcd.ko: kernel/drivers/usb/core/usbcore.ko kernel/drivers/usb/common/usb-common.ko
-kernel/drivers/usb/host/xhci-pci.ko: kernel/drivers/usb/host/xhci-hcd.ko kernel/drivers/usb/core/usbcore.ko kernel/drivers/usb/common/usb-common.ko
+kernel/drivers/usb/host/xhci-hcd.ko: kernel/drivers/usb/core/usbcore.ko \
+kernel/drivers/usb/common/usb-common.ko
+kernel/drivers/usb/host/xhci-pci.ko: kernel/drivers/usb/host/xhci-hcd.ko \
+kernel/drivers/usb/core/usbcore.ko kernel/drivers/usb/common/usb-common.ko
 kernel/drivers/scsi/scsi_common.ko:
 kernel/drivers/scsi/scsi_mod.ko: kernel/drivers/scsi/scsi_common.ko
 kernel/lib/crc-t10dif.ko.xz: kernel/crypto/crct10dif_common.ko.xz
 kernel/crypto/crct10dif_common.ko.xz:
-kernel/drivers/scsi/sd_mod.ko: kernel/lib/crc-t10dif.ko.xz kernel/crypto/crct10dif_common.ko.xz kernel/drivers/scsi/scsi_mod.ko kernel/drivers/scsi/scsi_common.ko
-kernel/drivers/usb/storage/usb-storage.ko: kernel/drivers/scsi/scsi_mod.ko kernel/drivers/usb/core/usbcore.ko
+kernel/drivers/scsi/sd_mod.ko: kernel/lib/crc-t10dif.ko.xz kernel/crypto/crct10dif_common.ko.xz \
+kernel/drivers/scsi/scsi_mod.ko kernel/drivers/scsi/scsi_common.ko
+kernel/drivers/usb/storage/usb-storage.ko: kernel/drivers/scsi/scsi_mod.ko \
+kernel/drivers/usb/core/usbcore.ko
 """
 
 
@@ -71,7 +76,8 @@ def test_dependency_cycle_is_reported():
 
 def test_format_modules_dep_round_trips_with_full_dependency_lists():
     direct = {"usb_common": ("u/usb-common.ko", []), "usbcore": ("u/usbcore.ko", ["usb_common"]),
-              "xhci_hcd": ("u/xhci-hcd.ko", ["usbcore"]), "xhci_pci": ("u/xhci-pci.ko", ["xhci_hcd"])}
+              "xhci_hcd": ("u/xhci-hcd.ko", ["usbcore"]),
+              "xhci_pci": ("u/xhci-pci.ko", ["xhci_hcd"])}
     text = format_modules_dep(direct)
     assert "u/xhci-pci.ko: u/xhci-hcd.ko u/usbcore.ko u/usb-common.ko\n" in text
     parsed = parse_modules_dep(text)

@@ -157,7 +157,8 @@ class Archive:
         release = Release(self._gpgv(source))
         found = {release[key] for key in ("Codename", "Suite") if key in release}
         if suite not in found:
-            raise KitError(f"the mirror's dists/{suite}/InRelease is for {sorted(found)}, not {suite}")
+            raise KitError(f"the mirror's dists/{suite}/InRelease is for {sorted(found)},"
+                           f" not {suite}")
         if source is fresh:
             fresh.replace(cached)
         return release
@@ -167,13 +168,14 @@ class Archive:
             raise KitError("gpgv is needed to check the Debian archive signature: install gpgv")
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "release"
-            proc = subprocess.run(["gpgv", "--status-fd", "1", "--keyring", str(self.mirror.keyring),
+            proc = subprocess.run(["gpgv", "--status-fd", "1",
+                                   "--keyring", str(self.mirror.keyring),
                                    "--output", str(out), str(path)],
                                   capture_output=True, text=True)
             # Like apt: several keys sign; one VALIDSIG from the keyring is what counts.
             if "[GNUPG:] VALIDSIG" not in proc.stdout or not out.exists():
-                raise KitError(f"the signature of {path} does not verify with {self.mirror.keyring}:\n"
-                               + proc.stderr.strip())
+                raise KitError(f"the signature of {path} does not verify with"
+                               f" {self.mirror.keyring}:\n{proc.stderr.strip()}")
             return out.read_text(errors="replace")
 
     def _index(self, suite: str) -> list[Package]:

@@ -70,7 +70,7 @@ def read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
 
 
 def extract(deb: Path, prefix: Path, want: Callable[[str], bool] = lambda path: True) -> list[str]:
-    """Unpack the members whose relative path satisfies `want` into `prefix`; returns their paths."""
+    """Unpack the members whose relative path satisfies `want` into `prefix`; their paths."""
     written = []
     for member, tar in iter_data(deb):
         rel = _safe_relpath(member.name)

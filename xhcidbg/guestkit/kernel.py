@@ -54,7 +54,8 @@ def parse_modules_dep(text: str) -> dict[str, tuple[str, list[str]]]:
 
 
 def format_modules_dep(modules: dict[str, tuple[str, list[str]]]) -> str:
-    """The inverse of parse_modules_dep: one `path: dep-path ...` line per module (all deps, as depmod)."""
+    """The inverse of parse_modules_dep: one `path: dep-path ...` line per module, listing all
+    its dependencies as depmod does."""
     lines = []
     for name in sorted(modules):
         path, _ = modules[name]
@@ -158,7 +159,8 @@ def _index_package(deb: Path, root: Path) -> str:
             continue
         path = match.group(2)
         if path == "modules.builtin":
-            builtin = {module_name(line) for line in debfile.read_member(tar, member).decode().split()}
+            names = debfile.read_member(tar, member).decode().split()
+            builtin = {module_name(name) for name in names}
         elif path == "modules.dep":
             shipped_dep = debfile.read_member(tar, member).decode()
         elif path.endswith(MODULE_SUFFIXES):

@@ -100,7 +100,9 @@ async def _exit_error(exited: Exited) -> VmExited:
     """The VmExited for a connection QEMU closed; waits briefly for its exit status."""
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(asyncio.shield(exited), 5)
-    return VmExited(*exited.result()) if exited.done() else VmExited(None, "connection to QEMU lost")
+    if exited.done():
+        return VmExited(*exited.result())
+    return VmExited(None, "connection to QEMU lost")
 
 
 class _Stream:
@@ -120,7 +122,8 @@ class _Stream:
                 self.closed = True
             self._changed.notify_all()
 
-    async def wait_for(self, pattern: re.Pattern[bytes], start: int, timeout: float) -> re.Match[bytes]:
+    async def wait_for(self, pattern: re.Pattern[bytes], start: int,
+                       timeout: float) -> re.Match[bytes]:
         """The first match of `pattern` at or after offset `start`, waiting up to `timeout` s."""
         deadline = time.monotonic() + timeout
         async with self._changed:
@@ -132,7 +135,8 @@ class _Stream:
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise CommandTimeout(f"no {pattern.pattern!r} on the console within {timeout:g} s")
+                    raise CommandTimeout(f"no {pattern.pattern!r} on the console"
+                                         f" within {timeout:g} s")
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), left)
         error = await _exit_error(self._exited)
@@ -233,17 +237,19 @@ class SerialConsole:
                 # Ctrl-C ends the command's subshell, so the shell takes the next command.
                 await self.write("\x03")
                 tail = self._stream.data[-2048:].decode("utf-8", "replace").replace("\r\n", "\n")
-                raise CommandTimeout(f"guest command {command!r} did not finish within {timeout:g} s;"
-                                     f" the console ends:\n{tail}") from None
+                raise CommandTimeout(f"guest command {command!r} did not finish within"
+                                     f" {timeout:g} s; the console ends:\n{tail}") from None
             self._cursor = finish.end()
             output = bytes(self._stream.data[start.end():finish.start()])
             if len(self._stream.data) > TRANSCRIPT_KEEP:
                 # Consumed output goes (the log file, if any, keeps everything).
                 del self._stream.data[:self._cursor]
                 self._cursor = 0
-        result = CommandResult(int(finish.group(1)), output.decode("utf-8", "replace").replace("\r\n", "\n"))
+        text = output.decode("utf-8", "replace").replace("\r\n", "\n")
+        result = CommandResult(int(finish.group(1)), text)
         if check and not result.ok:
-            raise RuntimeError(f"guest command {command!r} failed with status {result.status}:\n{result.output}")
+            raise RuntimeError(f"guest command {command!r} failed with status {result.status}:\n"
+                               f"{result.output}")
         return result
 
     async def close(self) -> None:

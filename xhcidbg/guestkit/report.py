@@ -24,11 +24,13 @@ console = Console(stderr=True, highlight=False)
 
 
 class KitError(RuntimeError):
-    """A problem the user must fix (offline, missing tool, bad configuration): the message says what."""
+    """A problem the user must fix (offline, missing tool, bad configuration): the message says
+    what."""
 
 
 class OfflineError(KitError):
-    """Something the kit needs is neither cached nor downloadable (no network, mirror unreachable)."""
+    """Something the kit needs is neither cached nor downloadable (no network, mirror
+    unreachable)."""
 
 
 def say(text: str) -> None:

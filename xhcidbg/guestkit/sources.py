@@ -1,9 +1,10 @@
 """Find the Debian mirror this machine already uses, from its own apt configuration.
 
 Both formats apt reads are understood: one-line `deb [options] URI suite components...` entries in
-`*.list` files, and deb822 stanzas in `*.sources` files (read with python-debian).  The mirror we want is the one serving
-Debian's `main` component for the machine's own release (its codename from /etc/os-release), so a
-third-party repository that also calls its component "main" is not taken by mistake.
+`*.list` files, and deb822 stanzas in `*.sources` files (read with python-debian).  The mirror we
+want is the one serving Debian's `main` component for the machine's own release (its codename
+from /etc/os-release), so a third-party repository that also calls its component "main" is not
+taken by mistake.
 """
 from __future__ import annotations
 
@@ -136,5 +137,6 @@ def find_debian_mirror(etc_apt: Path = Path("/etc/apt"),
     # release's key, and the private QEMU comes from a newer release.
     keyring = DEFAULT_KEYRING
     if not keyring.is_file():
-        raise KitError(f"Debian's archive keyring {keyring} is missing: install debian-archive-keyring")
+        raise KitError(f"Debian's archive keyring {keyring} is missing:"
+                       " install debian-archive-keyring")
     return DebianMirror(uri, keyring, codename)
