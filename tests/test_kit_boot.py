@@ -51,8 +51,9 @@ def test_guest_on_qemu_xhci_finds_tablet_and_disk(kit, tmp_path):
     disk = make_disk(tmp_path / "disk.img", 64)
 
     async def scenario():
-        vm = await Vm.start(qemu=qemu, kernel=kernel, initrd=initrd, extra_args=qemu_xhci_args(disk),
-                            log=tmp_path / "serial.log", allow_reboot=True)
+        vm = await Vm.start(qemu=qemu, kernel=kernel, initrd=initrd,
+                            extra_args=qemu_xhci_args(disk), log=tmp_path / "serial.log",
+                            allow_reboot=True)
         try:
             run = vm.console.run
             uptime = await wait_enumerated(vm.console)
@@ -65,7 +66,8 @@ def test_guest_on_qemu_xhci_finds_tablet_and_disk(kit, tmp_path):
             products = (await run("cat /sys/bus/usb/devices/*/product")).output
             assert "QEMU USB Tablet" in products and "QEMU USB HARDDRIVE" in products
             assert (await run("ls /sys/bus/usb/drivers/usbhid/ | grep -c :")).output.strip() == "1"
-            assert (await run("ls /sys/bus/usb/drivers/usb-storage/ | grep -c :")).output.strip() == "1"
+            storage = await run("ls /sys/bus/usb/drivers/usb-storage/ | grep -c :")
+            assert storage.output.strip() == "1"
             inputs = (await run("cat /proc/bus/input/devices")).output
             tablet = next(block for block in inputs.split("\n\n") if "QEMU USB Tablet" in block)
             assert "Bus=0003" in tablet and "event" in tablet

@@ -5,7 +5,8 @@ import stat
 import subprocess
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from xhcidbg.guestkit.cpio import HEADER_SIZE, MAGIC, CpioWriter, Entry, read_newc
 

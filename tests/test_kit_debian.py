@@ -1,5 +1,6 @@
-"""The Debian side of the kit: version order, .deb unpacking, ELF needs, and the verifying archive
-client against a local mirror signed with a throw-away key."""
+"""The Debian side of the kit: version order, .deb unpacking, ELF needs, the verifying archive
+client against a local mirror signed with a throw-away key, and python-debian reading the
+indexes and .debs the kit really fetched."""
 import hashlib
 import io
 import lzma
@@ -12,16 +13,22 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from debian.debian_support import Version
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from xhcidbg.guestkit import debfile
-from xhcidbg.guestkit.archive import Archive, parse_packages, parse_relations
-from xhcidbg.guestkit.debversion import compare, sort_key
+from xhcidbg.guestkit.archive import Archive, parse_packages, relation_names
 from xhcidbg.guestkit.elf import dynamic_info
 from xhcidbg.guestkit.report import KitError, OfflineError
 from xhcidbg.guestkit.sources import DebianMirror
 
-# -- version order ---------------------------------------------------------------------------
+# -- version order (python-debian's, which picks the newest of several suites) ----------------
+
+
+def compare(a: str, b: str) -> int:
+    """-1, 0 or 1 as Debian version `a` sorts before, equal to or after `b`."""
+    return (Version(a) > Version(b)) - (Version(a) < Version(b))
 
 
 @pytest.mark.parametrize("a, b, expected", [
@@ -49,26 +56,29 @@ def test_version_order_agrees_with_dpkg(a, b, revision):
     a, b = a + revision, b
     ours = compare(a, b)
     for op, holds in (("lt", ours < 0), ("eq", ours == 0), ("gt", ours > 0)):
-        assert (subprocess.run(["dpkg", "--compare-versions", a, op, b]).returncode == 0) == holds, (a, op, b)
+        dpkg = subprocess.run(["dpkg", "--compare-versions", a, op, b])
+        assert (dpkg.returncode == 0) == holds, (a, op, b)
 
 
-def test_sort_key_orders_lists():
-    assert sorted(["1.0", "1.0~rc1", "1:0.5", "0.9"], key=sort_key) == ["0.9", "1.0~rc1", "1.0", "1:0.5"]
+def test_versions_sort_as_keys():
+    assert sorted(["1.0", "1.0~rc1", "1:0.5", "0.9"], key=Version) == [
+        "0.9", "1.0~rc1", "1.0", "1:0.5"]
 
 
 # -- relations and indexes -------------------------------------------------------------------
 
-def test_parse_relations_drops_versions_and_qualifiers():
-    assert parse_relations("libc6 (>= 2.38), libfoo1 | libbar2 [amd64], python3:any") == [
+def test_relation_names_drop_versions_and_qualifiers():
+    assert relation_names("libc6 (>= 2.38), libfoo1 | libbar2 [amd64], python3:any") == [
         ["libc6"], ["libfoo1", "libbar2"], ["python3"]]
-    assert parse_relations("") == []
+    assert relation_names("") == []
 
 
 def test_parse_packages_keeps_needed_fields():
-    text = ("Package: a\nVersion: 1.0\nArchitecture: amd64\nPre-Depends: p\nDepends: b (>= 1), c | d\n"
-            "Provides: v (= 1)\nDescription: x\n more\nFilename: pool/a.deb\nSize: 10\nSHA256: AB\n\n"
+    text = ("Package: a\nVersion: 1.0\nArchitecture: amd64\nPre-Depends: p\n"
+            "Depends: b (>= 1), c | d\nProvides: v (= 1)\nDescription: x\n more\n"
+            "Filename: pool/a.deb\nSize: 10\nSHA256: AB\n\n"
             "Package: incomplete\nVersion: 1\n")
-    [pkg] = parse_packages(text, "s")
+    [pkg] = parse_packages(io.BytesIO(text.encode()), "s")
     assert (pkg.name, pkg.depends, pkg.provides, pkg.sha256, pkg.deb_name) == (
         "a", [["p"], ["b"], ["c", "d"]], ["v"], "ab", "a.deb")
 
@@ -106,7 +116,8 @@ def test_extract_keeps_everything_inside_the_prefix(tmp_path):
         ("data.tar.xz", data_tar([
             (member("./usr/", tarfile.DIRTYPE, mode=0o755), b""),
             (member("./usr/bin/tool", mode=0o4755), b"#!/bin/sh\n"),
-            (member("./usr/share/qemu/bios.bin", tarfile.SYMTYPE, "/usr/share/seabios/bios.bin"), b""),
+            (member("./usr/share/qemu/bios.bin", tarfile.SYMTYPE,
+                    "/usr/share/seabios/bios.bin"), b""),
             (member("./usr/share/seabios/bios.bin"), b"BIOS"),
             (member("./usr/bin/tool2", tarfile.LNKTYPE, "./usr/bin/tool"), b""),
             (member("../../escape"), b"x"),
@@ -131,11 +142,32 @@ def test_extract_keeps_everything_inside_the_prefix(tmp_path):
 
 def test_extract_rejects_what_is_not_a_deb(tmp_path):
     (tmp_path / "x.deb").write_bytes(b"PK\x03\x04 not an ar archive")
-    with pytest.raises(KitError, match="not a .deb"):
+    with pytest.raises(KitError, match=r"not a \.deb"):
         debfile.extract(tmp_path / "x.deb", tmp_path / "p")
     (tmp_path / "y.deb").write_bytes(ar_archive([("debian-binary", b"2.0\n")]))
     with pytest.raises(KitError, match="no data archive"):
         debfile.extract(tmp_path / "y.deb", tmp_path / "p")
+
+
+@pytest.mark.skipif(not shutil.which("dpkg-deb"), reason="no dpkg-deb to build a .deb")
+def test_extract_reads_a_zstd_data_archive_or_says_what_it_needs(tmp_path):
+    # Debian's own archive uses xz, but dpkg-deb (and other distributions) can use zstd.
+    tree = tmp_path / "tree"
+    (tree / "DEBIAN").mkdir(parents=True)
+    (tree / "DEBIAN/control").write_text("Package: z\nVersion: 1\nArchitecture: all\n"
+                                         "Maintainer: t <t@test.invalid>\nDescription: test\n")
+    (tree / "usr/share/z").mkdir(parents=True)
+    (tree / "usr/share/z/file").write_bytes(b"zstd inside")
+    deb = tmp_path / "z.deb"
+    subprocess.run(["dpkg-deb", "-Zzstd", "--root-owner-group", "--build", str(tree), str(deb)],
+                   capture_output=True, check=True)
+    assert b"data.tar.zst" in deb.read_bytes()
+    if shutil.which("unzstd"):
+        assert debfile.extract(deb, tmp_path / "p") == ["usr/share/z/file"]
+        assert (tmp_path / "p/usr/share/z/file").read_bytes() == b"zstd inside"
+    else:
+        with pytest.raises(KitError, match="install zstd"):
+            debfile.extract(deb, tmp_path / "p")
 
 
 # -- ELF dynamic section ---------------------------------------------------------------------
@@ -145,7 +177,8 @@ def test_extract_rejects_what_is_not_a_deb(tmp_path):
 def test_dynamic_info_matches_readelf(path):
     if not Path(path).exists():
         pytest.skip(f"{path} not on this machine")
-    out = subprocess.run(["readelf", "-dW", os.path.realpath(path)], capture_output=True, text=True).stdout
+    out = subprocess.run(["readelf", "-dW", os.path.realpath(path)],
+                         capture_output=True, text=True).stdout
     info = dynamic_info(Path(os.path.realpath(path)))
     if info is None:
         assert "NEEDED" not in out
@@ -165,7 +198,7 @@ def test_dynamic_info_of_non_elf_and_truncated_files(tmp_path):
 
 # -- the archive client against a local signed mirror ----------------------------------------
 
-needs_gpg = pytest.mark.skipif(not (shutil.which("gpg") and shutil.which("gpgv") and shutil.which("dpkg-deb")),
+needs_gpg = pytest.mark.skipif(not all(map(shutil.which, ["gpg", "gpgv", "dpkg-deb"])),
                                reason="gpg, gpgv and dpkg-deb are needed to build a signed mirror")
 
 
@@ -190,7 +223,8 @@ class LocalMirror:
         tree = self.work / f"{name}-{version}"
         (tree / "DEBIAN").mkdir(parents=True)
         (tree / "DEBIAN/control").write_text(
-            f"Package: {name}\nVersion: {version}\nArchitecture: amd64\nMaintainer: t <t@test.invalid>\n"
+            f"Package: {name}\nVersion: {version}\nArchitecture: amd64\n"
+            "Maintainer: t <t@test.invalid>\n"
             f"Description: test\n")
         for path, data in files.items():
             (tree / path).parent.mkdir(parents=True, exist_ok=True)
@@ -216,7 +250,8 @@ class LocalMirror:
         (folder / "main/binary-amd64").mkdir(parents=True, exist_ok=True)
         (folder / "main/binary-amd64/Packages.xz").write_bytes(index)
         release = (f"Suite: {suite}\nCodename: {suite}\nSHA256:\n"
-                   f" {hashlib.sha256(index).hexdigest()} {len(index)} main/binary-amd64/Packages.xz\n")
+                   f" {hashlib.sha256(index).hexdigest()} {len(index)}"
+                   " main/binary-amd64/Packages.xz\n")
         (folder / "InRelease").write_bytes(self.gpg("--clearsign", input=release.encode()))
 
     def archive(self, suites: list[str], cache: Path) -> Archive:
@@ -228,7 +263,8 @@ def mirror(tmp_path):
     m = LocalMirror(tmp_path)
     m.suite("testsuite", [
         ("hello", "1.0-1", {"usr/bin/hello": b"old"}, "Depends: libc6 (>= 2), virt-thing\n"),
-        ("libc6", "2.36-9", {"usr/lib/x86_64-linux-gnu/libc.so.6": b"libc"}, "Provides: virt-thing\n"),
+        ("libc6", "2.36-9", {"usr/lib/x86_64-linux-gnu/libc.so.6": b"libc"},
+         "Provides: virt-thing\n"),
     ])
     m.suite("testsuite-backports", [("hello", "1.1-1~bpo1", {"usr/bin/hello": b"new"}, "")])
     return m
@@ -261,7 +297,8 @@ def test_archive_refuses_tampered_files(mirror, tmp_path):
         archive.fetch(libc)
     assert not (tmp_path / "cache/debs" / libc.deb_name).exists()
     release = mirror.root / "dists/testsuite/InRelease"
-    release.write_bytes(release.read_bytes().replace(b"Codename: testsuite", b"Codename: testsuitf"))
+    signed = release.read_bytes()
+    release.write_bytes(signed.replace(b"Codename: testsuite", b"Codename: testsuitf"))
     with pytest.raises(KitError, match="signature"):
         mirror.archive(["testsuite"], tmp_path / "cache2").get("libc6")
 
@@ -296,17 +333,20 @@ def test_prefix_builder_follows_needed_libraries_only(tmp_path):
     def cc(*args):
         subprocess.run(["cc", *args], cwd=src, check=True, capture_output=True)
     cc("-shared", "-fPIC", "-Wl,-soname,libbar.so.1", "bar.c", "-o", "libbar.so.1")
-    cc("-shared", "-fPIC", "-Wl,-soname,libfoo.so.1", "foo.c", "-L.", "-l:libbar.so.1", "-o", "libfoo.so.1")
+    cc("-shared", "-fPIC", "-Wl,-soname,libfoo.so.1", "foo.c", "-L.", "-l:libbar.so.1",
+       "-o", "libfoo.so.1")
     cc("main.c", "-L.", "-l:libfoo.so.1", "-Wl,--allow-shlib-undefined", "-o", "tool")
     lib = "usr/lib/x86_64-linux-gnu"
     mirror = LocalMirror(tmp_path)
     mirror.suite("testsuite", [
-        ("tool", "1", {"usr/bin/tool": (src / "tool").read_bytes()}, "Depends: libfoo1, tooldata\n"),
+        ("tool", "1", {"usr/bin/tool": (src / "tool").read_bytes()},
+         "Depends: libfoo1, tooldata\n"),
         ("tooldata", "1", {"usr/share/tool/data": b"data"}, "Depends: unrelated\n"),
         ("unrelated", "1", {"usr/share/unrelated": b"x"}, ""),
         ("libfoo1", "1", {f"{lib}/libfoo.so.1": (src / "libfoo.so.1").read_bytes()},
          "Depends: libbar1, libc6\n"),
-        ("libbar1", "1", {f"{lib}/libbar.so.1": (src / "libbar.so.1").read_bytes()}, "Depends: libc6\n"),
+        ("libbar1", "1", {f"{lib}/libbar.so.1": (src / "libbar.so.1").read_bytes()},
+         "Depends: libc6\n"),
         ("libc6", "1", {f"{lib}/libc.so.6": (libdir / "libc.so.6").read_bytes(),
                         f"{lib}/{LOADER}": (libdir / LOADER).read_bytes()},
          "Depends: libgcc-s1-not-in-this-mirror\n"),

@@ -29,7 +29,7 @@ def test_modules_dep_is_consistent_and_boot_list_ordered(image):
     [dep_name] = [n for n in image if n.endswith("/modules.dep")]
     base = dep_name.rsplit("/", 1)[0]
     modules = parse_modules_dep(image[dep_name].data.decode())
-    for name, (path, deps) in modules.items():
+    for path, deps in modules.values():
         assert f"{base}/{path}" in image, path
         assert image[f"{base}/{path}"].data[:4] == b"\x7fELF"       # stored decompressed
         assert all(d in modules for d in deps)

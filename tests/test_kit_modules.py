@@ -5,22 +5,32 @@ import subprocess
 import pytest
 
 from xhcidbg.guestkit.elf import modinfo
-from xhcidbg.guestkit.kernel import (format_modules_dep, load_order, module_name,
-                                     parse_modules_dep, plain_path)
+from xhcidbg.guestkit.kernel import (
+    format_modules_dep,
+    load_order,
+    module_name,
+    parse_modules_dep,
+    plain_path,
+)
 from xhcidbg.guestkit.report import KitError
 
-# The shape depmod writes: each module lists all it needs, nearest first.
+# The shape depmod writes: each module lists all it needs, nearest first (a trailing backslash
+# only wraps the line here).
 MODULES_DEP = """\
 kernel/drivers/usb/common/usb-common.ko:
 kernel/drivers/usb/core/usbcore.ko: kernel/drivers/usb/common/usb-common.ko
-kernel/drivers/usb/host/xhci-hcd.ko: kernel/drivers/usb/core/usbcore.ko kernel/drivers/usb/common/usb-common.ko
-kernel/drivers/usb/host/xhci-pci.ko: kernel/drivers/usb/host/xhci-hcd.ko kernel/drivers/usb/core/usbcore.ko kernel/drivers/usb/common/usb-common.ko
+kernel/drivers/usb/host/xhci-hcd.ko: kernel/drivers/usb/core/usbcore.ko \
+kernel/drivers/usb/common/usb-common.ko
+kernel/drivers/usb/host/xhci-pci.ko: kernel/drivers/usb/host/xhci-hcd.ko \
+kernel/drivers/usb/core/usbcore.ko kernel/drivers/usb/common/usb-common.ko
 kernel/drivers/scsi/scsi_common.ko:
 kernel/drivers/scsi/scsi_mod.ko: kernel/drivers/scsi/scsi_common.ko
 kernel/lib/crc-t10dif.ko.xz: kernel/crypto/crct10dif_common.ko.xz
 kernel/crypto/crct10dif_common.ko.xz:
-kernel/drivers/scsi/sd_mod.ko: kernel/lib/crc-t10dif.ko.xz kernel/crypto/crct10dif_common.ko.xz kernel/drivers/scsi/scsi_mod.ko kernel/drivers/scsi/scsi_common.ko
-kernel/drivers/usb/storage/usb-storage.ko: kernel/drivers/scsi/scsi_mod.ko kernel/drivers/usb/core/usbcore.ko
+kernel/drivers/scsi/sd_mod.ko: kernel/lib/crc-t10dif.ko.xz kernel/crypto/crct10dif_common.ko.xz \
+kernel/drivers/scsi/scsi_mod.ko kernel/drivers/scsi/scsi_common.ko
+kernel/drivers/usb/storage/usb-storage.ko: kernel/drivers/scsi/scsi_mod.ko \
+kernel/drivers/usb/core/usbcore.ko
 """
 
 
@@ -54,7 +64,7 @@ def test_builtin_modules_are_skipped_and_unknown_ones_named():
     with pytest.raises(KitError, match="nosuch"):
         load_order(["nosuch"], modules, set())
     modules["usbcore"] = (modules["usbcore"][0], ["usb_common", "missing_dep"])
-    with pytest.raises(KitError, match="missing_dep.*needed by usbcore"):
+    with pytest.raises(KitError, match=r"missing_dep.*needed by usbcore"):
         load_order(["xhci_pci"], modules, set())
 
 
@@ -66,7 +76,8 @@ def test_dependency_cycle_is_reported():
 
 def test_format_modules_dep_round_trips_with_full_dependency_lists():
     direct = {"usb_common": ("u/usb-common.ko", []), "usbcore": ("u/usbcore.ko", ["usb_common"]),
-              "xhci_hcd": ("u/xhci-hcd.ko", ["usbcore"]), "xhci_pci": ("u/xhci-pci.ko", ["xhci_hcd"])}
+              "xhci_hcd": ("u/xhci-hcd.ko", ["usbcore"]),
+              "xhci_pci": ("u/xhci-pci.ko", ["xhci_hcd"])}
     text = format_modules_dep(direct)
     assert "u/xhci-pci.ko: u/xhci-hcd.ko u/usbcore.ko u/usb-common.ko\n" in text
     parsed = parse_modules_dep(text)

@@ -3,9 +3,16 @@ from pathlib import Path
 
 import pytest
 
-from xhcidbg.guestkit.sources import (MIRROR_ENV, find_debian_mirror, host_codename, parse_deb822,
-                                      parse_one_line, pick_debian_mirror, read_sources)
 from xhcidbg.guestkit.report import KitError
+from xhcidbg.guestkit.sources import (
+    MIRROR_ENV,
+    find_debian_mirror,
+    host_codename,
+    parse_deb822,
+    parse_one_line,
+    pick_debian_mirror,
+    read_sources,
+)
 
 MIRROR = "http://mirror.example/debian"
 SECURITY = "http://mirror.example/debian-security"
@@ -14,7 +21,8 @@ ONE_LINE = f"""
 # a comment line
 deb {MIRROR} bookworm main contrib   # trailing comment
 deb-src {MIRROR} bookworm main
-deb [arch=amd64 signed-by=/usr/share/keyrings/other.gpg] https://vendor.example/apt cloud-sdk-bookworm main
+deb [arch=amd64 signed-by=/usr/share/keyrings/other.gpg] \
+https://vendor.example/apt cloud-sdk-bookworm main
 deb {SECURITY} bookworm-security main
 """
 
@@ -81,7 +89,8 @@ def test_read_sources_reads_both_formats_and_ignores_other_files(tmp_path: Path)
     (tmp_path / "sources.list.d").mkdir()
     (tmp_path / "sources.list").write_text(f"deb {MIRROR}/ trixie main\n")
     (tmp_path / "sources.list.d" / "debian.sources").write_text(DEB822)
-    (tmp_path / "sources.list.d" / "vendor.list.disabled").write_text("deb http://nope/ bookworm main\n")
+    disabled = tmp_path / "sources.list.d" / "vendor.list.disabled"
+    disabled.write_text("deb http://nope/ bookworm main\n")
     sources = read_sources(tmp_path)
     assert [s.origin.rsplit("/", 1)[-1] for s in sources] == ["sources.list", "debian.sources",
                                                               "debian.sources"]

@@ -14,5 +14,12 @@ from .kernel import ensure_kernel
 from .qemu import QemuInstall, ensure_qemu
 from .report import KitError, OfflineError
 
-__all__ = ["QemuInstall", "ensure_qemu", "ensure_kernel", "ensure_initramfs", "cache_dir",
-           "KitError", "OfflineError"]
+__all__ = [
+           "KitError",
+           "OfflineError",
+           "QemuInstall",
+           "cache_dir",
+           "ensure_initramfs",
+           "ensure_kernel",
+           "ensure_qemu",
+]

@@ -1,4 +1,5 @@
-"""python -m xhcidbg.guestkit fetch | shell: fetch the guest kit, or boot a guest and use its shell."""
+"""python -m xhcidbg.guestkit fetch | shell: fetch the guest kit, or boot a guest and use its
+shell."""
 from __future__ import annotations
 
 import argparse
@@ -55,7 +56,8 @@ async def shell(qemu_args: list[str], commands: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m xhcidbg.guestkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p_fetch = sub.add_parser("fetch", help="download and build QEMU, the guest kernel and initramfs")
+    p_fetch = sub.add_parser("fetch",
+                             help="download and build QEMU, the guest kernel and initramfs")
     p_fetch.add_argument("--refresh", action="store_true",
                          help="fetch the newest packages even if a kit is cached")
     p_shell = sub.add_parser("shell", help="boot the guest and run commands in its shell")

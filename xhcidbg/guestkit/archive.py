@@ -2,29 +2,55 @@
 
 Trust runs the way apt's does: `InRelease` must carry a valid signature from Debian's archive
 keyring (checked with gpgv), the Packages index must match the SHA256 that `InRelease` lists, and
-every .deb must match the SHA256 its index lists.  Indexes are stored by hash and .debs by file
-name under the cache folder, so a second run downloads nothing and an offline machine can still
-use what it already has.
+every .deb must match the SHA256 its index lists.  Only what gpgv and those hashes vouched for is
+handed to python-debian's parsers.  Indexes are stored by hash and .debs by file name under the
+cache folder, so a second run downloads nothing and an offline machine can still use what it
+already has.
 """
 from __future__ import annotations
 
+import functools
+import gzip
 import hashlib
 import lzma
-import gzip
-import re
 import shutil
 import subprocess
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import debversion
+from debian.deb822 import Packages, PkgRelation, Release
+from debian.debian_support import Version
+
 from .report import KitError, OfflineError, say, transfer
 from .sources import DebianMirror
 
 TIMEOUT = 60
+# The only fields of a Packages stanza the kit reads; python-debian keeps no others.
+INDEX_FIELDS = ["Package", "Version", "Architecture", "Filename", "Size", "SHA256",
+                "Pre-Depends", "Depends", "Provides"]
+# Packages index compressions, in the order they are preferred.
+INDEX_SUFFIXES = (".xz", ".gz")
+
+
+def _open_index(path: Path) -> lzma.LZMAFile | gzip.GzipFile:
+    return lzma.open(path) if path.suffix == ".xz" else gzip.open(path)
+
+
+def relation_names(field: str) -> list[list[str]]:
+    """A Depends-style field as groups of alternative package names.
+
+    `a (>= 1) | b:any, c` -> [['a', 'b'], ['c']]: picking a package needs only its name, so
+    versions, architecture qualifiers and restrictions are dropped.
+    """
+    if not field.strip():
+        return []
+    groups = [[alt["name"] for alt in group if alt["name"]]
+              for group in PkgRelation.parse_relations(field)]
+    return [group for group in groups if group]
 
 
 @dataclass
@@ -36,42 +62,32 @@ class Package:
     size: int
     sha256: str
     suite: str
-    depends: list[list[str]] = field(default_factory=list)   # groups of alternatives
+    depends_field: str = ""   # Pre-Depends then Depends, as the index writes them
     provides: list[str] = field(default_factory=list)
 
     @property
     def deb_name(self) -> str:
         return self.filename.rsplit("/", 1)[-1]
 
-
-def parse_relations(text: str) -> list[list[str]]:
-    """`a (>= 1) | b:any, c` -> [['a', 'b'], ['c']]; versions and architecture qualifiers dropped."""
-    groups = []
-    for group in text.split(","):
-        names = [re.sub(r"\s*[(\[<].*$", "", alt.strip()).split(":")[0].strip()
-                 for alt in group.split("|")]
-        names = [n for n in names if n]
-        if names:
-            groups.append(names)
-    return groups
+    @functools.cached_property
+    def depends(self) -> list[list[str]]:
+        """Pre-Depends and Depends as groups of alternatives (parsed on first use: an index
+        holds tens of thousands of packages, the kit follows the Depends of a few dozen)."""
+        return relation_names(self.depends_field)
 
 
-def parse_packages(text: str, suite: str) -> list[Package]:
-    """Parse a Packages index (deb822 stanzas), keeping only the fields the kit uses."""
+def parse_packages(index: Iterable[str] | Iterable[bytes], suite: str) -> list[Package]:
+    """The packages of a Packages index (its lines, or the open file); stanzas that name no
+    file or hash are skipped."""
     packages = []
-    for stanza in text.split("\n\n"):
-        fields = {}
-        for line in stanza.split("\n"):
-            if line and line[0] not in " \t":
-                key, _, value = line.partition(":")
-                fields[key] = value.strip()
-        if "Package" not in fields or "Filename" not in fields or "SHA256" not in fields:
+    for stanza in Packages.iter_paragraphs(index, fields=INDEX_FIELDS, use_apt_pkg=False):
+        if not {"Package", "Filename", "SHA256"} <= stanza.keys():
             continue
-        depends = parse_relations(fields.get("Pre-Depends", "")) + parse_relations(fields.get("Depends", ""))
-        provides = [group[0] for group in parse_relations(fields.get("Provides", ""))]
-        packages.append(Package(fields["Package"], fields.get("Version", "0"),
-                                fields.get("Architecture", ""), fields["Filename"],
-                                int(fields.get("Size", "0")), fields["SHA256"].lower(), suite,
+        depends = ", ".join(stanza[key] for key in ("Pre-Depends", "Depends") if key in stanza)
+        provides = [group[0] for group in relation_names(stanza.get("Provides", ""))]
+        packages.append(Package(stanza["Package"], stanza.get("Version", "0"),
+                                stanza.get("Architecture", ""), stanza["Filename"],
+                                int(stanza.get("Size", "0")), stanza["SHA256"].lower(), suite,
                                 depends, provides))
     return packages
 
@@ -125,8 +141,8 @@ class Archive:
 
     # -- indexes -----------------------------------------------------------------------------
 
-    def _verified_release(self, suite: str) -> str:
-        """The text of the suite's InRelease after checking its signature (cached copy if offline)."""
+    def _verified_release(self, suite: str) -> Release:
+        """The suite's InRelease once its signature checks out (the cached copy if offline)."""
         folder = self.cache / "dists" / suite
         cached = folder / "InRelease"
         fresh = folder / "InRelease.new"
@@ -138,48 +154,48 @@ class Archive:
                 raise
             say(f"[yellow]mirror unreachable: using the cached index of {suite}[/]")
             source = cached
-        text = self._gpgv(source)
-        found = set(re.findall(r"^(?:Codename|Suite): *(\S+)$", text, re.M))
+        release = Release(self._gpgv(source))
+        found = {release[key] for key in ("Codename", "Suite") if key in release}
         if suite not in found:
-            raise KitError(f"the mirror's dists/{suite}/InRelease is for {sorted(found)}, not {suite}")
+            raise KitError(f"the mirror's dists/{suite}/InRelease is for {sorted(found)},"
+                           f" not {suite}")
         if source is fresh:
             fresh.replace(cached)
-        return text
+        return release
 
     def _gpgv(self, path: Path) -> str:
         if not shutil.which("gpgv"):
             raise KitError("gpgv is needed to check the Debian archive signature: install gpgv")
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "release"
-            proc = subprocess.run(["gpgv", "--status-fd", "1", "--keyring", str(self.mirror.keyring),
+            proc = subprocess.run(["gpgv", "--status-fd", "1",
+                                   "--keyring", str(self.mirror.keyring),
                                    "--output", str(out), str(path)],
                                   capture_output=True, text=True)
             # Like apt: several keys sign; one VALIDSIG from the keyring is what counts.
             if "[GNUPG:] VALIDSIG" not in proc.stdout or not out.exists():
-                raise KitError(f"the signature of {path} does not verify with {self.mirror.keyring}:\n"
-                               + proc.stderr.strip())
+                raise KitError(f"the signature of {path} does not verify with"
+                               f" {self.mirror.keyring}:\n{proc.stderr.strip()}")
             return out.read_text(errors="replace")
 
     def _index(self, suite: str) -> list[Package]:
         release = self._verified_release(suite)
-        sums = {}
-        section = re.search(r"^SHA256:\n((?: .*\n?)*)", release, re.M)
-        for line in (section.group(1) if section else "").splitlines():
-            digest, size, name = line.split()
-            sums[name] = (digest.lower(), int(size))
+        sums = {entry["name"]: (entry["sha256"].lower(), int(entry["size"]))
+                for entry in release.get("SHA256", [])}
         base = f"{self.component}/binary-{self.arch}/Packages"
-        for suffix, opener in ((".xz", lzma.open), (".gz", gzip.open)):
+        for suffix in INDEX_SUFFIXES:
             if base + suffix in sums:
                 digest, size = sums[base + suffix]
                 stored = self.cache / "indexes" / f"{digest}{suffix}"
                 if not stored.exists() or _sha256(stored) != digest:
                     self._download(f"dists/{suite}/{base}{suffix}", stored,
                                    f"{suite} {base}{suffix}", size, digest)
-                with opener(stored, "rt", encoding="utf-8", errors="replace") as f:
-                    return parse_packages(f.read(), suite)
+                with _open_index(stored) as index:
+                    return parse_packages(index, suite)
         raise KitError(f"{suite} has no {base} index on the mirror")
 
-    def _load(self) -> dict[str, Package]:
+    def packages(self) -> dict[str, Package]:
+        """The newest package of each name across the suites (the indexes are read once)."""
         if self._packages is None:
             newest: dict[str, Package] = {}
             for suite in self.suites:
@@ -187,7 +203,7 @@ class Archive:
                     if pkg.architecture not in (self.arch, "all"):
                         continue
                     have = newest.get(pkg.name)
-                    if have is None or debversion.compare(pkg.version, have.version) > 0:
+                    if have is None or Version(pkg.version) > Version(have.version):
                         newest[pkg.name] = pkg
             providers: dict[str, list[Package]] = {}
             for pkg in newest.values():
@@ -200,7 +216,7 @@ class Archive:
 
     def get(self, name: str) -> Package:
         """The newest package called `name` (or, for a virtual name, the first real provider)."""
-        packages = self._load()
+        packages = self.packages()
         if name in packages:
             return packages[name]
         if self._providers.get(name):

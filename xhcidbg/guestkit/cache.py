@@ -5,8 +5,8 @@ import contextlib
 import fcntl
 import functools
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from .archive import Archive
 from .sources import find_debian_mirror

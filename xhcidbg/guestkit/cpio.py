@@ -82,7 +82,8 @@ class CpioWriter:
 
 def read_newc(data: bytes) -> list[Entry]:
     """Parse a newc archive (uncompressed) up to its trailer."""
-    entries, at = [], 0
+    entries: list[Entry] = []
+    at = 0
     while True:
         if data[at:at + len(MAGIC)] != MAGIC or at + HEADER_SIZE > len(data):
             raise ValueError(f"no newc header at offset {at}")

@@ -1,9 +1,10 @@
 """Unpack Debian .deb files without dpkg or root.
 
-A .deb is an `ar` archive holding `debian-binary`, `control.tar.*` and `data.tar.*`.  We stream
-`data.tar.*` once and write the members we want under a private prefix.  Absolute symlink targets
-are rewritten relative to the prefix so links such as /usr/share/qemu/bios-256k.bin ->
-/usr/share/seabios/... resolve inside it, and no member may land outside the prefix.
+python-debian's `DebFile` reads the .deb (an `ar` archive of `debian-binary`, `control.tar.*`
+and `data.tar.*`) and opens its data archive whatever the compression; we walk that archive once
+and write the members we want under a private prefix.  Absolute symlink targets are rewritten
+relative to the prefix so links such as /usr/share/qemu/bios-256k.bin -> /usr/share/seabios/...
+resolve inside it, and no member may land outside the prefix.
 """
 from __future__ import annotations
 
@@ -11,47 +12,15 @@ import os
 import posixpath
 import shutil
 import stat
-import subprocess
 import tarfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import IO
+
+from debian.arfile import ArError
+from debian.debfile import DebError, DebFile
 
 from .report import KitError
-
-AR_MAGIC = b"!<arch>\n"
-AR_HEADER_SIZE = 60
-
-
-class _Slice:
-    """A read-only window on part of a file (one ar member), for streaming decompressors."""
-
-    def __init__(self, f: BinaryIO, size: int):
-        self._f = f
-        self._left = size
-
-    def read(self, n: int = -1) -> bytes:
-        if n < 0 or n > self._left:
-            n = self._left
-        data = self._f.read(n)
-        self._left -= len(data)
-        return data
-
-
-def ar_members(f: BinaryIO) -> Iterator[tuple[str, int]]:
-    """Yield (name, size) for each member; the file is positioned at the member's data."""
-    if f.read(8) != AR_MAGIC:
-        raise KitError(f"{getattr(f, 'name', 'file')} is not a .deb (ar) archive")
-    while True:
-        header = f.read(AR_HEADER_SIZE)
-        if len(header) < AR_HEADER_SIZE:
-            return
-        if header[58:60] != b"`\n":
-            raise KitError(f"{getattr(f, 'name', 'file')}: corrupt ar header")
-        name = header[:16].decode("ascii", "replace").strip().rstrip("/")
-        size = int(header[48:58].decode("ascii").strip())
-        start = f.tell()
-        yield name, size
-        f.seek(start + size + (size & 1))
 
 
 def _safe_relpath(name: str) -> str | None:
@@ -70,30 +39,38 @@ def _link_target(rel: str, target: str) -> str:
 
 
 def iter_data(deb: Path) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:
-    """Stream the members of the .deb's data archive."""
-    with open(deb, "rb") as f:
-        for name, size in ar_members(f):
-            if not name.startswith("data.tar"):
-                continue
-            if name.endswith((".tar", ".gz", ".xz", ".bz2")):
-                with tarfile.open(fileobj=_Slice(f, size), mode="r|*") as tar:
-                    for member in tar:
-                        yield member, tar
-                return
-            # Other compressions (zstd): let dpkg-deb decompress, if this machine has it.
-            if not shutil.which("dpkg-deb"):
-                raise KitError(f"{deb.name}: {name} needs dpkg-deb to unpack")
-            proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
-            with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
-                for member in tar:
-                    yield member, tar
-            proc.wait()
-            return
-    raise KitError(f"{deb.name} has no data archive")
+    """The members of the .deb's data archive, in archive order, with the archive to read them."""
+    try:
+        package = DebFile(deb)
+    except DebError as e:           # an ar archive, but not laid out as a .deb
+        raise KitError(f"{deb.name} has no data archive or no control archive: {e}") from e
+    except (ArError, OSError) as e:
+        raise KitError(f"{deb.name} is not a .deb (ar) archive: {e}") from e
+    with package:
+        try:
+            tar = package.data.tgz()
+        except DebError as e:
+            # python-debian hands a data.tar.zst to the unzstd program.
+            hint = "; install zstd" if any(n.endswith(".zst") for n in package.getnames()) else ""
+            raise KitError(f"{deb.name}: cannot open its data archive: {e}{hint}") from e
+        yield from ((member, tar) for member in tar)
+
+
+def open_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> IO[bytes]:
+    """The contents of a regular-file member of `tar`."""
+    src = tar.extractfile(member)
+    if src is None:
+        raise KitError(f"{member.name} is not a regular file")
+    return src
+
+
+def read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    with open_member(tar, member) as src:
+        return src.read()
 
 
 def extract(deb: Path, prefix: Path, want: Callable[[str], bool] = lambda path: True) -> list[str]:
-    """Unpack the members whose relative path satisfies `want` into `prefix`; returns their paths."""
+    """Unpack the members whose relative path satisfies `want` into `prefix`; their paths."""
     written = []
     for member, tar in iter_data(deb):
         rel = _safe_relpath(member.name)
@@ -114,7 +91,7 @@ def extract(deb: Path, prefix: Path, want: Callable[[str], bool] = lambda path: 
                 continue
             shutil.copy2(prefix / source, dest)
         elif member.isfile():
-            with tar.extractfile(member) as src, open(dest, "wb") as out:
+            with open_member(tar, member) as src, open(dest, "wb") as out:
                 shutil.copyfileobj(src, out, 1 << 20)
             os.chmod(dest, member.mode & 0o755 | stat.S_IRUSR | stat.S_IWUSR)
         else:

@@ -3,7 +3,7 @@ hands the serial console to the host.
 
 /init mounts the kernel filesystems, loads the boot modules in dependency order, quiets kernel
 messages on the console (they stay readable with `dmesg`), prints READY_MARKER and runs a shell
-on ttyS0 with echo off.  The host then drives that shell line by line (see launch.Console).
+on ttyS0 with echo off.  The host then drives that shell line by line (see launch.SerialConsole).
 A modules.dep for the modules shipped lets `modprobe` load the others (gadget drivers) later.
 """
 from __future__ import annotations

@@ -31,7 +31,7 @@ MODULE_SUFFIXES = (".ko", ".ko.xz")
 def module_name(path: str) -> str:
     """Kernel module name of a file path: basename without suffix, dashes as underscores."""
     base = posixpath.basename(path)
-    for suffix in MODULE_SUFFIXES + (".ko.zst", ".ko.gz"):
+    for suffix in (*MODULE_SUFFIXES, ".ko.zst", ".ko.gz"):
         if base.endswith(suffix):
             base = base[: -len(suffix)]
             break
@@ -54,7 +54,8 @@ def parse_modules_dep(text: str) -> dict[str, tuple[str, list[str]]]:
 
 
 def format_modules_dep(modules: dict[str, tuple[str, list[str]]]) -> str:
-    """The inverse of parse_modules_dep: one `path: dep-path ...` line per module (all deps, as depmod)."""
+    """The inverse of parse_modules_dep: one `path: dep-path ...` line per module, listing all
+    its dependencies as depmod does."""
     lines = []
     for name in sorted(modules):
         path, _ = modules[name]
@@ -77,13 +78,13 @@ def load_order(wanted: list[str], modules: dict[str, tuple[str, list[str]]],
         if state.get(name) == "done" or name in builtin:
             return
         if state.get(name) == "visiting":
-            raise KitError(f"module dependency cycle: {' -> '.join(chain + (name,))}")
+            raise KitError(f"module dependency cycle: {' -> '.join((*chain, name))}")
         if name not in modules:
             raise KitError(f"kernel module {name} is neither a module nor built in"
                            + (f" (needed by {chain[-1]})" if chain else ""))
         state[name] = "visiting"
         for dep in modules[name][1]:
-            visit(dep, chain + (name,))
+            visit(dep, (*chain, name))
         state[name] = "done"
         order.append(name)
 
@@ -130,7 +131,7 @@ class Kernel:
             rel = member.name.removeprefix("./")
             if not rel.startswith(prefix) or rel[len(prefix):] not in paths:
                 continue
-            data = tar.extractfile(member).read()
+            data = debfile.read_member(tar, member)
             if rel.endswith(".xz"):
                 data = lzma.decompress(data)
             dest = self.module_file(rel[len(prefix):])
@@ -150,7 +151,7 @@ def _index_package(deb: Path, root: Path) -> str:
             continue
         if re.fullmatch(r"boot/vmlinuz-.*", rel):
             release = rel.removeprefix("boot/vmlinuz-")
-            with tar.extractfile(member) as src, open(root / "vmlinuz", "wb") as out:
+            with debfile.open_member(tar, member) as src, open(root / "vmlinuz", "wb") as out:
                 shutil.copyfileobj(src, out)
             continue
         match = re.fullmatch(r"lib/modules/([^/]+)/(.*)", rel)
@@ -158,11 +159,12 @@ def _index_package(deb: Path, root: Path) -> str:
             continue
         path = match.group(2)
         if path == "modules.builtin":
-            builtin = {module_name(line) for line in tar.extractfile(member).read().decode().split()}
+            names = debfile.read_member(tar, member).decode().split()
+            builtin = {module_name(name) for name in names}
         elif path == "modules.dep":
-            shipped_dep = tar.extractfile(member).read().decode()
+            shipped_dep = debfile.read_member(tar, member).decode()
         elif path.endswith(MODULE_SUFFIXES):
-            data = tar.extractfile(member).read()
+            data = debfile.read_member(tar, member)
             if path.endswith(".xz"):
                 data = lzma.decompress(data)
             depends = ",".join(modinfo(data).get("depends", []))

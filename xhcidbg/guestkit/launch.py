@@ -23,9 +23,10 @@ import signal
 import tempfile
 import time
 import weakref
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, TypeVar
 
 from .initramfs import MODULES_LOADED, READY_MARKER, ensure_initramfs
 from .kernel import ensure_kernel
@@ -43,6 +44,16 @@ BOOT_MILESTONES = [
 STDERR_KEEP = 16384
 TRANSCRIPT_KEEP = 1 << 20
 PR_SET_PDEATHSIG = 1
+
+# Set once QEMU has ended: its exit status and its stderr.
+Exited = asyncio.Future[tuple[int, str]]
+# A QMP message (command, reply or event): a JSON object.
+JsonObject = dict[str, Any]
+# One accepted connection from QEMU.
+Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+# Where progress lines go (the kit's `say`), if anywhere.
+Report = Callable[[str], None]
+_T = TypeVar("_T")
 
 
 class VmExited(RuntimeError):
@@ -85,17 +96,19 @@ def vfio_user_device(socket_path: str | Path, **properties: Any) -> str:
                        "socket": {"path": str(socket_path), "type": "unix"}, **properties})
 
 
-async def _exit_error(exited: asyncio.Future) -> VmExited:
+async def _exit_error(exited: Exited) -> VmExited:
     """The VmExited for a connection QEMU closed; waits briefly for its exit status."""
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(asyncio.shield(exited), 5)
-    return VmExited(*exited.result()) if exited.done() else VmExited(None, "connection to QEMU lost")
+    if exited.done():
+        return VmExited(*exited.result())
+    return VmExited(None, "connection to QEMU lost")
 
 
 class _Stream:
     """Bytes arriving from one connection, kept whole, with waiting for a pattern."""
 
-    def __init__(self, exited: asyncio.Future):
+    def __init__(self, exited: Exited):
         self.data = bytearray()
         self.closed = False
         self._changed = asyncio.Condition()
@@ -109,7 +122,8 @@ class _Stream:
                 self.closed = True
             self._changed.notify_all()
 
-    async def wait_for(self, pattern: re.Pattern[bytes], start: int, timeout: float) -> re.Match[bytes]:
+    async def wait_for(self, pattern: re.Pattern[bytes], start: int,
+                       timeout: float) -> re.Match[bytes]:
         """The first match of `pattern` at or after offset `start`, waiting up to `timeout` s."""
         deadline = time.monotonic() + timeout
         async with self._changed:
@@ -121,7 +135,8 @@ class _Stream:
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise CommandTimeout(f"no {pattern.pattern!r} on the console within {timeout:g} s")
+                    raise CommandTimeout(f"no {pattern.pattern!r} on the console"
+                                         f" within {timeout:g} s")
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), left)
         error = await _exit_error(self._exited)
@@ -129,7 +144,7 @@ class _Stream:
         raise VmExited(error.returncode, error.stderr, tail)
 
 
-class Console:
+class SerialConsole:
     """The guest shell on the serial port.
 
     Each command is sent as one shell input whose output is framed by a begin line and an end
@@ -139,8 +154,8 @@ class Console:
     """
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 exited: asyncio.Future, log: Path | None = None,
-                 progress: Callable[[str], None] | None = None):
+                 exited: Exited, log: Path | None = None,
+                 progress: Report | None = None):
         self._writer = writer
         self._exited = exited
         self._stream = _Stream(exited)
@@ -150,7 +165,8 @@ class Console:
         self._started = time.monotonic()
         self._progress = progress
         self.milestones: dict[str, float] = {}     # label -> seconds since start
-        self._log = open(log, "ab") if log else None
+        # Open for as long as the console is; close() closes it.
+        self._log = open(log, "ab") if log else None  # noqa: SIM115
         self._task = asyncio.create_task(self._pump(reader))
 
     async def _pump(self, reader: asyncio.StreamReader) -> None:
@@ -221,17 +237,19 @@ class Console:
                 # Ctrl-C ends the command's subshell, so the shell takes the next command.
                 await self.write("\x03")
                 tail = self._stream.data[-2048:].decode("utf-8", "replace").replace("\r\n", "\n")
-                raise CommandTimeout(f"guest command {command!r} did not finish within {timeout:g} s;"
-                                     f" the console ends:\n{tail}") from None
+                raise CommandTimeout(f"guest command {command!r} did not finish within"
+                                     f" {timeout:g} s; the console ends:\n{tail}") from None
             self._cursor = finish.end()
             output = bytes(self._stream.data[start.end():finish.start()])
             if len(self._stream.data) > TRANSCRIPT_KEEP:
                 # Consumed output goes (the log file, if any, keeps everything).
                 del self._stream.data[:self._cursor]
                 self._cursor = 0
-        result = CommandResult(int(finish.group(1)), output.decode("utf-8", "replace").replace("\r\n", "\n"))
+        text = output.decode("utf-8", "replace").replace("\r\n", "\n")
+        result = CommandResult(int(finish.group(1)), text)
         if check and not result.ok:
-            raise RuntimeError(f"guest command {command!r} failed with status {result.status}:\n{result.output}")
+            raise RuntimeError(f"guest command {command!r} failed with status {result.status}:\n"
+                               f"{result.output}")
         return result
 
     async def close(self) -> None:
@@ -246,15 +264,15 @@ class Qmp:
     """A minimal QMP client: commands matched to replies by id, events collected."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 exited: asyncio.Future):
+                 exited: Exited):
         self._reader = reader
         self._writer = writer
         self._exited = exited
-        self._replies: dict[int, asyncio.Future] = {}
+        self._replies: dict[int, asyncio.Future[JsonObject]] = {}
         self._ids = 0
-        self.events: list[dict] = []
+        self.events: list[JsonObject] = []
         self._event_added = asyncio.Event()
-        self._greeting: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._greeting: asyncio.Future[JsonObject] = asyncio.get_running_loop().create_future()
         self._task = asyncio.create_task(self._pump())
 
     async def _pump(self) -> None:
@@ -279,7 +297,7 @@ class Qmp:
                 if not future.done():
                     future.set_exception(error)
 
-    async def connect(self, timeout: float = 30.0) -> dict:
+    async def connect(self, timeout: float = 30.0) -> JsonObject:
         greeting = await asyncio.wait_for(self._greeting, timeout)
         await self.execute("qmp_capabilities")
         return greeting
@@ -289,7 +307,7 @@ class Qmp:
         self._ids += 1
         future = asyncio.get_running_loop().create_future()
         self._replies[self._ids] = future
-        message = {"execute": command, "id": self._ids}
+        message: JsonObject = {"execute": command, "id": self._ids}
         if arguments:
             message["arguments"] = arguments
         try:
@@ -305,7 +323,7 @@ class Qmp:
             raise QmpError(f"{command}: {reply['error'].get('desc', reply['error'])}")
         return reply.get("return")
 
-    async def wait_event(self, name: str, timeout: float = 30.0, start: int = 0) -> dict:
+    async def wait_event(self, name: str, timeout: float = 30.0, start: int = 0) -> JsonObject:
         """The first event called `name` at or after index `start` of `events`."""
         deadline = time.monotonic() + timeout
         while True:
@@ -321,8 +339,9 @@ class Qmp:
     async def cont(self) -> None:
         await self.execute("cont")
 
-    async def query_status(self) -> dict:
-        return await self.execute("query-status")
+    async def query_status(self) -> JsonObject:
+        status: JsonObject = await self.execute("query-status")
+        return status
 
     async def system_reset(self) -> None:
         await self.execute("system_reset")
@@ -391,17 +410,42 @@ class Vm:
     """One running QEMU guest; create with `await Vm.start(...)`."""
 
     def __init__(self) -> None:
-        self.process: asyncio.subprocess.Process | None = None
-        self.console: Console | None = None
-        self.qmp: Qmp | None = None
+        # Set while starting; read them through the properties of the same name once started.
+        self._process: asyncio.subprocess.Process | None = None
+        self._console: SerialConsole | None = None
+        self._qmp: Qmp | None = None
+        self._exited: Exited | None = None
         self.argv: list[str] = []
         self.workdir: Path | None = None
         self.stderr = bytearray()
-        self.exited: asyncio.Future | None = None     # (returncode, stderr) once QEMU ended
         self.on_exit: Callable[[int], None] | None = None
-        self._tasks: list[asyncio.Task] = []
-        self._reaper: weakref.finalize | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._reaper: weakref.finalize[..., Vm] | None = None
         self._stopping = False
+
+    @staticmethod
+    def _started(part: _T | None) -> _T:
+        if part is None:
+            raise RuntimeError("the VM is not started: use `await Vm.start(...)`")
+        return part
+
+    @property
+    def process(self) -> asyncio.subprocess.Process:
+        return self._started(self._process)
+
+    @property
+    def console(self) -> SerialConsole:
+        """The guest shell on the serial port."""
+        return self._started(self._console)
+
+    @property
+    def qmp(self) -> Qmp:
+        return self._started(self._qmp)
+
+    @property
+    def exited(self) -> Exited:
+        """Done once QEMU has ended, with its exit status and stderr."""
+        return self._started(self._exited)
 
     @classmethod
     async def start(cls, *, devices: Iterable[str] = (), extra_args: Iterable[str] = (),
@@ -409,7 +453,7 @@ class Vm:
                     qemu: QemuInstall | None = None, kernel: Path | None = None,
                     initrd: Path | None = None, log: Path | None = None,
                     wait_ready: bool = True, boot_timeout: float = 300.0,
-                    progress: bool = True, allow_reboot: bool = False) -> "Vm":
+                    progress: bool = True, allow_reboot: bool = False) -> Vm:
         """Start QEMU with the guest kernel and initramfs (fetched/built on first use).
 
         devices: `-device` values (e.g. from `vfio_user_device`); extra_args: more QEMU options;
@@ -417,9 +461,12 @@ class Vm:
         shell is up (boot under TCG takes several seconds); allow_reboot: a reset restarts the
         guest (then `await vm.console.wait_ready()` again) instead of ending QEMU.
         """
-        qemu = qemu or await asyncio.to_thread(ensure_qemu)
-        kernel = kernel or await asyncio.to_thread(ensure_kernel)
-        initrd = initrd or await asyncio.to_thread(ensure_initramfs)
+        if qemu is None:
+            qemu = await asyncio.to_thread(ensure_qemu)
+        if kernel is None:
+            kernel = await asyncio.to_thread(ensure_kernel)
+        if initrd is None:
+            initrd = await asyncio.to_thread(ensure_initramfs)
         vm = cls()
         vm.workdir = Path(tempfile.mkdtemp(prefix="xhcidbg-vm-"))
         report = say if progress else None
@@ -433,12 +480,15 @@ class Vm:
             raise
         return vm
 
-    async def _spawn(self, qemu, kernel, initrd, workdir, memory_mib, append, devices, extra_args,
-                     log, report, allow_reboot) -> None:
+    async def _spawn(self, qemu: QemuInstall, kernel: Path, initrd: Path, workdir: Path,
+                     memory_mib: int, append: str, devices: Iterable[str],
+                     extra_args: Iterable[str], log: Path | None, report: Report | None,
+                     allow_reboot: bool) -> None:
         loop = asyncio.get_running_loop()
-        accepted = {"serial": loop.create_future(), "qmp": loop.create_future()}
+        accepted: dict[str, asyncio.Future[Connection]] = {
+            "serial": loop.create_future(), "qmp": loop.create_future()}
 
-        def on_connect(name: str):
+        def on_connect(name: str) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], None]:
             def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
                 if accepted[name].done():
                     writer.close()
@@ -453,52 +503,55 @@ class Vm:
                                   qmp_socket=qmp_path, memory_mib=memory_mib, append=append,
                                   devices=devices, extra_args=extra_args, allow_reboot=allow_reboot)
         try:
-            self.process = await asyncio.create_subprocess_exec(
+            process = self._process = await asyncio.create_subprocess_exec(
                 *self.argv, env=qemu.environ(), stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                 preexec_fn=_die_with_parent(_libc_prctl(), os.getpid()))
-            self._reaper = weakref.finalize(self, _kill_if_running, self.process)
-            self.exited = loop.create_future()
-            self._tasks = [asyncio.create_task(self._watch(report)),
-                           asyncio.create_task(self._drain(self.process.stdout, report)),
-                           asyncio.create_task(self._drain(self.process.stderr, report))]
+            assert process.stdout is not None and process.stderr is not None     # both PIPE
+            self._reaper = weakref.finalize(self, _kill_if_running, process)
+            exited = self._exited = loop.create_future()
+            self._tasks = [asyncio.create_task(self._watch(process, exited, report)),
+                           asyncio.create_task(self._drain(process.stdout, report)),
+                           asyncio.create_task(self._drain(process.stderr, report))]
             waiting = asyncio.gather(accepted["serial"], accepted["qmp"])
-            done, _ = await asyncio.wait({waiting, self.exited}, timeout=60,
+            done, _ = await asyncio.wait({waiting, exited}, timeout=60,
                                          return_when=asyncio.FIRST_COMPLETED)
             if waiting not in done:
                 waiting.cancel()
-                if self.exited.done():
-                    raise VmExited(*self.exited.result())
+                if exited.done():
+                    raise VmExited(*exited.result())
                 raise TimeoutError("QEMU did not connect its serial and QMP sockets within 60 s")
         finally:
             for server in servers:
                 server.close()
         (serial_r, serial_w), (qmp_r, qmp_w) = waiting.result()
-        self.console = Console(serial_r, serial_w, self.exited, log, report)
-        self.qmp = Qmp(qmp_r, qmp_w, self.exited)
-        await self.qmp.connect()
+        self._console = SerialConsole(serial_r, serial_w, exited, log, report)
+        self._qmp = Qmp(qmp_r, qmp_w, exited)
+        await self._qmp.connect()
 
-    async def _drain(self, stream: asyncio.StreamReader, report) -> None:
+    async def _drain(self, stream: asyncio.StreamReader, report: Report | None) -> None:
         while line := await stream.readline():
             self.stderr += line
             del self.stderr[:-STDERR_KEEP]
             if report:
                 report(f"qemu: {line.decode(errors='replace').rstrip()}")
 
-    async def _watch(self, report) -> None:
-        code = await self.process.wait()
+    async def _watch(self, process: asyncio.subprocess.Process, exited: Exited,
+                     report: Report | None) -> None:
+        code = await process.wait()
         # Let the stderr reader collect QEMU's last words before anyone reports them.
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.gather(*self._tasks[1:]), 2)
-        self.exited.set_result((code, self.stderr.decode(errors="replace")))
+        exited.set_result((code, self.stderr.decode(errors="replace")))
         if not self._stopping and report:
-            report(f"QEMU exited with status {code}" if code == 0 else f"[yellow]QEMU exited with status {code}[/]")
+            report(f"QEMU exited with status {code}" if code == 0
+                   else f"[yellow]QEMU exited with status {code}[/]")
         if self.on_exit:
             self.on_exit(code)
 
     @property
     def returncode(self) -> int | None:
-        return self.process.returncode if self.process else None
+        return self._process.returncode if self._process else None
 
     async def wait_exit(self, timeout: float | None = None) -> int:
         code, _ = await asyncio.wait_for(asyncio.shield(self.exited), timeout)
@@ -507,19 +560,20 @@ class Vm:
     async def stop(self, timeout: float = 10.0) -> int | None:
         """Ask QEMU to quit (QMP), kill it if it does not, and clean up. Safe to call twice."""
         self._stopping = True
-        if self.process and self.process.returncode is None:
-            if self.qmp:
+        process = self._process
+        if process and process.returncode is None:
+            if self._qmp:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self.qmp.quit(), min(timeout, 5))
+                    await asyncio.wait_for(self._qmp.quit(), min(timeout, 5))
             try:
-                await asyncio.wait_for(self.process.wait(), timeout)
-            except asyncio.TimeoutError:
-                self.process.kill()
-                await self.process.wait()
+                await asyncio.wait_for(process.wait(), timeout)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
         for task in self._tasks:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(task, 5)
-        for part in (self.console, self.qmp):
+        for part in (self._console, self._qmp):
             if part:
                 await part.close()
         if self._reaper:
@@ -529,8 +583,8 @@ class Vm:
             self.workdir = None
         return self.returncode
 
-    async def __aenter__(self) -> "Vm":
+    async def __aenter__(self) -> Vm:
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.stop()

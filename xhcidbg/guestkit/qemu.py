@@ -18,6 +18,8 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from debian.debian_support import Version
+
 from . import debfile
 from .archive import Archive, Package
 from .cache import QEMU_SUITES, cache_dir, cache_lock, qemu_archive
@@ -179,7 +181,8 @@ class PrefixBuilder:
                 if name in self.unpacked:
                     self.follow(name)
                 else:
-                    raise KitError(f"{', '.join(sorted(missing))} needed by a file of unknown origin")
+                    raise KitError(f"{', '.join(sorted(missing))} needed by a file"
+                                   " of unknown origin")
 
 
 def _prefix_dir() -> Path:
@@ -198,13 +201,15 @@ def installed_private_qemu() -> QemuInstall | None:
 
 def build_private_qemu(archive: Archive | None = None) -> QemuInstall:
     if platform.machine() != "x86_64":
-        raise KitError(f"the private QEMU is Debian's amd64 build; this machine is {platform.machine()}:"
-                       f" install a QEMU >= 10.1 with vfio-user-pci or set {QEMU_ENV}")
+        raise KitError(f"the private QEMU is Debian's amd64 build; this machine is"
+                       f" {platform.machine()}: install a QEMU >= 10.1 with vfio-user-pci"
+                       f" or set {QEMU_ENV}")
     archive = archive or qemu_archive()
     root = archive.get(QEMU_PACKAGE)
-    upstream = re.match(r"(?:\d+:)?(\d+)\.(\d+)", root.version)
+    upstream = re.match(r"(\d+)\.(\d+)", Version(root.version).upstream_version or "")
     if not upstream or (int(upstream.group(1)), int(upstream.group(2))) < MIN_VERSION:
-        raise KitError(f"the mirror's newest {QEMU_PACKAGE} is {root.version}; vfio-user needs >= 10.1")
+        raise KitError(f"the mirror's newest {QEMU_PACKAGE} is {root.version};"
+                       " vfio-user needs >= 10.1")
     prefix = _prefix_dir()
     building = prefix.with_name("qemu.building")
     shutil.rmtree(building, ignore_errors=True)
@@ -225,12 +230,14 @@ def build_private_qemu(archive: Archive | None = None) -> QemuInstall:
     (building / STAMP).write_text(json.dumps(stamp, indent=1))
     shutil.rmtree(prefix, ignore_errors=True)
     building.rename(prefix)
-    say(f"QEMU {found[0]} ready: {len(builder.unpacked)} packages, {human_size(total)} of .deb files")
+    say(f"QEMU {found[0]} ready: {len(builder.unpacked)} packages,"
+        f" {human_size(total)} of .deb files")
     return _private_install(prefix, found[0])
 
 
 def ensure_qemu() -> QemuInstall:
-    """A QEMU >= 10.1 with vfio-user-pci: the system's, the cached private one, or a new private one."""
+    """A QEMU >= 10.1 with vfio-user-pci: the system's, the cached private one, or a new
+    private one."""
     found = find_system_qemu() or installed_private_qemu()
     if found:
         return found

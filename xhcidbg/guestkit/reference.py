@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .launch import Console, Vm
+from .launch import SerialConsole, Vm
 
 DISK_ID = "usbdisk"
 
@@ -37,23 +37,27 @@ def make_disk(path: Path, mib: int) -> Path:
 ENUMERATED = ("i=0; while [ $i -lt {tries} ]; do"
               " grep -q 'Bus=0003' /proc/bus/input/devices && [ -b {disk} ] && break;"
               " usleep 20000; i=$((i+1)); done;"
-              " grep -q 'Bus=0003' /proc/bus/input/devices && [ -b {disk} ] && cut -d' ' -f1 /proc/uptime")
+              " grep -q 'Bus=0003' /proc/bus/input/devices && [ -b {disk} ]"
+              " && cut -d' ' -f1 /proc/uptime")
 
 
-async def wait_enumerated(console: Console, disk: str = "/dev/sda", timeout: float = 120.0) -> float:
+async def wait_enumerated(console: SerialConsole, disk: str = "/dev/sda",
+                          timeout: float = 120.0) -> float:
     """Wait until a USB input device and `disk` exist; the guest's uptime (s) at that moment."""
-    result = await console.run(ENUMERATED.format(tries=int(timeout / 0.02), disk=disk), timeout + 30)
+    poll = ENUMERATED.format(tries=int(timeout / 0.02), disk=disk)
+    result = await console.run(poll, timeout + 30)
     if not result.ok:
         raise TimeoutError(f"USB devices not enumerated within {timeout:g} s of guest time")
     return float(result.output.split()[0])
 
 
 # Kernel log lines that mark the last step of enumerating each device.
-ENUMERATED_LOG = re.compile(r"^\[\s*([\d.]+)\] (?:input: .* as /devices/\S*/usb\d|sd \S+ \[sd\w+\] Attached SCSI)",
+ENUMERATED_LOG = re.compile(r"^\[\s*([\d.]+)\] "
+                            r"(?:input: .* as /devices/\S*/usb\d|sd \S+ \[sd\w+\] Attached SCSI)",
                             re.M)
 
 
-async def enumerated_at(console: Console) -> float | None:
+async def enumerated_at(console: SerialConsole) -> float | None:
     """Guest time (s) of the last USB input/disk attach in the kernel log: when enumeration
     really ended, independent of when anyone looked."""
     log = (await console.run("dmesg")).output
@@ -71,7 +75,7 @@ class ReadSpeed:
         return self.bytes / self.seconds / 1e6
 
 
-async def read_speed(console: Console, disk: str = "/dev/sda", mib: int = 256) -> ReadSpeed:
+async def read_speed(console: SerialConsole, disk: str = "/dev/sda", mib: int = 256) -> ReadSpeed:
     """dd `mib` MiB from `disk` with O_DIRECT (no guest page cache), timed by the guest's clock."""
     # busybox dd here prints no timing line and date has no %N: /proc/uptime has 10 ms steps.
     result = await console.run(
@@ -103,7 +107,8 @@ class Figures:
                    if self.enumerated_log_s is not None else ""),
                 f"dd {self.read.bytes >> 20} MiB O_DIRECT:  {self.read.seconds:6.2f} s,"
                 f" {self.read.mb_per_s:.0f} MB/s",
-                f"whole run:           {self.total_wall_s:6.2f} s wall (boot, enumerate, read, poweroff)"]
+                f"whole run:           {self.total_wall_s:6.2f} s wall"
+                " (boot, enumerate, read, poweroff)"]
 
 
 async def measure(read_mib: int = 256, progress: bool = True) -> Figures:

@@ -7,21 +7,30 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                           TransferSpeedColumn)
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 console = Console(stderr=True, highlight=False)
 
 
 class KitError(RuntimeError):
-    """A problem the user must fix (offline, missing tool, bad configuration): the message says what."""
+    """A problem the user must fix (offline, missing tool, bad configuration): the message says
+    what."""
 
 
 class OfflineError(KitError):
-    """Something the kit needs is neither cached nor downloadable (no network, mirror unreachable)."""
+    """Something the kit needs is neither cached nor downloadable (no network, mirror
+    unreachable)."""
 
 
 def say(text: str) -> None:
@@ -29,23 +38,24 @@ def say(text: str) -> None:
 
 
 def human_size(n: int) -> str:
+    size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
     raise AssertionError
 
 
 class Transfer:
     """Progress of one download; `advance` takes the bytes just received."""
 
-    def __init__(self, progress: Progress | None, task: int | None):
-        self._progress = progress
-        self._task = task
+    def __init__(self, bar: tuple[Progress, TaskID] | None):
+        self._bar = bar         # None: no terminal to draw on
 
     def advance(self, n: int) -> None:
-        if self._progress is not None:
-            self._progress.advance(self._task, n)
+        if self._bar is not None:
+            progress, task = self._bar
+            progress.advance(task, n)
 
 
 @contextlib.contextmanager
@@ -54,8 +64,8 @@ def transfer(label: str, total: int | None) -> Iterator[Transfer]:
         columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                    TransferSpeedColumn(), TimeRemainingColumn())
         with Progress(*columns, console=console, transient=False) as progress:
-            yield Transfer(progress, progress.add_task(label, total=total))
+            yield Transfer((progress, progress.add_task(label, total=total)))
     else:
         size = f" ({human_size(total)})" if total else ""
         print(f"guestkit: downloading {label}{size}", file=sys.stderr, flush=True)
-        yield Transfer(None, None)
+        yield Transfer(None)

@@ -1,9 +1,10 @@
 """Find the Debian mirror this machine already uses, from its own apt configuration.
 
 Both formats apt reads are understood: one-line `deb [options] URI suite components...` entries in
-`*.list` files and deb822 stanzas in `*.sources` files.  The mirror we want is the one serving
-Debian's `main` component for the machine's own release (its codename from /etc/os-release), so a
-third-party repository that also calls its component "main" is not taken by mistake.
+`*.list` files, and deb822 stanzas in `*.sources` files (read with python-debian).  The mirror we
+want is the one serving Debian's `main` component for the machine's own release (its codename
+from /etc/os-release), so a third-party repository that also calls its component "main" is not
+taken by mistake.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from debian.deb822 import Deb822
 
 from .report import KitError
 
@@ -58,21 +61,8 @@ def parse_one_line(text: str, origin: str = "") -> list[AptSource]:
 def parse_deb822(text: str, origin: str = "") -> list[AptSource]:
     """Stanzas of a deb822 style `.sources` file (continuation lines, comments, Enabled: no)."""
     sources = []
-    for stanza in re.split(r"\n[ \t]*\n", text):
-        fields: dict[str, str] = {}
-        key = None
-        for raw in stanza.splitlines():
-            if raw.startswith("#") or not raw.strip():
-                continue
-            if raw[0] in " \t" and key is not None:
-                fields[key] += "\n" + raw.strip()
-                continue
-            key, sep, value = raw.partition(":")
-            if not sep:
-                key = None
-                continue
-            key = key.strip().lower()
-            fields[key] = value.strip()
+    for stanza in Deb822.iter_paragraphs(text.splitlines()):
+        fields = {key.lower(): value.strip() for key, value in stanza.items()}
         if not fields.get("uris") or fields.get("enabled", "yes").lower() == "no":
             continue
         options = {k: v for k, v in fields.items()
@@ -147,5 +137,6 @@ def find_debian_mirror(etc_apt: Path = Path("/etc/apt"),
     # release's key, and the private QEMU comes from a newer release.
     keyring = DEFAULT_KEYRING
     if not keyring.is_file():
-        raise KitError(f"Debian's archive keyring {keyring} is missing: install debian-archive-keyring")
+        raise KitError(f"Debian's archive keyring {keyring} is missing:"
+                       " install debian-archive-keyring")
     return DebianMirror(uri, keyring, codename)

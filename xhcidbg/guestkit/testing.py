@@ -12,8 +12,9 @@ from .qemu import QemuInstall
 from .report import OfflineError
 
 
-def guest_kit() -> tuple[QemuInstall, "os.PathLike[str]", "os.PathLike[str]"]:
-    """(QEMU, kernel, initramfs), fetching what is not cached; pytest.skip if offline (not in CI)."""
+def guest_kit() -> tuple[QemuInstall, os.PathLike[str], os.PathLike[str]]:
+    """(QEMU, kernel, initramfs), fetching what is not cached; pytest.skip if offline (not in
+    CI)."""
     try:
         return ensure_qemu(), ensure_kernel(), ensure_initramfs()
     except OfflineError as e:
