@@ -19,7 +19,8 @@ async def run(runs: int) -> None:
     if runs > 1:
         def med(values):
             return statistics.median(values)
-        print(f"median of {runs}: enumerated {med([f.enumerated_wall_s for f in results]):.2f} s wall,"
+        print(f"median of {runs}:"
+              f" enumerated {med([f.enumerated_wall_s for f in results]):.2f} s wall,"
               f" {med([f.enumerated_guest_s for f in results]):.2f} s guest"
               f" (kernel log {med([f.enumerated_log_s or 0 for f in results]):.2f} s);"
               f" read {med([f.read.mb_per_s for f in results]):.0f} MB/s;"

@@ -31,13 +31,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import bench._report as _report  # noqa: E402
-from xhcidbg.devices import StorageDevice, Tablet  # noqa: E402
-from xhcidbg.guestkit import ensure_initramfs, ensure_kernel, ensure_qemu  # noqa: E402
-from xhcidbg.guestkit.launch import Vm  # noqa: E402
-from xhcidbg.guestkit.reference import (make_disk, qemu_xhci_args, read_speed,  # noqa: E402
-                                        wait_enumerated)
-from xhcidbg.vm import Backend  # noqa: E402
+import bench._report as _report
+from xhcidbg.devices import StorageDevice, Tablet
+from xhcidbg.guestkit import ensure_initramfs, ensure_kernel, ensure_qemu
+from xhcidbg.guestkit.launch import Vm
+from xhcidbg.guestkit.reference import make_disk, qemu_xhci_args, read_speed, wait_enumerated
+from xhcidbg.vm import Backend
 
 READ_MIB = 256
 HZ = os.sysconf("SC_CLK_TCK")
@@ -105,7 +104,7 @@ async def measure_xhcidbg(kit, profile: bool) -> dict:
             out["python cpu during dd"] = (own_cpu_seconds() - cpu_py) / wall
             out["qemu cpu during dd"] = (cpu_seconds_of(vm.process.pid) - cpu_qemu) / wall
             out["bar0 reads/writes during dd"] = [
-                len(d) - b for d, b in zip(server._hot_ns, hot_before)]
+                len(d) - b for d, b in zip(server._hot_ns, hot_before, strict=True)]
 
             # One guest MMIO read round trip: the debugfs register dump reads back to back.
             await vm.console.run("mount -t debugfs none /sys/kernel/debug")

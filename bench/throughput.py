@@ -18,11 +18,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._report import report  # noqa: E402
-from xhcidbg.devices.base import Speed  # noqa: E402
-from xhcidbg.devices.loopback import LoopbackDevice  # noqa: E402
-from xhcidbg.guest.driver import XhciDriver  # noqa: E402
-from xhcidbg.transport.inproc import InProcessBus  # noqa: E402
+from bench._report import report
+from xhcidbg.devices.base import Speed
+from xhcidbg.devices.loopback import LoopbackDevice
+from xhcidbg.guest.driver import XhciDriver
+from xhcidbg.transport.inproc import InProcessBus
 
 
 def setup(ring_trbs: int):

@@ -7,8 +7,9 @@ The scripted guest moves N bulk OUT + N bulk IN transfers to a loopback device (
 the in-process bus; the same run is timed without a tracer, with usbmon records only
 (kind=urb), with everything traced (every TRB, event, MMIO access, interrupt and usbmon
 record: twelve records per transfer pair), and with an observer that does nothing on those
-same twelve announcements (the floor: what announcing alone costs, which no tracer avoids).  The modes take turns R times and each keeps its
-best run, so a busy machine disturbs the figures less.  "us per record" is what one record
+same twelve announcements (the floor: what announcing alone costs, which no tracer avoids).
+The modes take turns R times and each keeps its best run, so a busy machine disturbs the
+figures less.  "us per record" is what one record
 adds to the untraced run.  The saved reference (bench/reference/trace_overhead.json) is the
 tracer before its hot path was reworked: the ratios printed are after/before.
 """
@@ -24,11 +25,11 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from bench._report import report                             # noqa: E402
-from xhcidbg.devices.loopback import LoopbackDevice          # noqa: E402
-from xhcidbg.guest.driver import XhciDriver                  # noqa: E402
-from xhcidbg.trace.tracer import Tracer                      # noqa: E402
-from xhcidbg.transport.inproc import InProcessBus            # noqa: E402
+from bench._report import report
+from xhcidbg.devices.loopback import LoopbackDevice
+from xhcidbg.guest.driver import XhciDriver
+from xhcidbg.trace.tracer import Tracer
+from xhcidbg.transport.inproc import InProcessBus
 
 MODES = {"off": None, "usbmon": "kind=urb", "everything": "", "no-op observer": "noop"}
 

@@ -5,7 +5,8 @@ import pytest
 from xhcidbg.devices.keyboard import Keyboard
 from xhcidbg.devices.tablet import Tablet
 from xhcidbg.emu.context import EP_CTX, INPUT_CTRL_CTX, SLOT_CTX, EpState, SlotState
-from xhcidbg.emu.trb import CC, TrbType as T
+from xhcidbg.emu.trb import CC
+from xhcidbg.emu.trb import TrbType as T
 from xhcidbg.guest.device import Device
 
 
@@ -82,7 +83,7 @@ def test_address_device_on_port_without_device(drv, tablet):
 
 def test_configure_deconfigure_and_state_errors(dev, drv):
     assert dev.slot_context()["slot_state"] == SlotState.CONFIGURED
-    in_ep = [d for d in dev.endpoints if d != 1][0]
+    in_ep = next(d for d in dev.endpoints if d != 1)
     assert dev.ep_context(in_ep)["ep_state"] == EpState.RUNNING
     dev.deconfigure()
     assert dev.slot_context()["slot_state"] == SlotState.ADDRESSED
@@ -98,7 +99,8 @@ def test_configure_endpoint_parameter_errors(dev, drv):
     inp.write_dwords(0, INPUT_CTRL_CTX.encode(add=1 << 3))
     inp.write_dwords(4 * csz, EP_CTX.encode(ep_type=0))                   # type not valid
     assert drv.configure_endpoint(dev.slot, inp.addr).cc == CC.PARAMETER_ERROR
-    inp.write_dwords(4 * csz, EP_CTX.encode(ep_type=2, max_packet=64, dequeue=0x100))  # OUT on IN DCI
+    # OUT on IN DCI
+    inp.write_dwords(4 * csz, EP_CTX.encode(ep_type=2, max_packet=64, dequeue=0x100))
     assert drv.configure_endpoint(dev.slot, inp.addr).cc == CC.PARAMETER_ERROR
     inp.write_dwords(4 * csz, EP_CTX.encode(ep_type=6, max_packet=512, max_pstreams=4,
                                             dequeue=0x100))

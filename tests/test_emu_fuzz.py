@@ -5,7 +5,8 @@ boundary; they must stay 0), nothing may hang, and every MMIO write does bounded
 """
 import struct
 
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from xhcidbg.emu import regs as R
 from xhcidbg.emu.gate import UNITS_PER_TURN

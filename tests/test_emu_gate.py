@@ -1,7 +1,8 @@
 """The execution gate: pause, step one TRB / TD / command, resume; MMIO answered throughout."""
 from xhcidbg.devices.base import Speed
 from xhcidbg.devices.loopback import LoopbackDevice
-from xhcidbg.emu.trb import CC, Trb, TrbType as T
+from xhcidbg.emu.trb import CC, Trb
+from xhcidbg.emu.trb import TrbType as T
 from xhcidbg.guest.device import Device
 
 

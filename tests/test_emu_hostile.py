@@ -4,14 +4,15 @@ internal error escaped (the `drv` fixture asserts that at teardown)."""
 import struct
 
 import pytest
+from conftest import raw
 
 from xhcidbg.devices.base import Speed
 from xhcidbg.devices.loopback import LoopbackDevice
-from conftest import raw
-from xhcidbg.guest.device import Device
 from xhcidbg.emu import regs as R
 from xhcidbg.emu.context import EpState
-from xhcidbg.emu.trb import CC, Trb, TrbType as T
+from xhcidbg.emu.trb import CC, Trb
+from xhcidbg.emu.trb import TrbType as T
+from xhcidbg.guest.device import Device
 from xhcidbg.guest.driver import XhciDriver
 from xhcidbg.guest.errors import ControllerError, XhciTimeout
 

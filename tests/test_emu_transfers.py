@@ -1,7 +1,8 @@
 """Transfer TRB types through the controller, queued raw on a loopback device's ring."""
 from conftest import raw
 
-from xhcidbg.emu.trb import CC, TrbType as T
+from xhcidbg.emu.trb import CC
+from xhcidbg.emu.trb import TrbType as T
 
 NORMAL = T.NORMAL << 10
 IOC = 1 << 5
