@@ -21,7 +21,8 @@ from xhcidbg.vfio_user import VfioUserServer
 from xhcidbg.vfio_user.client import Client, VfuError
 from xhcidbg.vfio_user.protocol import (
     DEVICE_INFO, DMA_MAP, DMA_UNMAP, HEADER, IRQ_INFO, IRQ_SET, REGION_ACCESS, REGION_INFO,
-    WRITE_MULTI, WRITE_ONE, Command, HeaderFlags, IrqSetFlags, PciIrq, PciRegion, RegionFlags,
+    WRITE_MULTI, WRITE_ONE, Command, DeviceInfo, DmaUnmap, HeaderFlags, IrqSetFlags, PciIrq,
+    PciRegion, RegionFlags, RegionInfo,
 )
 
 INTERRUPTERS = 8
@@ -169,7 +170,7 @@ def test_commands_before_version_are_refused(served):
 
 def test_device_info(client):
     body = client.call(Command.DEVICE_GET_INFO, DEVICE_INFO.pack_values(16, 0, 0, 0))
-    assert DEVICE_INFO.unpack(body) == (16, 3, 9, 5)
+    assert DEVICE_INFO.unpack(body) == DeviceInfo(16, 3, 9, 5)
 
 
 def test_region_info(client):
@@ -178,9 +179,9 @@ def test_region_info(client):
             Command.DEVICE_GET_REGION_INFO, REGION_INFO.pack_values(32, 0, i, 0, 0, 0)))
 
     rw = RegionFlags.READ | RegionFlags.WRITE
-    assert info(0) == (32, rw, 0, 0, 0x10000, 0)
-    assert info(2) == (32, rw, 2, 0, 0x2000, 0)
-    assert info(7) == (32, rw, 7, 0, 256, 0)
+    assert info(0) == RegionInfo(32, rw, 0, 0, 0x10000, 0)
+    assert info(2) == RegionInfo(32, rw, 2, 0, 0x2000, 0)
+    assert info(7) == RegionInfo(32, rw, 7, 0, 256, 0)
     for unused in (1, 3, 4, 5, 6, 8):
         assert info(unused).size == 0 and info(unused).flags == 0
     with pytest.raises(VfuError):
@@ -346,7 +347,7 @@ def test_dma_map_shares_guest_memory(served, client):
     with pytest.raises(DmaError):
         served.call(mem.read, 0x10FFFE, 4)                 # runs off the end of the mapping
     body = client.call(Command.DMA_UNMAP, DMA_UNMAP.pack_values(24, 0, 0x100000, 0x10000))
-    assert DMA_UNMAP.unpack(body) == (24, 0, 0x100000, 0x10000)
+    assert DMA_UNMAP.unpack(body) == DmaUnmap(24, 0, 0x100000, 0x10000)
     assert served.device.mem.regions == [] and served.server.dma.open_mmaps == 0
     with pytest.raises(DmaError):
         served.call(mem.read, 0x100000, 4)
