@@ -1,7 +1,8 @@
 """vfio-user server protocol tests: a real client over a real UNIX socket with SCM_RIGHTS.
 
-The device behind the server here is a plain 64 KiB register file (the server does not care what
-the BAR holds); the xHCI controller itself is served to a real QEMU in test_vfu_qemu.py.
+The controller behind the server here has its registers replaced by a plain 64 KiB register file
+(the server does not care what BAR0 holds), so BAR tests see exactly what they wrote; the xHCI
+controller itself is served to a real QEMU in test_vfu_qemu.py.
 """
 from __future__ import annotations
 
@@ -15,28 +16,43 @@ import time
 
 import pytest
 
-from xhcidbg.emu.memory import DmaError, GuestMemory
+from xhcidbg.emu.controller import XhciController
+from xhcidbg.emu.memory import DmaError
 from xhcidbg.emu.timing import Scheduler
-from xhcidbg.vfio_user import VfioUserServer
+from xhcidbg.vfio_user import VfioUserServer, framing
 from xhcidbg.vfio_user.client import Client, VfuError
 from xhcidbg.vfio_user.protocol import (
-    DEVICE_INFO, DMA_MAP, DMA_UNMAP, HEADER, IRQ_INFO, IRQ_SET, REGION_ACCESS, REGION_INFO,
-    WRITE_MULTI, WRITE_ONE, Command, HeaderFlags, IrqSetFlags, PciIrq, PciRegion, RegionFlags,
+    DEVICE_INFO,
+    DMA_MAP,
+    DMA_UNMAP,
+    HEADER,
+    IRQ_INFO,
+    IRQ_SET,
+    REGION_ACCESS,
+    REGION_INFO,
+    VERSION,
+    WRITE_MULTI,
+    WRITE_ONE,
+    Command,
+    DeviceInfo,
+    DmaUnmap,
+    HeaderFlags,
+    IrqSetFlags,
+    PciIrq,
+    PciRegion,
+    RegionFlags,
+    RegionInfo,
 )
 
 INTERRUPTERS = 8
 
 
-class RegisterFile:
-    """A BAR of plain read/write bytes, with the attributes the server uses."""
-    bar_size = 0x10000
-    interrupters = INTERRUPTERS
+class RegisterFile(XhciController):
+    """A controller whose BAR0 is plain read/write bytes, logging every access."""
 
     def __init__(self):
+        super().__init__(interrupters=INTERRUPTERS, scheduler=Scheduler())
         self.regs = bytearray(self.bar_size)
-        self.mem = GuestMemory()
-        self.irq = None
-        self.scheduler = Scheduler()
         self.resets = 0
         self.accesses: list[tuple] = []
 
@@ -169,7 +185,7 @@ def test_commands_before_version_are_refused(served):
 
 def test_device_info(client):
     body = client.call(Command.DEVICE_GET_INFO, DEVICE_INFO.pack_values(16, 0, 0, 0))
-    assert DEVICE_INFO.unpack(body) == (16, 3, 9, 5)
+    assert DEVICE_INFO.unpack(body) == DeviceInfo(16, 3, 9, 5)
 
 
 def test_region_info(client):
@@ -178,9 +194,9 @@ def test_region_info(client):
             Command.DEVICE_GET_REGION_INFO, REGION_INFO.pack_values(32, 0, i, 0, 0, 0)))
 
     rw = RegionFlags.READ | RegionFlags.WRITE
-    assert info(0) == (32, rw, 0, 0, 0x10000, 0)
-    assert info(2) == (32, rw, 2, 0, 0x2000, 0)
-    assert info(7) == (32, rw, 7, 0, 256, 0)
+    assert info(0) == RegionInfo(32, rw, 0, 0, 0x10000, 0)
+    assert info(2) == RegionInfo(32, rw, 2, 0, 0x2000, 0)
+    assert info(7) == RegionInfo(32, rw, 7, 0, 256, 0)
     for unused in (1, 3, 4, 5, 6, 8):
         assert info(unused).size == 0 and info(unused).flags == 0
     with pytest.raises(VfuError):
@@ -346,7 +362,7 @@ def test_dma_map_shares_guest_memory(served, client):
     with pytest.raises(DmaError):
         served.call(mem.read, 0x10FFFE, 4)                 # runs off the end of the mapping
     body = client.call(Command.DMA_UNMAP, DMA_UNMAP.pack_values(24, 0, 0x100000, 0x10000))
-    assert DMA_UNMAP.unpack(body) == (24, 0, 0x100000, 0x10000)
+    assert DMA_UNMAP.unpack(body) == DmaUnmap(24, 0, 0x100000, 0x10000)
     assert served.device.mem.regions == [] and served.server.dma.open_mmaps == 0
     with pytest.raises(DmaError):
         served.call(mem.read, 0x100000, 4)
@@ -389,7 +405,7 @@ def test_dma_unmap_all(served, client):
     os.close(fd)
 
 
-# ---- interrupts -----------------------------------------------------------------------------------
+# ---- interrupts ----------------------------------------------------------------------------------
 def eventfds(n):
     return [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(n)]
 
@@ -521,7 +537,7 @@ def test_unexpected_fds_are_closed_and_refused(served, client):
     os.close(fd)
 
 
-# ---- sessions ----------------------------------------------------------------------------------------
+# ---- sessions ------------------------------------------------------------------------------------
 def test_disconnect_releases_everything_and_a_new_client_can_connect(served):
     baseline = open_fds()
     c = Client(served.server.socket_path)
@@ -531,7 +547,7 @@ def test_disconnect_releases_everything_and_a_new_client_can_connect(served):
     fds = eventfds(INTERRUPTERS)
     set_irqs(c, PciIrq.MSIX, 0, INTERRUPTERS, EVENTFD_TRIGGER, fds)
     c.close()
-    for fd in fds + [ram]:
+    for fd in [*fds, ram]:
         os.close(fd)
     assert wait_for(lambda: served.disconnects == 1)
     assert served.server.last_disconnect_reason == "client closed the connection"
@@ -551,8 +567,7 @@ def test_oversized_message_ends_the_session(served, client):
 
 
 def test_client_that_never_reads_replies_is_cut_off(served, client, monkeypatch):
-    from xhcidbg.vfio_user import server as server_module
-    monkeypatch.setattr(server_module, "MAX_QUEUED_REPLIES", 1 << 20)
+    monkeypatch.setattr(framing, "MAX_QUEUED_REPLIES", 1 << 20)
     client.sock.settimeout(None)
     try:
         for _ in range(200):
@@ -575,7 +590,6 @@ def test_too_many_fds_end_the_session_and_are_closed(served, client):
 
 
 def test_version_with_other_major_ends_the_session(served):
-    from xhcidbg.vfio_user.protocol import VERSION
     c = Client(served.server.socket_path)
     c.send(Command.VERSION, VERSION.pack_values(1, 0) + b"{}\0")
     assert wait_for(lambda: served.disconnects == 1)
@@ -584,7 +598,6 @@ def test_version_with_other_major_ends_the_session(served):
 
 
 def test_version_with_unreadable_capabilities_uses_defaults(served):
-    from xhcidbg.vfio_user.protocol import VERSION
     c = Client(served.server.socket_path)
     body = c.call(Command.VERSION, VERSION.pack_values(0, 3) + b"{not json\0")
     assert VERSION.unpack_from(body) == (0, 0)             # minor: at most what was proposed
@@ -636,7 +649,7 @@ def test_fds_follow_their_message_in_a_batch(served, client):
     os.close(fd)
 
 
-# ---- measurements --------------------------------------------------------------------------------------
+# ---- measurements --------------------------------------------------------------------------------
 def test_measure_region_read_round_trip(served, client, capsys):
     n = 2000
     msg = REGION_ACCESS.pack_values(0x20, 0, 4)
@@ -644,7 +657,7 @@ def test_measure_region_read_round_trip(served, client, capsys):
     for _ in range(n):
         client.call(Command.REGION_READ, msg)
     rtt_us = (time.perf_counter_ns() - t0) / n / 1000
-    summary = served.server.timing_summary()["BAR0_READ"]
+    summary = served.server.stats.summary()["BAR0_READ"]
     with capsys.disabled():
         print(f"\nvfio-user REGION_READ from a Python client: {rtt_us:.1f} us per round trip; "
               f"server handling median {summary['median_us']:.1f} us, "

@@ -16,10 +16,10 @@ import pytest
 from xhcidbg.devices.tablet import Tablet
 from xhcidbg.emu.controller import XhciController
 from xhcidbg.emu.timing import Scheduler
-from xhcidbg.vfio_user import VfioUserServer
-
 from xhcidbg.guestkit import launch
 from xhcidbg.guestkit.testing import guest_kit as fetch_guest_kit
+from xhcidbg.vfio_user import VfioUserServer
+from xhcidbg.vfio_user.protocol import Command
 
 # The function as the guest finds it by class code (the PCI address depends on the machine).
 FIND_FUNCTION = "d=$(grep -l 0x0c0330 /sys/bus/pci/devices/*/class | head -1); d=${d%/class}"
@@ -113,10 +113,10 @@ def test_linux_binds_xhci_hcd_with_msix(tmp_path, guest_kit, capsys):
         out = await inspect(vm, server)
         # Back-to-back register reads: the driver's debugfs register dump reads them in a row.
         await vm.console.run("mount -t debugfs none /sys/kernel/debug")
-        before = len(server.bar0_read_arrivals)
+        before = len(server.stats.bar0_read_arrivals)
         r = await vm.console.run("for i in 1 2 3 4 5 6 7 8 9 10; do "
                                  "cat /sys/kernel/debug/usb/xhci/*/reg-op >/dev/null; done")
-        out["gaps"] = server.read_round_trips(before)
+        out["gaps"] = server.stats.read_round_trips(before)
         out["debugfs"] = r
         return out
 
@@ -125,7 +125,7 @@ def test_linux_binds_xhci_hcd_with_msix(tmp_path, guest_kit, capsys):
     assert out["msi"].split() == ["msix"]
     check_session_released(server)
     assert out["debugfs"].ok and len(out["gaps"]) > 50
-    summary = server.timing_summary()
+    summary = server.stats.summary()
     with capsys.disabled():
         print(f"\nguest BAR0 read, back to back: median "
               f"{statistics.median(out['gaps']) / 1000:.1f} us over {len(out['gaps'])} reads; "
@@ -154,11 +154,11 @@ def test_guest_reset_rebinds_and_nothing_leaks(tmp_path, guest_kit):
 
     async def script(vm, server):
         first = await inspect(vm, server)
-        resets = server.counts.get(13, 0)                  # DEVICE_RESET
+        resets = server.stats.counts.get(Command.DEVICE_RESET, 0)
         await vm.qmp.system_reset()
         await vm.console.wait_ready()
         second = await inspect(vm, server)
-        return first, second, server.counts.get(13, 0) - resets
+        return first, second, server.stats.counts.get(Command.DEVICE_RESET, 0) - resets
 
     # the guest kit runs QEMU with -no-reboot; a reset must reset here, not end QEMU
     (first, second, resets), server = run_guest(tmp_path, guest_kit, script,

@@ -9,8 +9,20 @@ from __future__ import annotations
 import array
 import json
 import socket
+from collections.abc import Sequence
+from typing import Any
 
-from .protocol import HEADER, VERSION, Command, HeaderFlags
+from .protocol import (
+    HEADER,
+    MAX_DATA_XFER,
+    MAX_DMA_MAPS,
+    MAX_MSG_FDS,
+    PAGE_SIZES,
+    VERSION,
+    Command,
+    Header,
+    HeaderFlags,
+)
 
 
 class VfuError(Exception):
@@ -30,8 +42,9 @@ class Client:
     def close(self) -> None:
         self.sock.close()
 
-    def send(self, command: int, payload: bytes = b"", fds=(), flags: int = 0,
+    def send(self, command: int, payload: bytes = b"", fds: Sequence[int] = (), flags: int = 0,
              size: int | None = None) -> int:
+        """Send one message (`size`: what its header claims, if not its true size); its id."""
         self._id = (self._id + 1) & 0xFFFF
         msg = HEADER.pack_values(self._id, command, size or HEADER.size + len(payload), flags,
                                  0) + payload
@@ -48,13 +61,14 @@ class Client:
             out += chunk
         return out
 
-    def recv(self):
-        """(header namedtuple, payload bytes) of the next message."""
+    def recv(self) -> tuple[Header, bytes]:
+        """(header, payload) of the next message."""
         hdr = HEADER.unpack(self._recv_exact(HEADER.size))
         payload = self._recv_exact(hdr.size - HEADER.size)
         return hdr, payload
 
-    def call(self, command: int, payload: bytes = b"", fds=()) -> bytes:
+    def call(self, command: int, payload: bytes = b"", fds: Sequence[int] = ()) -> bytes:
+        """Send a command and return the payload of its reply; VfuError for an error reply."""
         msg_id = self.send(command, payload, fds)
         hdr, body = self.recv()
         assert hdr.id == msg_id, f"reply {hdr.id} to request {msg_id}"
@@ -64,13 +78,15 @@ class Client:
             raise VfuError(command, hdr.error)
         return body
 
-    def version(self, caps: dict | None = None) -> dict:
+    def version(self, caps: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Negotiate (by default offering the server's own limits); the server's JSON."""
         caps = caps if caps is not None else {"capabilities": {
-            "max_msg_fds": 16, "max_data_xfer_size": 1 << 20, "pgsizes": 4096,
-            "max_dma_maps": 65535, "write_multiple": True}}
+            "max_msg_fds": MAX_MSG_FDS, "max_data_xfer_size": MAX_DATA_XFER,
+            "pgsizes": PAGE_SIZES, "max_dma_maps": MAX_DMA_MAPS, "write_multiple": True}}
         body = self.call(Command.VERSION,
                          VERSION.pack_values(0, 0) + json.dumps(caps).encode() + b"\0")
         major, minor = VERSION.unpack_from(body)
         assert (major, minor) == (0, 0)
         assert body.endswith(b"\0")
-        return json.loads(body[VERSION.size:-1])
+        reply: dict[str, Any] = json.loads(body[VERSION.size:-1])
+        return reply

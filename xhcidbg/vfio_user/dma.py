@@ -14,7 +14,9 @@ import logging
 import mmap
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NoReturn
 
 from xhcidbg.emu.memory import DmaError, GuestMemory
 
@@ -49,7 +51,8 @@ class DmaMaps:
                 os.close(fd)
 
     def _map(self, iova: int, size: int, offset: int, flags: int, fd: int | None) -> int:
-        if size <= 0 or iova + size > MAX_ADDRESS or flags & ~(DmaMapFlags.READ | DmaMapFlags.WRITE):
+        if (size <= 0 or iova + size > MAX_ADDRESS
+                or flags & ~(DmaMapFlags.READ | DmaMapFlags.WRITE)):
             log.warning("DMA_MAP %#x+%#x flags %#x refused: bad range or flags", iova, size, flags)
             return errno.EINVAL
         if len(self.maps) >= self.max_maps:
@@ -81,7 +84,8 @@ class DmaMaps:
         return 0
 
     @staticmethod
-    def _mmap(fd: int, offset: int, size: int, writable: bool):
+    def _mmap(fd: int, offset: int, size: int, writable: bool) -> tuple[mmap.mmap | None, int]:
+        """(the mapping, 0), or (None, an errno)."""
         try:
             st = os.fstat(fd)
         except OSError as e:
@@ -144,8 +148,9 @@ class DmaMaps:
         return sum(1 for m in self.maps.values() if m.mm is not None) + len(self._unclosed)
 
 
-def _refuse(iova: int, size: int):
-    def refuse(addr: int, data_or_length, *_):
+def _refuse(iova: int, size: int) -> Callable[[int, int | bytes], NoReturn]:
+    """The reader and writer of a range shared without a file descriptor: every DMA fails."""
+    def refuse(addr: int, data_or_length: int | bytes) -> NoReturn:
         length = data_or_length if isinstance(data_or_length, int) else len(data_or_length)
         raise DmaError(addr, length, f"is in guest memory {iova:#x}+{size:#x} that QEMU shared "
                                      f"without a file descriptor (xhcidbg only DMAs to mapped RAM)")

@@ -12,6 +12,7 @@ masked) stays pending and goes out when it can, as a real function's pending bit
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -29,7 +30,7 @@ class EventfdInterrupts(InterruptSink):
     def __init__(self, config: ConfigSpace):
         self.config = config
         layout = config.layout
-        self.counts = {
+        self.counts: dict[int, int] = {
             PciIrq.INTX: 1,
             PciIrq.MSI: layout.msi_vectors,
             PciIrq.MSIX: layout.msix.vectors if layout.msix else 0,
@@ -41,7 +42,6 @@ class EventfdInterrupts(InterruptSink):
         self.intx_masked = False
         self.msix_pending = 0        # bit n: vector n waits for an eventfd or the function unmask
         self.msi_pending = 0
-        self.sent = {PciIrq.INTX: 0, PciIrq.MSI: 0, PciIrq.MSIX: 0}
         config.on_write = self._config_written
 
     # ---- what QEMU asks about --------------------------------------------------------------
@@ -55,8 +55,9 @@ class EventfdInterrupts(InterruptSink):
         return IrqInfoFlags.EVENTFD, count
 
     # ---- InterruptSink ---------------------------------------------------------------------
+    # InterruptSink declares this as a class attribute; here it follows configuration space.
     @property
-    def message_signalled(self) -> bool:
+    def message_signalled(self) -> bool:  # type: ignore[override]
         c = self.config
         return c.msix_enabled or c.msi_enabled
 
@@ -70,14 +71,14 @@ class EventfdInterrupts(InterruptSink):
             if fd is None or c.msix_masked:
                 self.msix_pending |= 1 << interrupter
                 return
-            self._fire(fd, PciIrq.MSIX)
+            self._fire(fd)
         elif c.msi_enabled:
             vector = interrupter % c.msi_vectors
             fd = self.fds[PciIrq.MSI][vector]
             if fd is None:
                 self.msi_pending |= 1 << vector
                 return
-            self._fire(fd, PciIrq.MSI)
+            self._fire(fd)
         else:
             log.debug("interrupter %d signalled with MSI and MSI-X disabled", interrupter)
 
@@ -105,10 +106,8 @@ class EventfdInterrupts(InterruptSink):
             if fd is not None:
                 # A full eventfd (or whatever the client passed instead) must never block the
                 # loop: such an interrupt is dropped with a log line.
-                try:
+                with contextlib.suppress(OSError):
                     os.set_blocking(fd, False)
-                except OSError:
-                    pass
             table[start + i] = fd
         self._flush_pending()
         if index == PciIrq.INTX:
@@ -139,7 +138,13 @@ class EventfdInterrupts(InterruptSink):
         for v in vectors:
             fd = self.fds[index][v]
             if fd is not None:
-                self._fire(fd, index)
+                self._fire(fd)
+
+    def reset(self) -> None:
+        """DEVICE_RESET: the line low and unmasked, nothing pending; the eventfds stay."""
+        self.intx_level = False
+        self.intx_masked = False
+        self.msix_pending = self.msi_pending = 0
 
     def close(self) -> None:
         """The client went away: its eventfds are no longer ours to hold."""
@@ -163,18 +168,16 @@ class EventfdInterrupts(InterruptSink):
         if fd is None:
             return
         self.intx_masked = True          # automasked until QEMU's UNMASK at end of interrupt
-        self._fire(fd, PciIrq.INTX)
+        self._fire(fd)
 
-    def _fire(self, fd: int, index: int) -> None:
+    @staticmethod
+    def _fire(fd: int) -> None:
         try:
             os.write(fd, _ONE)
         except BlockingIOError:
             log.warning("interrupt eventfd %d is full; interrupt dropped", fd)
-            return
         except OSError as e:
             log.warning("writing interrupt eventfd %d failed: %s", fd, e)
-            return
-        self.sent[index] += 1
 
     def _flush_pending(self) -> None:
         c = self.config
@@ -202,7 +205,5 @@ class EventfdInterrupts(InterruptSink):
 
 
 def _close(fd: int) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.close(fd)
-    except OSError:
-        pass

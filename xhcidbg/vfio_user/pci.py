@@ -25,14 +25,13 @@ PBA reads, so BAR0 stays exactly the controller's register file.  Capabilities: 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 CONFIG_SIZE = 256
 PAGE = 4096
 
-# Command register bits
-CMD_IO = 1 << 0
+# Command register bits (I/O space, bit 0, stays 0: the function has no I/O BAR)
 CMD_MEMORY = 1 << 1
 CMD_BUS_MASTER = 1 << 2
 CMD_PARITY = 1 << 6
@@ -133,12 +132,6 @@ class FunctionLayout:
     msi_vectors: int             # power of two, 1..32; 0: no MSI capability
     registers: tuple[ConfigRegister, ...] = field(repr=False)
 
-    def bar(self, index: int) -> Bar | None:
-        for b in self.bars:
-            if b.index == index:
-                return b
-        return None
-
 
 def _bar_registers(bar: Bar) -> list[ConfigRegister]:
     off = 0x10 + 4 * bar.index
@@ -167,7 +160,7 @@ def xhci_function(bar0_size: int, interrupters: int, identity: PciIdentity = Pci
                                                   if msix else ())
     msi_mmc = msi_vectors.bit_length() - 1
     caps = [PM_OFFSET] + ([MSI_OFFSET] if msi else []) + ([MSIX_OFFSET] if msix else [])
-    next_cap = dict(zip(caps, caps[1:] + [0]))
+    next_cap = dict(zip(caps, [*caps[1:], 0], strict=True))
 
     regs = [
         ConfigRegister("VID", 0x00, 2, identity.vendor),
@@ -251,7 +244,7 @@ class ConfigSpace:
     def read(self, offset: int, size: int) -> bytes:
         return bytes(self.data[offset:offset + size])
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes | memoryview) -> None:
         d, wm, w1c = self.data, self._wmask, self._w1c
         pmcsr = PM_OFFSET + 4
         power_state = d[pmcsr] & 3
@@ -289,9 +282,3 @@ class ConfigSpace:
 
     def signal_system_error(self) -> None:
         self.data[0x07] |= STS_SIGNALED_SERR >> 8
-
-    def register_at(self, offset: int) -> ConfigRegister | None:
-        for r in self.layout.registers:
-            if r.offset <= offset < r.offset + r.size:
-                return r
-        return None

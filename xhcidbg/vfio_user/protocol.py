@@ -1,15 +1,21 @@
-"""vfio-user message layouts, declared once.
+"""vfio-user on the wire: message layouts, command numbers, flags and the limits we announce.
 
 Every message is a 16-byte header followed by a command-specific payload (QEMU's
-docs/interop/vfio-user.rst).  Each payload is one `Message` below: a name, a `struct` format and
-its field names.  Parsing and building both go through these precompiled structs; nothing else in
-the package spells a byte offset.  All integers are little-endian (the host's order on x86).
+docs/interop/vfio-user.rst).  Each fixed-size layout is declared once below: a record of its
+fields, named as in the specification, and beside it the `Message` whose `struct` format packs
+them.  Parsing and building both go through these precompiled structs; nothing else in the
+package spells a byte offset.  All integers are little-endian (the host's order on x86).
 """
 from __future__ import annotations
 
 import struct
-from collections import namedtuple
+from dataclasses import dataclass, fields
 from enum import IntEnum, IntFlag
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+    from typing_extensions import Buffer
 
 
 class Command(IntEnum):
@@ -40,45 +46,151 @@ class HeaderFlags(IntFlag):
     ERROR = 0x20
 
 
-class Message:
-    """One fixed-size layout: `unpack(buf, offset)` -> namedtuple, `pack(**fields)` -> bytes."""
+R = TypeVar("R", bound="DataclassInstance")
 
-    def __init__(self, name: str, fmt: str, fields: str):
-        self.name = name
+
+class Message(Generic[R]):
+    """One fixed-size layout: `unpack(buf, offset)` -> its record; `unpack_from`, `pack_values`
+    and `pack_into` are the struct's own, for the paths that work with plain values."""
+
+    def __init__(self, record: type[R], fmt: str):
+        self.record = record
         self.struct = struct.Struct("<" + fmt)
+        self.fields = tuple(f.name for f in fields(record))
+        if len(self.struct.unpack(bytes(self.struct.size))) != len(self.fields):
+            raise ValueError(f"{record.__name__}: format {fmt!r} does not match its fields")
         self.size = self.struct.size
-        self.tuple = namedtuple(name, fields)
         # fast paths, bound once
         self.unpack_from = self.struct.unpack_from
         self.pack_values = self.struct.pack
         self.pack_into = self.struct.pack_into
 
-    def unpack(self, buf, offset: int = 0):
-        return self.tuple._make(self.struct.unpack_from(buf, offset))
-
-    def pack(self, **fields) -> bytes:
-        return self.struct.pack(*self.tuple(**fields))
+    def unpack(self, buf: Buffer, offset: int = 0) -> R:
+        return self.record(*self.struct.unpack_from(buf, offset))
 
     def __repr__(self) -> str:
-        return f"<Message {self.name} {self.size} bytes: {', '.join(self.tuple._fields)}>"
+        return (f"<Message {self.record.__name__} {self.size} bytes: "
+                f"{', '.join(self.fields)}>")
 
 
-HEADER = Message("Header", "HHIII", "id command size flags error")
-VERSION = Message("Version", "HH", "major minor")                     # + NUL-terminated JSON
-DMA_MAP = Message("DmaMap", "IIQQQ", "argsz flags offset iova size")
-DMA_UNMAP = Message("DmaUnmap", "IIQQ", "argsz flags iova size")
-DEVICE_INFO = Message("DeviceInfo", "IIII", "argsz flags num_regions num_irqs")
-REGION_INFO = Message("RegionInfo", "IIIIQQ", "argsz flags index cap_offset size offset")
-IRQ_INFO = Message("IrqInfo", "IIII", "argsz flags index count")
-IRQ_SET = Message("IrqSet", "IIIII", "argsz flags index start count")  # + bool bytes (DATA_BOOL)
-REGION_ACCESS = Message("RegionAccess", "QII", "offset region count")   # + data
-WRITE_MULTI = Message("WriteMulti", "Q", "wr_cnt")                       # + WRITE_ONE entries
-WRITE_ONE = Message("WriteOne", "QII8s", "offset region count data")
-# Region info capability header (linux/vfio.h struct vfio_info_cap_header).
-CAP_HEADER = Message("CapHeader", "HHI", "id version next")
+@dataclass(frozen=True, slots=True)
+class Header:
+    id: int
+    command: int
+    size: int             # of the whole message, this header included
+    flags: int            # HeaderFlags
+    error: int            # an errno, in replies flagged ERROR
+
+HEADER = Message(Header, "HHIII")
+
+
+@dataclass(frozen=True, slots=True)
+class Version:           # + NUL-terminated JSON
+    major: int
+    minor: int
+
+VERSION = Message(Version, "HH")
+
+
+@dataclass(frozen=True, slots=True)
+class DmaMap:            # + the file descriptor of the memory, if any
+    argsz: int
+    flags: int
+    offset: int
+    iova: int
+    size: int
+
+DMA_MAP = Message(DmaMap, "IIQQQ")
+
+
+@dataclass(frozen=True, slots=True)
+class DmaUnmap:
+    argsz: int
+    flags: int
+    iova: int
+    size: int
+
+DMA_UNMAP = Message(DmaUnmap, "IIQQ")
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    argsz: int
+    flags: int
+    num_regions: int
+    num_irqs: int
+
+DEVICE_INFO = Message(DeviceInfo, "IIII")
+
+
+@dataclass(frozen=True, slots=True)
+class RegionInfo:
+    argsz: int
+    flags: int
+    index: int
+    cap_offset: int
+    size: int
+    offset: int
+
+REGION_INFO = Message(RegionInfo, "IIIIQQ")
+
+
+@dataclass(frozen=True, slots=True)
+class IrqInfo:
+    argsz: int
+    flags: int
+    index: int
+    count: int
+
+IRQ_INFO = Message(IrqInfo, "IIII")
+
+
+@dataclass(frozen=True, slots=True)
+class IrqSet:            # + one bool byte per vector (DATA_BOOL)
+    argsz: int
+    flags: int
+    index: int
+    start: int
+    count: int
+
+IRQ_SET = Message(IrqSet, "IIIII")
+
+
+@dataclass(frozen=True, slots=True)
+class RegionAccess:      # + data (writes, and read replies)
+    offset: int
+    region: int
+    count: int
+
+REGION_ACCESS = Message(RegionAccess, "QII")
+
+
+@dataclass(frozen=True, slots=True)
+class WriteMulti:        # + wr_cnt WriteOne entries
+    wr_cnt: int
+
+WRITE_MULTI = Message(WriteMulti, "Q")
+
+
+@dataclass(frozen=True, slots=True)
+class WriteOne:
+    offset: int
+    region: int
+    count: int
+    data: bytes           # 8 bytes, the first `count` of them written
+
+WRITE_ONE = Message(WriteOne, "QII8s")
+
 
 MAJOR = 0
 MINOR = 0
+
+# ---- the limits this server announces in its VERSION reply, and holds the client to ---------
+MAX_DATA_XFER = 1 << 20
+MAX_MSG_FDS = 16                       # the most QEMU accepts (VFIO_USER_MAX_MAX_FDS)
+MAX_DMA_MAPS = 65535
+PAGE_SIZES = 4096
+MAX_MULTI_WRITES = 200                 # per REGION_WRITE_MULTI (QEMU's VFIO_USER_MULTI_MAX)
 
 
 # ---- flag values, from linux/vfio.h (the protocol reuses them) ----------------------------------
