@@ -78,7 +78,7 @@ class UsbmonRecord:
         return self.epnum & 0x7F
 
     @classmethod
-    def parse(cls, buf: bytes, byteorder: str = "<") -> "UsbmonRecord":
+    def parse(cls, buf: bytes, byteorder: str = "<") -> UsbmonRecord:
         """Decode a 64-byte (or 48-byte, link type 189) header and what follows it."""
         short = len(buf) < HEADER_LEN
         if len(buf) < SHORT_HEADER_LEN:
