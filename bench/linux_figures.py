@@ -94,7 +94,7 @@ async def measure_xhcidbg(kit, profile: bool) -> dict:
         try:
             out = await common(vm, started)
             server = backend.server
-            hot_before = [len(d) for d in server._hot_ns]
+            hot_before = [len(d) for d in server.stats.bar0_ns]
             cpu_py, cpu_qemu, wall = own_cpu_seconds(), cpu_seconds_of(vm.process.pid), \
                 time.monotonic()
             speed = await read_speed(vm.console, mib=READ_MIB)
@@ -104,17 +104,17 @@ async def measure_xhcidbg(kit, profile: bool) -> dict:
             out["python cpu during dd"] = (own_cpu_seconds() - cpu_py) / wall
             out["qemu cpu during dd"] = (cpu_seconds_of(vm.process.pid) - cpu_qemu) / wall
             out["bar0 reads/writes during dd"] = [
-                len(d) - b for d, b in zip(server._hot_ns, hot_before, strict=True)]
+                len(d) - b for d, b in zip(server.stats.bar0_ns, hot_before, strict=True)]
 
             # One guest MMIO read round trip: the debugfs register dump reads back to back.
             await vm.console.run("mount -t debugfs none /sys/kernel/debug")
-            since = len(server.bar0_read_arrivals)
+            since = len(server.stats.bar0_read_arrivals)
             await vm.console.run("for i in $(seq 20); do"
                                  " cat /sys/kernel/debug/usb/xhci/*/reg-op >/dev/null; done")
-            gaps = server.read_round_trips(since)
+            gaps = server.stats.read_round_trips(since)
             out["mmio read round trip us"] = statistics.median(gaps) / 1000 if gaps else 0.0
             out["mmio reads measured"] = len(gaps)
-            summary = server.timing_summary()
+            summary = server.stats.summary()
             out["python per BAR0 read us"] = summary.get("BAR0_READ", {}).get("median_us", 0.0)
             out["python per BAR0 write us"] = summary.get("BAR0_WRITE", {}).get("median_us", 0.0)
 
