@@ -21,6 +21,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.e2e
+
 launch = pytest.importorskip("xhcidbg.guestkit.launch")
 
 

@@ -23,6 +23,8 @@ import pytest
 from xhcidbg.devices import Keyboard, LoopbackDevice, Speed, StorageDevice, Tablet
 from xhcidbg.vm import Backend
 
+pytestmark = pytest.mark.e2e
+
 launch = pytest.importorskip("xhcidbg.guestkit.launch")
 
 STICK_MIB = 64
