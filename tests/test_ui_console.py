@@ -11,6 +11,7 @@ from prompt_toolkit.document import Document
 from xhcidbg.devices.keyboard import keycode
 from xhcidbg.emu import regs as R
 from xhcidbg.emu.trb import CC, TrbType
+from xhcidbg.session import DeviceChoice
 from xhcidbg.ui import Console, WorldOptions
 from xhcidbg.ui.completion import CommandCompleter
 from xhcidbg.ui.registry import REGISTRY
@@ -177,7 +178,7 @@ def test_storage_read_goes_through_the_guest(tmp_path):
         f.truncate(4 << 20)
         f.seek(512)
         f.write(b"xhcidbg was here")
-    with Console(WorldOptions(storage_image=str(image), tablet=False, keyboard=False),
+    with Console(WorldOptions(DeviceChoice(storage=[str(image)], tablet=False, keyboard=False)),
                  width=160) as con:
         out = con.execute("storage")
         assert f"READ CAPACITY {os.path.getsize(image) // 512} blocks" in out

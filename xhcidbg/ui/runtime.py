@@ -1,7 +1,5 @@
-"""The console's one event loop: the controller's clock and the scripted guest, both on asyncio.
-
-`LoopClock` drives a monotonic-clock `Scheduler` from the loop: whenever the scheduler learns of
-an earlier deadline it re-arms one `loop.call_at`, and each firing runs what is due.
+"""The scripted guest on the console's one event loop (the controller's clock is the session's,
+`xhcidbg.session.clock`).
 
 `GuestRunner` runs the synchronous scripted guest (xhcidbg.guest) inside the same loop.  The
 guest code runs in a greenlet; its bus's `wait(until, timeout_ns)` switches back to the loop,
@@ -26,53 +24,6 @@ log = logging.getLogger("xhcidbg.ui")
 
 FOREVER_NS = 1 << 62
 RECHECK_S = 0.25          # a waiting guest re-checks its condition at least this often
-
-
-class LoopClock:
-    """Runs `scheduler`'s timers from `loop` (the scheduler must be on the monotonic clock,
-    which is also asyncio's clock)."""
-
-    def __init__(self, scheduler: Scheduler, loop: asyncio.AbstractEventLoop,
-                 on_progress: Callable[[], None] = lambda: None):
-        if scheduler.virtual:
-            raise ValueError("the console drives a monotonic-clock Scheduler(virtual=False)")
-        self.scheduler = scheduler
-        self.loop = loop
-        self.on_progress = on_progress
-        self._handle: asyncio.TimerHandle | None = None
-        self._when = 0.0
-        scheduler.on_new_deadline = self._arm
-        nxt = scheduler.next_deadline()
-        if nxt is not None:
-            self._arm(nxt)
-
-    def _arm(self, when_ns: int) -> None:
-        when = when_ns / 1e9
-        if self._handle is not None:
-            if self._when <= when:
-                return
-            self._handle.cancel()
-        self._when = when
-        self._handle = self.loop.call_at(when, self._fire)
-
-    def _fire(self) -> None:
-        self._handle = None
-        try:
-            ran = self.scheduler.run_due()
-        except Exception:          # a timer's bug must not stop the clock
-            log.exception("controller timer raised")
-            ran = 1
-        nxt = self.scheduler.next_deadline()
-        if nxt is not None:
-            self._arm(nxt)
-        if ran:
-            self.on_progress()
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-        self.scheduler.on_new_deadline = None
 
 
 class _Wait:

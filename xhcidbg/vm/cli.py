@@ -18,11 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..session import add_device_options, close_devices, device_choice, make_devices
 from ..trace.cli import add_trace_option, tracing
 from ..vfio_user.server import BUSY_POLL_US
-from .backend import SPEEDS, Backend, DeviceChoice, close_devices, make_devices, memory_options
-
-DEVICE_NAMES = ("tablet", "keyboard", "storage", "loopback")
+from .backend import Backend, memory_options
 
 SERVE_EXAMPLES = """examples:
   xhcidbg serve --socket /tmp/xhci.sock
@@ -49,30 +48,9 @@ The guest's serial console is a shell the host drives (--run); kernel messages g
 
 
 # ---- shared options -------------------------------------------------------------------------
-def _speed_setting(text: str) -> tuple[str, str]:
-    device, sep, speed = text.partition("=")
-    if not sep or device not in DEVICE_NAMES or speed not in SPEEDS:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: expected DEVICE=SPEED with DEVICE one of {', '.join(DEVICE_NAMES)} and "
-            f"SPEED one of {', '.join(SPEEDS)}")
-    return device, speed
-
-
-def add_device_options(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("devices (a tablet and a keyboard unless told otherwise)")
-    g.add_argument("--no-tablet", action="store_true", help="do not plug the tablet in")
-    g.add_argument("--no-keyboard", action="store_true", help="do not plug the keyboard in")
-    g.add_argument("--storage", metavar="IMAGE", action="append", default=[],
-                   help="plug a mass-storage stick serving IMAGE (repeat for more sticks)")
-    g.add_argument("--storage-size", metavar="MIB", type=int,
-                   help="create each missing --storage IMAGE as a sparse file of MIB MiB")
-    g.add_argument("--storage-readonly", action="store_true",
-                   help="the sticks are write protected")
-    g.add_argument("--loopback", action="store_true",
-                   help="plug a Gadget Zero source/sink + loopback device in (Linux: usbtest)")
-    g.add_argument("--speed", metavar="DEVICE=SPEED", type=_speed_setting, action="append",
-                   default=[], help="run a device at another speed: low, full, high or super "
-                                    "(e.g. storage=high, keyboard=low)")
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """The device options every session takes, then the vfio-user controller's."""
+    add_device_options(parser, scratch_stick=False)
     g = parser.add_argument_group("controller")
     g.add_argument("--usb2-ports", type=int, default=4, metavar="N",
                    help="USB 2 root ports (default 4)")
@@ -89,27 +67,6 @@ def add_device_options(parser: argparse.ArgumentParser) -> None:
                    help="log what the controller refuses and the vfio-user session")
 
 
-def device_choice(args) -> DeviceChoice:
-    """The DeviceChoice of parsed options; creates missing images if --storage-size says so."""
-    speeds = {device: SPEEDS[speed] for device, speed in args.speed}
-    for image in args.storage:
-        if args.storage_size is not None and not os.path.exists(image):
-            if args.storage_size < 1:
-                raise ValueError("--storage-size must be at least 1 MiB")
-            with open(image, "xb") as f:
-                f.truncate(args.storage_size << 20)
-            _say(f"created {image} ({args.storage_size} MiB, sparse)")
-    if "storage" in speeds and not args.storage:
-        raise ValueError("--speed storage=... needs a --storage IMAGE")
-    if "loopback" in speeds and not args.loopback:
-        raise ValueError("--speed loopback=... needs --loopback")
-    return DeviceChoice(tablet=not args.no_tablet, keyboard=not args.no_keyboard,
-                        storage=list(args.storage), storage_readonly=args.storage_readonly,
-                        storage_speed=speeds.get("storage"), loopback=args.loopback,
-                        loopback_speed=speeds.get("loopback"),
-                        keyboard_speed=speeds.get("keyboard"), tablet_speed=speeds.get("tablet"))
-
-
 def _say(text: str) -> None:
     print(f"xhcidbg: {text}", file=sys.stderr, flush=True)
 
@@ -117,20 +74,19 @@ def _say(text: str) -> None:
 def _configure_logging(args) -> None:
     # The CLI's root logger shows errors only; a VM's user wants the session's warnings too.
     level = logging.INFO if args.verbose else logging.WARNING
-    for name in ("xhcidbg.vm", "xhcidbg.vfio_user", "xhcidbg.emu"):
+    for name in ("xhcidbg.vm", "xhcidbg.session", "xhcidbg.vfio_user", "xhcidbg.emu"):
         logging.getLogger(name).setLevel(level)
     if not logging.getLogger().handlers:
         logging.basicConfig(format="%(name)s: %(message)s")
     logging.getLogger().setLevel(min(logging.getLogger().level, level))
 
 
-def _make_backend(args, socket_path: str, on_disconnect=None) -> Backend:
-    devices = make_devices(device_choice(args))
+def _make_backend(args: argparse.Namespace, socket_path: str) -> Backend:
+    devices = make_devices(device_choice(args), say=_say)
     try:
         return Backend(socket_path, devices, usb2_ports=args.usb2_ports,
                        usb3_ports=args.usb3_ports, msix=not args.no_msix,
-                       busy_poll_us=max(0, args.busy_poll),
-                       on_disconnect=on_disconnect, say=_say)
+                       busy_poll_us=max(0, args.busy_poll), say=_say)
     except BaseException:
         close_devices(devices)
         raise
@@ -167,7 +123,7 @@ async def serve_main(args) -> int:
     stop = asyncio.Event()
     try:
         await backend.start()
-        with tracing(backend.controller, args, say=_say), _stop_on_signals(stop):
+        with tracing(backend.trace, args, say=_say), _stop_on_signals(stop):
             print(f"-device '{backend.device_arg}'", flush=True)
             _say(f"serving on {backend.socket_path}; QEMU also needs shared guest RAM: "
                  + " ".join(shlex.quote(a) for a in memory_options(512)))
@@ -233,7 +189,7 @@ async def vm_main(args) -> int:
     started = time.monotonic()
     try:
         await backend.start()
-        with tracing(backend.controller, args, say=_say), _stop_on_signals(stop):
+        with tracing(backend.trace, args, say=_say), _stop_on_signals(stop):
             _say(f"starting QEMU {qemu.version} ({args.memory} MiB, TCG): kernel {kernel.name}")
             booting = asyncio.ensure_future(Vm.start(
                 devices=[backend.device_arg], extra_args=args.qemu_args,
@@ -327,7 +283,7 @@ def add_vm_commands(subparsers) -> tuple[argparse.ArgumentParser, argparse.Argum
                        help="UNIX socket to listen on (a stale socket there is replaced)")
     serve.add_argument("--once", action="store_true",
                        help="exit when the VMM disconnects instead of waiting for the next one")
-    add_device_options(serve)
+    add_options(serve)
     serve.set_defaults(func=lambda args: _run(serve_main, args))
 
     vm = subparsers.add_parser(
@@ -361,7 +317,7 @@ def add_vm_commands(subparsers) -> tuple[argparse.ArgumentParser, argparse.Argum
                         "running commands (default 2)")
     g.add_argument("--poweroff", action="store_true",
                    help="power the guest off after the --run commands (xhcidbg then exits)")
-    add_device_options(vm)
+    add_options(vm)
     vm.add_argument("qemu_args", nargs="*", metavar="-- QEMU-OPTION",
                     help="everything after -- goes to QEMU as it is")
     vm.set_defaults(func=lambda args: _run(vm_main, args))
