@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .trace.cli import add_trace_commands
     from .trace.cli import run as run_trace
     add_trace_commands(sub).set_defaults(run_trace=run_trace)
-    from .vm import add_vm_commands            # `serve` and `vm`
+    from .vm import add_vm_commands  # `serve` and `vm`
     add_vm_commands(sub)
     return parser
 

@@ -6,9 +6,18 @@ driver of the controller's scheduler from asyncio; `Session` holds it all togeth
 transport (the in-process bus, the vfio-user server) is what each command adds to it.
 """
 from .clock import LoopClock
-from .devices import (DEVICE_NAMES, SCRATCH_STICK_MIB, SPEEDS, DeviceChoice, add_device_options,
-                      close_devices, device_choice, make_device, make_devices)
+from .devices import (
+    DEVICE_NAMES,
+    SCRATCH_STICK_MIB,
+    SPEEDS,
+    DeviceChoice,
+    add_device_options,
+    close_devices,
+    device_choice,
+    make_device,
+    make_devices,
+)
 from .session import Session
 
-__all__ = ["DEVICE_NAMES", "SCRATCH_STICK_MIB", "SPEEDS", "DeviceChoice", "LoopClock", "Session", "add_device_options", "close_devices",
-           "device_choice", "make_device", "make_devices"]
+__all__ = ["DEVICE_NAMES", "SCRATCH_STICK_MIB", "SPEEDS", "DeviceChoice", "LoopClock", "Session",
+           "add_device_options", "close_devices", "device_choice", "make_device", "make_devices"]

@@ -4,7 +4,7 @@ controller reaches by DMA, interrupts -- and nothing else.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from ..emu.controller import XhciController
 from ..emu.interrupters import InterruptSink
@@ -13,7 +13,7 @@ from ..emu.timing import Scheduler
 
 
 class _Sink(InterruptSink):
-    def __init__(self, bus: "InProcessBus"):
+    def __init__(self, bus: InProcessBus):
         self.bus = bus
 
     @property

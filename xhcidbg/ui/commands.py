@@ -32,7 +32,7 @@ def _slots(con: Console, words: list[str]) -> list[str]:
     return [str(s) for s in sorted(con.controller.slots)]
 
 
-# ==== inspection ====================================================================================
+# ==== inspection =================================================================================
 p = parser("regs", "Capability, operational and runtime registers, decoded field by field.",
            """regs              # every fixed register, non-zero fields inline
               regs usbsts       # one register, all its fields with bits and meaning
@@ -189,7 +189,7 @@ def log(con: Console, args: Namespace) -> None:
         con.out.print("nothing recorded yet")
 
 
-# ==== execution ====================================================================================
+# ==== execution ==================================================================================
 p = parser("pause", "Stop ring processing (MMIO is still answered; timers still run).",
            "pause")
 
@@ -330,7 +330,7 @@ for _name, _on in (("enable", True), ("disable", False)):
     command(p, EXECUTION)(_toggle)
 
 
-# ==== devices =======================================================================================
+# ==== devices ====================================================================================
 p = parser("tablet", "Drive the USB tablet: the guest polls it, so each action is a real "
                      "interrupt transfer.",
            """tablet move 100 200      # absolute position (0..32767 each)
@@ -518,7 +518,7 @@ def guest(con: Console, args: Namespace) -> None:
         con.out.print(Text(f"  error: {e}", style="red"))
 
 
-# ==== session ======================================================================================
+# ==== session ====================================================================================
 p = parser("trace", "Capture to pcapng (Wireshark) and read captures back.",
            """trace start /tmp/usb.pcapng
               trace status

@@ -3,6 +3,7 @@ declares them (sub-commands, choices, options), then live values (ports, slots, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 
 from prompt_toolkit.completion import Completer, Completion
@@ -39,10 +40,7 @@ class CommandCompleter(Completer):
             words = shlex.split(text)
         except ValueError:
             return
-        if text.endswith(" ") or not words:
-            current = ""
-        else:
-            current = words.pop()
+        current = "" if text.endswith(" ") or not words else words.pop()
         if ";" in text:
             return
         if not words:
@@ -53,11 +51,10 @@ class CommandCompleter(Completer):
                 return
             candidates = _parser_words(cmd.parser, words[1:])
             if cmd.complete is not None:
-                try:
-                    candidates = list(cmd.complete(self.console, words[1:] + [current])) + \
-                        candidates
-                except Exception:       # live values are a convenience; never break typing
-                    pass
+                # live values are a convenience; never break typing
+                with contextlib.suppress(Exception):
+                    candidates = [*cmd.complete(self.console, [*words[1:], current]),
+                                  *candidates]
         seen = set()
         for c in candidates:
             if c.lower().startswith(current.lower()) and c not in seen:

@@ -18,14 +18,14 @@ import logging
 import os
 import sys
 import traceback
+from collections.abc import Iterable
 from difflib import get_close_matches
-from typing import Iterable
 
 from rich.console import Console as RichConsole
 from rich.rule import Rule
 from rich.text import Text
 
-from . import commands as _commands  # noqa: F401  (registers the commands)
+from . import commands as _commands
 from . import render
 from .observe import ActivityLog, Breakpoints
 from .registry import REGISTRY, HelpShown, UsageError
@@ -64,7 +64,7 @@ class Console:
         return self.world.controller
 
     # ---- life cycle -------------------------------------------------------------------------
-    def start(self) -> "Console":
+    def start(self) -> Console:
         self.loop.run_until_complete(self.astart())
         return self
 
@@ -83,7 +83,7 @@ class Console:
         if not self.loop.is_closed():
             self.loop.close()
 
-    def __enter__(self) -> "Console":
+    def __enter__(self) -> Console:
         return self.start()
 
     def __exit__(self, *exc) -> None:

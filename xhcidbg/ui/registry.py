@@ -4,8 +4,9 @@ dispatch, `help` and completion."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 
 class UsageError(Exception):

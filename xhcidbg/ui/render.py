@@ -7,20 +7,19 @@ Nothing here changes controller state or announces anything on its hooks.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from rich import box
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from ..decode import xhci as linux  # Linux's decoders: the text driver authors read
 from ..emu import regs as R
 from ..emu.context import EP_CTX, EP_STATE_NAMES, EP_TYPE_NAMES, SLOT_CTX, SLOT_STATE_NAMES
 from ..emu.layout import Field, Layout
 from ..emu.memory import DmaError
 from ..emu.trb import TRB_SIZE, Trb, TrbType, cc_name, layout_of, trb_name
-
-from ..decode import xhci as linux      # Linux's decoders: the text driver authors read
 
 
 # ---- reading state without side effects ------------------------------------------------------
@@ -131,7 +130,7 @@ def find_register(controller, name: str, index: int | None = None) -> tuple[R.Re
 
 def register_names() -> list[str]:
     names = [r.name for r in R.CAP_REGS + R.OP_REGS + R.PORT_REGS + R.IR_REGS]
-    return names + [R.MFINDEX.name]
+    return [*names, R.MFINDEX.name]
 
 
 def regs_view(controller) -> Group:

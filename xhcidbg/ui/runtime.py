@@ -11,9 +11,12 @@ timeouts: a stopped controller freezes the guest's clock as well.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 import greenlet
 
@@ -27,7 +30,7 @@ RECHECK_S = 0.25          # a waiting guest re-checks its condition at least thi
 
 
 class _Wait:
-    __slots__ = ("until", "timeout_ns")
+    __slots__ = ("timeout_ns", "until")
 
     def __init__(self, until: Callable[[], bool], timeout_ns: int):
         self.until = until
@@ -38,7 +41,7 @@ class LoopBus:
     """The in-process bus as the guest sees it inside the console: the same MMIO, RAM and
     interrupt counts, but `wait` yields to the event loop instead of spinning."""
 
-    def __init__(self, inner: InProcessBus, runner: "GuestRunner"):
+    def __init__(self, inner: InProcessBus, runner: GuestRunner):
         self.inner = inner
         self.runner = runner
         self.controller = inner.controller
@@ -125,14 +128,17 @@ class GuestRunner:
                 job.done = True
                 self.current = None
             else:
-                seen = list(self.interrupts)
                 self.idle = True
                 try:
-                    self.yield_to_loop(_Wait(lambda: bool(self.jobs) or self._stopping
-                                             or self.interrupts != seen, FOREVER_NS))
+                    self.yield_to_loop(_Wait(partial(self._has_news, list(self.interrupts)),
+                                             FOREVER_NS))
                 finally:
                     self.idle = False
             self.service()
+
+    def _has_news(self, interrupts_seen: list[int]) -> bool:
+        """A job came, the guest is told to stop, or an interrupt arrived since."""
+        return bool(self.jobs) or self._stopping or self.interrupts != interrupts_seen
 
     # ---- called from the loop ---------------------------------------------------------------
     def start(self, setup: Callable[[], None]) -> asyncio.Task:
@@ -174,11 +180,9 @@ class GuestRunner:
                 return False
             paused = self.gate.paused
             t0 = loop.time()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(),
                                        RECHECK_S if paused else min(remaining, RECHECK_S))
-            except TimeoutError:
-                pass
             if not paused and not self.gate.paused:
                 remaining -= loop.time() - t0
 
@@ -213,9 +217,7 @@ class GuestRunner:
             await asyncio.wait_for(asyncio.shield(self._task), 1.0)
         except TimeoutError:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         if not self._guest.dead:
             self._guest.throw(greenlet.GreenletExit)
