@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 
 from .session import add_device_options, device_choice
 from .trace.cli import add_trace_option
@@ -102,9 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if getattr(args, "verbose", False)
                         else logging.ERROR, format="%(name)s: %(message)s")
-    if getattr(args, "run_trace", None) is not None:
-        return args.run_trace(args, None)
-    return args.func(args)
+    run_trace: Callable[[argparse.Namespace, None], int] | None = getattr(args, "run_trace", None)
+    if run_trace is not None:          # `trace ...` outside a session: show, stats, install
+        return run_trace(args, None)
+    run: Callable[[argparse.Namespace], int] = args.func
+    return run(args)
 
 
 if __name__ == "__main__":

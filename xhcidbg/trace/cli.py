@@ -20,7 +20,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .filters import KINDS, CaptureFilter, FilterError
 from .filters import __doc__ as FILTER_HELP
@@ -30,6 +30,7 @@ from .tracer import TraceError, Tracer, TraceStatus
 if TYPE_CHECKING:
     from ..emu.controller import XhciController
 
+P = TypeVar("P", bound=argparse.ArgumentParser)
 Handler = Callable[[argparse.Namespace, "SessionTrace | None"], int]
 
 def _size(text: str) -> int:
@@ -105,8 +106,9 @@ def _cmd_status(args: argparse.Namespace, session: SessionTrace | None) -> int:
 def _cmd_show(args: argparse.Namespace, session: SessionTrace | None) -> int:
     from .viewer import show
     reader = show(args.file, _view_filter(args.filter), dma=not args.no_dma, limit=args.limit)
-    for line in reader.problems.lines(reader.capture):
-        print(f"note: {line}", file=sys.stderr)
+    if reader.capture is not None:
+        for line in reader.problems.lines(reader.capture):
+            print(f"note: {line}", file=sys.stderr)
     return 0
 
 
@@ -131,7 +133,7 @@ def _view_filter(terms: list[str]) -> CaptureFilter:
     return flt
 
 
-def add_trace_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+def add_trace_commands(subparsers: argparse._SubParsersAction[P]) -> P:
     """Add `trace` with its subcommands; each leaf sets `func(args, session_trace) -> int`."""
     p = subparsers.add_parser("trace", help="capture to pcapng, view and summarise captures",
                               description=__doc__,

@@ -6,12 +6,13 @@ import contextlib
 import io
 import shlex
 from argparse import Namespace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from rich import box
 from rich.table import Table
 from rich.text import Text
 
+from ..devices import Keyboard, Tablet, UsbDevice
 from ..session import DEVICE_NAMES, SCRATCH_STICK_MIB, make_device
 from ..trace import cli as trace_cli
 from . import render
@@ -22,6 +23,15 @@ if TYPE_CHECKING:
     from .console import Console
 
 EXECUTION, INSPECT, DEVICES, SESSION = "execution", "inspection", "devices", "session"
+D = TypeVar("D", bound=UsbDevice)
+
+
+def _plugged(con: Console, cls: type[D]) -> D:
+    """The first plugged device of class `cls`, found by its name."""
+    _, dev = con.world.find(cls.name)
+    if not isinstance(dev, cls):
+        raise LookupError(f"the device called {cls.name} is not a {cls.__name__}")
+    return dev
 
 
 def _ports(con: Console, words: list[str]) -> list[str]:
@@ -143,7 +153,8 @@ def devices(con: Console, args: Namespace) -> None:
             guest = f"enumerated as slot {gd.device.slot}, {gd.kind}"
             if gd.polling:
                 guest += f", polling {', '.join(f'{a:#04x}' for a in gd.polling)}"
-        t.add_row(str(port), dev.name, dev.describe(), str(slot.id) if slot else "", guest)
+        t.add_row(str(port), dev.name, render.describe_device(dev), str(slot.id) if slot else "",
+                  guest)
     if not w.devices:
         t.caption = "nothing is plugged in"
     con.out.print(t)
@@ -248,7 +259,7 @@ async def step(con: Console, args: Namespace) -> None:
         key = gate.step(args.unit)
         if key is None:
             break
-        moved.append(key if isinstance(key, str) else f"{key[0]}/{key[1]}")
+        moved.append(render.ring_key_name(key))
         con.world.runner.notify()
         await con.world.settle(1.0)
     if not moved:
@@ -352,7 +363,7 @@ s.add_argument("clicks", type=int)
 
 @command(p, DEVICES)
 async def tablet(con: Console, args: Namespace) -> None:
-    _, dev = con.world.find("tablet")
+    dev = _plugged(con, Tablet)
     since = con.mark()
     if args.action == "move":
         dev.move(args.x, args.y)
@@ -382,7 +393,7 @@ s.add_argument("key")
 
 @command(p, DEVICES, aliases=("kbd",))
 async def keyboard(con: Console, args: Namespace) -> None:
-    _, dev = con.world.find("keyboard")
+    dev = _plugged(con, Keyboard)
     since = con.mark()
     if args.action == "type":
         dev.type(" ".join(args.text))
@@ -454,7 +465,7 @@ async def storage(con: Console, args: Namespace) -> None:
     w = con.world
     port, dev = w.find("storage")
     if args.action == "info":
-        con.out.print(f"port {port}: {dev.describe()}")
+        con.out.print(f"port {port}: {render.describe_device(dev)}")
         disk = w.guest_storage()
         job = w.guest_job("storage info", lambda: (disk.inquiry(), disk.read_capacity()))
     else:

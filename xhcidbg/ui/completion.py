@@ -5,10 +5,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import shlex
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-from prompt_toolkit.completion import Completer, Completion
+from prompt_toolkit.completion import CompleteEvent, Completer, Completion
+from prompt_toolkit.document import Document
 
 from .registry import REGISTRY
+
+if TYPE_CHECKING:
+    from .console import Console
 
 
 def _parser_words(parser: argparse.ArgumentParser, words: list[str]) -> list[str]:
@@ -31,10 +37,11 @@ def _parser_words(parser: argparse.ArgumentParser, words: list[str]) -> list[str
 
 
 class CommandCompleter(Completer):
-    def __init__(self, console):
+    def __init__(self, console: Console):
         self.console = console
 
-    def get_completions(self, document, complete_event):
+    def get_completions(self, document: Document,
+                        complete_event: CompleteEvent) -> Iterator[Completion]:
         text = document.text_before_cursor
         try:
             words = shlex.split(text)

@@ -16,10 +16,12 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
-import greenlet
+import greenlet  # type: ignore[import-untyped]  # greenlet ships no type information
 
+from ..emu.gate import Gate
+from ..emu.memory import RamMemory
 from ..emu.timing import Scheduler
 from ..transport.inproc import InProcessBus
 
@@ -27,6 +29,17 @@ log = logging.getLogger("xhcidbg.ui")
 
 FOREVER_NS = 1 << 62
 RECHECK_S = 0.25          # a waiting guest re-checks its condition at least this often
+
+
+class _Greenlet(Protocol):
+    """What the runner uses of a greenlet."""
+
+    parent: _Greenlet
+    dead: bool
+
+    def switch(self, *args: Any) -> Any: ...
+
+    def throw(self, typ: type[BaseException]) -> Any: ...
 
 
 class _Wait:
@@ -47,7 +60,7 @@ class LoopBus:
         self.controller = inner.controller
 
     @property
-    def mem(self):
+    def mem(self) -> RamMemory:
         return self.inner.mem
 
     @property
@@ -94,7 +107,7 @@ class GuestRunner:
     interrupt or a new job arrives; `service` is what it calls after each wake-up (the driver's
     interrupt handler)."""
 
-    def __init__(self, gate, interrupts: list[int]):
+    def __init__(self, gate: Gate, interrupts: list[int]):
         self.gate = gate
         self.interrupts = interrupts
         self.jobs: deque[Job] = deque()
@@ -103,18 +116,18 @@ class GuestRunner:
         self.crashed: BaseException | None = None
         self.finished = False
         self.service: Callable[[], Any] = lambda: None
-        self._guest: greenlet.greenlet | None = None
+        self._guest: _Greenlet = greenlet.greenlet(self._body)     # runs from `start` on
         self._changed = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.waiting: _Wait | None = None     # what the guest waits for right now
 
     # ---- called from the guest greenlet ---------------------------------------------------
     def inside_guest(self) -> bool:
-        return self._guest is not None and greenlet.getcurrent() is self._guest
+        return greenlet.getcurrent() is self._guest
 
     def yield_to_loop(self, request: _Wait) -> bool:
-        return self._guest.parent.switch(request)
+        return bool(self._guest.parent.switch(request))
 
     def _body(self, setup: Callable[[], None]) -> None:
         setup()
@@ -141,12 +154,11 @@ class GuestRunner:
         return bool(self.jobs) or self._stopping or self.interrupts != interrupts_seen
 
     # ---- called from the loop ---------------------------------------------------------------
-    def start(self, setup: Callable[[], None]) -> asyncio.Task:
-        self._guest = greenlet.greenlet(self._body)
+    def start(self, setup: Callable[[], None]) -> asyncio.Task[None]:
         self._task = asyncio.get_running_loop().create_task(self._drive(setup))
         return self._task
 
-    async def _drive(self, setup) -> None:
+    async def _drive(self, setup: Callable[[], None]) -> None:
         try:
             request = self._guest.switch(setup)
             while not self._guest.dead:
@@ -202,7 +214,7 @@ class GuestRunner:
 
     def stuck(self) -> bool:
         """The guest cannot move until something outside it happens."""
-        if self.finished or self._guest is None:      # ended, or never started
+        if self.finished or self._task is None:       # ended, or never started
             return True
         w = self.waiting
         return w is not None and not w.until()

@@ -169,10 +169,10 @@ class World(Session):
             gd.kind = "hid"
             # Like Linux's usbhid: reports only on change (SET_IDLE 0), then keep polling.
             dev.control(0x21, SET_IDLE, 0, iface.number, 0, check=False)
-            for e in iface.endpoints:
-                if e.is_in and e.transfer_type == INTERRUPT:
-                    gd.polling.append(e.address)
-                    self._poll(gd, dev.endpoint(e.address))
+            for desc in iface.endpoints:
+                if desc.is_in and desc.transfer_type == INTERRUPT:
+                    gd.polling.append(desc.address)
+                    self._poll(gd, dev.endpoint(desc.address))
 
     def _poll(self, gd: GuestDevice, ep: Endpoint) -> None:
         def done(t: Transfer) -> None:

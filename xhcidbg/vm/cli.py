@@ -16,12 +16,20 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ..session import add_device_options, close_devices, device_choice, make_devices
 from ..trace.cli import add_trace_option, tracing
 from ..vfio_user.server import BUSY_POLL_US
 from .backend import Backend, memory_options
+
+if TYPE_CHECKING:
+    from ..guestkit.launch import Vm
+    from ..guestkit.qemu import QemuInstall
+
+Main = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 
 SERVE_EXAMPLES = """examples:
   xhcidbg serve --socket /tmp/xhci.sock
@@ -71,7 +79,7 @@ def _say(text: str) -> None:
     print(f"xhcidbg: {text}", file=sys.stderr, flush=True)
 
 
-def _configure_logging(args) -> None:
+def _configure_logging(args: argparse.Namespace) -> None:
     # The CLI's root logger shows errors only; a VM's user wants the session's warnings too.
     level = logging.INFO if args.verbose else logging.WARNING
     for name in ("xhcidbg.vm", "xhcidbg.session", "xhcidbg.vfio_user", "xhcidbg.emu"):
@@ -93,7 +101,7 @@ def _make_backend(args: argparse.Namespace, socket_path: str) -> Backend:
 
 
 @contextlib.contextmanager
-def _stop_on_signals(stop: asyncio.Event):
+def _stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
     loop = asyncio.get_running_loop()
     signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     for sig in signals:
@@ -105,7 +113,7 @@ def _stop_on_signals(stop: asyncio.Event):
             loop.remove_signal_handler(sig)
 
 
-def _run(main, args) -> int:
+def _run(main: Main, args: argparse.Namespace) -> int:
     _configure_logging(args)
     try:
         return asyncio.run(main(args))
@@ -118,7 +126,7 @@ def _run(main, args) -> int:
 
 
 # ---- serve ----------------------------------------------------------------------------------
-async def serve_main(args) -> int:
+async def serve_main(args: argparse.Namespace) -> int:
     backend = _make_backend(args, args.socket)
     stop = asyncio.Event()
     try:
@@ -143,8 +151,9 @@ async def serve_main(args) -> int:
         backend.close()
 
 
-async def _first(*coroutines) -> set:
-    tasks = [asyncio.ensure_future(c) for c in coroutines]
+async def _first(*awaitables: Awaitable[Any]) -> set[asyncio.Future[Any]]:
+    """Wait for the first of `awaitables` to finish; cancel the others."""
+    tasks: list[asyncio.Future[Any]] = [asyncio.ensure_future(a) for a in awaitables]
     done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     for task in pending:
         task.cancel()
@@ -159,14 +168,14 @@ GUEST_USB_LIST = (
     " echo \"${d##*/} $(cat $d/speed) Mb/s $(cat $d/product 2>/dev/null)\"; done")
 
 
-def _guest_kit(args):
+def _guest_kit(args: argparse.Namespace) -> tuple[QemuInstall, Path, Path]:
     from ..guestkit import ensure_initramfs, ensure_kernel, ensure_qemu
     return (ensure_qemu(),
             Path(args.kernel) if args.kernel else ensure_kernel(),
             Path(args.initrd) if args.initrd else ensure_initramfs())
 
 
-async def vm_main(args) -> int:
+async def vm_main(args: argparse.Namespace) -> int:
     from ..guestkit.launch import CommandTimeout, Vm, VmExited
     from ..guestkit.report import KitError
 
@@ -185,7 +194,7 @@ async def vm_main(args) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="xhcidbg-vm-"))
     backend = _make_backend(args, args.socket or str(workdir / "xhci.sock"))
     stop = asyncio.Event()
-    vm = None
+    vm: Vm | None = None
     started = time.monotonic()
     try:
         await backend.start()
@@ -204,7 +213,8 @@ async def vm_main(args) -> int:
                     await booting
                 return 0
             vm = booting.result()
-            _say(f"QEMU running (pid {vm.process.pid}); xhcidbg holds its QMP socket")
+            pid = vm.process.pid if vm.process is not None else "?"
+            _say(f"QEMU running (pid {pid}); xhcidbg holds its QMP socket")
             if args.serial_log:
                 _say(f"guest serial console -> {args.serial_log}")
             return await _run_guest(vm, backend, args, stop, started)
@@ -221,27 +231,33 @@ async def vm_main(args) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-async def _run_guest(vm, backend: Backend, args, stop: asyncio.Event, started: float) -> int:
+async def _run_guest(vm: Vm, backend: Backend, args: argparse.Namespace, stop: asyncio.Event,
+                     started: float) -> int:
     from ..guestkit.launch import VmExited
 
-    def exited():
-        return asyncio.shield(vm.exited)
+    qemu_exit = _exit_of(vm)
+    shell = vm.console
+    if shell is None:
+        raise RuntimeError("QEMU has not been started")
+
+    def exited() -> asyncio.Future[tuple[int, str]]:
+        return asyncio.shield(qemu_exit)
 
     try:
-        done = await _first(vm.console.wait_ready(args.boot_timeout), exited(), stop.wait())
+        done = await _first(shell.wait_ready(args.boot_timeout), exited(), stop.wait())
         if stop.is_set():
             _say("stopping: QEMU quits")
             return 0
-        if vm.exited.done():
+        if qemu_exit.done():
             return await _qemu_gone(vm)
         done.pop().result()          # a boot timeout raises here
         _say(f"guest shell ready after {time.monotonic() - started:.1f} s")
         await asyncio.sleep(args.settle)
-        usb = await vm.console.run(GUEST_USB_LIST)
+        usb = await shell.run(GUEST_USB_LIST)
         for line in usb.output.strip().splitlines():
             _say(f"guest sees USB {line}")
         for command in args.run:
-            result = await vm.console.run(command, timeout=args.command_timeout)
+            result = await shell.run(command, timeout=args.command_timeout)
             sys.stdout.write(result.output if result.output.endswith("\n") or not result.output
                              else result.output + "\n")
             sys.stdout.flush()
@@ -249,11 +265,11 @@ async def _run_guest(vm, backend: Backend, args, stop: asyncio.Event, started: f
                 _say(f"guest command {command!r} exited with status {result.status}")
         if args.poweroff:
             _say("powering the guest off")
-            await vm.console.write("poweroff -f\n")
+            await shell.write("poweroff -f\n")
         else:
             _say("running; Ctrl-C (or SIGTERM) stops the guest and xhcidbg")
         await _first(exited(), stop.wait())
-        if stop.is_set() and not vm.exited.done():
+        if stop.is_set() and not qemu_exit.done():
             _say("stopping: QEMU quits")
             return 0
         return await _qemu_gone(vm)
@@ -261,8 +277,15 @@ async def _run_guest(vm, backend: Backend, args, stop: asyncio.Event, started: f
         return await _qemu_gone(vm)
 
 
-async def _qemu_gone(vm) -> int:
-    code, _ = await asyncio.shield(vm.exited)
+def _exit_of(vm: Vm) -> asyncio.Future[tuple[int, str]]:
+    """What QEMU's end resolves to: (exit status, its standard error)."""
+    if vm.exited is None:
+        raise RuntimeError("QEMU has not been started")
+    return vm.exited
+
+
+async def _qemu_gone(vm: Vm) -> int:
+    code, _ = await asyncio.shield(_exit_of(vm))
     if code == 0:
         _say("QEMU exited; done")
         return 0
@@ -272,7 +295,8 @@ async def _qemu_gone(vm) -> int:
 
 
 # ---- registration ---------------------------------------------------------------------------
-def add_vm_commands(subparsers) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+def add_vm_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
+                    ) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """Add `serve` and `vm` to an argparse sub-parser set; each sets `func(args) -> int`."""
     serve = subparsers.add_parser(
         "serve", help="serve the controller to a VMM you start yourself (vfio-user)",
