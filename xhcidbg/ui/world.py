@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -76,6 +77,11 @@ class GuestDevice:
     storage: MassStorage | None = None         # the guest's client of a stick, once used
 
 
+def _tell(text: str) -> None:
+    """What the user should know before the console opens (an image was created)."""
+    print(f"xhcidbg: {text}", file=sys.stderr, flush=True)
+
+
 class _Notifier:
     """Hooks observer that wakes the guest runner when the controller did something the guest
     may be waiting for."""
@@ -117,7 +123,7 @@ class World(Session):
         o = self.options
         if o.trace:
             self.trace.start(o.trace, o.trace_filter)
-        self.plug_all(make_devices(o.devices))
+        self.plug_all(make_devices(o.devices, say=_tell))
         if o.guest:
             self.driver = XhciDriver(self.bus)
             self.driver.port_listeners.append(self._on_port_change)
