@@ -18,12 +18,11 @@ from dataclasses import dataclass, field
 from ..devices import Keyboard, LoopbackDevice, Speed, StorageDevice, Tablet, UsbDevice
 from ..devices.standard import StandardDevice
 
-DEVICE_NAMES = ("tablet", "keyboard", "storage", "loopback")
-SPEEDS = {"low": Speed.LOW, "full": Speed.FULL, "high": Speed.HIGH, "super": Speed.SUPER}
-SCRATCH_STICK_MIB = 64
-
 _CLASSES: dict[str, type[StandardDevice]] = {
     "tablet": Tablet, "keyboard": Keyboard, "storage": StorageDevice, "loopback": LoopbackDevice}
+DEVICE_NAMES = tuple(_CLASSES)
+SPEEDS = {"low": Speed.LOW, "full": Speed.FULL, "high": Speed.HIGH, "super": Speed.SUPER}
+SCRATCH_STICK_MIB = 64
 
 
 @dataclass
@@ -51,22 +50,21 @@ def make_devices(choice: DeviceChoice, say: Callable[[str], None] | None = None
         raise ValueError("--speed storage=... needs a --storage IMAGE")
     if "loopback" in choice.speeds and not choice.loopback:
         raise ValueError("--speed loopback=... needs --loopback")
-    images = list(choice.storage)
-    for image in images:
+    for image in choice.storage:
         if choice.storage_size_mib is not None and not os.path.exists(image):
             create_image(image, choice.storage_size_mib)
             if say is not None:
                 say(f"created {image} ({choice.storage_size_mib} MiB, sparse)")
-    if choice.scratch_stick:
-        images.append(scratch_image(choice.storage_size_mib or SCRATCH_STICK_MIB))
+    images: list[str | None] = [*choice.storage, *([None] if choice.scratch_stick else [])]
     made: list[UsbDevice] = []
     try:
         for name, wanted in (("tablet", choice.tablet), ("keyboard", choice.keyboard)):
             if wanted:
                 made.append(make_device(name, speed=choice.speeds.get(name)))
-        for image in images:
-            made.append(make_device("storage", image=image, speed=choice.speeds.get("storage"),
-                                    readonly=choice.storage_readonly))
+        for path in images:
+            made.append(make_device("storage", image=path, speed=choice.speeds.get("storage"),
+                                    readonly=choice.storage_readonly,
+                                    scratch_mib=choice.storage_size_mib or SCRATCH_STICK_MIB))
         if choice.loopback:
             made.append(make_device("loopback", speed=choice.speeds.get("loopback")))
     except BaseException:

@@ -188,6 +188,15 @@ def add_trace_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) 
                              "(default: everything but xurb)")
 
 
+def start_option_trace(session: SessionTrace, path: str, terms: list[str]) -> Tracer:
+    """Start the capture `--trace FILE --trace-filter TERMS` ask for; ValueError naming the
+    option if the file cannot be written or the filter is wrong."""
+    try:
+        return session.start(path, terms)
+    except (TraceError, FilterError) as e:
+        raise ValueError(f"--trace {path}: {e}") from None
+
+
 @contextlib.contextmanager
 def tracing(session: SessionTrace, args: argparse.Namespace,
             say: Callable[[str], None] | None = None) -> Iterator[Tracer | None]:
@@ -204,10 +213,7 @@ def tracing(session: SessionTrace, args: argparse.Namespace,
         yield None
         return
     terms = (getattr(args, "trace_filter", "") or "").split()
-    try:
-        tracer = session.start(path, terms)
-    except (TraceError, FilterError) as e:
-        raise ValueError(f"--trace {path}: {e}") from None
+    tracer = start_option_trace(session, path, terms)
     if say:
         say(f"tracing to {tracer.path} ({tracer.filter})")
     try:

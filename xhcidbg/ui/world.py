@@ -25,6 +25,7 @@ from ..guest.device import Device, Endpoint, Transfer
 from ..guest.driver import XhciDriver
 from ..guest.storage import MassStorage, StorageError
 from ..session import DeviceChoice, Session, make_devices
+from ..trace.cli import start_option_trace
 from ..transport.inproc import InProcessBus
 from .runtime import GuestRunner, Job, LoopBus
 
@@ -109,7 +110,6 @@ class World(Session):
         self.reports: deque[Report] = deque(maxlen=MAX_REPORTS)
         self.report_count = 0                             # reports received in all
         self.guest_errors: deque[str] = deque(maxlen=64)
-        self.started = False
         self.controller.hooks.attach(_Notifier(self.runner.notify))
 
     def changed(self) -> None:
@@ -122,14 +122,13 @@ class World(Session):
         await super().start()
         o = self.options
         if o.trace:
-            self.trace.start(o.trace, o.trace_filter)
+            start_option_trace(self.trace, o.trace, o.trace_filter)
         self.plug_all(make_devices(o.devices, say=_tell))
         if o.guest:
             self.driver = XhciDriver(self.bus)
             self.driver.port_listeners.append(self._on_port_change)
             self.runner.service = self.driver.service
             self.runner.start(self._guest_setup)
-        self.started = True
 
     async def stop(self) -> None:
         await self.runner.stop()
