@@ -17,7 +17,9 @@ import sys
 from collections.abc import Callable
 
 from .session import add_device_options, device_choice
-from .trace.cli import add_trace_option
+from .trace.cli import add_trace_commands, add_trace_option
+from .trace.cli import run as run_trace
+from .vm import add_vm_commands
 
 CONSOLE_EXAMPLES = """examples:
   xhcidbg                                  interactive console, three devices plugged in
@@ -60,11 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "scripted guest.", epilog=CONSOLE_EXAMPLES)
     add_console_options(c)
     c.set_defaults(func=run_console)
-    from .trace.cli import add_trace_commands
-    from .trace.cli import run as run_trace
     add_trace_commands(sub).set_defaults(run_trace=run_trace)
-    from .vm import add_vm_commands  # `serve` and `vm`
-    add_vm_commands(sub)
+    add_vm_commands(sub)                       # `serve` and `vm`
     return parser
 
 

@@ -6,7 +6,8 @@
     trace stats FILE [FILTER...]
     trace install-dissector [--folder DIR]
 
-`xhcidbg serve` / `xhcidbg vm` take `--trace FILE` (`add_trace_option`, `tracing`).
+The console, `xhcidbg serve` and `xhcidbg vm` take `--trace FILE` (`add_trace_option`; serve and
+vm capture through `tracing`).
 
 `start`, `stop` and `status` act on the running session's capture: their handlers take
 `(args, session_trace)`, the session's `SessionTrace`; `show`, `stats` and `install-dissector`
@@ -180,7 +181,7 @@ def add_trace_commands(subparsers: argparse._SubParsersAction[P]) -> P:
 
 def add_trace_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """`--trace FILE` and `--trace-filter TERMS`: capture from the moment the controller starts
-    (for `xhcidbg serve` / `xhcidbg vm`; use with `tracing`).  `parser` may be a group."""
+    (`start_option_trace` or `tracing` start it).  `parser` may be a group."""
     parser.add_argument("--trace", metavar="FILE",
                         help="capture to FILE (pcapng; a FIFO streams to `wireshark -k -i FILE`)")
     parser.add_argument("--trace-filter", metavar="TERMS", default="",
@@ -240,7 +241,7 @@ def run(args: argparse.Namespace, session: SessionTrace | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (`python -m xhcidbg.trace.cli show FILE`) until xhcidbg.cli wires it."""
+    """`python -m xhcidbg.trace.cli show FILE`: the trace commands without the rest of the CLI."""
     parser = argparse.ArgumentParser(prog="xhcidbg")
     add_trace_commands(parser.add_subparsers(dest="command", required=True))
     return run(parser.parse_args(argv))
