@@ -102,7 +102,7 @@ def test_keyboard_type_produces_reports(con):
 
 def test_help_exists_for_every_command(con):
     listing = con.execute("help")
-    for name, _cmd in REGISTRY.commands.items():
+    for name in REGISTRY.commands:
         assert name in listing
         text = con.execute(f"help {name}")
         assert text.startswith("usage: " + name), name
