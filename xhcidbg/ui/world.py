@@ -11,7 +11,6 @@ guest's mass-storage client (`xhcidbg.guest.storage`).
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 import time
 from collections import deque
@@ -29,8 +28,6 @@ from ..trace.cli import start_option_trace
 from ..transport.inproc import InProcessBus
 from .runtime import GuestRunner, Job, LoopBus
 
-log = logging.getLogger("xhcidbg.ui")
-
 HID_CLASS = 0x03
 SET_IDLE = 0x0A
 INTERRUPT = 3                  # endpoint transfer type
@@ -45,6 +42,8 @@ def console_devices() -> DeviceChoice:
 
 @dataclass
 class WorldOptions:
+    """How the console's world is built (the console's command-line options, as data)."""
+
     devices: DeviceChoice = field(default_factory=console_devices)
     usb2_ports: int = 4
     usb3_ports: int = 4

@@ -12,7 +12,6 @@ kit.  Tests and benchmarks use the same class, so what they check is what the co
 """
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable, Iterable
 
@@ -21,8 +20,6 @@ from ..emu.controller import XhciController
 from ..session import Session
 from ..vfio_user import VfioUserServer
 from ..vfio_user.server import BUSY_POLL_US
-
-log = logging.getLogger("xhcidbg.vm")
 
 
 class EventLog:
