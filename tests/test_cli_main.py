@@ -1,6 +1,7 @@
 """The `xhcidbg` command line, run as a user runs it."""
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -8,6 +9,8 @@ import sys
 import pytest
 
 from xhcidbg.cli import build_parser
+from xhcidbg.devices import Speed
+from xhcidbg.session import DeviceChoice, device_choice
 
 
 def xhcidbg(*args: str, stdin: str = "", timeout: float = 60) -> subprocess.CompletedProcess:
@@ -60,3 +63,26 @@ def test_help_has_examples_and_subcommands():
     assert "console" in text and "examples:" in text
     r = xhcidbg("console", "--help")
     assert r.returncode == 0 and "--storage IMAGE" in r.stdout and "examples:" in r.stdout
+
+
+def test_console_serve_and_vm_take_the_same_device_options():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    shared = {"--no-tablet", "--no-keyboard", "--storage", "--storage-size", "--storage-readonly",
+              "--loopback", "--speed", "--trace", "--trace-filter"}
+    for name in ("console", "serve", "vm"):
+        options = {s for a in sub.choices[name]._actions for s in a.option_strings}
+        assert shared <= options, name
+
+    def choice(*argv: str) -> DeviceChoice:
+        return device_choice(parser.parse_args(list(argv)))
+
+    # each command keeps its defaults: the console adds a temporary stick, serve and vm do not
+    assert choice("console") == DeviceChoice(scratch_stick=True)
+    assert choice("serve", "--socket", "s") == choice("vm") == DeviceChoice()
+    # one --storage is one stick on that image; more are more sticks; --no-storage is none
+    assert choice("console", "--storage", "a.img").storage == ["a.img"]
+    assert not choice("console", "--storage", "a.img").scratch_stick
+    assert choice("vm", "--storage", "a", "--storage", "b").storage == ["a", "b"]
+    assert choice("console", "--no-storage") == DeviceChoice(scratch_stick=False)
+    assert choice("vm", "--speed", "keyboard=low").speeds == {"keyboard": Speed.LOW}

@@ -21,6 +21,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.e2e
+
 launch = pytest.importorskip("xhcidbg.guestkit.launch")
 
 
@@ -43,11 +45,11 @@ def xhcidbg() -> list[str]:
 def test_vm_command_boots_runs_commands_and_exits_with_the_guest(tmp_path, kit):
     image, serial = tmp_path / "stick.img", tmp_path / "serial.log"
     proc = subprocess.run(
-        xhcidbg() + ["vm", "--storage", str(image), "--storage-size", "16", "--loopback",
-                     "--speed", "loopback=high", "-m", "320", "--serial-log", str(serial),
-                     "--run", "cat /sys/block/sda/size", "--run", "cat /sys/class/dmi/id/product_serial",
-                     "--run", "grep MemTotal /proc/meminfo", "--poweroff",
-                     "--", "-smbios", "type=1,serial=XHCIDBG-E2E"],
+        [*xhcidbg(), "vm", "--storage", str(image), "--storage-size", "16", "--loopback",
+         "--speed", "loopback=high", "-m", "320", "--serial-log", str(serial),
+         "--run", "cat /sys/block/sda/size", "--run", "cat /sys/class/dmi/id/product_serial",
+         "--run", "grep MemTotal /proc/meminfo", "--poweroff",
+         "--", "-smbios", "type=1,serial=XHCIDBG-E2E"],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
@@ -67,7 +69,7 @@ def test_vm_command_boots_runs_commands_and_exits_with_the_guest(tmp_path, kit):
 
 def start_vm(tmp_path) -> tuple[subprocess.Popen, int]:
     """`xhcidbg vm` running in the background; returns it and QEMU's pid once it is up."""
-    proc = subprocess.Popen(xhcidbg() + ["vm", "--no-keyboard"], stderr=subprocess.PIPE,
+    proc = subprocess.Popen([*xhcidbg(), "vm", "--no-keyboard"], stderr=subprocess.PIPE,
                             stdout=subprocess.DEVNULL, text=True)
     deadline = time.monotonic() + 120
     for line in proc.stderr:
@@ -122,8 +124,8 @@ def test_serve_prints_the_device_option_a_users_qemu_boots_with(tmp_path, kit):
     qemu, kernel, initrd = kit
     sock = tmp_path / "xhci.sock"
     image = tmp_path / "stick.img"
-    proc = subprocess.Popen(xhcidbg() + ["serve", "--socket", str(sock), "--once", "--no-tablet",
-                                         "--storage", str(image), "--storage-size", "8"],
+    proc = subprocess.Popen([*xhcidbg(), "serve", "--socket", str(sock), "--once", "--no-tablet",
+                             "--storage", str(image), "--storage-size", "8"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()

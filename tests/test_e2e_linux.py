@@ -23,6 +23,8 @@ import pytest
 from xhcidbg.devices import Keyboard, LoopbackDevice, Speed, StorageDevice, Tablet
 from xhcidbg.vm import Backend
 
+pytestmark = pytest.mark.e2e
+
 launch = pytest.importorskip("xhcidbg.guestkit.launch")
 
 STICK_MIB = 64
@@ -377,7 +379,8 @@ def read_fat(image: bytes) -> dict[str, bytes]:
             if base in (".", ".."):
                 continue
             name = prefix + base + (f".{ext}" if ext else "")
-            first = struct.unpack_from("<H", entry, 20)[0] << 16 | struct.unpack_from("<H", entry, 26)[0]
+            first = (struct.unpack_from("<H", entry, 20)[0] << 16
+                     | struct.unpack_from("<H", entry, 26)[0])
             size = struct.unpack_from("<I", entry, 28)[0]
             if attr & 0x10:
                 walk(chain(first, None), name + "/", files)

@@ -13,6 +13,8 @@ from xhcidbg.guestkit.launch import Vm, VmExited, build_command, vfio_user_devic
 from xhcidbg.guestkit.reference import make_disk, qemu_xhci_args, read_speed, wait_enumerated
 from xhcidbg.guestkit.testing import guest_kit
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def kit():

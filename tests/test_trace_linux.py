@@ -43,6 +43,8 @@ from xhcidbg.trace.tracer import Tracer
 from xhcidbg.trace.viewer import Reader, collect_stats
 from xhcidbg.vfio_user import VfioUserServer
 
+pytestmark = pytest.mark.e2e
+
 TSHARK = shutil.which("tshark")
 PRODUCTS = {"tablet": "xhcidbg USB Tablet", "keyboard": "xhcidbg USB Keyboard",
             "storage": "xhcidbg Mass Storage"}

@@ -11,6 +11,7 @@ from prompt_toolkit.document import Document
 from xhcidbg.devices.keyboard import keycode
 from xhcidbg.emu import regs as R
 from xhcidbg.emu.trb import CC, TrbType
+from xhcidbg.session import DeviceChoice
 from xhcidbg.ui import Console, WorldOptions
 from xhcidbg.ui.completion import CommandCompleter
 from xhcidbg.ui.registry import REGISTRY
@@ -70,7 +71,7 @@ def test_regs_show_live_values_field_by_field(con):
 def test_pause_tablet_move_step_td_completes_the_interrupt_td(con):
     c = con.controller
     w = con.world
-    port, tablet = w.find("tablet")
+    port, _tablet = w.find("tablet")
     slot = w.guest_devices[port].device.slot
     con.execute("pause")
     before = len(transfer_events(c, slot, 3))
@@ -101,7 +102,7 @@ def test_keyboard_type_produces_reports(con):
 
 def test_help_exists_for_every_command(con):
     listing = con.execute("help")
-    for name, cmd in REGISTRY.commands.items():
+    for name in REGISTRY.commands:
         assert name in listing
         text = con.execute(f"help {name}")
         assert text.startswith("usage: " + name), name
@@ -140,7 +141,7 @@ def test_breakpoint_trb_setup_and_step_trb(con):
     out = con.execute("plug tablet")
     assert c.gate.paused and "Setup Stage" in out
     hit_ring = con.activity.last_ring
-    slot, dci = map(int, hit_ring.split("/"))
+    _slot, dci = map(int, hit_ring.split("/"))
     assert dci == 1
     out = con.execute("step trb")
     assert "stepped 1 trb" in out
@@ -177,7 +178,7 @@ def test_storage_read_goes_through_the_guest(tmp_path):
         f.truncate(4 << 20)
         f.seek(512)
         f.write(b"xhcidbg was here")
-    with Console(WorldOptions(storage_image=str(image), tablet=False, keyboard=False),
+    with Console(WorldOptions(DeviceChoice(storage=[str(image)], tablet=False, keyboard=False)),
                  width=160) as con:
         out = con.execute("storage")
         assert f"READ CAPACITY {os.path.getsize(image) // 512} blocks" in out

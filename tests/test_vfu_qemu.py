@@ -21,6 +21,8 @@ from xhcidbg.guestkit.testing import guest_kit as fetch_guest_kit
 from xhcidbg.vfio_user import VfioUserServer
 from xhcidbg.vfio_user.protocol import Command
 
+pytestmark = pytest.mark.e2e
+
 # The function as the guest finds it by class code (the PCI address depends on the machine).
 FIND_FUNCTION = "d=$(grep -l 0x0c0330 /sys/bus/pci/devices/*/class | head -1); d=${d%/class}"
 

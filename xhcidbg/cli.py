@@ -5,15 +5,21 @@
     xhcidbg trace ...               capture, view and summarise pcapng traces
     xhcidbg serve ... / vm ...      serve the controller to QEMU / boot a VM against it
 
-Sub-commands other than `console` come from their own packages and are imported only when
-present, so a missing piece never breaks the console.  A package provides one with a function
-`add_<name>_command(subparsers)` that adds its parser and sets `func(args) -> int` on it.
+Every command that runs a controller builds the same session (`xhcidbg.session`) and takes the
+same device options.  The other sub-commands come from their own packages: each provides a
+function `add_<name>_commands(subparsers)` that adds its parsers and sets `func(args) -> int`.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from collections.abc import Callable
+
+from .session import add_device_options, device_choice
+from .trace.cli import add_trace_commands, add_trace_option
+from .trace.cli import run as run_trace
+from .vm import add_vm_commands
 
 CONSOLE_EXAMPLES = """examples:
   xhcidbg                                  interactive console, three devices plugged in
@@ -24,21 +30,12 @@ CONSOLE_EXAMPLES = """examples:
   xhcidbg console --trace /tmp/usb.pcapng  capture everything from the first MMIO access
 """
 
-# (sub-command, module, function adding it): imported lazily, skipped when absent
-
 
 def add_console_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("devices")
-    g.add_argument("--storage", metavar="IMAGE",
-                   help="disk image for the mass-storage stick (default: a temporary 64 MiB one)")
-    g.add_argument("--storage-size", metavar="MIB", type=int, default=64,
-                   help="size of the temporary image in MiB (default 64)")
-    g.add_argument("--no-tablet", action="store_true", help="do not plug the tablet in")
-    g.add_argument("--no-keyboard", action="store_true", help="do not plug the keyboard in")
-    g.add_argument("--no-storage", action="store_true", help="do not plug the storage stick in")
+    add_device_options(p, scratch_stick=True)
+    g = p.add_argument_group("running")
     g.add_argument("--no-guest", action="store_true",
                    help="no scripted guest: the controller stays in reset until you drive it")
-    g = p.add_argument_group("running")
     g.add_argument("-c", "--commands", metavar="'CMD; CMD'", action="append",
                    help="run these console commands, print their output and exit")
     g.add_argument("--batch", action="store_true",
@@ -47,8 +44,7 @@ def add_console_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--echo", action="store_true", help="batch: print each command before its "
                                                        "output")
     g.add_argument("--width", type=int, help="output width in columns")
-    g.add_argument("--trace", metavar="FILE",
-                   help="capture everything to FILE (pcapng) from the start")
+    add_trace_option(g)
     g.add_argument("-v", "--verbose", action="store_true", help="log what the controller "
                                                                 "refuses")
 
@@ -66,21 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "scripted guest.", epilog=CONSOLE_EXAMPLES)
     add_console_options(c)
     c.set_defaults(func=run_console)
-    from .trace.cli import add_trace_commands, run as run_trace
     add_trace_commands(sub).set_defaults(run_trace=run_trace)
-    from .vm import add_vm_commands            # `serve` and `vm`
-    add_vm_commands(sub)
+    add_vm_commands(sub)                       # `serve` and `vm`
     return parser
 
 
-def run_console(args) -> int:
+def run_console(args: argparse.Namespace) -> int:
     from .ui.console import Console
     from .ui.world import WorldOptions
 
-    options = WorldOptions(tablet=not args.no_tablet, keyboard=not args.no_keyboard,
-                           storage=not args.no_storage, storage_image=args.storage,
-                           storage_bytes=max(1, args.storage_size) << 20,
-                           guest=not args.no_guest, trace=args.trace)
+    options = WorldOptions(devices=device_choice(args), guest=not args.no_guest,
+                           trace=args.trace, trace_filter=args.trace_filter.split())
     batch = args.batch or args.commands or not sys.stdin.isatty()
     try:
         console = Console(options, width=args.width).start()
@@ -110,9 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if getattr(args, "verbose", False)
                         else logging.ERROR, format="%(name)s: %(message)s")
-    if getattr(args, "run_trace", None) is not None:
-        return args.run_trace(args, None)
-    return args.func(args)
+    run_trace: Callable[[argparse.Namespace, None], int] | None = getattr(args, "run_trace", None)
+    if run_trace is not None:          # `trace ...` outside a session: show, stats, install
+        return run_trace(args, None)
+    run: Callable[[argparse.Namespace], int] = args.func
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ controller reaches by DMA, interrupts -- and nothing else.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..emu.controller import XhciController
 from ..emu.interrupters import InterruptSink
@@ -13,12 +14,16 @@ from ..emu.timing import Scheduler
 
 
 class _Sink(InterruptSink):
-    def __init__(self, bus: "InProcessBus"):
+    def __init__(self, bus: InProcessBus):
         self.bus = bus
 
     @property
     def message_signalled(self) -> bool:
         return self.bus.mode == "msix"
+
+    @message_signalled.setter
+    def message_signalled(self, value: bool) -> None:
+        self.bus.mode = "msix" if value else "intx"
 
     def signal(self, interrupter: int) -> None:
         self.bus.interrupts[interrupter] += 1
@@ -34,7 +39,7 @@ class _Sink(InterruptSink):
 
 class InProcessBus:
     def __init__(self, controller: XhciController | None = None, ram_size: int = 64 << 20,
-                 mode: str = "msix", **controller_options):
+                 mode: str = "msix", **controller_options: Any):
         if controller is None:
             controller_options.setdefault("scheduler", Scheduler(virtual=True))
             controller = XhciController(**controller_options)

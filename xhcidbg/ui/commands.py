@@ -5,28 +5,44 @@ from __future__ import annotations
 import contextlib
 import io
 import shlex
+from argparse import Namespace
+from typing import TYPE_CHECKING, TypeVar
 
 from rich import box
 from rich.table import Table
 from rich.text import Text
 
+from ..devices import Keyboard, Tablet, UsbDevice
+from ..session import DEVICE_NAMES, SCRATCH_STICK_MIB, make_device
+from ..trace import cli as trace_cli
 from . import render
 from .observe import BREAK_KINDS
 from .registry import REGISTRY, command, parser
-from .world import make_device, read_blocks, read_capacity_and_inquiry
+
+if TYPE_CHECKING:
+    from .console import Console
 
 EXECUTION, INSPECT, DEVICES, SESSION = "execution", "inspection", "devices", "session"
+D = TypeVar("D", bound=UsbDevice)
 
 
-def _ports(con, words):
+def _plugged(con: Console, cls: type[D]) -> D:
+    """The first plugged device of class `cls`, found by its name."""
+    _, dev = con.world.find(cls.name)
+    if not isinstance(dev, cls):
+        raise LookupError(f"the device called {cls.name} is not a {cls.__name__}")
+    return dev
+
+
+def _ports(con: Console, words: list[str]) -> list[str]:
     return [str(p.number) for p in con.controller.ports]
 
 
-def _slots(con, words):
+def _slots(con: Console, words: list[str]) -> list[str]:
     return [str(s) for s in sorted(con.controller.slots)]
 
 
-# ==== inspection ====================================================================================
+# ==== inspection =================================================================================
 p = parser("regs", "Capability, operational and runtime registers, decoded field by field.",
            """regs              # every fixed register, non-zero fields inline
               regs usbsts       # one register, all its fields with bits and meaning
@@ -37,7 +53,7 @@ p.add_argument("index", nargs="?", type=int, help="port number or interrupter in
 
 
 @command(p, INSPECT, complete=lambda con, w: render.register_names())
-def regs(con, args):
+def regs(con: Console, args: Namespace) -> None:
     if args.name:
         con.out.print(render.register_view(con.controller, args.name, args.index))
     else:
@@ -51,7 +67,7 @@ p.add_argument("port", nargs="?", type=int, help="one port number")
 
 
 @command(p, INSPECT, complete=_ports)
-def ports(con, args):
+def ports(con: Console, args: Namespace) -> None:
     con.out.print(render.ports_view(con.controller, args.port))
 
 
@@ -64,7 +80,7 @@ p.add_argument("dci", nargs="?", type=int, help="endpoint DCI (1 = ep0, 3 = ep1i
 
 
 @command(p, INSPECT, aliases=("slot",), complete=_slots)
-def slots(con, args):
+def slots(con: Console, args: Namespace) -> None:
     if args.slot is None:
         con.out.print(render.slots_view(con.controller))
     else:
@@ -82,7 +98,7 @@ p.add_argument("-a", "--after", type=int, default=8, help="TRBs shown from the d
 
 
 @command(p, INSPECT, complete=lambda con, w: render.ring_names(con.controller))
-def ring(con, args):
+def ring(con: Console, args: Namespace) -> None:
     name = args.ring or con.current_ring()
     con.out.print(render.ring_view(con.controller, name, max(0, args.before), max(1, args.after)))
 
@@ -93,7 +109,7 @@ p.add_argument("address", type=lambda s: int(s, 0))
 
 
 @command(p, INSPECT)
-def trb(con, args):
+def trb(con: Console, args: Namespace) -> None:
     con.out.print(render.trb_view(con.controller, args.address))
 
 
@@ -106,7 +122,7 @@ p.add_argument("-n", "--count", type=int, default=8)
 
 
 @command(p, INSPECT, aliases=("ev",))
-def events(con, args):
+def events(con: Console, args: Namespace) -> None:
     con.out.print(render.events_view(con.controller, args.interrupter, max(1, args.count)))
 
 
@@ -115,7 +131,7 @@ p = parser("interrupters", "Interrupters: IMAN, IMOD, event ring registers and c
 
 
 @command(p, INSPECT, aliases=("intr",))
-def interrupters(con, args):
+def interrupters(con: Console, args: Namespace) -> None:
     con.out.print(render.interrupters_view(con.controller, con.world.inproc.interrupts))
 
 
@@ -124,7 +140,7 @@ p = parser("devices", "Devices plugged in, with what the controller and the gues
 
 
 @command(p, INSPECT, aliases=("dev",))
-def devices(con, args):
+def devices(con: Console, args: Namespace) -> None:
     w = con.world
     t = Table(title="devices", box=box.SIMPLE_HEAD, title_justify="left")
     for col in ("port", "device", "state (device side)", "slot", "guest"):
@@ -137,7 +153,8 @@ def devices(con, args):
             guest = f"enumerated as slot {gd.device.slot}, {gd.kind}"
             if gd.polling:
                 guest += f", polling {', '.join(f'{a:#04x}' for a in gd.polling)}"
-        t.add_row(str(port), dev.name, dev.describe(), str(slot.id) if slot else "", guest)
+        t.add_row(str(port), dev.name, render.describe_device(dev), str(slot.id) if slot else "",
+                  guest)
     if not w.devices:
         t.caption = "nothing is plugged in"
     con.out.print(t)
@@ -152,7 +169,7 @@ p.add_argument("panes", nargs="*", help="status, hit, ring, events, ports, slots
 
 
 @command(p, INSPECT, aliases=("ctx",))
-def context(con, args):
+def context(con: Console, args: Namespace) -> None:
     if args.action == "set":
         bad = [x for x in args.panes if x not in con.PANES]
         if bad or not args.panes:
@@ -175,7 +192,7 @@ p.add_argument("-n", "--count", type=int, default=30)
 
 
 @command(p, INSPECT)
-def log(con, args):
+def log(con: Console, args: Namespace) -> None:
     recs = [r for r in con.activity.records if args.kind is None or r.kind == args.kind]
     for r in recs[-max(1, args.count):]:
         con.out.print(Text(f"{r.seq:6} {r.text}"))
@@ -183,13 +200,13 @@ def log(con, args):
         con.out.print("nothing recorded yet")
 
 
-# ==== execution ====================================================================================
+# ==== execution ==================================================================================
 p = parser("pause", "Stop ring processing (MMIO is still answered; timers still run).",
            "pause")
 
 
 @command(p, EXECUTION, aliases=("stop",))
-async def pause(con, args):
+async def pause(con: Console, args: Namespace) -> None:
     gate = con.controller.gate
     if gate.paused:
         con.out.print("already paused")
@@ -204,7 +221,7 @@ p = parser("continue", "Resume ring processing until a breakpoint hits (or `paus
 
 
 @command(p, EXECUTION, aliases=("resume", "c", "cont"))
-async def continue_(con, args):
+async def continue_(con: Console, args: Namespace) -> None:
     since = con.activity.seq
     con.breakpoints.last_hit = None
     con.controller.gate.resume()
@@ -231,7 +248,7 @@ p.add_argument("count", nargs="?", type=int, default=1)
 
 
 @command(p, EXECUTION, aliases=("s", "si"))
-async def step(con, args):
+async def step(con: Console, args: Namespace) -> None:
     gate = con.controller.gate
     if not gate.paused:
         gate.pause()
@@ -242,7 +259,7 @@ async def step(con, args):
         key = gate.step(args.unit)
         if key is None:
             break
-        moved.append(key if isinstance(key, str) else f"{key[0]}/{key[1]}")
+        moved.append(render.ring_key_name(key))
         con.world.runner.notify()
         await con.world.settle(1.0)
     if not moved:
@@ -275,14 +292,14 @@ p.add_argument("kind", nargs="?", choices=tuple(BREAK_KINDS))
 p.add_argument("conditions", nargs="*", metavar="KEY=VALUE")
 
 
-def _break_complete(con, words):
+def _break_complete(con: Console, words: list[str]) -> list[str]:
     if len(words) <= 1:
         return list(BREAK_KINDS)
     return [f"{k}=" for k in BREAK_KINDS.get(words[0], {})]
 
 
 @command(p, EXECUTION, aliases=("b",), complete=_break_complete)
-def break_(con, args):
+def break_(con: Console, args: Namespace) -> None:
     bps = con.breakpoints
     if args.kind is None:
         if not bps.points:
@@ -307,7 +324,7 @@ p.add_argument("which", help="a breakpoint number or `all`")
 
 
 @command(p, EXECUTION, aliases=("d",))
-def delete(con, args):
+def delete(con: Console, args: Namespace) -> None:
     n = con.breakpoints.delete(None if args.which == "all" else int(args.which))
     con.out.print(f"deleted {n} breakpoint(s)")
 
@@ -316,7 +333,7 @@ for _name, _on in (("enable", True), ("disable", False)):
     p = parser(_name, f"{_name.capitalize()} a breakpoint.", f"{_name} 1")
     p.add_argument("number", type=int)
 
-    def _toggle(con, args, on=_on):
+    def _toggle(con: Console, args: Namespace, on: bool = _on) -> None:
         b = con.breakpoints.get(args.number)
         b.enabled = on
         con.out.print(f"breakpoint {b} {'enabled' if on else 'disabled'}")
@@ -324,7 +341,7 @@ for _name, _on in (("enable", True), ("disable", False)):
     command(p, EXECUTION)(_toggle)
 
 
-# ==== devices =======================================================================================
+# ==== devices ====================================================================================
 p = parser("tablet", "Drive the USB tablet: the guest polls it, so each action is a real "
                      "interrupt transfer.",
            """tablet move 100 200      # absolute position (0..32767 each)
@@ -345,8 +362,8 @@ s.add_argument("clicks", type=int)
 
 
 @command(p, DEVICES)
-async def tablet(con, args):
-    _, dev = con.world.find("tablet")
+async def tablet(con: Console, args: Namespace) -> None:
+    dev = _plugged(con, Tablet)
     since = con.mark()
     if args.action == "move":
         dev.move(args.x, args.y)
@@ -375,8 +392,8 @@ s.add_argument("key")
 
 
 @command(p, DEVICES, aliases=("kbd",))
-async def keyboard(con, args):
-    _, dev = con.world.find("keyboard")
+async def keyboard(con: Console, args: Namespace) -> None:
+    dev = _plugged(con, Keyboard)
     since = con.mark()
     if args.action == "type":
         dev.type(" ".join(args.text))
@@ -393,14 +410,18 @@ p = parser("plug", "Plug a new device into a root port (hotplug); the guest enum
            """plug tablet               # first free port of the right speed
               plug keyboard 3
               plug storage --image disk.img""")
-p.add_argument("kind", choices=("tablet", "keyboard", "storage"))
+p.add_argument("kind", choices=DEVICE_NAMES)
 p.add_argument("port", nargs="?", type=int)
-p.add_argument("--image", help="disk image for storage (default: a new 64 MiB temporary one)")
+p.add_argument("--image", help=f"disk image for storage (default: a new {SCRATCH_STICK_MIB} MiB "
+                               f"temporary one, or --storage-size MiB)")
 
 
 @command(p, DEVICES)
-async def plug(con, args):
-    dev = make_device(args.kind, con.world.options, args.image)
+async def plug(con: Console, args: Namespace) -> None:
+    choice = con.world.options.devices
+    dev = make_device(args.kind, image=args.image, speed=choice.speeds.get(args.kind),
+                      readonly=choice.storage_readonly,
+                      scratch_mib=choice.storage_size_mib or SCRATCH_STICK_MIB)
     since = con.activity.seq
     number = con.world.plug(dev, args.port)
     con.out.print(f"{dev.name} plugged into port {number}")
@@ -421,7 +442,7 @@ p.add_argument("what", help="port number, or tablet / keyboard / storage")
 
 @command(p, DEVICES, complete=lambda con, w: [str(p) for p in con.world.devices]
          + [d.name for d in con.world.devices.values()])
-async def unplug(con, args):
+async def unplug(con: Console, args: Namespace) -> None:
     port = int(args.what) if args.what.isdigit() else con.world.find(args.what)[0]
     since = con.activity.seq
     dev = con.world.unplug(port)
@@ -440,34 +461,34 @@ p.add_argument("count", nargs="?", type=int, default=1)
 
 
 @command(p, DEVICES)
-async def storage(con, args):
+async def storage(con: Console, args: Namespace) -> None:
     w = con.world
     port, dev = w.find("storage")
     if args.action == "info":
-        con.out.print(f"port {port}: {dev.describe()}")
-        gd = w.guest_device("storage")
-        job = w.guest_job("storage info", lambda: read_capacity_and_inquiry(gd))
+        con.out.print(f"port {port}: {render.describe_device(dev)}")
+        disk = w.guest_storage()
+        job = w.guest_job("storage info", lambda: (disk.inquiry(), disk.read_capacity()))
     else:
         if not 1 <= args.count <= 128:
             raise ValueError("read 1..128 blocks at a time")
-        gd = w.guest_device("storage")
+        disk = w.guest_storage()
         job = w.guest_job(f"read {args.count} block(s) at {args.lba}",
-                          lambda: read_blocks(gd, args.lba, args.count))
+                          lambda: disk.read(args.lba, args.count))
     if not await w.wait_job(job):
         con.out.print(f"guest: {job.what} is waiting (the controller is paused); "
                       f"`continue` lets it finish")
         return
     if job.error:
         raise ValueError(f"guest: {job.what} failed: {job.error}")
-    r = job.result
     if args.action == "info":
-        con.out.print(f"guest: INQUIRY '{r['vendor']}' '{r['product']}' rev {r['revision']}; "
-                      f"READ CAPACITY {r['blocks']} blocks of {r['block_length']} bytes "
-                      f"({r['blocks'] * r['block_length'] >> 20} MiB)")
+        inquiry, (last_lba, block_length) = job.result
+        blocks = last_lba + 1
+        con.out.print(f"guest: INQUIRY '{inquiry.vendor}' '{inquiry.product}' rev "
+                      f"{inquiry.revision}; READ CAPACITY {blocks} blocks of {block_length} "
+                      f"bytes ({blocks * block_length >> 20} MiB)")
     else:
-        data = r["data"]
-        con.out.print(f"guest: READ(10) LBA {args.lba}: {len(data)} bytes, CSW status "
-                      f"{r['status']}, residue {r['residue']}")
+        data: bytes = job.result
+        con.out.print(f"guest: READ(10) LBA {args.lba}: {len(data)} bytes")
         for line in hexdump(data):
             con.out.print(Text(line))
 
@@ -479,7 +500,7 @@ p.add_argument("-n", "--count", type=int, default=10)
 
 
 @command(p, DEVICES)
-def reports(con, args):
+def reports(con: Console, args: Namespace) -> None:
     recs = list(con.world.reports)[-max(1, args.count):]
     for r in recs:
         con.out.print(str(r))
@@ -491,7 +512,7 @@ p = parser("guest", "The in-process scripted guest: state, jobs, errors.", "gues
 
 
 @command(p, SESSION)
-def guest(con, args):
+def guest(con: Console, args: Namespace) -> None:
     w = con.world
     r = w.runner
     if w.driver is None:
@@ -508,7 +529,7 @@ def guest(con, args):
         con.out.print(Text(f"  error: {e}", style="red"))
 
 
-# ==== session ======================================================================================
+# ==== session ====================================================================================
 p = parser("trace", "Capture to pcapng (Wireshark) and read captures back.",
            """trace start /tmp/usb.pcapng
               trace status
@@ -519,18 +540,14 @@ p.add_argument("-h", "--help", action="store_true")
 
 
 @command(p, SESSION)
-def trace(con, args):
-    try:
-        from ..trace import cli as trace_cli
-    except ImportError as e:
-        raise ValueError(f"tracing is not available in this build ({e})") from None
+def trace(con: Console, args: Namespace) -> None:
     tp = parser("xhcidbg", "")
     trace_cli.add_trace_commands(tp.add_subparsers(dest="command"))
     argv = ["trace", *args.rest] + (["-h"] if args.help else [])
     ns = tp.parse(argv)
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-        trace_cli.run(ns, con.controller)
+        trace_cli.run(ns, con.world.trace)
     con.out.print(Text(buf.getvalue().rstrip()))
 
 
@@ -541,7 +558,7 @@ p.add_argument("command", nargs="?")
 
 
 @command(p, SESSION, aliases=("h", "?"), complete=lambda con, w: REGISTRY.names())
-def help_(con, args):
+def help_(con: Console, args: Namespace) -> None:
     if args.command:
         cmd = REGISTRY.lookup(args.command)
         if cmd is None:
@@ -567,7 +584,7 @@ p = parser("quit", "Leave the console.", "quit")
 
 
 @command(p, SESSION, aliases=("exit", "q"))
-def quit_(con, args):
+def quit_(con: Console, args: Namespace) -> None:
     con.quit_requested = True
 
 

@@ -3,11 +3,18 @@ declares them (sub-commands, choices, options), then live values (ports, slots, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-from prompt_toolkit.completion import Completer, Completion
+from prompt_toolkit.completion import CompleteEvent, Completer, Completion
+from prompt_toolkit.document import Document
 
 from .registry import REGISTRY
+
+if TYPE_CHECKING:
+    from .console import Console
 
 
 def _parser_words(parser: argparse.ArgumentParser, words: list[str]) -> list[str]:
@@ -30,19 +37,17 @@ def _parser_words(parser: argparse.ArgumentParser, words: list[str]) -> list[str
 
 
 class CommandCompleter(Completer):
-    def __init__(self, console):
+    def __init__(self, console: Console):
         self.console = console
 
-    def get_completions(self, document, complete_event):
+    def get_completions(self, document: Document,
+                        complete_event: CompleteEvent) -> Iterator[Completion]:
         text = document.text_before_cursor
         try:
             words = shlex.split(text)
         except ValueError:
             return
-        if text.endswith(" ") or not words:
-            current = ""
-        else:
-            current = words.pop()
+        current = "" if text.endswith(" ") or not words else words.pop()
         if ";" in text:
             return
         if not words:
@@ -53,11 +58,10 @@ class CommandCompleter(Completer):
                 return
             candidates = _parser_words(cmd.parser, words[1:])
             if cmd.complete is not None:
-                try:
-                    candidates = list(cmd.complete(self.console, words[1:] + [current])) + \
-                        candidates
-                except Exception:       # live values are a convenience; never break typing
-                    pass
+                # live values are a convenience; never break typing
+                with contextlib.suppress(Exception):
+                    candidates = [*cmd.complete(self.console, [*words[1:], current]),
+                                  *candidates]
         seen = set()
         for c in candidates:
             if c.lower().startswith(current.lower()) and c not in seen:

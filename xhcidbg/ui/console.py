@@ -18,18 +18,23 @@ import logging
 import os
 import sys
 import traceback
+from collections.abc import Iterable
 from difflib import get_close_matches
-from typing import Iterable
+from typing import TYPE_CHECKING, TextIO
 
 from rich.console import Console as RichConsole
 from rich.rule import Rule
 from rich.text import Text
 
-from . import commands as _commands  # noqa: F401  (registers the commands)
+from ..emu.controller import XhciController
+from . import commands as _commands
 from . import render
-from .observe import ActivityLog, Breakpoints
+from .observe import ActivityLog, Breakpoint, Breakpoints
 from .registry import REGISTRY, HelpShown, UsageError
 from .world import World, WorldOptions
+
+if TYPE_CHECKING:
+    from prompt_toolkit.formatted_text import HTML
 
 log = logging.getLogger("xhcidbg.ui")
 
@@ -47,9 +52,9 @@ class Console:
         self.width = width
         self.color = color
         self.loop = asyncio.new_event_loop()
-        self.world: World | None = None
+        self._world: World | None = None
         self.activity = ActivityLog()
-        self.breakpoints: Breakpoints | None = None
+        self._breakpoints: Breakpoints | None = None
         self.out: RichConsole = self._text_console(io.StringIO())
         self.interactive = False
         self.panes = ["status", "hit", "ring", "events"]
@@ -60,33 +65,46 @@ class Console:
         self._context_shown = False
 
     @property
-    def controller(self):
+    def world(self) -> World:
+        """The session the console runs on (from `start` on)."""
+        if self._world is None:
+            raise RuntimeError("the console has not started")
+        return self._world
+
+    @property
+    def controller(self) -> XhciController:
         return self.world.controller
 
+    @property
+    def breakpoints(self) -> Breakpoints:
+        if self._breakpoints is None:
+            raise RuntimeError("the console has not started")
+        return self._breakpoints
+
     # ---- life cycle -------------------------------------------------------------------------
-    def start(self) -> "Console":
+    def start(self) -> Console:
         self.loop.run_until_complete(self.astart())
         return self
 
     async def astart(self) -> None:
-        self.world = World(self.options)
-        hooks = self.controller.hooks
+        world = self._world = World(self.options)
+        hooks = world.controller.hooks
         hooks.attach(self.activity)
-        self.breakpoints = Breakpoints(self.controller.gate, self._on_breakpoint)
-        hooks.attach(self.breakpoints)
-        await self.world.start()
-        await self.world.settle(10.0)
+        self._breakpoints = Breakpoints(world.controller.gate, self._on_breakpoint)
+        hooks.attach(self._breakpoints)
+        await world.start()
+        await world.settle(10.0)
 
     def close(self) -> None:
-        if self.world is not None and not self.loop.is_closed():
-            self.loop.run_until_complete(self.world.stop())
+        if self._world is not None and not self.loop.is_closed():
+            self.loop.run_until_complete(self._world.stop())
         if not self.loop.is_closed():
             self.loop.close()
 
-    def __enter__(self) -> "Console":
+    def __enter__(self) -> Console:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # ---- running commands -------------------------------------------------------------------
@@ -124,13 +142,13 @@ class Console:
             return False
         self._busy = True
         self._context_shown = False
-        hits = self.breakpoints.hits if self.breakpoints else 0
+        hits = self.breakpoints.hits
         try:
             args = cmd.parser.parse(words[1:])
             result = cmd.func(self, args)
             if inspect.isawaitable(result):
                 await result
-            if self.breakpoints and self.breakpoints.hits != hits and not self._context_shown:
+            if self.breakpoints.hits != hits and not self._context_shown:
                 self.show_context()      # a breakpoint hit while the command ran
             return True
         except HelpShown as h:
@@ -148,12 +166,13 @@ class Console:
             self._busy = False
         return False
 
-    def run_script(self, lines: Iterable[str], echo: bool = True, file=None) -> int:
+    def run_script(self, lines: Iterable[str], echo: bool = True,
+                   file: TextIO | None = None) -> int:
         """Batch mode: run each line, print its output; returns the number of failed commands."""
-        file = file or sys.stdout
+        out = file or sys.stdout
         failed = 0
 
-        async def go():
+        async def go() -> None:
             nonlocal failed
             for raw in lines:
                 for cmd in _commands.split_commands(raw):
@@ -165,8 +184,8 @@ class Console:
                         ok = await self.run_one(cmd)
                     finally:
                         self.out = saved
-                    file.write(buf.getvalue())
-                    file.flush()
+                    out.write(buf.getvalue())
+                    out.flush()
                     failed += not ok
                     if self.quit_requested:
                         return
@@ -241,7 +260,7 @@ class Console:
             elif pane == "slots":
                 self.out.print(render.slots_view(c))
 
-    def _on_breakpoint(self, bp, what: str) -> None:
+    def _on_breakpoint(self, bp: Breakpoint, what: str) -> None:
         if self.breakpoints.last_ring:
             self.stepped_ring = self.breakpoints.last_ring  # show the ring it stopped on
         if self.interactive and not self._busy:
@@ -251,7 +270,7 @@ class Console:
         self.show_context()
 
     # ---- output -----------------------------------------------------------------------------
-    def _text_console(self, file) -> RichConsole:
+    def _text_console(self, file: TextIO) -> RichConsole:
         return RichConsole(file=file, width=self.width or 150, force_terminal=False,
                            no_color=True, highlight=False, emoji=False, soft_wrap=False)
 
@@ -261,17 +280,18 @@ class Console:
 
     async def _interact(self) -> None:
         from prompt_toolkit import PromptSession
-        from prompt_toolkit.history import FileHistory, InMemoryHistory
+        from prompt_toolkit.history import FileHistory, History, InMemoryHistory
         from prompt_toolkit.patch_stdout import patch_stdout
 
         from .completion import CommandCompleter
 
+        history: History
         try:
             history = FileHistory(HISTORY_FILE)
         except OSError:
             history = InMemoryHistory()
-        session = PromptSession(history=history, completer=CommandCompleter(self),
-                                complete_while_typing=False)
+        session: PromptSession[str] = PromptSession(
+            history=history, completer=CommandCompleter(self), complete_while_typing=False)
         self.interactive = True
         with patch_stdout(raw=True):
             self.out = RichConsole(file=sys.stdout, force_terminal=True, highlight=False,
@@ -289,9 +309,9 @@ class Console:
                     if self.quit_requested:
                         break
 
-    def _prompt(self):
+    def _prompt(self) -> HTML:
         from prompt_toolkit.formatted_text import HTML
-        if self.world is not None and self.controller.gate.paused:
+        if self._world is not None and self._world.controller.gate.paused:
             return HTML("<ansired>xhcidbg (paused)&gt;</ansired> ")
         return HTML("<ansigreen>xhcidbg&gt;</ansigreen> ")
 
@@ -308,7 +328,7 @@ def banner(world: World) -> Text:
     for port, dev in sorted(world.devices.items()):
         gd = world.guest_devices.get(port)
         state = f"slot {gd.device.slot}" if gd else "not enumerated"
-        t.append(f"  port {port}: {dev.describe()} ({state})\n")
+        t.append(f"  port {port}: {render.describe_device(dev)} ({state})\n")
     for e in world.guest_errors:
         t.append(f"  guest error: {e}\n", style="red")
     t.append("`help` lists commands, `help CMD` shows examples; Tab completes.")

@@ -4,8 +4,19 @@ dispatch, `help` and completion."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
+
+    from .console import Console
+
+# A command: `func(console, args)`, sync or async; its completer gives live argument values.
+CommandFunc = Callable[["Console", argparse.Namespace], "Awaitable[None] | None"]
+CompleteFunc = Callable[["Console", list[str]], Iterable[str]]
+F = TypeVar("F", bound=CommandFunc)
 
 
 class UsageError(Exception):
@@ -19,18 +30,18 @@ class HelpShown(Exception):
 class CommandParser(argparse.ArgumentParser):
     """argparse that reports instead of exiting, for use inside a console."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any):
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         kwargs.setdefault("exit_on_error", False)
         super().__init__(*args, **kwargs)
 
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         raise UsageError(f"{self.prog}: {message}\n{self.format_usage().rstrip()}")
 
-    def exit(self, status: int = 0, message: str | None = None):
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
         raise UsageError(message or "")
 
-    def print_help(self, file=None):
+    def print_help(self, file: SupportsWrite[str] | None = None) -> NoReturn:
         raise HelpShown(self.format_help())
 
     def parse(self, argv: list[str]) -> argparse.Namespace:
@@ -44,10 +55,10 @@ class CommandParser(argparse.ArgumentParser):
 class Command:
     name: str
     parser: CommandParser
-    func: Callable[..., Any]
+    func: CommandFunc
     category: str
     aliases: tuple[str, ...] = ()
-    complete: Callable[[Any, list[str]], list[str]] | None = None   # dynamic argument values
+    complete: CompleteFunc | None = None      # dynamic argument values
 
     @property
     def summary(self) -> str:
@@ -77,7 +88,7 @@ class Registry:
 REGISTRY = Registry()
 
 
-def parser(name: str, description: str, examples: str = "", **kwargs) -> CommandParser:
+def parser(name: str, description: str, examples: str = "", **kwargs: Any) -> CommandParser:
     """A parser for command `name`; `examples` (one per line, `command  # what it does`) go into
     its help."""
     epilog = None
@@ -88,9 +99,10 @@ def parser(name: str, description: str, examples: str = "", **kwargs) -> Command
 
 
 def command(p: CommandParser, category: str, aliases: tuple[str, ...] = (),
-            complete: Callable | None = None, registry: Registry = REGISTRY):
+            complete: CompleteFunc | None = None,
+            registry: Registry = REGISTRY) -> Callable[[F], F]:
     """Register the decorated `func(console, args)` (sync or async) under `p.prog`."""
-    def register(func):
+    def register(func: F) -> F:
         registry.add(Command(p.prog, p, func, category, tuple(aliases), complete))
         return func
     return register

@@ -7,30 +7,35 @@ Nothing here changes controller state or announces anything on its hooks.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 
 from rich import box
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from ..decode import xhci as linux  # Linux's decoders: the text driver authors read
+from ..devices import UsbDevice
+from ..devices.standard import StandardDevice
 from ..emu import regs as R
 from ..emu.context import EP_CTX, EP_STATE_NAMES, EP_TYPE_NAMES, SLOT_CTX, SLOT_STATE_NAMES
+from ..emu.controller import XhciController
+from ..emu.interrupters import Interrupter
 from ..emu.layout import Field, Layout
-from ..emu.memory import DmaError
+from ..emu.memory import DmaError, GuestMemory
+from ..emu.rings import Ring
+from ..emu.slots import DeviceSlot
 from ..emu.trb import TRB_SIZE, Trb, TrbType, cc_name, layout_of, trb_name
-
-from ..decode import xhci as linux      # Linux's decoders: the text driver authors read
 
 
 # ---- reading state without side effects ------------------------------------------------------
-def peek(controller, offset: int) -> int:
+def peek(controller: XhciController, offset: int) -> int:
     """A BAR0 dword as the guest would read it, without announcing an MMIO access (so the
     console's own looking never shows up in traces or trips breakpoints)."""
     return controller.peek(offset)
 
 
-def read_trb(mem, addr: int) -> Trb | None:
+def read_trb(mem: GuestMemory, addr: int) -> Trb | None:
     try:
         return Trb.unpack(addr, mem.read(addr, TRB_SIZE))
     except DmaError:
@@ -64,7 +69,8 @@ def fields_inline(layout: Layout, dw: Sequence[int], skip: Iterable[str] = ()) -
     return " ".join(out)
 
 
-def layout_table(title: str, layout: Layout, dw: Sequence[int], note: str = ""):
+def layout_table(title: str, layout: Layout, dw: Sequence[int], note: str = ""
+                 ) -> Table | Group:
     """Every field of `layout` over `dw`: bits, value and what it means; `note` (a one-line
     decode) goes underneath."""
     t = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
@@ -99,13 +105,15 @@ def _meaning(layout: Layout, f: Field, v: int) -> str:
 
 
 # ---- registers ---------------------------------------------------------------------------------
-def register_blocks(controller) -> list[tuple[str, int, tuple]]:
+def register_blocks(controller: XhciController
+                    ) -> list[tuple[str, int, Sequence[R.Register]]]:
     """(section, base offset, registers) for the BAR0 blocks with fixed registers."""
     return [("capability", 0, R.CAP_REGS), ("operational", R.OP_BASE, R.OP_REGS),
             ("runtime", R.RT_BASE, (R.MFINDEX,))]
 
 
-def find_register(controller, name: str, index: int | None = None) -> tuple[R.Register, int, str]:
+def find_register(controller: XhciController, name: str, index: int | None = None
+                  ) -> tuple[R.Register, int, str]:
     """A register by name (case-insensitive); port registers take a 1-based port number,
     interrupter registers an interrupter index.  Returns (register, BAR offset, label)."""
     key = name.upper()
@@ -131,10 +139,10 @@ def find_register(controller, name: str, index: int | None = None) -> tuple[R.Re
 
 def register_names() -> list[str]:
     names = [r.name for r in R.CAP_REGS + R.OP_REGS + R.PORT_REGS + R.IR_REGS]
-    return names + [R.MFINDEX.name]
+    return [*names, R.MFINDEX.name]
 
 
-def regs_view(controller) -> Group:
+def regs_view(controller: XhciController) -> Group:
     parts = []
     for section, base, regs in register_blocks(controller):
         t = Table(title=f"{section} registers", box=box.SIMPLE_HEAD, title_justify="left")
@@ -153,30 +161,38 @@ def regs_view(controller) -> Group:
     return Group(*parts)
 
 
-def register_view(controller, name: str, index: int | None = None):
+def register_view(controller: XhciController, name: str, index: int | None = None
+                  ) -> Table | Group:
     r, off, label = find_register(controller, name, index)
     v = peek(controller, off)
     return layout_table(f"{label} @ BAR0+{off:#06x} = {v:#010x}", r.layout, [v], r.doc)
 
 
 # ---- ports ---------------------------------------------------------------------------------------
+def describe_device(device: UsbDevice) -> str:
+    """A device in one line: what a declared device says of itself, else its name."""
+    return device.describe() if isinstance(device, StandardDevice) else device.name
+
+
 def portsc_text(v: int) -> str:
     return linux.decode_portsc(v).strip()
 
 
-def slot_of_port(controller, number: int):
+def slot_of_port(controller: XhciController, number: int) -> DeviceSlot | None:
     for slot in controller.slots.values():
         if slot.port is not None and slot.port.number == number:
             return slot
     return None
 
 
-def ports_view(controller, only: int | None = None) -> Table:
+def ports_view(controller: XhciController, only: int | None = None) -> Table:
     t = Table(title="root hub ports", box=box.SIMPLE_HEAD, title_justify="left")
-    for col, kw in (("port", dict(justify="right", style="cyan")), ("proto", {}),
-                    ("PORTSC", dict(justify="right")), ("status (Linux xhci_decode_portsc)", {}),
-                    ("device", {}), ("slot", dict(justify="right"))):
-        t.add_column(col, **kw)
+    t.add_column("port", justify="right", style="cyan")
+    t.add_column("proto")
+    t.add_column("PORTSC", justify="right")
+    t.add_column("status (Linux xhci_decode_portsc)")
+    t.add_column("device")
+    t.add_column("slot", justify="right")
     for p in controller.ports:
         if only is not None and p.number != only:
             continue
@@ -197,7 +213,7 @@ def ep_name(dci: int) -> str:
     return f"ep{dci // 2}{'in' if dci & 1 else 'out'}"
 
 
-def slots_view(controller) -> Table:
+def slots_view(controller: XhciController) -> Table:
     t = Table(title="device slots", box=box.SIMPLE_HEAD, title_justify="left")
     for col in ("slot", "port", "state", "address", "speed", "device", "endpoints"):
         t.add_column(col, justify="right" if col in ("slot", "port", "address") else "left")
@@ -219,7 +235,7 @@ def _speed(v: int) -> str:
     return {1: "full", 2: "low", 3: "high", 4: "super", 5: "super+"}.get(v, "-")
 
 
-def slot_view(controller, slot_id: int, dci: int | None = None) -> Group:
+def slot_view(controller: XhciController, slot_id: int, dci: int | None = None) -> Group:
     s = controller.slots.get(slot_id)
     if s is None:
         raise ValueError(f"slot {slot_id} is not enabled (enabled: "
@@ -254,7 +270,7 @@ def slot_view(controller, slot_id: int, dci: int | None = None) -> Group:
 
 
 # ---- rings ------------------------------------------------------------------------------------
-def ring_of(controller, name: str):
+def ring_of(controller: XhciController, name: str) -> tuple[Ring, str]:
     """'cmd' or 'SLOT/DCI' -> (Ring, Linux ring type string)."""
     if name in ("cmd", "command"):
         return controller.cmd_ring, "CMD"
@@ -272,7 +288,15 @@ def ring_of(controller, name: str):
     return ep.ring, kind
 
 
-def ring_names(controller) -> list[str]:
+def ring_key_name(key: Hashable) -> str:
+    """The gate's key for a ring with work, as the console names rings: cmd or SLOT/DCI."""
+    if isinstance(key, tuple):
+        slot_id, dci = key
+        return f"{slot_id}/{dci}"
+    return str(key)
+
+
+def ring_names(controller: XhciController) -> list[str]:
     names = ["cmd"]
     for sid, s in sorted(controller.slots.items()):
         names += [f"{sid}/{d}" for d in sorted(s.endpoints)]
@@ -283,7 +307,7 @@ def trb_text(trb: Trb) -> str:
     return linux.decode_trb(*trb.dwords)
 
 
-def ring_view(controller, name: str, before: int = 4, after: int = 8) -> Table:
+def ring_view(controller: XhciController, name: str, before: int = 4, after: int = 8) -> Table:
     ring, kind = ring_of(controller, name)
     mem = controller.mem
     t = Table(title=f"{kind} ring {name}: dequeue {ring.dequeue:#x}, cycle state {ring.ccs}",
@@ -322,7 +346,7 @@ def ring_view(controller, name: str, before: int = 4, after: int = 8) -> Table:
     return t
 
 
-def trb_view(controller, addr: int):
+def trb_view(controller: XhciController, addr: int) -> Table | Group:
     trb = read_trb(controller.mem, addr)
     if trb is None:
         raise ValueError(f"guest address {addr:#x} is not readable")
@@ -331,7 +355,7 @@ def trb_view(controller, addr: int):
 
 
 # ---- event rings and interrupters ------------------------------------------------------------
-def recent_events(ir, count: int) -> list[tuple[int, Trb]]:
+def recent_events(ir: Interrupter, count: int) -> list[tuple[int, Trb]]:
     """The last `count` event TRBs the interrupter wrote, oldest first."""
     if not ir.segments:
         return []
@@ -351,7 +375,7 @@ def recent_events(ir, count: int) -> list[tuple[int, Trb]]:
     return out[::-1]
 
 
-def events_view(controller, interrupter: int = 0, count: int = 8) -> Table:
+def events_view(controller: XhciController, interrupter: int = 0, count: int = 8) -> Table:
     if not 0 <= interrupter < len(controller.interrupters):
         raise ValueError(f"interrupter {interrupter} does not exist "
                          f"(0..{len(controller.interrupters) - 1})")
@@ -373,7 +397,8 @@ def events_view(controller, interrupter: int = 0, count: int = 8) -> Table:
     return t
 
 
-def interrupters_view(controller, msix_counts: Sequence[int] | None = None) -> Table:
+def interrupters_view(controller: XhciController, msix_counts: Sequence[int] | None = None
+                      ) -> Table:
     t = Table(title="interrupters", box=box.SIMPLE_HEAD, title_justify="left")
     for col in ("#", "IMAN", "IMOD", "ERSTSZ", "ERSTBA", "ERDP", "enqueue", "PCS", "posted",
                 "lost", "messages"):
@@ -392,11 +417,11 @@ def interrupters_view(controller, msix_counts: Sequence[int] | None = None) -> T
 
 
 # ---- status line ------------------------------------------------------------------------------
-def status_line(controller) -> Text:
+def status_line(controller: XhciController) -> Text:
     sts = peek(controller, R.OP_BASE + R.USBSTS.offset)
     gate = controller.gate
     run = "running" if controller.running else "halted"
-    pending = ", ".join(k if isinstance(k, str) else f"{k[0]}/{k[1]}" for k in gate.pending)
+    pending = ", ".join(ring_key_name(k) for k in gate.pending)
     t = Text()
     t.append("PAUSED" if gate.paused else "RUNNING", style="bold red" if gate.paused
              else "bold green")

@@ -1,7 +1,5 @@
-"""The console's one event loop: the controller's clock and the scripted guest, both on asyncio.
-
-`LoopClock` drives a monotonic-clock `Scheduler` from the loop: whenever the scheduler learns of
-an earlier deadline it re-arms one `loop.call_at`, and each firing runs what is due.
+"""The scripted guest on the console's one event loop (the controller's clock is the session's,
+`xhcidbg.session.clock`).
 
 `GuestRunner` runs the synchronous scripted guest (xhcidbg.guest) inside the same loop.  The
 guest code runs in a greenlet; its bus's `wait(until, timeout_ns)` switches back to the loop,
@@ -13,12 +11,17 @@ timeouts: a stopped controller freezes the guest's clock as well.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from functools import partial
+from typing import Any, Protocol
 
-import greenlet
+import greenlet  # type: ignore[import-untyped]  # greenlet ships no type information
 
+from ..emu.gate import Gate
+from ..emu.memory import RamMemory
 from ..emu.timing import Scheduler
 from ..transport.inproc import InProcessBus
 
@@ -28,55 +31,19 @@ FOREVER_NS = 1 << 62
 RECHECK_S = 0.25          # a waiting guest re-checks its condition at least this often
 
 
-class LoopClock:
-    """Runs `scheduler`'s timers from `loop` (the scheduler must be on the monotonic clock,
-    which is also asyncio's clock)."""
+class _Greenlet(Protocol):
+    """What the runner uses of a greenlet."""
 
-    def __init__(self, scheduler: Scheduler, loop: asyncio.AbstractEventLoop,
-                 on_progress: Callable[[], None] = lambda: None):
-        if scheduler.virtual:
-            raise ValueError("the console drives a monotonic-clock Scheduler(virtual=False)")
-        self.scheduler = scheduler
-        self.loop = loop
-        self.on_progress = on_progress
-        self._handle: asyncio.TimerHandle | None = None
-        self._when = 0.0
-        scheduler.on_new_deadline = self._arm
-        nxt = scheduler.next_deadline()
-        if nxt is not None:
-            self._arm(nxt)
+    parent: _Greenlet
+    dead: bool
 
-    def _arm(self, when_ns: int) -> None:
-        when = when_ns / 1e9
-        if self._handle is not None:
-            if self._when <= when:
-                return
-            self._handle.cancel()
-        self._when = when
-        self._handle = self.loop.call_at(when, self._fire)
+    def switch(self, *args: Any) -> Any: ...
 
-    def _fire(self) -> None:
-        self._handle = None
-        try:
-            ran = self.scheduler.run_due()
-        except Exception:          # a timer's bug must not stop the clock
-            log.exception("controller timer raised")
-            ran = 1
-        nxt = self.scheduler.next_deadline()
-        if nxt is not None:
-            self._arm(nxt)
-        if ran:
-            self.on_progress()
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-        self.scheduler.on_new_deadline = None
+    def throw(self, typ: type[BaseException]) -> Any: ...
 
 
 class _Wait:
-    __slots__ = ("until", "timeout_ns")
+    __slots__ = ("timeout_ns", "until")
 
     def __init__(self, until: Callable[[], bool], timeout_ns: int):
         self.until = until
@@ -87,13 +54,13 @@ class LoopBus:
     """The in-process bus as the guest sees it inside the console: the same MMIO, RAM and
     interrupt counts, but `wait` yields to the event loop instead of spinning."""
 
-    def __init__(self, inner: InProcessBus, runner: "GuestRunner"):
+    def __init__(self, inner: InProcessBus, runner: GuestRunner):
         self.inner = inner
         self.runner = runner
         self.controller = inner.controller
 
     @property
-    def mem(self):
+    def mem(self) -> RamMemory:
         return self.inner.mem
 
     @property
@@ -140,7 +107,7 @@ class GuestRunner:
     interrupt or a new job arrives; `service` is what it calls after each wake-up (the driver's
     interrupt handler)."""
 
-    def __init__(self, gate, interrupts: list[int]):
+    def __init__(self, gate: Gate, interrupts: list[int]):
         self.gate = gate
         self.interrupts = interrupts
         self.jobs: deque[Job] = deque()
@@ -149,18 +116,18 @@ class GuestRunner:
         self.crashed: BaseException | None = None
         self.finished = False
         self.service: Callable[[], Any] = lambda: None
-        self._guest: greenlet.greenlet | None = None
+        self._guest: _Greenlet = greenlet.greenlet(self._body)     # runs from `start` on
         self._changed = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.waiting: _Wait | None = None     # what the guest waits for right now
 
     # ---- called from the guest greenlet ---------------------------------------------------
     def inside_guest(self) -> bool:
-        return self._guest is not None and greenlet.getcurrent() is self._guest
+        return greenlet.getcurrent() is self._guest
 
     def yield_to_loop(self, request: _Wait) -> bool:
-        return self._guest.parent.switch(request)
+        return bool(self._guest.parent.switch(request))
 
     def _body(self, setup: Callable[[], None]) -> None:
         setup()
@@ -174,22 +141,24 @@ class GuestRunner:
                 job.done = True
                 self.current = None
             else:
-                seen = list(self.interrupts)
                 self.idle = True
                 try:
-                    self.yield_to_loop(_Wait(lambda: bool(self.jobs) or self._stopping
-                                             or self.interrupts != seen, FOREVER_NS))
+                    self.yield_to_loop(_Wait(partial(self._has_news, list(self.interrupts)),
+                                             FOREVER_NS))
                 finally:
                     self.idle = False
             self.service()
 
+    def _has_news(self, interrupts_seen: list[int]) -> bool:
+        """A job came, the guest is told to stop, or an interrupt arrived since."""
+        return bool(self.jobs) or self._stopping or self.interrupts != interrupts_seen
+
     # ---- called from the loop ---------------------------------------------------------------
-    def start(self, setup: Callable[[], None]) -> asyncio.Task:
-        self._guest = greenlet.greenlet(self._body)
+    def start(self, setup: Callable[[], None]) -> asyncio.Task[None]:
         self._task = asyncio.get_running_loop().create_task(self._drive(setup))
         return self._task
 
-    async def _drive(self, setup) -> None:
+    async def _drive(self, setup: Callable[[], None]) -> None:
         try:
             request = self._guest.switch(setup)
             while not self._guest.dead:
@@ -223,11 +192,9 @@ class GuestRunner:
                 return False
             paused = self.gate.paused
             t0 = loop.time()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(),
                                        RECHECK_S if paused else min(remaining, RECHECK_S))
-            except TimeoutError:
-                pass
             if not paused and not self.gate.paused:
                 remaining -= loop.time() - t0
 
@@ -247,7 +214,7 @@ class GuestRunner:
 
     def stuck(self) -> bool:
         """The guest cannot move until something outside it happens."""
-        if self.finished or self._guest is None:      # ended, or never started
+        if self.finished or self._task is None:       # ended, or never started
             return True
         w = self.waiting
         return w is not None and not w.until()
@@ -262,9 +229,7 @@ class GuestRunner:
             await asyncio.wait_for(asyncio.shield(self._task), 1.0)
         except TimeoutError:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         if not self._guest.dead:
             self._guest.throw(greenlet.GreenletExit)

@@ -1,48 +1,55 @@
-"""The console's in-process world: a controller, the devices plugged into it, and the scripted
-guest driving it, all running on one asyncio loop.
+"""The console's in-process world: a session whose transport is the in-process bus and whose
+guest is the scripted one, all running on one asyncio loop.
 
 At start the guest brings the controller up (reset, rings, interrupters), enumerates every
 connected device, and then keeps an interrupt IN transfer queued on each HID endpoint, as a
 guest OS's HID driver does, so what the user does to the tablet or the keyboard turns into real
 TDs, transfers and events.  Hotplug works the same way: the guest hears the Port Status Change
-event and enumerates (or forgets) the device.
+event and enumerates (or forgets) the device.  The stick's commands go through the scripted
+guest's mass-storage client (`xhcidbg.guest.storage`).
 """
 from __future__ import annotations
 
 import asyncio
-import logging
-import os
-import tempfile
+import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-from ..devices.base import UsbDevice
-from ..emu.controller import XhciController
-from ..emu.timing import Scheduler
+from ..devices import UsbDevice
+from ..devices.bot import MSC_CLASS
+from ..guest.device import Device, Endpoint, Transfer
+from ..guest.driver import XhciDriver
+from ..guest.storage import MassStorage, StorageError
+from ..session import DeviceChoice, Session, make_devices
+from ..trace.cli import start_option_trace
 from ..transport.inproc import InProcessBus
-from .runtime import GuestRunner, Job, LoopBus, LoopClock
+from .runtime import GuestRunner, Job, LoopBus
 
-log = logging.getLogger("xhcidbg.ui")
-
-DEFAULT_STORAGE_BYTES = 64 << 20
-HID_CLASS, MSC_CLASS = 0x03, 0x08
+HID_CLASS = 0x03
 SET_IDLE = 0x0A
+INTERRUPT = 3                  # endpoint transfer type
 MAX_REPORTS = 1024
+
+
+def console_devices() -> DeviceChoice:
+    """The console's devices unless told otherwise: a tablet, a keyboard and a temporary
+    64 MiB stick."""
+    return DeviceChoice(scratch_stick=True)
 
 
 @dataclass
 class WorldOptions:
-    tablet: bool = True
-    keyboard: bool = True
-    storage: bool = True
-    storage_image: str | None = None          # None: a temporary 64 MiB image
-    storage_bytes: int = DEFAULT_STORAGE_BYTES
+    """How the console's world is built (the console's command-line options, as data)."""
+
+    devices: DeviceChoice = field(default_factory=console_devices)
     usb2_ports: int = 4
     usb3_ports: int = 4
     guest: bool = True                        # run the scripted guest
     trace: str | None = None                  # pcapng file to capture to from the start
+    trace_filter: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -64,57 +71,15 @@ class GuestDevice:
     """What the guest knows about one device it enumerated."""
 
     port: int
-    device: Any                                # xhcidbg.guest.device.Device
+    device: Device
     kind: str                                  # "hid", "storage" or "other"
     polling: list[int] = field(default_factory=list)    # interrupt IN endpoints being polled
+    storage: MassStorage | None = None         # the guest's client of a stick, once used
 
 
-def make_device(kind: str, options: WorldOptions | None = None, image: str | None = None
-                ) -> UsbDevice:
-    """A virtual device by name: tablet, keyboard or storage."""
-    kind = kind.lower()
-    if kind == "tablet":
-        from ..devices.tablet import Tablet
-        return Tablet()
-    if kind == "keyboard":
-        from ..devices.keyboard import Keyboard
-        return Keyboard()
-    if kind == "storage":
-        from ..devices.storage import StorageDevice
-        options = options or WorldOptions()
-        return StorageDevice(image or storage_image(options))
-    raise ValueError(f"unknown device {kind!r}: tablet, keyboard or storage")
-
-
-def storage_image(options: WorldOptions) -> str:
-    """The image behind the storage stick: the user's, or a fresh sparse temporary file
-    (removed when the process exits)."""
-    if options.storage_image:
-        if not os.path.exists(options.storage_image):
-            raise ValueError(f"storage image {options.storage_image!r} does not exist")
-        return options.storage_image
-    fd, path = tempfile.mkstemp(prefix="xhcidbg-storage-", suffix=".img")
-    try:
-        os.ftruncate(fd, options.storage_bytes)
-    finally:
-        os.close(fd)
-    _temporary_files.append(path)
-    return path
-
-
-_temporary_files: list[str] = []
-
-
-def _remove_temporary_files() -> None:
-    while _temporary_files:
-        try:
-            os.unlink(_temporary_files.pop())
-        except OSError:
-            pass
-
-
-import atexit  # noqa: E402  (registered once, next to what it cleans)
-atexit.register(_remove_temporary_files)
+def _tell(text: str) -> None:
+    """What the user should know before the console opens (an image was created)."""
+    print(f"xhcidbg: {text}", file=sys.stderr, flush=True)
 
 
 class _Notifier:
@@ -122,112 +87,75 @@ class _Notifier:
     may be waiting for."""
 
     def __init__(self, wake: Callable[[], None]):
-        self.on_interrupt = lambda interrupter: wake()
-        self.on_port = lambda port, old, new: wake()
+        self.wake = wake
+
+    def on_interrupt(self, interrupter: int) -> None:
+        self.wake()
+
+    def on_port(self, port: int, old: int, new: int) -> None:
+        self.wake()
 
 
-class World:
+class World(Session):
     def __init__(self, options: WorldOptions | None = None):
         self.options = options or WorldOptions()
         o = self.options
-        self.scheduler = Scheduler(virtual=False)
-        self.controller = XhciController(usb2_ports=o.usb2_ports, usb3_ports=o.usb3_ports,
-                                         scheduler=self.scheduler)
+        super().__init__(usb2_ports=o.usb2_ports, usb3_ports=o.usb3_ports)
         self.inproc = InProcessBus(self.controller)
         self.runner = GuestRunner(self.controller.gate, self.inproc.interrupts)
         self.bus = LoopBus(self.inproc, self.runner)
-        self.driver = None
-        self.clock: LoopClock | None = None
-        self.devices: dict[int, UsbDevice] = {}          # root port -> device
+        self.driver: XhciDriver | None = None
         self.guest_devices: dict[int, GuestDevice] = {}  # root port -> what the guest made of it
         self.reports: deque[Report] = deque(maxlen=MAX_REPORTS)
         self.report_count = 0                             # reports received in all
         self.guest_errors: deque[str] = deque(maxlen=64)
-        self.storage_images: list[str] = []
-        self.tracer = None
-        self.started = False
         self.controller.hooks.attach(_Notifier(self.runner.notify))
+
+    def changed(self) -> None:
+        self.runner.notify()
 
     # ---- start / stop ---------------------------------------------------------------------
     async def start(self) -> None:
-        """Plug the devices in, start the controller's clock and the guest."""
-        loop = asyncio.get_running_loop()
-        self.clock = LoopClock(self.scheduler, loop, self.runner.notify)
+        """Start the controller's clock (and the capture), plug the devices in, start the
+        guest."""
+        await super().start()
         o = self.options
         if o.trace:
-            self.start_trace(o.trace)
-        for kind, wanted in (("tablet", o.tablet), ("keyboard", o.keyboard),
-                             ("storage", o.storage)):
-            if wanted:
-                self.plug(make_device(kind, o))
+            start_option_trace(self.trace, o.trace, o.trace_filter)
+        self.plug_all(make_devices(o.devices, say=_tell))
         if o.guest:
-            from ..guest.driver import XhciDriver
             self.driver = XhciDriver(self.bus)
             self.driver.port_listeners.append(self._on_port_change)
             self.runner.service = self.driver.service
             self.runner.start(self._guest_setup)
-        self.started = True
 
     async def stop(self) -> None:
         await self.runner.stop()
-        if self.clock is not None:
-            self.clock.close()
-        try:                                 # a capture started here ends with the session
-            from ..trace.cli import stop_trace, trace_status
-            status = trace_status()
-            if status is not None and status.running:
-                stop_trace()
-        except Exception as e:               # no tracer in this build, or the file is gone
-            log.debug("stopping the trace: %s", e)
-        self.tracer = None
-        for dev in self.devices.values():
-            close = getattr(dev, "close", None)
-            if close:
-                close()
-
-    def start_trace(self, path: str, terms: list[str] | None = None):
-        try:
-            from ..trace.cli import start_trace
-        except ImportError as e:
-            raise RuntimeError(f"tracing is not available in this build ({e})") from None
-        self.tracer = start_trace(self.controller, path, terms)
-        return self.tracer
-
-    def stop_trace(self):
-        from ..trace.cli import stop_trace
-        self.tracer = None
-        return stop_trace()
+        self.close()
 
     # ---- devices (the user's hands) ----------------------------------------------------------
-    def plug(self, device: UsbDevice, port: int | None = None) -> int:
-        number = self.controller.attach(device, port)
-        self.devices[number] = device
-        self.runner.notify()
-        return number
-
-    def unplug(self, port: int) -> UsbDevice:
-        device = self.controller.detach(port)
-        self.devices.pop(port, None)
-        self.runner.notify()
-        return device
-
-    def find(self, kind: str) -> tuple[int, UsbDevice]:
+    def find(self, name: str) -> tuple[int, UsbDevice]:
         """The first plugged device of a kind ('tablet', 'keyboard', 'storage')."""
         try:
-            return self.controller.find_device(kind)
+            return super().find(name)
         except LookupError:
-            raise LookupError(f"no {kind} is plugged in (see `devices`; `plug {kind}` adds "
+            raise LookupError(f"no {name} is plugged in (see `devices`; `plug {name}` adds "
                               f"one)") from None
 
     # ---- the guest ---------------------------------------------------------------------------
+    def _driver(self) -> XhciDriver:
+        if self.driver is None:
+            raise RuntimeError("no guest runs in this session (--no-guest)")
+        return self.driver
+
     def _guest_setup(self) -> None:
-        drv = self.driver
+        drv = self._driver()
         drv.start()
         for port in drv.connected_ports():
             self._bring_up(port)
 
     def _bring_up(self, port: int) -> None:
-        drv = self.driver
+        drv = self._driver()
         if port in self.guest_devices or not drv.port_status(port).connected:
             return
         try:
@@ -235,8 +163,7 @@ class World:
         except Exception as e:
             self.guest_errors.append(f"port {port}: enumeration failed: {e}")
             raise
-        kind = "other"
-        gd = GuestDevice(port, dev, kind)
+        gd = GuestDevice(port, dev, "other")
         self.guest_devices[port] = gd
         for iface in dev.config.active_interfaces(dev.alternates) if dev.config else []:
             if iface.interface_class == MSC_CLASS:
@@ -246,16 +173,17 @@ class World:
             gd.kind = "hid"
             # Like Linux's usbhid: reports only on change (SET_IDLE 0), then keep polling.
             dev.control(0x21, SET_IDLE, 0, iface.number, 0, check=False)
-            for e in iface.endpoints:
-                if e.is_in and e.transfer_type == 3:
-                    gd.polling.append(e.address)
-                    self._poll(gd, dev.endpoint(e.address))
+            for desc in iface.endpoints:
+                if desc.is_in and desc.transfer_type == INTERRUPT:
+                    gd.polling.append(desc.address)
+                    self._poll(gd, dev.endpoint(desc.address))
 
-    def _poll(self, gd: GuestDevice, ep) -> None:
-        def done(t) -> None:
+    def _poll(self, gd: GuestDevice, ep: Endpoint) -> None:
+        def done(t: Transfer) -> None:
             dev = gd.device
             if t.ok:
-                name = self.devices.get(gd.port).name if gd.port in self.devices else "?"
+                plugged = self.devices.get(gd.port)
+                name = plugged.name if plugged is not None else "?"
                 self.reports.append(Report(time.monotonic_ns(), name, dev.slot, ep.address,
                                            bytes(t.data[:t.actual])))
                 self.report_count += 1
@@ -290,6 +218,16 @@ class World:
         if gd is None:
             raise LookupError(f"the guest has not enumerated the {kind} on port {port} yet")
         return gd
+
+    def guest_storage(self) -> MassStorage:
+        """The guest's mass-storage client of the first stick."""
+        gd = self.guest_device("storage")
+        if gd.storage is None:
+            try:
+                gd.storage = MassStorage(gd.device)
+            except StorageError as e:
+                raise LookupError(str(e)) from None
+        return gd.storage
 
     # ---- quiescence --------------------------------------------------------------------------
     def quiet(self) -> bool:
@@ -331,50 +269,4 @@ class World:
         return job.done
 
 
-def read_capacity_and_inquiry(gd: GuestDevice) -> dict:
-    """Guest side: INQUIRY and READ CAPACITY(10) over Bulk-Only Transport."""
-    from ..devices import scsi
-    inq = bot_command(gd, scsi.Inquiry.build(dict(opcode=scsi.Op.INQUIRY, flags=dict(evpd=False),
-                                                  page_code=0, allocation_length=36,
-                                                  control=0)), 36)
-    cap = bot_command(gd, scsi.ReadCapacity10.build(dict(opcode=scsi.Op.READ_CAPACITY_10, lba=0,
-                                                         flags=dict(pmi=False), control=0)), 8)
-    info = scsi.StandardInquiryData.parse(inq["data"])
-    capacity = scsi.ReadCapacity10Data.parse(cap["data"])
-    return {"vendor": info.vendor, "product": info.product, "revision": info.revision,
-            "blocks": capacity.last_lba + 1, "block_length": capacity.block_length,
-            "status": cap["status"]}
-
-
-def read_blocks(gd: GuestDevice, lba: int, count: int, block: int = 512) -> dict:
-    from ..devices import scsi
-    cdb = scsi.Rw10.build(dict(opcode=scsi.Op.READ_10, flags=0, lba=lba, group=0, blocks=count,
-                               control=0))
-    return bot_command(gd, cdb, count * block)
-
-
-_tags = iter(range(1, 1 << 32))
-
-
-def bot_command(gd: GuestDevice, cdb: bytes, length: int, data_in: bool = True) -> dict:
-    """One Bulk-Only Transport command: CBW out, data in, CSW in (BOT 5)."""
-    from ..devices.bot import CSW, CSW_LENGTH, cbw
-    dev = gd.device
-    eps = [e for i in dev.config.active_interfaces(dev.alternates) if i.interface_class == MSC_CLASS
-           for e in i.endpoints if e.transfer_type == 2]
-    ep_in = next(e.address for e in eps if e.is_in)
-    ep_out = next(e.address for e in eps if not e.is_in)
-    tag = next(_tags)
-    dev.bulk_out(ep_out, cbw(tag, length, data_in, cdb))
-    data = b""
-    if length:
-        t = dev.bulk_in(ep_in, length, check=False)
-        data = bytes(t.data[:t.actual])
-    status = CSW.parse(bytes(dev.bulk_in(ep_in, CSW_LENGTH).data))
-    if status.dCSWTag != tag:
-        raise RuntimeError(f"CSW tag {status.dCSWTag} does not match CBW tag {tag}")
-    return {"data": data, "status": status.bCSWStatus, "residue": status.dCSWDataResidue}
-
-
-__all__ = ["World", "WorldOptions", "Report", "GuestDevice", "make_device", "bot_command",
-           "read_blocks", "read_capacity_and_inquiry"]
+__all__ = ["GuestDevice", "Report", "World", "WorldOptions", "console_devices"]

@@ -16,13 +16,20 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from ..session import add_device_options, close_devices, device_choice, make_devices
 from ..trace.cli import add_trace_option, tracing
 from ..vfio_user.server import BUSY_POLL_US
-from .backend import SPEEDS, Backend, DeviceChoice, close_devices, make_devices, memory_options
+from .backend import Backend, memory_options
 
-DEVICE_NAMES = ("tablet", "keyboard", "storage", "loopback")
+if TYPE_CHECKING:
+    from ..guestkit.launch import Vm
+    from ..guestkit.qemu import QemuInstall
+
+Main = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 
 SERVE_EXAMPLES = """examples:
   xhcidbg serve --socket /tmp/xhci.sock
@@ -49,30 +56,9 @@ The guest's serial console is a shell the host drives (--run); kernel messages g
 
 
 # ---- shared options -------------------------------------------------------------------------
-def _speed_setting(text: str) -> tuple[str, str]:
-    device, sep, speed = text.partition("=")
-    if not sep or device not in DEVICE_NAMES or speed not in SPEEDS:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: expected DEVICE=SPEED with DEVICE one of {', '.join(DEVICE_NAMES)} and "
-            f"SPEED one of {', '.join(SPEEDS)}")
-    return device, speed
-
-
-def add_device_options(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("devices (a tablet and a keyboard unless told otherwise)")
-    g.add_argument("--no-tablet", action="store_true", help="do not plug the tablet in")
-    g.add_argument("--no-keyboard", action="store_true", help="do not plug the keyboard in")
-    g.add_argument("--storage", metavar="IMAGE", action="append", default=[],
-                   help="plug a mass-storage stick serving IMAGE (repeat for more sticks)")
-    g.add_argument("--storage-size", metavar="MIB", type=int,
-                   help="create each missing --storage IMAGE as a sparse file of MIB MiB")
-    g.add_argument("--storage-readonly", action="store_true",
-                   help="the sticks are write protected")
-    g.add_argument("--loopback", action="store_true",
-                   help="plug a Gadget Zero source/sink + loopback device in (Linux: usbtest)")
-    g.add_argument("--speed", metavar="DEVICE=SPEED", type=_speed_setting, action="append",
-                   default=[], help="run a device at another speed: low, full, high or super "
-                                    "(e.g. storage=high, keyboard=low)")
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """The device options every session takes, then the vfio-user controller's."""
+    add_device_options(parser, scratch_stick=False)
     g = parser.add_argument_group("controller")
     g.add_argument("--usb2-ports", type=int, default=4, metavar="N",
                    help="USB 2 root ports (default 4)")
@@ -89,55 +75,33 @@ def add_device_options(parser: argparse.ArgumentParser) -> None:
                    help="log what the controller refuses and the vfio-user session")
 
 
-def device_choice(args) -> DeviceChoice:
-    """The DeviceChoice of parsed options; creates missing images if --storage-size says so."""
-    speeds = {device: SPEEDS[speed] for device, speed in args.speed}
-    for image in args.storage:
-        if args.storage_size is not None and not os.path.exists(image):
-            if args.storage_size < 1:
-                raise ValueError("--storage-size must be at least 1 MiB")
-            with open(image, "xb") as f:
-                f.truncate(args.storage_size << 20)
-            _say(f"created {image} ({args.storage_size} MiB, sparse)")
-    if "storage" in speeds and not args.storage:
-        raise ValueError("--speed storage=... needs a --storage IMAGE")
-    if "loopback" in speeds and not args.loopback:
-        raise ValueError("--speed loopback=... needs --loopback")
-    return DeviceChoice(tablet=not args.no_tablet, keyboard=not args.no_keyboard,
-                        storage=list(args.storage), storage_readonly=args.storage_readonly,
-                        storage_speed=speeds.get("storage"), loopback=args.loopback,
-                        loopback_speed=speeds.get("loopback"),
-                        keyboard_speed=speeds.get("keyboard"), tablet_speed=speeds.get("tablet"))
-
-
 def _say(text: str) -> None:
     print(f"xhcidbg: {text}", file=sys.stderr, flush=True)
 
 
-def _configure_logging(args) -> None:
+def _configure_logging(args: argparse.Namespace) -> None:
     # The CLI's root logger shows errors only; a VM's user wants the session's warnings too.
     level = logging.INFO if args.verbose else logging.WARNING
-    for name in ("xhcidbg.vm", "xhcidbg.vfio_user", "xhcidbg.emu"):
+    for name in ("xhcidbg.vm", "xhcidbg.session", "xhcidbg.vfio_user", "xhcidbg.emu"):
         logging.getLogger(name).setLevel(level)
     if not logging.getLogger().handlers:
         logging.basicConfig(format="%(name)s: %(message)s")
     logging.getLogger().setLevel(min(logging.getLogger().level, level))
 
 
-def _make_backend(args, socket_path: str, on_disconnect=None) -> Backend:
-    devices = make_devices(device_choice(args))
+def _make_backend(args: argparse.Namespace, socket_path: str) -> Backend:
+    devices = make_devices(device_choice(args), say=_say)
     try:
         return Backend(socket_path, devices, usb2_ports=args.usb2_ports,
                        usb3_ports=args.usb3_ports, msix=not args.no_msix,
-                       busy_poll_us=max(0, args.busy_poll),
-                       on_disconnect=on_disconnect, say=_say)
+                       busy_poll_us=max(0, args.busy_poll), say=_say)
     except BaseException:
         close_devices(devices)
         raise
 
 
 @contextlib.contextmanager
-def _stop_on_signals(stop: asyncio.Event):
+def _stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
     loop = asyncio.get_running_loop()
     signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     for sig in signals:
@@ -149,7 +113,7 @@ def _stop_on_signals(stop: asyncio.Event):
             loop.remove_signal_handler(sig)
 
 
-def _run(main, args) -> int:
+def _run(main: Main, args: argparse.Namespace) -> int:
     _configure_logging(args)
     try:
         return asyncio.run(main(args))
@@ -162,12 +126,12 @@ def _run(main, args) -> int:
 
 
 # ---- serve ----------------------------------------------------------------------------------
-async def serve_main(args) -> int:
+async def serve_main(args: argparse.Namespace) -> int:
     backend = _make_backend(args, args.socket)
     stop = asyncio.Event()
     try:
         await backend.start()
-        with tracing(backend.controller, args, say=_say), _stop_on_signals(stop):
+        with tracing(backend.trace, args, say=_say), _stop_on_signals(stop):
             print(f"-device '{backend.device_arg}'", flush=True)
             _say(f"serving on {backend.socket_path}; QEMU also needs shared guest RAM: "
                  + " ".join(shlex.quote(a) for a in memory_options(512)))
@@ -187,8 +151,9 @@ async def serve_main(args) -> int:
         backend.close()
 
 
-async def _first(*coroutines) -> set:
-    tasks = [asyncio.ensure_future(c) for c in coroutines]
+async def _first(*awaitables: Awaitable[Any]) -> set[asyncio.Future[Any]]:
+    """Wait for the first of `awaitables` to finish; cancel the others."""
+    tasks: list[asyncio.Future[Any]] = [asyncio.ensure_future(a) for a in awaitables]
     done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     for task in pending:
         task.cancel()
@@ -203,14 +168,14 @@ GUEST_USB_LIST = (
     " echo \"${d##*/} $(cat $d/speed) Mb/s $(cat $d/product 2>/dev/null)\"; done")
 
 
-def _guest_kit(args):
+def _guest_kit(args: argparse.Namespace) -> tuple[QemuInstall, Path, Path]:
     from ..guestkit import ensure_initramfs, ensure_kernel, ensure_qemu
     return (ensure_qemu(),
             Path(args.kernel) if args.kernel else ensure_kernel(),
             Path(args.initrd) if args.initrd else ensure_initramfs())
 
 
-async def vm_main(args) -> int:
+async def vm_main(args: argparse.Namespace) -> int:
     from ..guestkit.launch import CommandTimeout, Vm, VmExited
     from ..guestkit.report import KitError
 
@@ -229,11 +194,11 @@ async def vm_main(args) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="xhcidbg-vm-"))
     backend = _make_backend(args, args.socket or str(workdir / "xhci.sock"))
     stop = asyncio.Event()
-    vm = None
+    vm: Vm | None = None
     started = time.monotonic()
     try:
         await backend.start()
-        with tracing(backend.controller, args, say=_say), _stop_on_signals(stop):
+        with tracing(backend.trace, args, say=_say), _stop_on_signals(stop):
             _say(f"starting QEMU {qemu.version} ({args.memory} MiB, TCG): kernel {kernel.name}")
             booting = asyncio.ensure_future(Vm.start(
                 devices=[backend.device_arg], extra_args=args.qemu_args,
@@ -248,7 +213,8 @@ async def vm_main(args) -> int:
                     await booting
                 return 0
             vm = booting.result()
-            _say(f"QEMU running (pid {vm.process.pid}); xhcidbg holds its QMP socket")
+            pid = vm.process.pid if vm.process is not None else "?"
+            _say(f"QEMU running (pid {pid}); xhcidbg holds its QMP socket")
             if args.serial_log:
                 _say(f"guest serial console -> {args.serial_log}")
             return await _run_guest(vm, backend, args, stop, started)
@@ -265,27 +231,33 @@ async def vm_main(args) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-async def _run_guest(vm, backend: Backend, args, stop: asyncio.Event, started: float) -> int:
+async def _run_guest(vm: Vm, backend: Backend, args: argparse.Namespace, stop: asyncio.Event,
+                     started: float) -> int:
     from ..guestkit.launch import VmExited
 
-    def exited():
-        return asyncio.shield(vm.exited)
+    qemu_exit = _exit_of(vm)
+    shell = vm.console
+    if shell is None:
+        raise RuntimeError("QEMU has not been started")
+
+    def exited() -> asyncio.Future[tuple[int, str]]:
+        return asyncio.shield(qemu_exit)
 
     try:
-        done = await _first(vm.console.wait_ready(args.boot_timeout), exited(), stop.wait())
+        done = await _first(shell.wait_ready(args.boot_timeout), exited(), stop.wait())
         if stop.is_set():
             _say("stopping: QEMU quits")
             return 0
-        if vm.exited.done():
+        if qemu_exit.done():
             return await _qemu_gone(vm)
         done.pop().result()          # a boot timeout raises here
         _say(f"guest shell ready after {time.monotonic() - started:.1f} s")
         await asyncio.sleep(args.settle)
-        usb = await vm.console.run(GUEST_USB_LIST)
+        usb = await shell.run(GUEST_USB_LIST)
         for line in usb.output.strip().splitlines():
             _say(f"guest sees USB {line}")
         for command in args.run:
-            result = await vm.console.run(command, timeout=args.command_timeout)
+            result = await shell.run(command, timeout=args.command_timeout)
             sys.stdout.write(result.output if result.output.endswith("\n") or not result.output
                              else result.output + "\n")
             sys.stdout.flush()
@@ -293,11 +265,11 @@ async def _run_guest(vm, backend: Backend, args, stop: asyncio.Event, started: f
                 _say(f"guest command {command!r} exited with status {result.status}")
         if args.poweroff:
             _say("powering the guest off")
-            await vm.console.write("poweroff -f\n")
+            await shell.write("poweroff -f\n")
         else:
             _say("running; Ctrl-C (or SIGTERM) stops the guest and xhcidbg")
         await _first(exited(), stop.wait())
-        if stop.is_set() and not vm.exited.done():
+        if stop.is_set() and not qemu_exit.done():
             _say("stopping: QEMU quits")
             return 0
         return await _qemu_gone(vm)
@@ -305,8 +277,15 @@ async def _run_guest(vm, backend: Backend, args, stop: asyncio.Event, started: f
         return await _qemu_gone(vm)
 
 
-async def _qemu_gone(vm) -> int:
-    code, _ = await asyncio.shield(vm.exited)
+def _exit_of(vm: Vm) -> asyncio.Future[tuple[int, str]]:
+    """What QEMU's end resolves to: (exit status, its standard error)."""
+    if vm.exited is None:
+        raise RuntimeError("QEMU has not been started")
+    return vm.exited
+
+
+async def _qemu_gone(vm: Vm) -> int:
+    code, _ = await asyncio.shield(_exit_of(vm))
     if code == 0:
         _say("QEMU exited; done")
         return 0
@@ -316,7 +295,8 @@ async def _qemu_gone(vm) -> int:
 
 
 # ---- registration ---------------------------------------------------------------------------
-def add_vm_commands(subparsers) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+def add_vm_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
+                    ) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """Add `serve` and `vm` to an argparse sub-parser set; each sets `func(args) -> int`."""
     serve = subparsers.add_parser(
         "serve", help="serve the controller to a VMM you start yourself (vfio-user)",
@@ -327,7 +307,7 @@ def add_vm_commands(subparsers) -> tuple[argparse.ArgumentParser, argparse.Argum
                        help="UNIX socket to listen on (a stale socket there is replaced)")
     serve.add_argument("--once", action="store_true",
                        help="exit when the VMM disconnects instead of waiting for the next one")
-    add_device_options(serve)
+    add_options(serve)
     serve.set_defaults(func=lambda args: _run(serve_main, args))
 
     vm = subparsers.add_parser(
@@ -361,7 +341,7 @@ def add_vm_commands(subparsers) -> tuple[argparse.ArgumentParser, argparse.Argum
                         "running commands (default 2)")
     g.add_argument("--poweroff", action="store_true",
                    help="power the guest off after the --run commands (xhcidbg then exits)")
-    add_device_options(vm)
+    add_options(vm)
     vm.add_argument("qemu_args", nargs="*", metavar="-- QEMU-OPTION",
                     help="everything after -- goes to QEMU as it is")
     vm.set_defaults(func=lambda args: _run(vm_main, args))
