@@ -6,7 +6,8 @@ from xhcidbg.devices.base import Speed, Status
 from xhcidbg.devices.loopback import LoopbackDevice
 from xhcidbg.emu.context import EpState
 from xhcidbg.emu.hooks import ANNOUNCEMENTS
-from xhcidbg.emu.trb import CC, TrbType as T
+from xhcidbg.emu.trb import CC
+from xhcidbg.emu.trb import TrbType as T
 from xhcidbg.guest.device import Device
 
 

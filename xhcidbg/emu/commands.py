@@ -119,7 +119,7 @@ class Commands:
             self.report.host_system_error(f"{trb!r}: context DMA failed ({e})")
             return None
 
-    # ---- helpers -------------------------------------------------------------------------------------
+    # ---- helpers ---------------------------------------------------------------------------------
     def _slot(self, trb: Trb) -> DeviceSlot:
         sid = SLOT_ID.of(trb.control)
         slot = self.slots.get(sid)
@@ -137,21 +137,21 @@ class Commands:
                                f"disabled")
         return ep
 
-    def _input_context(self, trb: Trb) -> tuple[int, list[int], list[int]]:
-        """(address, control context dwords, [drop, add]) of the Input Context."""
+    def _input_context(self, trb: Trb) -> tuple[int, int, int]:
+        """(address, drop flags, add flags) of the Input Context."""
         addr = trb.param & ~(POINTER_ALIGN - 1)
         if addr == 0 or addr % CONTEXT_ALIGN:
             raise CommandError(CC.TRB_ERROR, f"input context pointer {trb.param:#x} is null or "
                                f"not 64-byte aligned")
         ctrl = list(_CTX_STRUCT.unpack(self.mem.read(addr, _CTX_STRUCT.size)))
-        return addr, ctrl, [INPUT_CTRL_CTX.get(ctrl, "drop"), INPUT_CTRL_CTX.get(ctrl, "add")]
+        return addr, INPUT_CTRL_CTX.get(ctrl, "drop"), INPUT_CTRL_CTX.get(ctrl, "add")
 
     def _read_ctx(self, in_addr: int, index: int) -> list[int]:
         """Context `index` of an input context (0 control, 1 slot, 2.. endpoints DCI 1..)."""
         addr = in_addr + index * self.context_size
         return list(_CTX_STRUCT.unpack(self.mem.read(addr, _CTX_STRUCT.size)))
 
-    # ---- commands ------------------------------------------------------------------------------------
+    # ---- commands --------------------------------------------------------------------------------
     def no_op(self, trb: Trb) -> CommandResult:
         return CommandResult(trb, CC.SUCCESS)
 
@@ -181,7 +181,7 @@ class Commands:
                 state == SlotState.DEFAULT and bsr):
             raise CommandError(CC.CONTEXT_STATE_ERROR, f"Address Device (BSR={int(bsr)}) on slot "
                                f"{slot.id} in state {SlotState(state).name.lower()}")
-        in_addr, ctrl, (drop, add) = self._input_context(trb)
+        in_addr, drop, add = self._input_context(trb)
         if (add & (SLOT_FLAG | EP0_FLAG)) != SLOT_FLAG | EP0_FLAG or drop:
             raise CommandError(CC.PARAMETER_ERROR, f"Address Device input control context: add "
                                f"{add:#x} (needs A0 and A1), drop {drop:#x} (needs 0)")
@@ -299,7 +299,7 @@ class Commands:
             slot.set_state(SlotState.ADDRESSED)
             self._write_all(slot)
             return CommandResult(trb, CC.SUCCESS, slot=slot.id)
-        in_addr, ctrl, (drop, add) = self._input_context(trb)
+        in_addr, drop, add = self._input_context(trb)
         if drop & (SLOT_FLAG | EP0_FLAG) or add & EP0_FLAG:
             raise CommandError(CC.TRB_ERROR, f"input control context drop {drop:#x} / add "
                                f"{add:#x}: D0, D1 and A1 must be 0")
@@ -356,7 +356,7 @@ class Commands:
         if slot.state == SlotState.DISABLED:
             raise CommandError(CC.CONTEXT_STATE_ERROR, f"Evaluate Context on slot {slot.id} "
                                f"before Address Device")
-        in_addr, ctrl, (drop, add) = self._input_context(trb)
+        in_addr, _drop, add = self._input_context(trb)
         if add & SLOT_FLAG:
             sctx = self._read_ctx(in_addr, 1)
             for name in ("max_exit_latency", "interrupter"):

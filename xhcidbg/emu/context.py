@@ -61,7 +61,8 @@ EP_CTX = Layout("Endpoint Context", 8, (
     F("ep_state", 0, 0, 3), F("mult", 0, 8, 2), F("max_pstreams", 0, 10, 5), F("lsa", 0, 15, 1),
     F("interval", 0, 16, 8), F("max_esit_hi", 0, 24, 8), F("cerr", 1, 1, 2),
     F("ep_type", 1, 3, 3), F("hid", 1, 7, 1), F("max_burst", 1, 8, 8),
-    F("max_packet", 1, 16, 16), F("dcs", 2, 0, 1), F("dequeue", 2, 4, 60, "TR Dequeue Pointer >> 4"),
+    F("max_packet", 1, 16, 16), F("dcs", 2, 0, 1),
+    F("dequeue", 2, 4, 60, "TR Dequeue Pointer >> 4"),
     F("avg_trb_length", 4, 0, 16), F("max_esit_lo", 4, 16, 16),
 ))
 

@@ -124,7 +124,7 @@ class TransferEngine:
         self.kick = kick
         self.max_inflight = max_inflight
 
-    # ---- assembling TDs ---------------------------------------------------------------------------
+    # ---- assembling TDs --------------------------------------------------------------------------
     def step(self, ep: SlotEndpoint, unit: str) -> bool:
         """Advance `ep` by one TRB (unit 'trb') or one TD; False when there is nothing to do."""
         if ep.state != EpState.RUNNING:
@@ -176,7 +176,7 @@ class TransferEngine:
             if unit == "trb" or fetched >= TRBS_PER_STEP:
                 return True
 
-    # ---- submitting ---------------------------------------------------------------------------------
+    # ---- submitting ------------------------------------------------------------------------------
     def submit(self, ep: SlotEndpoint, td: Td) -> None:
         slot = ep.slot
         why = self._validate(ep, td)
@@ -253,7 +253,7 @@ class TransferEngine:
                 iso_frame=td.iso_frame)
         return record
 
-    # ---- isochronous scheduling (4.11.2.5, 4.14.2) ---------------------------------------------------
+    # ---- isochronous scheduling (4.11.2.5, 4.14.2) -----------------------------------------------
     def _schedule_isoch(self, ep: SlotEndpoint, td: Td) -> None:
         """Run an isoch TD in its frame: at once, later on a timer, or never (Missed Service)."""
         now = self.scheduler.now_ns()
@@ -555,7 +555,7 @@ class TransferEngine:
         self.post_event(0, events.transfer_event(trb.addr, CC.STOPPED, length, ep.slot.id,
                                                  ep.dci))
 
-    # ---- taking TDs back -----------------------------------------------------------------------------
+    # ---- taking TDs back -------------------------------------------------------------------------
     def take_back(self, ep: SlotEndpoint, dequeue: int | None = None,
                   ccs: int | None = None) -> Td | None:
         """Cancel every TD in flight and rewind the ring to the first one (or to `dequeue`).

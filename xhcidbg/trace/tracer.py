@@ -20,6 +20,7 @@ writes up to there and hands finished chunks back.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
@@ -178,7 +179,8 @@ class Tracer:
     max_files: keep only that many of them (a ring buffer).
     """
 
-    def __init__(self, controller: TracedController | None = None, path: str | os.PathLike = "xhcidbg.pcapng",
+    def __init__(self, controller: TracedController | None = None,
+                 path: str | os.PathLike[str] = "xhcidbg.pcapng",
                  filters: CaptureFilter | str | list[str] | None = None, *,
                  snaplen: int = DEFAULT_SNAPLEN, flush_interval: float = 0.2,
                  max_bytes: int | None = None, max_seconds: float | None = None,
@@ -187,7 +189,8 @@ class Tracer:
                  comment: str = ""):
         self.controller = controller
         self.path = Path(path)
-        self.filter = filters if isinstance(filters, CaptureFilter) else CaptureFilter.parse(filters)
+        self.filter = (filters if isinstance(filters, CaptureFilter)
+                       else CaptureFilter.parse(filters))
         if snaplen < 64:
             raise TraceError("snaplen must hold at least the 64-byte usbmon header")
         self.snaplen = snaplen
@@ -597,7 +600,8 @@ class Tracer:
                 self._slot_fs_ls[slot] = slot_ctx[2] >> 4 & 0xF in (1, 2)
             for dci in dcis:
                 if 1 <= dci <= 31:
-                    self._context(out + stride * dci, slot, dci, ttype, mem.read(out + stride * dci, 32))
+                    at = out + stride * dci
+                    self._context(at, slot, dci, ttype, mem.read(at, 32))
         except Exception:
             return
 
@@ -748,10 +752,8 @@ class Tracer:
         else:
             self._error = f"{type(e).__name__}: {e}"
         if self._file is not None:
-            try:
+            with contextlib.suppress(OSError):
                 self._file.close()
-            except OSError:
-                pass
         self._file = None
         self._fifo = False       # do not reopen: stop writing, keep counting
 
@@ -771,7 +773,7 @@ class Tracer:
                 return False
             raise
         os.set_blocking(fd, True)
-        self._file = open(fd, "wb", buffering=0)
+        self._file = open(fd, "wb", buffering=0)  # noqa: SIM115 - open while tracing
         self._files.append(self.path)
         # the interfaces added since start are in the queue already
         self._write(b"".join(self._headers[:self._start_headers]))
@@ -791,7 +793,7 @@ class Tracer:
         path = self._next_path()
         try:
             # unbuffered: each flush is one write() of whole blocks
-            self._file = open(path, "wb", buffering=0)
+            self._file = open(path, "wb", buffering=0)  # noqa: SIM115 - open while tracing
         except OSError as e:
             raise TraceError(f"cannot write the trace to {path}: {e.strerror}") from None
         self._files.append(path)
@@ -799,7 +801,5 @@ class Tracer:
         self._write(b"".join(self._headers[:headers]))
         while self.max_files and len(self._files) > self.max_files:
             old = self._files.pop(0)
-            try:
+            with contextlib.suppress(OSError):
                 old.unlink()
-            except OSError:
-                pass

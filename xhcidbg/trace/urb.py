@@ -115,7 +115,8 @@ def _in_views(xfer: UsbTransfer, n: int) -> list[memoryview]:
 
 
 def usbmon_block(rec: TransferRecord, event: str, ts_ns: int, max_data: int, interval: int,
-                 interface: int, comment: bytes = b"") -> tuple[int, tuple[bytes | memoryview, ...]]:
+                 interface: int, comment: bytes = b""
+                 ) -> tuple[int, tuple[bytes | memoryview, ...]]:
     """One usbmon record for `event` ('S', 'C' or 'E') as a whole pcapng EPB on `interface`,
     in pieces: (block length, pieces) -- the packed block and usbmon headers, the ISO
     descriptors, views of the transfer's data (nothing copied yet) and the tail.  The caller
@@ -182,7 +183,7 @@ def usbmon_block(rec: TransferRecord, event: str, ts_ns: int, max_data: int, int
 def usbmon_record(rec: TransferRecord, event: str, ts_ns: int, max_data: int,
                   interval: int = 0) -> tuple[bytes, int]:
     """The usbmon record of `usbmon_block` alone; returns (bytes, original length)."""
-    total, pieces = usbmon_block(rec, event, ts_ns, max_data, interval, 0)
+    _, pieces = usbmon_block(rec, event, ts_ns, max_data, interval, 0)
     block = b"".join(pieces)
     size, orig = _CAPTURED.unpack_from(block, _CAPTURED_AT)
     return block[pcapng.EPB_HEADER:pcapng.EPB_HEADER + size], orig

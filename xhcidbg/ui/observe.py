@@ -117,10 +117,8 @@ def _type_matches(want: str, t: int) -> bool:
         return int(want) == t
     w = _norm(want)
     names = (_norm(TRB_NAMES.get(t, "")),)
-    try:
+    if t in TrbType._value2member_map_:
         names += (_norm(TrbType(t).name),)
-    except ValueError:
-        pass
     return any(n.startswith(w) for n in names)
 
 
