@@ -19,11 +19,19 @@ from .commands import Commands
 from .context import EpState, SlotState
 from .gate import Gate
 from .hooks import CommandResult, EventRecord, Hooks, MmioAccess
-from .interrupters import InterruptSink, Interrupter
+from .interrupters import Interrupter, InterruptSink
 from .layout import DWORD_MASK, hi32, lo32
 from .memory import DmaError, GuestMemory
-from .mmio import (Binding, RegisterMap, constant, ignore, offset_label, read_zero, with_hi32,
-                   with_lo32)
+from .mmio import (
+    Binding,
+    RegisterMap,
+    constant,
+    ignore,
+    offset_label,
+    read_zero,
+    with_hi32,
+    with_lo32,
+)
 from .ports import RootPort
 from .rings import Ring, RingError
 from .slots import DeviceSlot, Endpoint
@@ -157,7 +165,7 @@ class XhciController:
         for fn in self.hooks.on_state:
             fn(kind, self.name, old, new)
 
-    # ---- logging of refused guest input ------------------------------------------------------------
+    # ---- logging of refused guest input ---------------------------------------------------------
     def refuse(self, key: str, message: str, level: str = "warning") -> None:
         """Guest input we did not accept: log it once per kind, always count it.  `level` is
         "info" for refusals drivers provoke in normal operation (state errors they handle)."""
@@ -183,7 +191,7 @@ class XhciController:
         self.usbsts |= HCE
         self._halt()
 
-    # ---- register map -----------------------------------------------------------------------------
+    # ---- register map ---------------------------------------------------------------------------
     def _register_map(self) -> RegisterMap:
         """BAR0 block by block, each placing its own registers (built once)."""
         m = RegisterMap(R.BAR_SIZE, self, self._write_reserved)
@@ -208,10 +216,11 @@ class XhciController:
         m.area(R.RT_BASE + 4, R.RT_BASE + R.IR_BASE, label=offset_label("RT", R.RT_BASE),
                write=ignore)
         m.place(R.RT_BASE, (R.MFINDEX, self.mfindex, ignore))         # MFINDEX is read-only
-        first_absent = R.RT_BASE + R.IR_BASE + R.IR_STRIDE * len(self.interrupters)
-        m.area(first_absent, R.DB_BASE, write_at=self._write_absent_interrupter)
+        sets = R.RT_BASE + R.IR_BASE                   # the interrupter register sets
+        m.area(sets + R.IR_STRIDE * len(self.interrupters), R.DB_BASE,
+               write_at=self._write_absent_interrupter)
         for ir in self.interrupters:
-            base = first_absent - R.IR_STRIDE * (len(self.interrupters) - ir.index)
+            base = sets + R.IR_STRIDE * ir.index
             m.area(base, base + R.IR_STRIDE, write=ignore)      # its reserved dwords
             for binding in ir.registers():
                 m.place(base, binding, f"{binding[0].name}[{ir.index}]")
@@ -220,7 +229,7 @@ class XhciController:
                     f"DOORBELL[{i}]")
         return m
 
-    # ---- MMIO ---------------------------------------------------------------------------------------
+    # ---- MMIO -----------------------------------------------------------------------------------
     def mmio_read(self, offset: int, size: int) -> int:
         try:
             if size == 4 and not offset & _NOT_A_BAR_DWORD:
@@ -257,10 +266,7 @@ class XhciController:
     def peek(self, offset: int, size: int = 4) -> int:
         """Read a register as the guest would see it, without announcing an MMIO access
         (for the console and tracer: looking must not change what is traced)."""
-        base = offset & ~3
-        if size == 8:
-            return self.regs.read32(base) | (self.regs.read32(base + 4) << 32)
-        return (self.regs.read32(base) >> ((offset & 3) * 8)) & ((1 << (size * 8)) - 1)
+        return self.regs.peek(offset, size)
 
     def register_name(self, offset: int) -> str:
         """The register at BAR0 `offset` as traces and the console show it ("USBSTS",
@@ -271,7 +277,7 @@ class XhciController:
         # one log line per 256 bytes of reserved space
         self.refuse(f"resw{off >> 8}", f"write {v:#x} to reserved offset {off:#x} ignored")
 
-    # ---- capability registers ----------------------------------------------------------------------
+    # ---- capability registers -------------------------------------------------------------------
     def _capabilities(self) -> tuple[tuple[R.Register, int], ...]:
         sp = self.scratchpads
         return (
@@ -295,7 +301,7 @@ class XhciController:
         self.refuse(f"capw{off}", f"write {v:#x} to read-only capability register "
                     f"{self.register_name(off)} ignored")
 
-    # ---- extended capabilities -------------------------------------------------------------------
+    # ---- extended capabilities ------------------------------------------------------------------
     def _legacy_support(self) -> tuple[Binding, ...]:
         """USB Legacy Support (7.1): the BIOS/OS ownership handshake; nothing else happens."""
         first = R.USBLEGSUP.encode(cap_id=R.XCAP_LEGACY, next=len(R.LEGACY_REGS))
@@ -329,7 +335,7 @@ class XhciController:
         self.refuse(f"xecpw{rel}", f"write {v:#x} to read-only extended capability "
                     f"offset {rel:#x} ignored")
 
-    # ---- operational registers --------------------------------------------------------------------
+    # ---- operational registers ------------------------------------------------------------------
     def _operational(self) -> tuple[Binding, ...]:
         return ((R.USBCMD, lambda: self.usbcmd, self._write_usbcmd),
                 (R.USBSTS, lambda: self.usbsts, self._write_usbsts),
@@ -447,7 +453,7 @@ class XhciController:
         self.post_event(0, events.command_completion(self.cmd_ring.dequeue,
                                                      CC.COMMAND_RING_STOPPED))
 
-    # ---- runtime registers --------------------------------------------------------------------------
+    # ---- runtime registers ----------------------------------------------------------------------
     def mfindex(self) -> int:
         if not self.running:
             return self.mfindex_frozen
@@ -472,7 +478,7 @@ class XhciController:
         self.refuse(f"irw{i}", f"write to interrupter {i}, which does not exist "
                     f"(MaxIntrs {len(self.interrupters)})")
 
-    # ---- doorbells ------------------------------------------------------------------------------------
+    # ---- doorbells ------------------------------------------------------------------------------
     def _doorbell(self, index: int, v: int) -> None:
         target, stream = _DB_TARGET.of(v), _DB_STREAM.of(v)
         for fn in self.hooks.on_doorbell:

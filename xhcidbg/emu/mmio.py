@@ -112,16 +112,21 @@ class RegisterMap:
             self.reserved_write(offset, value & DWORD_MASK)
 
     def read(self, offset: int, size: int) -> int:
+        if size not in (1, 2, 4, 8):
+            self.errors.refuse(f"rsize{size}", f"MMIO read of size {size} at {offset:#x}; "
+                               f"reads as 0")
+            return 0
+        if size == 8 and offset & 3:
+            self._unaligned("read", offset)
+            return 0
+        return self.peek(offset, size)
+
+    def peek(self, offset: int, size: int) -> int:
+        """What a read of `size` bytes (1, 2, 4 or 8) at `offset` returns, refusing nothing."""
+        base = offset & ~3
         if size == 8:
-            if offset & 3:
-                self._unaligned("read", offset)
-                return 0
-            return self.read32(offset) | (self.read32(offset + 4) << 32)
-        if size in (1, 2, 4):
-            shift = (offset & 3) * 8
-            return (self.read32(offset & ~3) >> shift) & ((1 << (size * 8)) - 1)
-        self.errors.refuse(f"rsize{size}", f"MMIO read of size {size} at {offset:#x}; reads as 0")
-        return 0
+            return self.read32(base) | (self.read32(base + 4) << 32)
+        return (self.read32(base) >> ((offset & 3) * 8)) & ((1 << (size * 8)) - 1)
 
     def write(self, offset: int, size: int, value: int) -> None:
         if size == 4 and not offset & 3:

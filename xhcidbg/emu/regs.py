@@ -9,8 +9,10 @@ BAR0 layout (64 KiB):
     0x3000  doorbell array, 4 bytes per slot (doorbell 0 rings the command ring)
     0x8000  free for the transport (vfio-user places the MSI-X table and PBA here)
 
-Each register is a `Layout` (fields) plus an offset and the masks of its RW1C / RW1S bits,
-which the MMIO dispatcher and the decoders derive from the one declaration.
+Each register is a `Layout` (fields) plus its offset in its block and which of its fields
+software writes (RW), clears by writing 1 (RW1C) or triggers by writing 1 (RW1S).  The MMIO
+table (mmio.py), the register owners (controller, ports, interrupters) and the decoders all
+take their masks, shifts and names from these declarations.
 """
 from __future__ import annotations
 
