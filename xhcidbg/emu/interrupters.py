@@ -33,6 +33,8 @@ _IMODI, _IMODC = R.IMOD["imodi"], R.IMOD["imodc"]
 _ERSTSZ = R.ERSTSZ["size"]
 _EHB, _DESI = R.ERDP_LO["ehb"], R.ERDP_LO["desi"]
 _ERDP_PTR = R.ERDP_LO["pointer_lo"].bits
+# IMAN and ERDP are read on every interrupt: shifts, not Field.put calls
+_IP_AT, _IE_AT, _EHB_AT, _DESI_AT = _IP.lo, _IE.lo, _EHB.lo, _DESI.lo
 
 
 class InterruptSink:
@@ -130,7 +132,7 @@ class Interrupter:
                 (R.ERDP_HI, lambda: hi32(self.erdp), self.write_erdp_hi))
 
     def read_iman(self) -> int:
-        return _IP.put(self.ip) | _IE.put(self.ie)
+        return self.ip << _IP_AT | self.ie << _IE_AT
 
     def write_iman(self, value: int) -> None:
         was_ie = self.ie
@@ -162,7 +164,7 @@ class Interrupter:
         self.setup_ring()
 
     def read_erdp_lo(self) -> int:
-        return (self.erdp & _ERDP_PTR) | _EHB.put(self.ehb) | _DESI.put(self.desi)
+        return self.erdp & _ERDP_PTR | self.ehb << _EHB_AT | self.desi << _DESI_AT
 
     def write_erdp_lo(self, value: int) -> None:
         if value & _EHB.bits:
