@@ -26,15 +26,11 @@ USB3_RESET_NS = 1_000_000
 
 # PORTSC bits, derived from the one declaration in regs.py
 _P = R.PORTSC
-CCS, PED, OCA, PR, PP, LWS, CAS, DR, WPR = (_P.mask(n) for n in (
-    "ccs", "ped", "oca", "pr", "pp", "lws", "cas", "dr", "wpr"))
+CCS, PED, PR, PP, LWS, WPR = (_P.mask(n) for n in ("ccs", "ped", "pr", "pp", "lws", "wpr"))
 PLS_SHIFT, PLS_MASK = _P.shift("pls"), _P.mask("pls")
 SPEED_SHIFT, SPEED_MASK = _P.shift("speed"), _P.mask("speed")
-PIC_MASK = _P.mask("pic")
-CSC, PEC, WRC, OCC, PRC, PLC, CEC = (_P.mask(n) for n in R.PORTSC_CHANGE_NAMES)
-WCE, WDE, WOE = _P.mask("wce"), _P.mask("wde"), _P.mask("woe")
-CHANGE_BITS = _P.mask(*R.PORTSC_CHANGE_NAMES)
-WAKE_BITS = WCE | WDE | WOE
+CSC, PEC, WRC, PRC, PLC = (_P.mask(n) for n in ("csc", "pec", "wrc", "prc", "plc"))
+CHANGE_BITS = R.PORTSC_CHANGE_BITS
 
 
 class PortListener(Protocol):
