@@ -1,6 +1,15 @@
-"""MFINDEX, MFINDEX wrap events, interrupt moderation and the INTx line, on the virtual clock."""
+"""MFINDEX, MFINDEX wrap events, interrupt moderation and the INTx line, on the virtual clock;
+one interrupter on its own."""
+from types import SimpleNamespace
+
+from xhcidbg.emu import events
 from xhcidbg.emu import regs as R
-from xhcidbg.emu.trb import Trb, TrbType as T
+from xhcidbg.emu.hooks import EventRecord, Hooks
+from xhcidbg.emu.interrupters import ERST_ENTRY, Interrupter
+from xhcidbg.emu.memory import RamMemory
+from xhcidbg.emu.timing import Scheduler
+from xhcidbg.emu.trb import CC, Trb
+from xhcidbg.emu.trb import TrbType as T
 from xhcidbg.guest.driver import XhciDriver
 from xhcidbg.transport.inproc import InProcessBus
 
@@ -61,3 +70,89 @@ def test_msi_clears_ip_once_the_message_is_sent(bus, drv):
     drv.no_op()
     assert bus.interrupts[0] >= 1
     assert bus.mmio_read(R.RT_BASE + 0x20, 4) & 1 == 0
+
+
+# ---- one Interrupter alone: real memory, clock and hooks; fakes only for who it reports to ------
+class Reporter:
+    def __init__(self):
+        self.refused, self.system_errors = [], []
+
+    def refuse(self, key, message, level="warning"):
+        self.refused.append(key)
+
+    def host_system_error(self, why):
+        self.system_errors.append(why)
+
+
+class Router:
+    running = True
+
+    def __init__(self):
+        self.eint, self.delivered, self.intx_updates = 0, [], 0
+
+    def usbsts_eint(self):
+        self.eint += 1
+
+    def deliver_interrupt(self, ir):
+        self.delivered.append(ir.index)
+
+    def update_intx(self):
+        self.intx_updates += 1
+
+
+ERST, SEGMENT, SEGMENT_TRBS = 0x1000, 0x2000, 16
+
+
+def lone_interrupter(imod=0):
+    mem = RamMemory(1 << 16)
+    router, reporter, full, room = Router(), Reporter(), [], []
+    ir = Interrupter(2, mem=mem, scheduler=Scheduler(virtual=True), hooks=Hooks(),
+                     errors=reporter, router=router, erst_max=4, on_full=full.append,
+                     on_room=lambda: room.append(True))
+    regs = {reg.name: (read, write) for reg, read, write in ir.registers()}
+    mem.write(ERST, ERST_ENTRY.pack(SEGMENT, SEGMENT_TRBS, 0))
+    for name, value in (("IMOD", imod), ("ERSTSZ", 1), ("ERSTBA_LO", ERST), ("ERSTBA_HI", 0),
+                        ("ERDP_LO", SEGMENT), ("ERDP_HI", 0), ("IMAN", R.IMAN.mask("ie"))):
+        regs[name][1](value)
+    return SimpleNamespace(ir=ir, regs=regs, mem=mem, router=router, reporter=reporter,
+                           full=full, room=room)
+
+
+def test_an_interrupter_alone_writes_the_event_and_signals_it():
+    t = lone_interrupter()
+    ir, regs, mem, router = t.ir, t.regs, t.mem, t.router
+    ir.post(EventRecord(2, events.command_completion(0x5000, CC.SUCCESS, slot=3)))
+    ev = Trb.unpack(SEGMENT, mem.read(SEGMENT, 16))
+    assert ev.type == T.COMMAND_COMPLETION and ev.param == 0x5000 and ev.cycle == 1
+    assert ev.field("cc") == CC.SUCCESS and ev.field("slot") == 3
+    assert router.eint == 1 and router.delivered == [2]
+    assert regs["IMAN"][0]() == R.IMAN.mask("ip", "ie")
+    assert regs["ERDP_LO"][0]() == SEGMENT | R.ERDP_LO.mask("ehb")     # EHB holds the next one
+    ir.post(EventRecord(2, events.port_status_change(1)))
+    assert router.delivered == [2]
+    regs["ERDP_LO"][1](SEGMENT + 32 | R.ERDP_LO.mask("ehb"))          # consumed both
+    assert router.delivered == [2] and not t.reporter.refused
+
+
+def test_an_interrupter_alone_reports_its_ring_full_and_free_again():
+    t = lone_interrupter()
+    ir, regs, mem, full, room = t.ir, t.regs, t.mem, t.full, t.room
+    for i in range(SEGMENT_TRBS):
+        ir.post(EventRecord(2, events.command_completion(0x5000 + 16 * i, CC.SUCCESS)))
+    last = Trb.unpack(0, mem.read(SEGMENT + 16 * (SEGMENT_TRBS - 1), 16))     # the last TRB
+    assert last.type == T.HOST_CONTROLLER_EVENT and last.field("cc") == CC.EVENT_RING_FULL
+    assert full == [True] and ir.full and len(ir.backlog) == 1 and not room
+    regs["ERDP_LO"][1](SEGMENT + 16 * 8 | R.ERDP_LO.mask("ehb"))      # software caught up
+    assert full == [True, False] and room == [True] and not ir.backlog
+    held = Trb.unpack(0, mem.read(SEGMENT, 16))                          # wrapped: cycle 0
+    assert held.param == 0x5000 + 16 * (SEGMENT_TRBS - 1) and held.cycle == 0
+
+
+def test_an_interrupter_alone_refuses_an_oversized_erst():
+    t = lone_interrupter()
+    ir, regs, reporter = t.ir, t.regs, t.reporter
+    regs["ERSTSZ"][1](100)
+    regs["ERSTBA_HI"][1](0)
+    assert reporter.refused[0] == "erstsz2"                      # clamped to ERST Max: 16 entries
+    assert set(reporter.refused[1:]) == {"erstseg2"}             # 15 empty ones skipped
+    assert len(ir.segments) == 1

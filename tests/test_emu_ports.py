@@ -1,4 +1,5 @@
-"""Root port transitions as a driver sees them in PORTSC and Port Status Change events."""
+"""Root port transitions as a driver sees them in PORTSC and Port Status Change events; one
+root port on its own."""
 import pytest
 
 from xhcidbg.devices.base import Speed
@@ -7,6 +8,9 @@ from xhcidbg.devices.loopback import LoopbackDevice
 from xhcidbg.devices.tablet import Tablet
 from xhcidbg.emu import regs as ER
 from xhcidbg.emu.context import SlotState
+from xhcidbg.emu.hooks import Hooks
+from xhcidbg.emu.ports import USB2_RESET_NS, RootPort
+from xhcidbg.emu.timing import Scheduler
 from xhcidbg.emu.trb import CC
 from xhcidbg.guest import regs as R
 from xhcidbg.guest.device import Device
@@ -132,3 +136,58 @@ def test_hcrst_keeps_devices_connected_with_csc(bus, drv):
     st = drv.port_status(1)
     assert st.connected and st.raw & R.PORT_CSC and not st.enabled
     assert len(bus.controller.slots) == 0
+
+
+# ---- one RootPort alone: a real device, clock and hooks; fakes only for who it reports to -------
+class Listener:
+    def __init__(self):
+        self.calls = []
+
+    def port_changed(self, port):
+        self.calls.append(("changed", port.number))
+
+    def port_disabled(self, port):
+        self.calls.append(("disabled", port.number))
+
+    def device_gone(self, port, device):
+        self.calls.append(("gone", port.number, device.name))
+
+
+class Reporter:
+    def __init__(self):
+        self.refused = []
+
+    def refuse(self, key, message, level="warning"):
+        self.refused.append(key)
+
+    def host_system_error(self, why):
+        raise AssertionError(why)
+
+
+def test_a_root_port_alone_connects_resets_and_enables_a_keyboard():
+    sched, hooks, listener, reporter = Scheduler(virtual=True), Hooks(), Listener(), Reporter()
+    seen = []
+    hooks.on_port.append(lambda number, old, new: seen.append(new))
+    port = RootPort(2, usb3=False, scheduler=sched, hooks=hooks, errors=reporter,
+                    listener=listener)
+    regs = {reg.name: (read, write) for reg, read, write in port.registers()}
+    portsc = regs["PORTSC"][0]
+    assert portsc() == ER.PORTSC.encode(pp=1, pls=ER.PLS_RXDETECT)
+    port.plug(Keyboard())
+    assert listener.calls == [("changed", 2)]
+    assert portsc() == ER.PORTSC.encode(pp=1, ccs=1, csc=1, pls=ER.PLS_POLLING,
+                                        speed=int(Speed.FULL))
+    regs["PORTSC"][1](ER.PORTSC.mask("pp", "pr"))                    # reset, keep CSC
+    assert portsc() & ER.PORTSC.mask("pr") and listener.calls[-1] == ("disabled", 2)
+    sched.advance(USB2_RESET_NS)
+    assert portsc() == ER.PORTSC.encode(pp=1, ccs=1, ped=1, csc=1, prc=1, pls=ER.PLS_U0,
+                                        speed=int(Speed.FULL))
+    assert listener.calls[-1] == ("changed", 2) and seen[-1] == portsc()
+    regs["PORTSC"][1](ER.PORTSC.mask("pp", "csc", "prc"))            # RW1C: acknowledge both
+    assert not portsc() & ER.PORTSC_CHANGE_BITS and port.enabled
+    regs["PORTPMSC"][1](0xFFFF_FFFF)                                 # only the USB 2 fields stick
+    assert regs["PORTPMSC"][0]() == ER.PORTPMSC_USB2.rw
+    regs["PORTSC"][1](ER.PORTSC.mask("pp", "lws") | ER.PORTSC["pls"].put(ER.PLS_U1))
+    assert reporter.refused == ["lws21"]                              # U1 is not for USB 2 ports
+    port.unplug()
+    assert ("gone", 2, "keyboard") in listener.calls and not portsc() & ER.PORTSC.mask("ccs")

@@ -4,7 +4,8 @@ import struct
 import pytest
 
 from xhcidbg.emu import regs as R
-from xhcidbg.emu.trb import CC, Trb, TrbType as T
+from xhcidbg.emu.trb import CC, Trb
+from xhcidbg.emu.trb import TrbType as T
 from xhcidbg.transport.inproc import InProcessBus
 
 OP = R.OP_BASE
@@ -125,3 +126,37 @@ def test_command_ring_noop_and_stop_produce_events(bus):
     assert ev2.field("cc") == CC.COMMAND_RING_STOPPED and ev2.param == 0x20020
     assert not bus.mmio_read(OP + 0x18, 4) & 8
     assert bus.interrupts[0] == 1                                # EHB holds the rest back
+
+
+def test_register_names_come_from_the_table(bus):
+    c = bus.controller          # 4 ports, 4 interrupters
+    names = {0x02: "CAPLENGTH", 0x10: "HCCPARAMS1", OP + 4: "USBSTS", OP + 0x31: "DCBAAP_LO",
+             OP + 0x0C: "OP+0xc", R.PORT_BASE + 0x20: "PORTSC[3]",
+             R.PORT_BASE + 0x34: "PORTPMSC[4]", R.PORT_BASE + 0x40: "BAR0+0x460",
+             R.XECP_BASE + 0x10: "XECP+0x10", R.XECP_BASE + 1: "XECP+0x1", RT: "MFINDEX",
+             RT + 8: "RT+0x8", RT + 0x20: "IMAN[0]", RT + 0x98: "ERDP_LO[3]",
+             RT + 0x2C: "BAR0+0x202c", RT + 0xA0: "BAR0+0x20a0", R.DB_BASE + 8: "DOORBELL[2]",
+             R.DB_BASE + 4 * 255: "DOORBELL[255]", R.DB_BASE + 0x400: "BAR0+0x3400",
+             R.BAR_SIZE: "BAR0+0x10000"}
+    assert {off: c.register_name(off) for off in names} == names
+
+
+def test_partial_writes_leave_rw1c_bits_of_other_bytes_alone(bus):
+    c = bus.controller
+    c.usbsts |= R.USBSTS.mask("eint", "pcd")
+    bus.mmio_write(OP + 5, 1, 0xFF)               # byte 1 has no RW1C bit here but SRE
+    assert c.usbsts & R.USBSTS.mask("eint", "pcd") == R.USBSTS.mask("eint", "pcd")
+    bus.mmio_write(OP + 4, 1, R.USBSTS.mask("pcd"))
+    assert c.usbsts & R.USBSTS.mask("eint", "pcd") == R.USBSTS.mask("eint")
+    bus.mmio_write(OP + 0x38, 2, 0x0304)          # CONFIG: MaxSlotsEn 4, U3E, CIE
+    assert bus.mmio_read(OP + 0x38, 4) == 0x0304
+    bus.mmio_write(OP + 0x39, 1, 0)
+    assert bus.mmio_read(OP + 0x38, 4) == 4
+
+
+def test_unaligned_qwords_are_refused(bus):
+    c = bus.controller
+    before = c.refusals
+    bus.mmio_write(OP + 0x32, 8, 0x1_0000_0000)
+    assert bus.mmio_read(OP + 0x32, 8) == 0 and c.refusals == before + 2
+    assert bus.mmio_read(OP + 0x30, 8) == 0 and c.internal_errors == 0

@@ -9,6 +9,7 @@ controller error a real xHC reports, and one log line.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from collections.abc import Iterable
 
 from ..devices.base import UsbDevice
@@ -19,21 +20,40 @@ from .context import EpState, SlotState
 from .gate import Gate
 from .hooks import CommandResult, EventRecord, Hooks, MmioAccess
 from .interrupters import Interrupter, InterruptSink
+from .layout import DWORD_MASK, hi32, lo32
 from .memory import DmaError, GuestMemory
+from .mmio import (
+    Binding,
+    RegisterMap,
+    constant,
+    ignore,
+    offset_label,
+    read_zero,
+    with_hi32,
+    with_lo32,
+)
 from .ports import RootPort
 from .rings import Ring, RingError
 from .slots import DeviceSlot, SlotEndpoint
-from .timing import Scheduler
+from .timing import Scheduler, Timer
 from .transfers import TransferEngine
 from .trb import CC, Trb
 
 log = logging.getLogger("xhcidbg.emu")
 
-# USBCMD / USBSTS bits, derived from the declarations in regs.py
+# Register bits and fields, derived from the declarations in regs.py
 RS, HCRST, INTE, HSEE, EWE = (R.USBCMD.mask(n) for n in ("rs", "hcrst", "inte", "hsee", "ewe"))
-USBCMD_RW = R.USBCMD.mask("rs", "inte", "hsee", "ewe", "eu3s", "cme", "ete")
+USBCMD_RW = R.USBCMD.rw
 HCH, HSE, EINT, PCD, HCE = (R.USBSTS.mask(n) for n in ("hch", "hse", "eint", "pcd", "hce"))
-MFINDEX_WRAP_NS = 0x4000 * 125_000
+_CRR, _CS, _CA = (R.CRCR_LO.mask(n) for n in ("crr", "cs", "ca"))
+_MAX_SLOTS_EN = R.CONFIG["max_slots_en"]
+_CONFIG_FLAGS = R.CONFIG.mask("u3e", "cie")
+_MFINDEX = R.MFINDEX["index"]
+MFINDEX_WRAP_NS = (_MFINDEX.mask + 1) * R.MICROFRAME_NS
+_DB_TARGET, _DB_STREAM = R.DOORBELL["target"], R.DOORBELL["stream"]
+# A 4-byte access at an offset without these bits is a whole dword inside BAR0: the fast path.
+assert R.BAR_SIZE & (R.BAR_SIZE - 1) == 0
+_NOT_A_BAR_DWORD = ~(R.BAR_SIZE - 4)
 MAX_REFUSAL_KEYS = 4096
 
 
@@ -63,9 +83,15 @@ class XhciController:
         self.bar_size = R.BAR_SIZE
         self.usb2_ports = usb2_ports
         self.usb3_ports = usb3_ports
-        self.ports = [RootPort(self, i + 1, i >= usb2_ports) for i in range(usb2_ports + usb3_ports)]
-        self.full_event_rings = 0
-        self.interrupters = [Interrupter(self, i) for i in range(interrupters)]
+        self.ports = [RootPort(i + 1, i >= usb2_ports, scheduler=self.scheduler, hooks=self.hooks,
+                               errors=self, listener=self, power_control=self.port_power_control)
+                      for i in range(usb2_ports + usb3_ports)]
+        self.full_event_rings = 0    # event rings that are full, as their interrupters report
+        self.interrupters = [Interrupter(i, mem=self._mem, scheduler=self.scheduler,
+                                         hooks=self.hooks, errors=self, router=self,
+                                         erst_max=erst_max, on_full=self._event_ring_full,
+                                         on_room=self.event_ring_has_room)
+                             for i in range(interrupters)]
         self.slots: dict[int, DeviceSlot] = {}
         self.transfers = TransferEngine(self._mem, self.scheduler, self.hooks, self,
                                         self.post_event, self.gate, self.mfindex,
@@ -76,13 +102,14 @@ class XhciController:
                                  max_slots_enabled=lambda: self.max_slots_enabled,
                                  dcbaa_entry=self.dcbaa_entry, release_slot=self.release_slot,
                                  finish=self.finish_command)
-        self.full_event_rings = 0    # kept by the interrupters
         self._refused: set[str] = set()
         self.refusals = 0
         self.internal_errors = 0     # bugs of ours caught at the MMIO boundary (tests assert 0)
         self.legsup = 0          # USBLEGSUP ownership bits
         self.legctlsts = 0
-        self._cap = self._capabilities()
+        self._wrap_timer: Timer | None = None
+        self.regs = self._register_map()
+        self._readers, self._writers = self.regs.readers, self.regs.writers    # the hot path
         self._reset_state()
 
     # ---- state -----------------------------------------------------------------------------------
@@ -94,6 +121,8 @@ class XhciController:
     def mem(self, mem: GuestMemory) -> None:
         """Guest memory for every DMA (the transport sets it once, then maps regions into it)."""
         self._mem = mem
+        for ir in self.interrupters:
+            ir.mem = mem
         self.cmd_ring.mem = mem
         self.transfers.mem = self.commands.mem = mem
         for slot in self.slots.values():
@@ -118,12 +147,11 @@ class XhciController:
         self.cmd_pending: Trb | None = None
         self.mfindex_frozen = 0
         self._mf_base = 0
-        if getattr(self, "_wrap_timer", None) is not None:
+        if self._wrap_timer is not None:
             self._wrap_timer.cancel()
         self._wrap_timer = None
         self.gate.work.clear()
         for i in self.interrupters:
-            i.cancel_timers()
             i.reset()
         for p in self.ports:
             p.power_on_reset()
@@ -141,13 +169,13 @@ class XhciController:
 
     @property
     def max_slots_enabled(self) -> int:
-        return min(self.config & 0xFF, self.max_slots)
+        return min(_MAX_SLOTS_EN.of(self.config), self.max_slots)
 
     def _set_state(self, kind: str, new: str, old: str = "") -> None:
         for fn in self.hooks.on_state:
             fn(kind, self.name, old, new)
 
-    # ---- logging of refused guest input ------------------------------------------------------------
+    # ---- logging of refused guest input ---------------------------------------------------------
     def refuse(self, key: str, message: str, level: str = "warning") -> None:
         """Guest input we did not accept: log it once per kind, always count it.  `level` is
         "info" for refusals drivers provoke in normal operation (state errors they handle)."""
@@ -173,48 +201,51 @@ class XhciController:
         self.usbsts |= HCE
         self._halt()
 
-    # ---- capability registers ----------------------------------------------------------------------
-    def _capabilities(self) -> dict[int, int]:
-        n_ports = len(self.ports)
-        sp = self.scratchpads
-        hcsparams1 = self.max_slots | (len(self.interrupters) << 8) | (n_ports << 24)
-        hcsparams2 = 1 | (self.erst_max << 4) | ((sp >> 5) << 21) | ((sp & 0x1F) << 27)
-        hcsparams3 = 10 | (256 << 16)                 # U1 10 us, U2 256 us exit latency
-        hccparams1 = (1 | (1 << 3) | (1 << 7) | ((self.context_size == 64) << 2)
-                      | ((R.XECP_BASE >> 2) << 16))   # AC64, PPC, NSS, CSZ, xECP
-        return {0x00: R.CAP_LENGTH | (R.HCI_VERSION << 16), 0x04: hcsparams1,
-                0x08: hcsparams2, 0x0C: hcsparams3, 0x10: hccparams1, 0x14: R.DB_BASE,
-                0x18: R.RT_BASE, 0x1C: 0}
+    # ---- register map ---------------------------------------------------------------------------
+    def _register_map(self) -> RegisterMap:
+        """BAR0 block by block, each placing its own registers (built once)."""
+        m = RegisterMap(R.BAR_SIZE, self, self._write_reserved)
+        for reg, value in self._capabilities():
+            m.place(0, (reg, constant(value), partial(self._write_capability, reg.offset)))
+        m.area(R.OP_BASE, R.PORT_BASE, label=offset_label("OP", R.OP_BASE),
+               write_at=self._write_op_reserved)
+        for binding in self._operational():
+            m.place(R.OP_BASE, binding)
+        for port in self.ports:
+            base = R.PORT_BASE + R.PORT_STRIDE * (port.number - 1)
+            for binding in port.registers():
+                m.place(base, binding, f"{binding[0].name}[{port.number}]")
+        xecp = offset_label("XECP", R.XECP_BASE)
+        m.area(R.XECP_BASE, R.RT_BASE, label=xecp, write_at=self._write_xecp_reserved)
+        for binding in self._legacy_support():
+            m.place(R.XECP_BASE, binding, xecp)
+        at = R.XECP_BASE + 4 * len(R.LEGACY_REGS)
+        for dword in self._supported_protocols():
+            m.area(at, at + 4, read=constant(dword))
+            at += 4
+        m.area(R.RT_BASE + 4, R.RT_BASE + R.IR_BASE, label=offset_label("RT", R.RT_BASE),
+               write=ignore)
+        m.place(R.RT_BASE, (R.MFINDEX, self.mfindex, ignore))         # MFINDEX is read-only
+        sets = R.RT_BASE + R.IR_BASE                   # the interrupter register sets
+        m.area(sets + R.IR_STRIDE * len(self.interrupters), R.DB_BASE,
+               write_at=self._write_absent_interrupter)
+        for ir in self.interrupters:
+            base = sets + R.IR_STRIDE * ir.index
+            m.area(base, base + R.IR_STRIDE, write=ignore)      # its reserved dwords
+            for binding in ir.registers():
+                m.place(base, binding, f"{binding[0].name}[{ir.index}]")
+        for i in range(R.DB_COUNT):
+            m.place(R.DB_BASE + 4 * i, (R.DOORBELL, read_zero, partial(self._doorbell, i)),
+                    f"DOORBELL[{i}]")
+        return m
 
-    def _xecp(self) -> list[int]:
-        """Extended capabilities as dwords from XECP_BASE: legacy support, then one Supported
-        Protocol capability per protocol (next pointers in dwords)."""
-        name = 0x20425355            # "USB "
-        n2, n3 = self.usb2_ports, self.usb3_ports
-        out = [R.XCAP_LEGACY | (2 << 8) | self.legsup, self.legctlsts]
-        protos = []
-        if n2:
-            protos.append((2, 0x00, 1, n2))
-        if n3:
-            protos.append((3, 0x00, n2 + 1, n3))
-        for i, (major, minor, first, count) in enumerate(protos):
-            nxt = 4 if i + 1 < len(protos) else 0
-            out += [R.XCAP_PROTOCOL | (nxt << 8) | (minor << 16) | (major << 24), name,
-                    first | (count << 8), 0]
-        return out
-
-    # ---- MMIO ---------------------------------------------------------------------------------------
+    # ---- MMIO -----------------------------------------------------------------------------------
     def mmio_read(self, offset: int, size: int) -> int:
         try:
-            if size == 8:
-                value = self._read32(offset) | (self._read32(offset + 4) << 32)
-            elif size in (1, 2, 4):
-                base = offset & ~3
-                shift = (offset & 3) * 8
-                value = (self._read32(base) >> shift) & ((1 << (size * 8)) - 1)
+            if size == 4 and not offset & _NOT_A_BAR_DWORD:
+                value = self._readers[offset >> 2]()
             else:
-                self.refuse(f"rsize{size}", f"MMIO read of size {size} at {offset:#x}; reads as 0")
-                value = 0
+                value = self.regs.read(offset, size)
         except Exception as e:            # never let a read take the backend down
             self.internal_errors += 1
             log.exception("internal error on MMIO read at %#x", offset)
@@ -233,20 +264,10 @@ class XhciController:
             for fn in self.hooks.on_mmio:
                 fn(acc)
         try:
-            if size == 8:
-                self._write32(offset, value & 0xFFFFFFFF)
-                self._write32(offset + 4, (value >> 32) & 0xFFFFFFFF)
-            elif size == 4:
-                self._write32(offset, value & 0xFFFFFFFF)
-            elif size in (1, 2):
-                base = offset & ~3
-                shift = (offset & 3) * 8
-                mask = ((1 << (size * 8)) - 1) << shift
-                # Bytes not written keep their value, except write-1-to-clear/set bits there.
-                cur = self._read32(base) & ~self._strobe_mask(base)
-                self._write32(base, (cur & ~mask) | ((value << shift) & mask))
+            if size == 4 and not offset & _NOT_A_BAR_DWORD:
+                self._writers[offset >> 2](value & DWORD_MASK)
             else:
-                self.refuse(f"wsize{size}", f"MMIO write of size {size} at {offset:#x} ignored")
+                self.regs.write(offset, size, value)
         except Exception as e:
             self.internal_errors += 1
             log.exception("internal error on MMIO write at %#x", offset)
@@ -255,111 +276,116 @@ class XhciController:
     def peek(self, offset: int, size: int = 4) -> int:
         """Read a register as the guest would see it, without announcing an MMIO access
         (for the console and tracer: looking must not change what is traced)."""
-        if size == 8:
-            return self._read32(offset) | (self._read32(offset + 4) << 32)
-        return (self._read32(offset & ~3) >> ((offset & 3) * 8)) & ((1 << (size * 8)) - 1)
+        return self.regs.peek(offset, size)
 
     def register_name(self, offset: int) -> str:
-        """The name of the register at BAR0 `offset`, for observers ("USBSTS", "PORTSC[3]")."""
-        return R.reg_name(offset, len(self.ports), len(self.interrupters))
+        """The register at BAR0 `offset` as traces and the console show it ("USBSTS",
+        "PORTSC[3]", "IMAN[0]", "DOORBELL[2]", "XECP+0x10"...)."""
+        return self.regs.name(offset)
 
-    def _strobe_mask(self, base: int) -> int:
-        if R.PORT_BASE <= base < R.PORT_BASE + 0x10 * len(self.ports) and base % 0x10 == 0:
-            return R.PORTSC.rw1c | R.PORTSC.rw1s
-        if base == R.OP_BASE + 4:
-            return R.USBSTS.rw1c
-        if base == R.OP_BASE + 0x18:
-            return R.CRCR_LO.rw1s
-        if R.RT_BASE + R.IR_BASE <= base < R.RT_BASE + 0x1000:
-            rel = (base - R.RT_BASE - R.IR_BASE) % R.IR_STRIDE
-            return {0: R.IMAN.rw1c, 0x18: R.ERDP_LO.rw1c}.get(rel, 0)
-        if base == R.XECP_BASE + 4:
-            return R.USBLEGCTLSTS.rw1c
-        return 0
+    def _write_reserved(self, off: int, v: int) -> None:
+        # one log line per 256 bytes of reserved space
+        self.refuse(f"resw{off >> 8}", f"write {v:#x} to reserved offset {off:#x} ignored")
 
-    def _read32(self, off: int) -> int:
-        if off < R.CAP_LENGTH:
-            return self._cap.get(off, 0)
-        if off < R.PORT_BASE:
-            return self._read_op(off - R.OP_BASE)
-        if off < R.PORT_BASE + 0x10 * len(self.ports):
-            rel = off - R.PORT_BASE
-            return self.ports[rel // 0x10].read((rel % 0x10) // 4)
-        if R.XECP_BASE <= off < R.RT_BASE:
-            caps = self._xecp()
-            i = (off - R.XECP_BASE) // 4
-            return caps[i] if i < len(caps) else 0
-        if R.RT_BASE <= off < R.DB_BASE:
-            return self._read_rt(off - R.RT_BASE)
-        return 0    # doorbells read 0; everything else is reserved
+    # ---- capability registers -------------------------------------------------------------------
+    def _capabilities(self) -> tuple[tuple[R.Register, int], ...]:
+        sp = self.scratchpads
+        return (
+            (R.CAPLENGTH, R.CAPLENGTH.encode(caplength=R.CAP_LENGTH, hciversion=R.HCI_VERSION)),
+            (R.HCSPARAMS1, R.HCSPARAMS1.encode(max_slots=self.max_slots,
+                                               max_intrs=len(self.interrupters),
+                                               max_ports=len(self.ports))),
+            # IST 1 microframe; the scratchpad count is split over two fields, low bits first
+            (R.HCSPARAMS2, R.HCSPARAMS2.encode(
+                ist=1, erst_max=self.erst_max, max_scratchpad_lo=sp,
+                max_scratchpad_hi=sp >> R.HCSPARAMS2["max_scratchpad_lo"].width)),
+            (R.HCSPARAMS3, R.HCSPARAMS3.encode(u1_exit_latency=10, u2_exit_latency=256)),  # us
+            (R.HCCPARAMS1, R.HCCPARAMS1.encode(ac64=1, csz=int(self.context_size == 64),
+                                               ppc=int(self.port_power_control), nss=1,
+                                               xecp=R.XECP_BASE // 4)),     # in dwords
+            (R.DBOFF, R.DBOFF.encode(dboff=R.DB_BASE)),
+            (R.RTSOFF, R.RTSOFF.encode(rtsoff=R.RT_BASE)),
+            (R.HCCPARAMS2, 0))
 
-    def _write32(self, off: int, v: int) -> None:
-        if off < R.CAP_LENGTH:
-            self.refuse(f"capw{off}", f"write {v:#x} to read-only capability register "
-                        f"{self.register_name(off)} ignored")
-        elif off < R.PORT_BASE:
-            self._write_op(off - R.OP_BASE, v)
-        elif off < R.PORT_BASE + 0x10 * len(self.ports):
-            rel = off - R.PORT_BASE
-            self.ports[rel // 0x10].write((rel % 0x10) // 4, v)
-        elif R.XECP_BASE <= off < R.RT_BASE:
-            self._write_xecp(off - R.XECP_BASE, v)
-        elif R.RT_BASE <= off < R.DB_BASE:
-            self._write_rt(off - R.RT_BASE, v)
-        elif R.DB_BASE <= off < R.DB_BASE + 4 * 256:
-            self._doorbell((off - R.DB_BASE) // 4, v)
+    def _write_capability(self, off: int, v: int) -> None:
+        self.refuse(f"capw{off}", f"write {v:#x} to read-only capability register "
+                    f"{self.register_name(off)} ignored")
+
+    # ---- extended capabilities ------------------------------------------------------------------
+    def _legacy_support(self) -> tuple[Binding, ...]:
+        """USB Legacy Support (7.1): the BIOS/OS ownership handshake; nothing else happens."""
+        first = R.USBLEGSUP.encode(cap_id=R.XCAP_LEGACY, next=len(R.LEGACY_REGS))
+        return ((R.USBLEGSUP, lambda: first | self.legsup, self._write_legsup),
+                (R.USBLEGCTLSTS, lambda: self.legctlsts, self._write_legctlsts))
+
+    def _write_legsup(self, v: int) -> None:
+        self.legsup = R.USBLEGSUP.merge(self.legsup, v)
+
+    def _write_legctlsts(self, v: int) -> None:
+        self.legctlsts = R.USBLEGCTLSTS.merge(self.legctlsts, v)
+
+    def _supported_protocols(self) -> list[int]:
+        """One Supported Protocol capability (7.2) per protocol that has ports, as dwords that
+        follow the legacy support capability (next pointers in dwords)."""
+        protos = []
+        if self.usb2_ports:
+            protos.append((2, 1, self.usb2_ports))
+        if self.usb3_ports:
+            protos.append((3, self.usb2_ports + 1, self.usb3_ports))
+        out: list[int] = []
+        for i, (major, first, count) in enumerate(protos):
+            nxt = R.SUPPORTED_PROTOCOL.ndwords if i + 1 < len(protos) else 0
+            out += R.SUPPORTED_PROTOCOL.encode(
+                cap_id=R.XCAP_PROTOCOL, next=nxt, major=major, minor=0,
+                name=R.PROTOCOL_NAME_USB, port_offset=first, port_count=count)
+        return out
+
+    def _write_xecp_reserved(self, off: int, v: int) -> None:
+        rel = off - R.XECP_BASE
+        self.refuse(f"xecpw{rel}", f"write {v:#x} to read-only extended capability "
+                    f"offset {rel:#x} ignored")
+
+    # ---- operational registers ------------------------------------------------------------------
+    def _operational(self) -> tuple[Binding, ...]:
+        return ((R.USBCMD, lambda: self.usbcmd, self._write_usbcmd),
+                (R.USBSTS, lambda: self.usbsts, self._write_usbsts),
+                (R.PAGESIZE, constant(R.PAGESIZE.encode(page_size=1)), ignore),   # 4 KiB pages
+                (R.DNCTRL, lambda: self.dnctrl, self._write_dnctrl),
+                (R.CRCR_LO, lambda: _CRR if self.crr else 0, self._write_crcr_lo),  # CRR only
+                (R.CRCR_HI, read_zero, self._write_crcr_hi),
+                (R.DCBAAP_LO, lambda: lo32(self.dcbaap), self._write_dcbaap_lo),
+                (R.DCBAAP_HI, lambda: hi32(self.dcbaap), self._write_dcbaap_hi),
+                (R.CONFIG, lambda: self.config, self._write_config))
+
+    def _write_op_reserved(self, off: int, v: int) -> None:
+        rel = off - R.OP_BASE
+        self.refuse(f"opw{rel}", f"write {v:#x} to reserved operational offset {rel:#x}")
+
+    def _write_usbsts(self, v: int) -> None:
+        self.usbsts = R.USBSTS.merge(self.usbsts, v)
+
+    def _write_dnctrl(self, v: int) -> None:
+        self.dnctrl = R.DNCTRL.merge(self.dnctrl, v)
+
+    def _write_crcr_hi(self, v: int) -> None:
+        if self.crr or self._crcr_hi_ignore:
+            self._crcr_hi_ignore = False
         else:
-            self.refuse(f"resw{off >> 8}", f"write {v:#x} to reserved offset {off:#x} ignored")
+            self.crcr = with_hi32(self.crcr, v)
 
-    # ---- operational registers --------------------------------------------------------------------
-    def _read_op(self, rel: int) -> int:
-        if rel == 0x00:
-            return self.usbcmd
-        if rel == 0x04:
-            return self.usbsts
-        if rel == 0x08:
-            return 1                          # 4 KiB pages
-        if rel == 0x14:
-            return self.dnctrl
-        if rel == 0x18:
-            return 8 if self.crr else 0       # only CRR reads back
-        if rel == 0x30:
-            return self.dcbaap & 0xFFFFFFFF
-        if rel == 0x34:
-            return self.dcbaap >> 32
-        if rel == 0x38:
-            return self.config
-        return 0
+    def _write_dcbaap_lo(self, v: int) -> None:
+        self.dcbaap = with_lo32(self.dcbaap, v & R.DCBAAP_LO.rw)
 
-    def _write_op(self, rel: int, v: int) -> None:
-        if rel == 0x00:
-            self._write_usbcmd(v)
-        elif rel == 0x04:
-            self.usbsts &= ~(v & R.USBSTS.rw1c)
-        elif rel == 0x14:
-            self.dnctrl = v & 0xFFFF
-        elif rel == 0x18:
-            self._write_crcr_lo(v)
-        elif rel == 0x1C:
-            if self.crr or self._crcr_hi_ignore:
-                self._crcr_hi_ignore = False
-            else:
-                self.crcr = (self.crcr & 0xFFFFFFFF) | (v << 32)
-        elif rel == 0x30:
-            self.dcbaap = (self.dcbaap & ~0xFFFFFFFF) | (v & 0xFFFFFFC0)
-        elif rel == 0x34:
-            self.dcbaap = (self.dcbaap & 0xFFFFFFFF) | (v << 32)
-        elif rel == 0x38:
-            n = v & 0xFF
-            if n > self.max_slots:
-                self.refuse("maxslotsen", f"CONFIG.MaxSlotsEn {n} > MaxSlots {self.max_slots}; "
-                            f"clamped")
-                n = self.max_slots
-            self.config = (v & 0x300) | n
-        elif rel == 0x08:
-            pass    # PAGESIZE is read-only
-        else:
-            self.refuse(f"opw{rel}", f"write {v:#x} to reserved operational offset {rel:#x}")
+    def _write_dcbaap_hi(self, v: int) -> None:
+        self.dcbaap = with_hi32(self.dcbaap, v)
+
+    def _write_config(self, v: int) -> None:
+        n = _MAX_SLOTS_EN.of(v)
+        if n > self.max_slots:
+            self.refuse("maxslotsen", f"CONFIG.MaxSlotsEn {n} > MaxSlots {self.max_slots}; "
+                        f"clamped")
+            n = self.max_slots
+        self.config = (v & _CONFIG_FLAGS) | _MAX_SLOTS_EN.put(n)
 
     def _write_usbcmd(self, v: int) -> None:
         if v & HCRST:
@@ -390,7 +416,7 @@ class XhciController:
 
     def _start(self) -> None:
         self.usbsts &= ~HCH
-        self._mf_base = self.scheduler.now_ns() - self.mfindex_frozen * 125_000
+        self._mf_base = self.scheduler.now_ns() - self.mfindex_frozen * R.MICROFRAME_NS
         self._arm_wrap()
         self._set_state("controller", "running", "halted")
         for i in self.interrupters:
@@ -415,14 +441,14 @@ class XhciController:
 
     def _write_crcr_lo(self, v: int) -> None:
         if self.crr:
-            if v & 0x4:
+            if v & _CA:
                 self._stop_command_ring(abort=True)
                 self._crcr_hi_ignore = True
-            elif v & 0x2:
+            elif v & _CS:
                 self._stop_command_ring(abort=False)
                 self._crcr_hi_ignore = True
             return
-        self.crcr = (self.crcr & ~0xFFFFFFFF) | (v & 0xFFFFFFC1)
+        self.crcr = with_lo32(self.crcr, v & R.CRCR_LO.rw)
 
     def _stop_command_ring(self, abort: bool) -> None:
         if self.cmd_pending is not None and abort:
@@ -437,11 +463,11 @@ class XhciController:
         self.post_event(0, events.command_completion(self.cmd_ring.dequeue,
                                                      CC.COMMAND_RING_STOPPED))
 
-    # ---- runtime registers --------------------------------------------------------------------------
+    # ---- runtime registers ----------------------------------------------------------------------
     def mfindex(self) -> int:
         if not self.running:
             return self.mfindex_frozen
-        return ((self.scheduler.now_ns() - self._mf_base) // 125_000) & 0x3FFF
+        return _MFINDEX.of((self.scheduler.now_ns() - self._mf_base) // R.MICROFRAME_NS)
 
     def _arm_wrap(self) -> None:
         if self._wrap_timer is not None:
@@ -457,75 +483,14 @@ class XhciController:
             self.post_event(0, events.mfindex_wrap())
             self._wrap_timer = self.scheduler.call_later(MFINDEX_WRAP_NS, self._wrap)
 
-    def _read_rt(self, rel: int) -> int:
-        if rel == 0:
-            return self.mfindex()
-        if rel < R.IR_BASE:
-            return 0
-        i, reg = divmod(rel - R.IR_BASE, R.IR_STRIDE)
-        if i >= len(self.interrupters):
-            return 0
-        ir = self.interrupters[i]
-        if reg == 0x00:
-            return ir.ip | (ir.ie << 1)
-        if reg == 0x04:
-            return ir.imodi | (ir.imodc << 16)
-        if reg == 0x08:
-            return ir.erstsz
-        if reg == 0x10:
-            return ir.erstba & 0xFFFFFFFF
-        if reg == 0x14:
-            return ir.erstba >> 32
-        if reg == 0x18:
-            return (ir.erdp & 0xFFFFFFF0) | (ir.ehb << 3) | ir.desi
-        if reg == 0x1C:
-            return ir.erdp >> 32
-        return 0
+    def _write_absent_interrupter(self, off: int, v: int) -> None:
+        i = (off - R.RT_BASE - R.IR_BASE) // R.IR_STRIDE
+        self.refuse(f"irw{i}", f"write to interrupter {i}, which does not exist "
+                    f"(MaxIntrs {len(self.interrupters)})")
 
-    def _write_rt(self, rel: int, v: int) -> None:
-        if rel < R.IR_BASE:
-            return      # MFINDEX is read-only
-        i, reg = divmod(rel - R.IR_BASE, R.IR_STRIDE)
-        if i >= len(self.interrupters):
-            self.refuse(f"irw{i}", f"write to interrupter {i}, which does not exist "
-                        f"(MaxIntrs {len(self.interrupters)})")
-            return
-        ir = self.interrupters[i]
-        if reg == 0x00:
-            was_ie = ir.ie
-            if v & 1:
-                ir.ip = 0
-            ir.ie = (v >> 1) & 1
-            if ir.ie and not was_ie and ir.ip:
-                self.deliver_interrupt(ir)
-            self.update_intx()
-        elif reg == 0x04:
-            ir.imodi = v & 0xFFFF
-            ir.imodc = v >> 16
-        elif reg == 0x08:
-            ir.erstsz = v & 0xFFFF
-        elif reg == 0x10:
-            ir.erstba = (ir.erstba & ~0xFFFFFFFF) | (v & 0xFFFFFFC0)
-        elif reg == 0x14:
-            ir.erstba = (ir.erstba & 0xFFFFFFFF) | (v << 32)
-            ir.setup_ring()
-        elif reg == 0x18:
-            ir.write_erdp(lo=v)
-        elif reg == 0x1C:
-            ir.write_erdp(hi=v)
-
-    def _write_xecp(self, rel: int, v: int) -> None:
-        if rel == 0:
-            self.legsup = v & ((1 << 16) | (1 << 24))
-        elif rel == 4:
-            self.legctlsts = (self.legctlsts & ~(v & R.USBLEGCTLSTS.rw1c) & ~0xE011) | (v & 0xE011)
-        else:
-            self.refuse(f"xecpw{rel}", f"write {v:#x} to read-only extended capability "
-                        f"offset {rel:#x} ignored")
-
-    # ---- doorbells ------------------------------------------------------------------------------------
+    # ---- doorbells ------------------------------------------------------------------------------
     def _doorbell(self, index: int, v: int) -> None:
-        target, stream = v & 0xFF, v >> 16
+        target, stream = _DB_TARGET.of(v), _DB_STREAM.of(v)
         for fn in self.hooks.on_doorbell:
             fn(index, target, stream)
         if index == 0:
@@ -645,6 +610,10 @@ class XhciController:
 
     def usbsts_eint(self) -> None:
         self.usbsts |= EINT
+
+    def _event_ring_full(self, full: bool) -> None:
+        # counted, so that the per-TD check of the transfer path is one comparison
+        self.full_event_rings += 1 if full else -1
 
     def deliver_interrupt(self, ir: Interrupter) -> None:
         for fn in self.hooks.on_interrupt:

@@ -13,47 +13,73 @@ PORTSC state machines, simplified to what a driver can observe:
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from ..devices.base import PortLink, Speed, UsbDevice
 from . import regs as R
-
-if TYPE_CHECKING:
-    from .controller import XhciController
+from .hooks import Hooks
+from .mmio import Binding, ErrorReporter, ignore
+from .timing import Scheduler, Timer
 
 USB2_RESET_NS = 10_000_000      # a root port reset lasts at least 10 ms on USB 2
 USB3_RESET_NS = 1_000_000
 
 # PORTSC bits, derived from the one declaration in regs.py
 _P = R.PORTSC
-CCS, PED, OCA, PR, PP, LWS, CAS, DR, WPR = (_P.mask(n) for n in (
-    "ccs", "ped", "oca", "pr", "pp", "lws", "cas", "dr", "wpr"))
+CCS, PED, PR, PP, LWS, WPR = (_P.mask(n) for n in ("ccs", "ped", "pr", "pp", "lws", "wpr"))
 PLS_SHIFT, PLS_MASK = _P.shift("pls"), _P.mask("pls")
 SPEED_SHIFT, SPEED_MASK = _P.shift("speed"), _P.mask("speed")
-PIC_MASK = _P.mask("pic")
-CSC, PEC, WRC, OCC, PRC, PLC, CEC = (_P.mask(n) for n in R.PORTSC_CHANGE_NAMES)
-WCE, WDE, WOE = _P.mask("wce"), _P.mask("wde"), _P.mask("woe")
-CHANGE_BITS = _P.mask(*R.PORTSC_CHANGE_NAMES)
-WAKE_BITS = WCE | WDE | WOE
+CSC, PEC, WRC, PRC, PLC = (_P.mask(n) for n in ("csc", "pec", "wrc", "prc", "plc"))
+CHANGE_BITS = R.PORTSC_CHANGE_BITS
+
+
+class PortListener(Protocol):
+    """The controller as a root port sees it: told when a port raises a change bit, stops
+    carrying traffic (disabled, reset, powered off) or loses its device."""
+
+    def port_changed(self, port: RootPort) -> None: ...
+
+    def port_disabled(self, port: RootPort) -> None: ...
+
+    def device_gone(self, port: RootPort, device: UsbDevice) -> None: ...
 
 
 class RootPort(PortLink):
-    def __init__(self, hc: XhciController, number: int, usb3: bool):
-        self.hc = hc
+    """One root hub port: its register set, its PORTSC state machine and the device in it.
+
+    `power_control` is HCCPARAMS1.PPC: whether software may switch port power off."""
+
+    def __init__(self, number: int, usb3: bool, *, scheduler: Scheduler, hooks: Hooks,
+                 errors: ErrorReporter, listener: PortListener, power_control: bool = True):
         self.number = number            # 1-based port id
         self.usb3 = usb3
+        self.scheduler = scheduler      # also the clock of devices that act on time (HID idle)
+        self.hooks = hooks
+        self.errors = errors
+        self.listener = listener
+        self.power_control = power_control
+        self._pmsc_reg = R.PORTPMSC_USB3 if usb3 else R.PORTPMSC_USB2
         self.device: UsbDevice | None = None
         self.portsc = 0
         self.pmsc = 0
         self.li = 0
         self.hlpmc = 0
-        self._reset_timer = None
+        self._reset_timer: Timer | None = None
         self.power_on_reset()
 
-    @property
-    def scheduler(self):
-        """The controller's clock, for devices that act on time (HID idle reports)."""
-        return self.hc.scheduler
+    # ---- registers ------------------------------------------------------------------------------
+    def registers(self) -> tuple[Binding, ...]:
+        """This port's register set (5.4.8-5.4.11), with the handlers that answer it."""
+        return ((R.PORTSC, lambda: self.portsc, self.write_portsc),
+                (R.PORTPMSC, lambda: self.pmsc, self.write_pmsc),
+                (R.PORTLI, lambda: self.li, ignore),             # read-only
+                (R.PORTHLPMC, lambda: self.hlpmc, self.write_hlpmc))
+
+    def write_pmsc(self, value: int) -> None:
+        self.pmsc = self._pmsc_reg.merge(self.pmsc, value)
+
+    def write_hlpmc(self, value: int) -> None:
+        self.hlpmc = R.PORTHLPMC.merge(self.hlpmc, value)
 
     @property
     def protocol(self) -> str:
@@ -64,7 +90,8 @@ class RootPort(PortLink):
     def pls(self) -> int:
         return (self.portsc & PLS_MASK) >> PLS_SHIFT
 
-    def _set(self, *, ccs=None, ped=None, pr=None, pls=None, speed=None) -> None:
+    def _set(self, *, ccs: bool | None = None, ped: bool | None = None, pr: bool | None = None,
+             pls: int | None = None, speed: int | None = None) -> None:
         v = self.portsc
         if ccs is not None:
             v = (v | CCS) if ccs else (v & ~CCS)
@@ -85,17 +112,18 @@ class RootPort(PortLink):
         new |= changes
         self.portsc = new
         if new != old:
-            for fn in self.hc.hooks.on_port:
+            for fn in self.hooks.on_port:
                 fn(self.number, old, new)
         if newly:
-            self.hc.port_changed(self)
+            self.listener.port_changed(self)
 
     def _change(self, bits: int) -> None:
         self._update(self.portsc, bits)
 
-    # ---- reset / power ----------------------------------------------------------------------------
+    # ---- reset / power --------------------------------------------------------------------------
     def power_on_reset(self) -> None:
-        """Controller reset: powered, no change bits; an attached device shows as a fresh connect."""
+        """Controller reset: powered, no change bits; an attached device shows as a fresh
+        connect."""
         if self._reset_timer is not None:
             self._reset_timer.cancel()
             self._reset_timer = None
@@ -106,7 +134,9 @@ class RootPort(PortLink):
 
     def _connect(self, notify: bool, quiet: bool = False) -> None:
         dev = self.device
-        v = (self.portsc & ~(PED | PR | PLS_MASK | SPEED_MASK)) | CCS | (int(dev.speed) << SPEED_SHIFT)
+        if dev is None:
+            return
+        v = self.portsc & ~(PED | PR | PLS_MASK | SPEED_MASK) | CCS | int(dev.speed) << SPEED_SHIFT
         if self.usb3:
             v |= PED | (R.PLS_U0 << PLS_SHIFT)
         else:
@@ -134,7 +164,7 @@ class RootPort(PortLink):
         if self._reset_timer is not None:
             self._reset_timer.cancel()
             self._reset_timer = None
-        self.hc.device_gone(self, dev)
+        self.listener.device_gone(self, dev)
         dev.detached()
         v = self.portsc & ~(CCS | PED | PR | PLS_MASK | SPEED_MASK)
         v |= R.PLS_RXDETECT << PLS_SHIFT
@@ -145,28 +175,16 @@ class RootPort(PortLink):
         if self.pls == R.PLS_U3 and self.portsc & PED:
             self._update((self.portsc & ~PLS_MASK) | (R.PLS_RESUME << PLS_SHIFT), PLC)
 
-    # ---- register access ----------------------------------------------------------------------------
-    def read(self, reg: int) -> int:
-        return (self.portsc, self.pmsc, self.li, self.hlpmc)[reg]
-
-    def write(self, reg: int, value: int) -> None:
-        if reg == 0:
-            self.write_portsc(value)
-        elif reg == 1:
-            self.pmsc = value & (0xF00FFFFF if self.usb3 else 0xF001FFFF)
-        elif reg == 3:
-            self.hlpmc = value
-        # PORTLI is read-only
-
+    # ---- PORTSC writes --------------------------------------------------------------------------
     def write_portsc(self, value: int) -> None:
         v = self.portsc
         # RW1C change bits
         v &= ~(value & CHANGE_BITS)
         # RW bits: PIC, wake enables
-        v = (v & ~(PIC_MASK | WAKE_BITS)) | (value & (PIC_MASK | WAKE_BITS))
+        v = (v & ~_P.rw) | (value & _P.rw)
         self._update(v)
         # Port power
-        if not (value & PP) and (self.portsc & PP) and self.hc.port_power_control:
+        if not (value & PP) and (self.portsc & PP) and self.power_control:
             self._power_off()
             return
         if (value & PP) and not (self.portsc & PP):
@@ -177,8 +195,8 @@ class RootPort(PortLink):
             return
         # PED: writing 1 disables a USB2 port
         if (value & PED) and (self.portsc & PED) and not self.usb3:
-            self._set(ped=0, pls=R.PLS_DISABLED)
-            self.hc.port_disabled(self)
+            self._set(ped=False, pls=R.PLS_DISABLED)
+            self.listener.port_disabled(self)
         if value & WPR and self.usb3:
             self._begin_reset(warm=True)
         elif value & PR:
@@ -192,7 +210,7 @@ class RootPort(PortLink):
             self._reset_timer = None
         self._update(self.portsc & ~(PP | CCS | PED | PR | PLS_MASK | SPEED_MASK)
                      | (R.PLS_DISABLED << PLS_SHIFT))
-        self.hc.port_disabled(self)
+        self.listener.port_disabled(self)
 
     def _begin_reset(self, warm: bool) -> None:
         if self._reset_timer is not None:
@@ -201,12 +219,12 @@ class RootPort(PortLink):
             # A reset on an empty port completes at once without enabling it.
             self._change(PRC | (WRC if warm else 0))
             return
-        self._set(pr=1, ped=0, pls=R.PLS_HOT_RESET if self.usb3 and not warm else None)
+        self._set(pr=True, ped=False, pls=R.PLS_HOT_RESET if self.usb3 and not warm else None)
         if warm:
             self.portsc |= WPR
-        self.hc.port_disabled(self)
+        self.listener.port_disabled(self)
         delay = USB3_RESET_NS if self.usb3 else USB2_RESET_NS
-        self._reset_timer = self.hc.scheduler.call_later(delay, self._end_reset, warm)
+        self._reset_timer = self.scheduler.call_later(delay, self._end_reset, warm)
 
     def _end_reset(self, warm: bool) -> None:
         self._reset_timer = None
@@ -232,8 +250,8 @@ class RootPort(PortLink):
         elif pls in (R.PLS_U1, R.PLS_U2, R.PLS_U0) and enabled and self.usb3:
             self._set(pls=pls)
         elif pls == R.PLS_DISABLED and self.usb3:
-            self._set(ped=0, pls=R.PLS_DISABLED)
-            self.hc.port_disabled(self)
+            self._set(ped=False, pls=R.PLS_DISABLED)
+            self.listener.port_disabled(self)
         elif pls == R.PLS_RXDETECT and self.usb3 and cur == R.PLS_DISABLED:
             self._set(pls=R.PLS_RXDETECT)
             if self.device is not None:
@@ -241,9 +259,10 @@ class RootPort(PortLink):
         elif pls == R.PLS_COMPLIANCE and self.usb3 and cur == R.PLS_RXDETECT:
             self._set(pls=R.PLS_COMPLIANCE)
         else:
-            self.hc.refuse(f"lws{self.number}{pls}", f"port {self.number}: link state write "
-                           f"{R.PLS_NAMES.get(pls, pls)} from {R.PLS_NAMES.get(cur, cur)} "
-                           f"ignored (not a transition software may request)")
+            self.errors.refuse(f"lws{self.number}{pls}", f"port {self.number}: link state "
+                               f"write {R.PLS_NAMES.get(pls, pls)} from "
+                               f"{R.PLS_NAMES.get(cur, cur)} ignored (not a transition software "
+                               f"may request)")
 
     @property
     def enabled(self) -> bool:

@@ -361,7 +361,7 @@ def recent_events(ir: Interrupter, count: int) -> list[tuple[int, Trb]]:
         return []
     out = []
     seg, idx = ir.seg, ir.enq_index
-    mem = ir.hc.mem
+    mem = ir.mem
     for _ in range(min(count, sum(n for _, n in ir.segments))):
         idx -= 1
         if idx < 0:
