@@ -402,9 +402,13 @@ local function add_fields(tree, tvb, base, specs)
 end
 
 -- one field (an AT entry) of the structure at byte `base`: its value, its first byte, its bytes
-local function get(tvb, base, at) return bit32.extract(tvb(base + 4 * at[1], 4):le_uint(), at[2], at[3]) end
+local function get(tvb, base, at)
+  return bit32.extract(tvb(base + 4 * at[1], 4):le_uint(), at[2], at[3])
+end
 local function byte_of(base, at) return base + 4 * at[1] + math.floor(at[2] / 8) end
-local function span(tvb, base, at) return tvb(byte_of(base, at), math.ceil((at[2] % 8 + at[3]) / 8)) end
+local function span(tvb, base, at)
+  return tvb(byte_of(base, at), math.ceil((at[2] % 8 + at[3]) / 8))
+end
 local function hex64(tvb, off) return "0x" .. tvb(off, 8):le_uint64():tohex() end
 local function generated(tree, pf, range, value) tree:add(pf, range, value):set_generated() end
 

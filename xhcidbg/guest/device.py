@@ -908,8 +908,7 @@ class Device:
                 raise ValueError("an IN request takes a length")
             length, data = data_or_length, None
         else:
-            data = bytes(data_or_length) if not isinstance(data_or_length, int) else \
-                bytes(data_or_length)
+            data = bytes(data_or_length)      # an int: that many zero bytes
             length = len(data)
         wl = length if w_length is None else w_length
         intr = self.interrupter if interrupter is None else interrupter

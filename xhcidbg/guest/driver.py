@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import struct
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 from ..devices.base import Speed
 from ..emu.trb import CC, TrbType, cc_name, trb_name
-from . import regs as R, trb as T
+from . import regs as R
+from . import trb as T
 from .alloc import GuestAllocator
-from .fields import address_field, field_mask, flag, placed, read, shift_mask
 from .errors import CommandFailed, ControllerError, NoDevice, XhciError, XhciTimeout
+from .fields import address_field, field_mask, flag, placed, read, shift_mask
 from .rings import Block, EventRing, ProducerRing
 
 MS = 1_000_000
@@ -111,7 +112,7 @@ class Capabilities:
 class Event:
     """One event TRB as the driver consumed it."""
 
-    __slots__ = ("interrupter", "addr", "param", "status", "control")
+    __slots__ = ("addr", "control", "interrupter", "param", "status")
 
     def __init__(self, interrupter: int, addr: int, param: int, status: int, control: int):
         self.interrupter = interrupter
@@ -189,7 +190,7 @@ class CommandCompletion:
     def name(self) -> str:
         return trb_name(self.command.type)
 
-    def check(self) -> "CommandCompletion":
+    def check(self) -> CommandCompletion:
         if self.cc != CC.SUCCESS:
             raise CommandFailed(self)
         return self
@@ -200,7 +201,7 @@ class CommandCompletion:
 
 
 class PendingCommand:
-    __slots__ = ("trb", "seq", "completion")
+    __slots__ = ("completion", "seq", "trb")
 
     def __init__(self, trb: T.GuestTrb, seq: int):
         self.trb = trb
@@ -461,17 +462,16 @@ class XhciDriver:
     def take_ownership(self, timeout_ns: int = 1000 * MS) -> bool:
         """USB Legacy Support (7.1): ask the BIOS to let go.  Returns False when there is no
         such capability.  Like Linux, a BIOS that never lets go is overruled."""
-        for cap_id, off in self.caps.extended:
-            if cap_id != R.XCAP_LEGACY:
-                continue
-            v = self.r32(off)
-            self.w32(off, v | R.LEGSUP_OS_OWNED)
-            if not self.bus.wait(lambda: not self.r32(off) & R.LEGSUP_BIOS_OWNED, timeout_ns):
-                self.w32(off, (self.r32(off) & ~R.LEGSUP_BIOS_OWNED) | R.LEGSUP_OS_OWNED)
-            ctl = self.r32(off + R.LEGCTLSTS)
-            self.w32(off + R.LEGCTLSTS, (ctl & ~R.LEGCTLSTS_SMI_ENABLES) | R.LEGCTLSTS_SMI_EVENTS)
-            return True
-        return False
+        legacy = [off for cap_id, off in self.caps.extended if cap_id == R.XCAP_LEGACY]
+        if not legacy:
+            return False
+        off = legacy[0]
+        self.w32(off, self.r32(off) | R.LEGSUP_OS_OWNED)
+        if not self.bus.wait(lambda: not self.r32(off) & R.LEGSUP_BIOS_OWNED, timeout_ns):
+            self.w32(off, (self.r32(off) & ~R.LEGSUP_BIOS_OWNED) | R.LEGSUP_OS_OWNED)
+        ctl = self.r32(off + R.LEGCTLSTS)
+        self.w32(off + R.LEGCTLSTS, (ctl & ~R.LEGCTLSTS_SMI_ENABLES) | R.LEGCTLSTS_SMI_EVENTS)
+        return True
 
     def halt(self) -> None:
         cmd = self.usbcmd
@@ -487,7 +487,7 @@ class XhciDriver:
                            lambda: not self.usbcmd & R.CMD_HCRST
                            and not self.usbsts & R.STS_CNR)
 
-    def start(self) -> "XhciDriver":
+    def start(self) -> XhciDriver:
         """Bring the controller up the way 4.2 describes; returns self."""
         o = self.opts
         caps = self.read_capabilities()
@@ -913,7 +913,7 @@ class XhciDriver:
             raise NoDevice(f"nothing is connected to port {port} ({st})")
         return Device.enumerate(self, port, **options)
 
-    def batch(self) -> "_Batch":
+    def batch(self) -> _Batch:
         """`with drv.batch(): ...` queues transfers without ringing doorbells, then rings each
         touched doorbell once at the end."""
         return _Batch(self)
@@ -970,5 +970,13 @@ def _text(what) -> str:
     return what() if callable(what) else what
 
 
-__all__ = ["XhciDriver", "Capabilities", "SupportedProtocol", "Event", "CommandCompletion",
-           "PendingCommand", "PortStatus", "Interrupter"]
+__all__ = [
+    "Capabilities",
+    "CommandCompletion",
+    "Event",
+    "Interrupter",
+    "PendingCommand",
+    "PortStatus",
+    "SupportedProtocol",
+    "XhciDriver",
+]

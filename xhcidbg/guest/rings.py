@@ -190,10 +190,8 @@ class ProducerRing:
 
     def cycle_of(self, seq: int) -> int:
         laps, slot = divmod(seq, self.capacity)
-        if self.toggle_every_link:
-            toggles = laps * len(self.blocks) + slot // self.usable
-        else:
-            toggles = laps
+        toggles = (laps * len(self.blocks) + slot // self.usable if self.toggle_every_link
+                   else laps)
         return 1 ^ (toggles & 1)
 
     def seq_of(self, addr: int, allow_consumed: bool = False) -> int | None:

@@ -19,9 +19,12 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from xhcidbg.emu import context as ctx, regs
+from xhcidbg.emu import context as ctx
+from xhcidbg.emu import regs
 from xhcidbg.emu.layout import Field, Layout
-from xhcidbg.emu.trb import CC_NAMES, GENERIC, LAYOUTS as TRB_LAYOUTS, TRB_NAMES, TrbType
+from xhcidbg.emu.trb import CC_NAMES, GENERIC, TRB_NAMES, TrbType
+from xhcidbg.emu.trb import LAYOUTS as TRB_LAYOUTS
+
 from . import records
 from .records import Kind
 
@@ -100,11 +103,13 @@ def _read_by_hand() -> dict[str, Field]:
           "trb_type": GENERIC["type"], "trb_slot": event["slot"],
           "event_cc": event["cc"], "event_ep": event["ep"], "event_length": event["length"],
           "event_port": TRB_LAYOUTS[TrbType.PORT_STATUS_CHANGE]["port"]}
-    for kind, names in ((Kind.MMIO, ("size", "write", "value")), (Kind.DOORBELL, ("db", "target")),
-                        (Kind.TRB, ("address", "slot", "dci", "ring")), (Kind.EVENT, ("dropped",)),
-                        (Kind.COMMAND, ("cc", "slot")), (Kind.PORT, ("port", "old", "new")),
-                        (Kind.INTERRUPT, ("interrupter",)), (Kind.CONTEXT, ("slot", "dci", "reason")),
-                        (Kind.LOG, ("level",)), (Kind.URB, ("slot", "dci"))):
+    for kind, names in ((Kind.MMIO, ("size", "write", "value")),
+                        (Kind.DOORBELL, ("db", "target")),
+                        (Kind.TRB, ("address", "slot", "dci", "ring")),
+                        (Kind.EVENT, ("dropped",)), (Kind.COMMAND, ("cc", "slot")),
+                        (Kind.PORT, ("port", "old", "new")), (Kind.INTERRUPT, ("interrupter",)),
+                        (Kind.CONTEXT, ("slot", "dci", "reason")), (Kind.LOG, ("level",)),
+                        (Kind.URB, ("slot", "dci"))):
         for name in names:
             at[f"{RECORD_KEYS[kind]}_{name}"] = records.LAYOUTS[kind][name]
     return at
@@ -242,9 +247,13 @@ local function add_fields(tree, tvb, base, specs)
 end
 
 -- one field (an AT entry) of the structure at byte `base`: its value, its first byte, its bytes
-local function get(tvb, base, at) return bit32.extract(tvb(base + 4 * at[1], 4):le_uint(), at[2], at[3]) end
+local function get(tvb, base, at)
+  return bit32.extract(tvb(base + 4 * at[1], 4):le_uint(), at[2], at[3])
+end
 local function byte_of(base, at) return base + 4 * at[1] + math.floor(at[2] / 8) end
-local function span(tvb, base, at) return tvb(byte_of(base, at), math.ceil((at[2] % 8 + at[3]) / 8)) end
+local function span(tvb, base, at)
+  return tvb(byte_of(base, at), math.ceil((at[2] % 8 + at[3]) / 8))
+end
 local function hex64(tvb, off) return "0x" .. tvb(off, 8):le_uint64():tohex() end
 local function generated(tree, pf, range, value) tree:add(pf, range, value):set_generated() end
 

@@ -13,7 +13,9 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
-from xhcidbg.emu.layout import Field as F, Layout
+from xhcidbg.emu.layout import Field as F
+from xhcidbg.emu.layout import Layout
+
 from . import pcapng
 
 LINKTYPE = 147                 # LINKTYPE_USER0
@@ -75,7 +77,8 @@ LAYOUTS: dict[Kind, Layout] = {
         F("dci", 3, 8, 6, "0 slot context, 1-31 endpoint context, 32 input control context"),
         F("reason", 3, 16, 6, "TRB type of the command after which it was read"))),
     Kind.STATE: Layout("State change", 1, _HEAD),
-    Kind.LOG: Layout("Log", 2, (*_HEAD, F("level", 1, 0, 8, "0 debug, 1 info, 2 warning, 3 error"),)),
+    Kind.LOG: Layout("Log", 2, (*_HEAD,
+                                F("level", 1, 0, 8, "0 debug, 1 info, 2 warning, 3 error"))),
     Kind.URB: Layout("USB transfer", 2, (*_HEAD, F("slot", 1, 0, 8, "Slot ID"),
                                          F("dci", 1, 8, 5, "Endpoint (DCI)"),
                                          F("stream", 1, 16, 16, "Stream ID"))),

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter, defaultdict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterator, Sequence, TextIO
+from typing import BinaryIO, TextIO
 
 from xhcidbg.decode import usbmon as um
 from xhcidbg.decode import xhci as lx
@@ -19,10 +20,16 @@ from xhcidbg.emu import regs
 from xhcidbg.emu.context import EP_CTX, SLOT_CTX
 from xhcidbg.emu.layout import Field
 from xhcidbg.emu.trb import GENERIC, TrbType, layout_of
+
 from . import records
 from .filters import CaptureFilter, dci_of_address
-from .pcapng import (LINKTYPE_USB_LINUX, LINKTYPE_USB_LINUX_MMAPPED, Capture, CaptureError,
-                     read_capture)
+from .pcapng import (
+    LINKTYPE_USB_LINUX,
+    LINKTYPE_USB_LINUX_MMAPPED,
+    Capture,
+    CaptureError,
+    read_capture,
+)
 from .records import CTX_INPUT_CONTROL, CTX_SLOT, Kind
 
 READABLE = {LINKTYPE_USB_LINUX_MMAPPED: "usbmon", LINKTYPE_USB_LINUX: "usbmon (48-byte)",
@@ -109,11 +116,7 @@ class Reader:
         self.ep_type: dict[tuple[int, int], int] = {}
 
     def entries(self) -> Iterator[Entry]:
-        try:
-            f = open(self.path, "rb")
-        except OSError as e:
-            raise CaptureError(f"cannot open {self.path}: {e.strerror}") from None
-        with f:
+        with self._open() as f:
             cap, packets = read_capture(f)
             self.capture = cap
             for pkt in packets:
@@ -136,6 +139,12 @@ class Reader:
                     entry.port = self.slot_port.get(entry.slot)
                 yield entry
             self.problems.truncated = cap.truncated
+
+    def _open(self) -> BinaryIO:
+        try:
+            return open(self.path, "rb")
+        except OSError as e:
+            raise CaptureError(f"cannot open {self.path}: {e.strerror}") from None
 
     def _xhci(self, data: bytes) -> Entry:
         rec = records.parse(data)
@@ -188,9 +197,8 @@ def matches(flt: CaptureFilter, e: Entry) -> bool:
         return False
     if flt.dcis is not None and e.dci and e.dci not in flt.dcis:
         return False
-    if e.kind == "urb" and flt.slots is not None:
-        return False              # a usbmon record has no slot: it cannot be shown as one's
-    return True
+    # a usbmon record has no slot: it cannot be shown as one's
+    return not (e.kind == "urb" and flt.slots is not None)
 
 
 # ---- show ----------------------------------------------------------------------------------------
