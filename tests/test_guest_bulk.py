@@ -26,7 +26,7 @@ def pattern(mps, n):
 
 @pytest.mark.parametrize("speed", [Speed.SUPER, Speed.HIGH, Speed.FULL])
 def test_source_sink_bulk(speed):
-    bus, drv, dev = plug(LoopbackDevice(speed=speed, pattern=1))
+    _bus, drv, dev = plug(LoopbackDevice(speed=speed, pattern=1))
     assert dev.speed == speed and drv.is_usb3(dev.port) == (speed == Speed.SUPER)
     ep_in = dev.endpoint(0x81)
     assert ep_in.max_packet == {Speed.SUPER: 1024, Speed.HIGH: 512, Speed.FULL: 64}[speed]
@@ -39,7 +39,7 @@ def test_source_sink_bulk(speed):
 
 
 def test_trb_splitting_options_and_flags():
-    bus, drv, dev = plug(LoopbackDevice(pattern=1))
+    _bus, _drv, dev = plug(LoopbackDevice(pattern=1))
     mps = dev.endpoint(0x81).max_packet
     r = dev.bulk_in(1, 5000, trb_sizes=[1000, 24, 3976], ent=True)
     assert r.trb_count == 3 and r.data == pattern(mps, 5000)
@@ -51,7 +51,7 @@ def test_trb_splitting_options_and_flags():
 
 
 def test_loopback_short_packet_and_isoch():
-    bus, drv, dev = plug(LoopbackDevice())
+    _bus, drv, dev = plug(LoopbackDevice())
     dev.set_configuration(2)
     dev.bulk_out(1, b"hello world")
     r = dev.bulk_in(1, 4096)
@@ -73,7 +73,7 @@ def test_loopback_short_packet_and_isoch():
 
 
 def test_ring_full_waits_for_room():
-    bus, drv, dev = plug(LoopbackDevice(pattern=0), transfer_ring_trbs=4,
+    _bus, drv, dev = plug(LoopbackDevice(pattern=0), transfer_ring_trbs=4,
                          transfer_ring_segments=1)
     ep = dev.endpoint(0x81)
     with drv.batch():
@@ -85,7 +85,7 @@ def test_ring_full_waits_for_room():
 def test_mass_storage(tmp_path):
     img = tmp_path / "disk.img"
     img.write_bytes(bytes(1 << 20))
-    bus, drv, dev = plug(StorageDevice(img))
+    _bus, _drv, dev = plug(StorageDevice(img))
     disk = MassStorage(dev)
     assert disk.get_max_lun() == 0 and disk.test_unit_ready()
     assert disk.inquiry().product == "Virtual Disk"
@@ -102,7 +102,7 @@ def test_mass_storage(tmp_path):
 
 def test_hid_helper():
     t = Tablet()
-    bus, drv, dev = plug(t)
+    _bus, _drv, dev = plug(t)
     hid = HidInterface(dev)
     assert hid.report_descriptor()[:2] == b"\x05\x01"            # Usage Page (Generic Desktop)
     hid.set_idle(0)

@@ -18,7 +18,7 @@ def make(controller=None, bus_mode="msix", **opts):
 
 
 def test_capabilities_and_supported_protocols():
-    bus, drv = make(dict(usb2_ports=3, usb3_ports=5, interrupters=6, max_slots=20,
+    _bus, drv = make(dict(usb2_ports=3, usb3_ports=5, interrupters=6, max_slots=20,
                          context_size=64))
     caps = drv.caps
     assert (caps.max_ports, caps.max_interrupters, caps.max_slots) == (8, 6, 20)
@@ -31,7 +31,7 @@ def test_capabilities_and_supported_protocols():
 
 
 def test_start_programs_what_4_2_asks_for():
-    bus, drv = make(interrupters=3, event_ring_segments=4, event_ring_trbs=16, max_slots=10)
+    _bus, drv = make(interrupters=3, event_ring_segments=4, event_ring_trbs=16, max_slots=10)
     assert not drv.usbsts & R.STS_HCH
     assert drv.usbcmd & (R.CMD_RS | R.CMD_INTE) == R.CMD_RS | R.CMD_INTE
     assert drv.op_read(R.CONFIG) & 0xFF == 10
@@ -51,7 +51,7 @@ def test_start_programs_what_4_2_asks_for():
 
 
 def test_legacy_support_handover():
-    bus, drv = make()
+    _bus, drv = make()
     legacy = [off for cap, off in drv.caps.extended if cap == R.XCAP_LEGACY]
     assert legacy, "the controller should offer USB Legacy Support"
     v = drv.r32(legacy[0])
@@ -64,7 +64,7 @@ def test_legacy_support_handover():
     dict(command_ring_trbs=3, command_ring_segments=3, toggle_every_link=True),
 ])
 def test_command_ring_wraps_across_segments(opts):
-    bus, drv = make(event_ring_segments=3, event_ring_trbs=16, **opts)
+    _bus, drv = make(event_ring_segments=3, event_ring_trbs=16, **opts)
     results = [drv.no_op() for _ in range(40)]
     assert all(r.cc == CC.SUCCESS for r in results)
     seen = {r.command.addr for r in results}
@@ -110,7 +110,7 @@ def test_restart_after_hcrst():
 
 
 def test_commands_refused_with_spec_completion_codes():
-    bus, drv = make(dict(max_slots=2))
+    _bus, drv = make(dict(max_slots=2))
     assert drv.raw_command(0, 0, 31 << 10).cc == CC.TRB_ERROR           # reserved TRB type
     assert drv.disable_slot(1).cc == CC.SLOT_NOT_ENABLED
     assert drv.address_device(2, 0x10000).cc == CC.SLOT_NOT_ENABLED

@@ -24,7 +24,7 @@ def command_names(drv):
 
 @pytest.mark.parametrize("context_size", [32, 64])
 def test_tablet_full_speed(context_size):
-    bus, drv, port = setup(Tablet(), context_size)
+    _bus, drv, port = setup(Tablet(), context_size)
     dev = drv.enumerate(port)
     assert dev.speed == Speed.FULL and dev.port == port
     assert (dev.manufacturer, dev.product, dev.serial) == ("xhcidbg", "xhcidbg USB Tablet",
@@ -48,7 +48,7 @@ def test_tablet_full_speed(context_size):
 
 @pytest.mark.parametrize("speed,mps0,interval", [(Speed.LOW, 8, 6), (Speed.HIGH, 64, 6)])
 def test_keyboard_speeds(speed, mps0, interval):
-    bus, drv, port = setup(Keyboard(speed=speed))
+    _bus, drv, port = setup(Keyboard(speed=speed))
     dev = drv.enumerate(port)
     assert dev.speed == speed and dev.ep0.max_packet == mps0
     assert dev.endpoint(0x81).context()["interval"] == interval
@@ -56,7 +56,7 @@ def test_keyboard_speeds(speed, mps0, interval):
 
 
 def test_bsr_first_addresses_twice():
-    bus, drv, port = setup(Tablet())
+    _bus, drv, port = setup(Tablet())
     dev = drv.enumerate(port, bsr_first=True)
     assert dev.slot_state == SlotState.CONFIGURED
     addressed = [c for c in drv.completions if c.command.type == TrbType.ADDRESS_DEVICE]
@@ -65,7 +65,7 @@ def test_bsr_first_addresses_twice():
 
 
 def test_bsr_leaves_slot_default_until_real_address():
-    bus, drv, port = setup(Keyboard(speed=Speed.HIGH))
+    _bus, drv, port = setup(Keyboard(speed=Speed.HIGH))
     drv.reset_port(port)
     slot = drv.enable_slot().check().slot
     dev = Device(drv, slot, port, Speed.HIGH)
@@ -80,7 +80,7 @@ def test_bsr_leaves_slot_default_until_real_address():
 
 
 def test_deconfigure_reconfigure_and_disable():
-    bus, drv, port = setup(Keyboard())
+    _bus, drv, port = setup(Keyboard())
     dev = drv.enumerate(port)
     dev.deconfigure()
     assert dev.slot_state == SlotState.ADDRESSED and list(dev.endpoints) == [1]

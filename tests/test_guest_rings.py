@@ -16,7 +16,7 @@ def ram():
 
 
 def test_alloc_alignment_boundary_and_coalescing(ram):
-    mem, a = ram
+    _mem, a = ram
     x = a.alloc(100, 64)
     assert x % 64 == 0
     # a 64 KiB-boundary block never straddles a multiple of 64 KiB

@@ -8,8 +8,8 @@ from xhcidbg.devices.keyboard import Keyboard
 from xhcidbg.devices.tablet import Tablet
 from xhcidbg.emu.context import EpState
 from xhcidbg.emu.trb import CC
-from xhcidbg.guest.errors import TransferFailed, XhciTimeout
 from xhcidbg.guest.driver import XhciDriver
+from xhcidbg.guest.errors import TransferFailed, XhciTimeout
 from xhcidbg.transport.inproc import InProcessBus
 
 
@@ -35,7 +35,7 @@ def keyboard():
 
 
 def test_control_in_short_packet_reports_actual_length(tablet):
-    t, drv, dev = tablet
+    _t, _drv, dev = tablet
     r = dev.control(0x80, 6, 0x0200, 0, 255)
     total = dev.config.raw
     assert r.ok and r.actual == len(total) and r.data == total and r.short
@@ -46,13 +46,13 @@ def test_control_in_short_packet_reports_actual_length(tablet):
 
 @pytest.mark.parametrize("sizes", [[4, 5, 9], [1] * 18, [18]])
 def test_control_data_stage_split_into_chained_trbs(tablet, sizes):
-    t, drv, dev = tablet
+    _t, _drv, dev = tablet
     r = dev.control(0x80, 6, 0x0100, 0, 18, trb_sizes=sizes)
     assert r.data == dev.device_desc.raw and r.trb_count == len(sizes) + 2
 
 
 def test_control_with_event_data_trb(tablet):
-    t, drv, dev = tablet
+    _t, _drv, dev = tablet
     r = dev.control(0x80, 6, 0x0100, 0, 18, event_data=0x1234_5678_9ABC)
     ed = [ev for ev in r.events if ev.event_data]
     assert r.ok and r.data == dev.device_desc.raw
@@ -60,7 +60,7 @@ def test_control_with_event_data_trb(tablet):
 
 
 def test_control_out_sets_keyboard_leds(keyboard):
-    k, drv, dev = keyboard
+    k, _drv, dev = keyboard
     dev.control(0x21, 0x09, 0x0200, 0, b"\x05")          # HID SET_REPORT(Output)
     assert int(k.leds) == 5
     dev.control(0x21, 0x09, 0x0200, 0, b"\x02", immediate=True)   # data in the TRB (IDT)
@@ -69,7 +69,7 @@ def test_control_out_sets_keyboard_leds(keyboard):
 
 
 def test_stall_then_recovery(tablet):
-    t, drv, dev = tablet
+    _t, _drv, dev = tablet
     with pytest.raises(TransferFailed, match="Stall Error"):
         dev.control(0x80, 6, 0x9900, 0, 8)                 # no such descriptor
     assert dev.ep0.state == EpState.RUNNING or dev.ep0.state == EpState.STOPPED
@@ -83,7 +83,7 @@ def test_stall_then_recovery(tablet):
 
 
 def test_interrupt_in_reports_follow_the_tablet(tablet):
-    t, drv, dev = tablet
+    t, _drv, dev = tablet
     for i in range(20):
         t.move(100 * i, 50 * i)
         r = dev.interrupt_in(1, 6)
@@ -92,7 +92,7 @@ def test_interrupt_in_reports_follow_the_tablet(tablet):
 
 
 def test_keyboard_typing(keyboard):
-    k, drv, dev = keyboard
+    k, _drv, dev = keyboard
     k.type("hi")
     keys = [dev.interrupt_in(1, 8).data[2] for _ in range(4)]
     assert keys == [0x0B, 0, 0x0C, 0]
@@ -122,7 +122,7 @@ def test_block_event_interrupt_and_silent_tds(tablet):
 
 
 def test_cancel_pending_interrupt_in(tablet):
-    t, drv, dev = tablet
+    t, _drv, dev = tablet
     ep = dev.endpoint(0x81)
     x = ep.submit(length=6)
     with pytest.raises(XhciTimeout):
@@ -135,7 +135,7 @@ def test_cancel_pending_interrupt_in(tablet):
 
 
 def test_doorbell_makes_stopped_endpoint_running(tablet):
-    t, drv, dev = tablet
+    t, _drv, dev = tablet
     ep = dev.endpoint(0x81)
     assert ep.stop().ok and ep.state == EpState.STOPPED
     t.move(7, 7)

@@ -1,7 +1,8 @@
 """The Linux-format text decoders, byte for byte against the kernel's own output."""
 from xhcidbg.decode import usbmon as um
 from xhcidbg.decode import xhci as lx
-from xhcidbg.emu.trb import Trb, TrbType as T
+from xhcidbg.emu.trb import Trb
+from xhcidbg.emu.trb import TrbType as T
 
 
 def test_setup_trb_example_from_the_reference():
@@ -39,17 +40,22 @@ def test_real_trace_lines_from_linux_usb():
 
 def test_every_trb_format():
     cases = {
-        (0x1000, 0, 0, T.LINK << 10 | 1 << 1 | 1): "LINK 0000000000001000 intr 0 type 'Link' flags i:c:T:C",
+        (0x1000, 0, 0, T.LINK << 10 | 1 << 1 | 1):
+            "LINK 0000000000001000 intr 0 type 'Link' flags i:c:T:C",
         (0x2000, 0, 0x01000000, 1 << 24 | 3 << 16 | T.TRANSFER_EVENT << 10 | 1):
-            "TRB 0000000000002000 status 'Success' len 0 slot 1 ep 3 type 'Transfer Event' flags e:C",
+            "TRB 0000000000002000 status 'Success' len 0 slot 1 ep 3 type 'Transfer Event' flags "
+            "e:C",
         (0x3000, 0, 0x0D000004, 2 << 24 | 1 << 16 | T.TRANSFER_EVENT << 10 | 1 << 2):
-            "TRB 0000000000003000 status 'Short Packet' len 4 slot 2 ep 1 type 'Transfer Event' flags E:c",
+            "TRB 0000000000003000 status 'Short Packet' len 4 slot 2 ep 1 type 'Transfer Event' "
+            "flags E:c",
         (0x4000, 0, 18, T.DATA_STAGE << 10 | 1 << 16 | 1 << 5 | 1):
-            "Buffer 0000000000004000 length 18 TD size 0 intr 0 type 'Data Stage' flags i:I:c:s:i:e:C",
+            "Buffer 0000000000004000 length 18 TD size 0 intr 0 type 'Data Stage' flags "
+            "i:I:c:s:i:e:C",
         (0, 0, 0, T.STATUS_STAGE << 10 | 1 << 5 | 1):
             "Buffer 0000000000000000 length 0 TD size 0 intr 0 type 'Status Stage' flags I:c:e:C",
         (0x5000, 0, 512 | 1 << 22, T.NORMAL << 10 | 1 << 9 | 1 << 2 | 1 << 4):
-            "Buffer 0000000000005000 length 512 TD size 0 intr 1 type 'Normal' flags B:i:i:C:s:I:e:c",
+            "Buffer 0000000000005000 length 512 TD size 0 intr 1 type 'Normal' flags "
+            "B:i:i:C:s:I:e:c",
         (0, 0, 0, T.ENABLE_SLOT << 10 | 1): "Enable Slot Command: flags C",
         (0, 0, 0, 3 << 24 | T.DISABLE_SLOT << 10): "Disable Slot Command: slot 3 flags c",
         (0x6000, 0, 0, 1 << 24 | T.ADDRESS_DEVICE << 10 | 1 << 9 | 1):

@@ -58,8 +58,15 @@ def test_whole_block_packers_write_what_enhanced_packet_writes():
     wrapped by the general EPB writer."""
     from xhcidbg.emu.trb import Trb
     from xhcidbg.trace import pcapng
-    from xhcidbg.trace.records import (EPB_DOORBELL, EPB_EVENT, EPB_INTERRUPT, EPB_MMIO_HEAD,
-                                       EPB_PORT, EPB_TRB, HEAD)
+    from xhcidbg.trace.records import (
+        EPB_DOORBELL,
+        EPB_EVENT,
+        EPB_INTERRUPT,
+        EPB_MMIO_HEAD,
+        EPB_PORT,
+        EPB_TRB,
+        HEAD,
+    )
     ts = 0x1_2345_6789_ABCD
     hi, lo = ts >> 32, ts & 0xFFFFFFFF
     dw = [0x11111111, 0x22222222, 0x33333333, 0x44444444]
@@ -123,6 +130,7 @@ def test_a_full_queue_drops_and_counts_records_and_the_file_stays_valid(tmp_path
     counted; once a reader comes, what was kept arrives as a valid capture."""
     import os
     import threading
+
     from xhcidbg.emu.controller import XhciController
     from xhcidbg.trace import tracer as T
     from xhcidbg.trace.pcapng import read_capture

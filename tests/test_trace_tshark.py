@@ -20,11 +20,13 @@ import pytest
 
 from xhcidbg.devices.base import EpType, UsbTransfer
 from xhcidbg.devices.tablet import Tablet
+from xhcidbg.emu.context import EP_CTX, INPUT_CTRL_CTX, SLOT_CTX
 from xhcidbg.emu.controller import XhciController
 from xhcidbg.emu.hooks import CommandResult, EventRecord, Hooks, MmioAccess, TransferRecord
 from xhcidbg.emu.memory import RamMemory
 from xhcidbg.emu.timing import Scheduler
-from xhcidbg.emu.trb import CC, Trb, TrbType as T
+from xhcidbg.emu.trb import CC, Trb
+from xhcidbg.emu.trb import TrbType as T
 from xhcidbg.trace import dissector
 from xhcidbg.trace.pcapng import read_capture
 from xhcidbg.trace.tracer import Tracer
@@ -41,14 +43,15 @@ def tshark(*args: str, lua: bool = False, home: Path) -> str:
     env = dict(os.environ, HOME=str(home), XDG_CONFIG_HOME=str(home / ".config"))
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, f"{cmd}: {r.stderr}"
-    errors = [l for l in r.stderr.splitlines() if "Running as user" not in l and l.strip()]
+    errors = [line for line in r.stderr.splitlines()
+              if "Running as user" not in line and line.strip()]
     assert not errors, errors
     return r.stdout
 
 
 def fields(path, filt, *names, lua=False, home) -> list[list[str]]:
-    out = tshark("-r", str(path), "-Y", filt, "-T", "fields", *sum((["-e", n] for n in names), []),
-                 lua=lua, home=home)
+    out = tshark("-r", str(path), "-Y", filt, "-T", "fields",
+                 *[arg for n in names for arg in ("-e", n)], lua=lua, home=home)
     return [line.split("\t") for line in out.splitlines()]
 
 
@@ -132,12 +135,12 @@ class Replay:
         self.command(Trb.build(T.ENABLE_SLOT, addr=0x40000, cycle=1), slot=1)
         # output device context the controller wrote for slot 1: addressed, port 1, ep0 running
         mem.write_u64(DCBAA + 8, OUT_CTX)
-        mem.write(OUT_CTX, (1 << 27 | 3 << 20).to_bytes(4, "little") + (1 << 16).to_bytes(4, "little")
-                  + bytes(4) + (2 << 27 | 1).to_bytes(4, "little"))
-        mem.write(OUT_CTX + 32, (1).to_bytes(4, "little")
-                  + (3 << 1 | 4 << 3 | 64 << 16).to_bytes(4, "little")
-                  + (0x20001).to_bytes(8, "little") + (8).to_bytes(4, "little"))
-        mem.write(IN_CTX, bytes(4) + (3).to_bytes(4, "little"))
+        mem.write(OUT_CTX, SLOT_CTX.pack(SLOT_CTX.encode(
+            context_entries=1, speed=3, root_hub_port=1, usb_address=1, slot_state=2)))
+        mem.write(OUT_CTX + 32, EP_CTX.pack(EP_CTX.encode(
+            ep_state=1, cerr=3, ep_type=4, max_packet=64, dequeue=0x20000 >> 4, dcs=1,
+            avg_trb_length=8)))
+        mem.write(IN_CTX, INPUT_CTRL_CTX.pack(INPUT_CTRL_CTX.encode(add=0b11)))
         self.command(Trb.build(T.ADDRESS_DEVICE, addr=0x40010, pointer=IN_CTX, slot=1, cycle=1),
                      during=lambda: self.set_address(1, 1))
         self.control(1, 1, bytes.fromhex("8006000100001200"), 18)
@@ -217,7 +220,8 @@ def test_lua_display_filters_select_exactly_the_expected_records(tmp_path, home)
     stalls = expect(lambda e: e.kind == "event" and e.record.dwords[6] >> 24 == CC.STALL_ERROR)
     assert len(stalls) == 1 and got("xhci.cc == 6") == stalls
     assert got("xhci.slot == 1") == expect(lambda e: e.kind != "urb" and e.slot == 1)
-    assert got("xhci.reg == \"DCBAAP_LO\"") == expect(lambda e: e.kind == "mmio" and e.record.text == "DCBAAP_LO")
+    assert got("xhci.reg == \"DCBAAP_LO\"") == expect(
+        lambda e: e.kind == "mmio" and e.record.text == "DCBAAP_LO")
     ctx = got("xhci.slot_ctx.slot_state == 2")
     assert ctx == expect(lambda e: e.kind == "context" and e.record.fields["dci"] == 0)
     assert got("xhci.ep_ctx.max_packet == 64") == expect(
@@ -323,11 +327,11 @@ def test_streaming_to_a_fifo_for_live_viewing(tmp_path, home):
     while not t.status().bytes_written and time.monotonic() < deadline:
         time.sleep(0.05)
     st = t.stop()
-    out, err = reader.communicate(timeout=60)
+    out, _err = reader.communicate(timeout=60)
     assert st.bytes_written and not st.error, st
     lines = out.splitlines()
     assert len(lines) == st.records
-    assert sum(1 for l in lines if l.startswith("1\t")) == 10      # usbmon1: 5 S + 5 C
+    assert sum(1 for line in lines if line.startswith("1\t")) == 10      # usbmon1: 5 S + 5 C
 
 
 def test_submit_errors_and_cancellations_use_the_kernel_errnos(tmp_path, home):

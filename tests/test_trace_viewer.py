@@ -43,7 +43,8 @@ def test_reads_a_qemu_style_classic_pcap(tmp_path):
     classic_pcap(path, usbmon_pair(qemu=True))
     text, reader = show_text(path)
     lines = text.splitlines()
-    assert lines[0].endswith("usbmon: ffff8881234 1000000005 S Ci:1:003:0 s 80 06 0100 0000 0012 18 <")
+    assert lines[0].endswith("usbmon: ffff8881234 1000000005 S Ci:1:003:0 "
+                             "s 80 06 0100 0000 0012 18 <")
     assert lines[1].endswith("usbmon: ffff8881234 1000000009 C Ci:1:003:0 0 18 = "
                              "12010002 00000040 09120100 00010102 0301")
     assert reader.capture.format == "pcap" and not reader.problems.lines(reader.capture)
@@ -61,7 +62,7 @@ def test_reads_big_endian_files_the_same(tmp_path):
 def test_reads_pcapng_from_other_writers_with_other_resolutions(tmp_path):
     """A microsecond-resolution pcapng with a 48-byte (DLT 189) interface and an Ethernet one."""
     path = tmp_path / "mixed.pcapng"
-    s, c = usbmon_pair()
+    s, _c = usbmon_pair()
     with open(path, "wb") as f:
         f.write(pcapng.section_header(application="dumpcap"))
         # IDBs without if_tsresol: microseconds

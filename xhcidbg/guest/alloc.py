@@ -44,7 +44,7 @@ class GuestAllocator:
             raise ValueError(f"alignment {align} is not a power of two")
         if boundary and size > boundary:
             raise ValueError(f"{size} bytes cannot fit inside a {boundary:#x} boundary")
-        for i, (fs, fe) in enumerate(zip(self._free_starts, self._free_ends)):
+        for i, (fs, fe) in enumerate(zip(self._free_starts, self._free_ends, strict=True)):
             addr = (fs + align - 1) & -align
             if boundary and addr // boundary != (addr + size - 1) // boundary:
                 addr = (addr + boundary - 1) // boundary * boundary
@@ -89,7 +89,7 @@ class GuestAllocator:
 
     @property
     def free_bytes(self) -> int:
-        return sum(e - s for s, e in zip(self._free_starts, self._free_ends))
+        return sum(e - s for s, e in zip(self._free_starts, self._free_ends, strict=True))
 
     @property
     def used_bytes(self) -> int:

@@ -11,8 +11,12 @@ import struct
 from dataclasses import dataclass, field
 
 from usb_protocol.types.descriptors.standard import (
-    ConfigurationDescriptor, DeviceDescriptor, EndpointDescriptor, InterfaceDescriptor,
-    SuperSpeedEndpointCompanionDescriptor)
+    ConfigurationDescriptor,
+    DeviceDescriptor,
+    EndpointDescriptor,
+    InterfaceDescriptor,
+    SuperSpeedEndpointCompanionDescriptor,
+)
 
 from .errors import DescriptorError
 
@@ -55,7 +59,7 @@ class DeviceDesc:
     num_configurations: int
 
     @classmethod
-    def parse(cls, raw: bytes) -> "DeviceDesc":
+    def parse(cls, raw: bytes) -> DeviceDesc:
         if len(raw) < 18:
             raise DescriptorError(f"device descriptor is {len(raw)} bytes, needs 18: {raw.hex()}")
         _parse(DeviceDescriptor, raw[:18], "device")   # validates bLength and type
@@ -150,7 +154,7 @@ class ConfigDesc:
         return [i for i in self.interfaces if i.alternate == alternates.get(i.number, 0)]
 
     @classmethod
-    def parse(cls, raw: bytes) -> "ConfigDesc":
+    def parse(cls, raw: bytes) -> ConfigDesc:
         if len(raw) < 9:
             raise DescriptorError(f"configuration descriptor is {len(raw)} bytes: {raw.hex()}")
         c = _parse(ConfigurationDescriptor, raw[:9], "configuration")

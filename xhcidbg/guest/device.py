@@ -8,32 +8,42 @@ from __future__ import annotations
 
 import struct
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 from ..devices.base import Speed
-from ..emu.context import EP_CTX, INPUT_CTRL_CTX, SLOT_CTX, EpState, SlotState, XhciEpType
+from ..emu.context import EpState, SlotState, XhciEpType
 from ..emu.trb import CC, TrbType, cc_name
 from . import descriptors as D
+from . import trb as T
+from .context import EP_CTX, INPUT_CTRL_CTX, SLOT_CTX
 from .errors import DescriptorError, NoDevice, TransferFailed, XhciError
+from .fields import address_field, flag, placed, shift_mask
 from .rings import Block, ProducerRing
 
 KIB64 = 0x10000
 
-# TRB control-word bits used when building TDs (6.4.1)
-_ENT = 1 << 1
-_ISP = 1 << 2
-_CH = 1 << 4
-_IOC = 1 << 5
-_IDT = 1 << 6
-_BEI = 1 << 9
-_DIR_IN = 1 << 16
-_SIA = 1 << 31
-_NORMAL = int(TrbType.NORMAL) << 10
-_SETUP = int(TrbType.SETUP_STAGE) << 10
-_DATA = int(TrbType.DATA_STAGE) << 10
-_STATUS = int(TrbType.STATUS_STAGE) << 10
-_ISOCH = int(TrbType.ISOCH) << 10
-_EVENT_DATA = int(TrbType.EVENT_DATA) << 10
+# TRB bits used when building TDs (6.4.1), precomputed from the guest's TRB figures.
+_TRT = T.LAYOUTS[TrbType.SETUP_STAGE]["trt"]
+_ISOCH_TRB = T.LAYOUTS[TrbType.ISOCH]
+_ENT = flag(T.ENT)
+_ISP = flag(T.ISP)
+_CH = flag(T.CHAIN)
+_IOC = flag(T.IOC)
+_IDT = flag(T.IDT)
+_BEI = flag(T.BEI)
+_DIR_IN = flag(T.DIR)
+_SIA = flag(_ISOCH_TRB["sia"])
+_NORMAL = placed(T.TYPE, TrbType.NORMAL)
+_SETUP = placed(T.TYPE, TrbType.SETUP_STAGE)
+_DATA = placed(T.TYPE, TrbType.DATA_STAGE)
+_STATUS = placed(T.TYPE, TrbType.STATUS_STAGE)
+_ISOCH = placed(T.TYPE, TrbType.ISOCH)
+_EVENT_DATA = placed(T.TYPE, TrbType.EVENT_DATA)
+_LEN_SHIFT, _LEN_MASK = shift_mask(T.LENGTH, 2)
+_TD_SIZE_SHIFT, _TD_SIZE_MAX = shift_mask(T.TD_SIZE, 2)
+_SETUP_LENGTH = 8                  # a Setup Stage TRB carries the 8 setup bytes (6.4.1.2.1)
+_MAX_ESIT_LO = EP_CTX["max_esit_lo"]
+_AVG_TRB_LENGTH_MAX = EP_CTX["avg_trb_length"].mask
 
 # Completion codes that leave the endpoint where it was rather than ending a TD.
 _STOPPED = (CC.STOPPED, CC.STOPPED_LENGTH_INVALID, CC.STOPPED_SHORT_PACKET)
@@ -52,12 +62,34 @@ _EP0_INITIAL_MPS = {Speed.LOW: 8, Speed.FULL: 8, Speed.HIGH: 64, Speed.SUPER: 51
 class Transfer:
     """One TD on an endpoint's transfer ring."""
 
-    __slots__ = ("ep", "kind", "is_in", "length", "buf", "first_seq", "end_seq", "offs", "lens",
-                 "events", "cc", "actual", "data", "done", "short", "cancelled", "ioc",
-                 "on_complete", "setup", "owns_buffer", "fetch_data", "note", "ed_keys",
-                 "__weakref__")
+    __slots__ = (
+        "__weakref__",
+        "actual",
+        "buf",
+        "cancelled",
+        "cc",
+        "data",
+        "done",
+        "ed_keys",
+        "end_seq",
+        "ep",
+        "events",
+        "fetch_data",
+        "first_seq",
+        "ioc",
+        "is_in",
+        "kind",
+        "length",
+        "lens",
+        "note",
+        "offs",
+        "on_complete",
+        "owns_buffer",
+        "setup",
+        "short",
+    )
 
-    def __init__(self, ep: "Endpoint", kind: str, is_in: bool, length: int, buf: int):
+    def __init__(self, ep: GuestEndpoint, kind: str, is_in: bool, length: int, buf: int):
         self.ep = ep
         self.kind = kind              # "control", "normal" (bulk/interrupt), "isoch"
         self.is_in = is_in
@@ -74,7 +106,7 @@ class Transfer:
         self.short = False
         self.cancelled = False
         self.ioc = True
-        self.on_complete: Callable[["Transfer"], None] | None = None
+        self.on_complete: Callable[[Transfer], None] | None = None
         self.setup: bytes | None = None
         self.owns_buffer = True
         self.fetch_data = True
@@ -97,13 +129,13 @@ class Transfer:
         ring = self.ep.ring
         return [ring.addr_of(s) for s in range(self.first_seq, self.end_seq)]
 
-    def wait(self, timeout_ns: int | None = None) -> "Transfer":
+    def wait(self, timeout_ns: int | None = None) -> Transfer:
         drv = self.ep.dev.drv
         drv.flush_doorbells()
         drv.wait_for(lambda: self.done, lambda: f"{self!r} to complete", timeout_ns)
         return self
 
-    def check(self) -> "Transfer":
+    def check(self) -> Transfer:
         if not self.ok:
             raise TransferFailed(self)
         return self
@@ -118,10 +150,10 @@ class Transfer:
                 f"{', ' + self.note if self.note else ''})")
 
 
-class Endpoint:
+class GuestEndpoint:
     """One endpoint of a device slot, with its transfer ring and the TDs queued on it."""
 
-    def __init__(self, dev: "Device", dci: int, xtype: XhciEpType, max_packet: int,
+    def __init__(self, dev: Device, dci: int, xtype: XhciEpType, max_packet: int,
                  max_burst: int = 0, mult: int = 0, interval: int = 0, max_esit: int = 0,
                  desc: D.EndpointDesc | None = None, ring_trbs: int | None = None,
                  ring_segments: int | None = None):
@@ -177,7 +209,7 @@ class Endpoint:
             return st
 
     def __repr__(self) -> str:
-        return (f"Endpoint(slot {self.dev.slot} {self.name} dci {self.dci} "
+        return (f"GuestEndpoint(slot {self.dev.slot} {self.name} dci {self.dci} "
                 f"{self.xtype.name.lower()} mps {self.max_packet} burst {self.max_burst} "
                 f"{len(self.tds)} pending)")
 
@@ -189,7 +221,7 @@ class Endpoint:
         if x == XhciEpType.CONTROL:
             avg = 8
         elif periodic:
-            avg = max(1, min(self.max_esit, 0xFFFF))
+            avg = max(1, min(self.max_esit, _AVG_TRB_LENGTH_MAX))
         else:
             avg = 3072
         isoch = x in (XhciEpType.ISOCH_IN, XhciEpType.ISOCH_OUT)
@@ -197,8 +229,9 @@ class Endpoint:
         return EP_CTX.encode(
             ep_type=int(x), max_packet=self.max_packet, max_burst=self.max_burst,
             mult=self.mult, interval=self.interval, cerr=0 if isoch else 3,
-            dequeue=ring.enqueue_pointer >> 4, dcs=ring.pcs, avg_trb_length=avg,
-            max_esit_lo=self.max_esit & 0xFFFF, max_esit_hi=(self.max_esit >> 16) & 0xFF)
+            dequeue=address_field(EP_CTX["dequeue"], ring.enqueue_pointer), dcs=ring.pcs,
+            avg_trb_length=avg, max_esit_lo=self.max_esit,
+            max_esit_hi=self.max_esit >> _MAX_ESIT_LO.width)
 
     # ---- queueing ----------------------------------------------------------------------------
     def ring_doorbell(self, stream: int = 0) -> None:
@@ -220,7 +253,7 @@ class Endpoint:
         ring = self.ring
         first = td.first_seq = ring.enq_seq
         for i, t in enumerate(trbs):
-            if (t[2] >> 10) & 0x3F == TrbType.EVENT_DATA:
+            if T.type_of(t[2]) == TrbType.EVENT_DATA:
                 if t[0] is None:
                     t[0] = ring.addr_of(first + i)
                 self.ed_values[t[0]] = (td, i)
@@ -264,7 +297,7 @@ class Endpoint:
         if isp is None:
             isp = is_in
         mps = self.max_packet or 1
-        intr = (interrupter & 0x3FF) << 22
+        intr = placed(T.INTERRUPTER, interrupter)
         with_ed = event_data is not None and event_data is not False
         n = len(sizes)
         trbs = []
@@ -273,7 +306,7 @@ class Endpoint:
         for i, size in enumerate(sizes):
             last = i == n - 1
             remaining = length - pos - size
-            td_size = 0 if last else min(31, -(-remaining // mps))
+            td_size = 0 if last else min(_TD_SIZE_MAX, -(-remaining // mps))
             ctrl = (first_type | first_extra) if i == 0 else _NORMAL
             if isp:
                 ctrl |= _ISP
@@ -288,7 +321,8 @@ class Endpoint:
                 ctrl |= _IDT
             else:
                 param = buf + pos
-            trbs.append([param, (size & 0x1FFFF) | (td_size << 17) | intr, ctrl])
+            trbs.append([param, ((size & _LEN_MASK) << _LEN_SHIFT) | (td_size << _TD_SIZE_SHIFT)
+                         | intr, ctrl])
             offs.append(pos)
             lens.append(size)
             pos += size
@@ -374,13 +408,13 @@ class Endpoint:
         tbc = -(-tdpc // burst) - 1
         rem = tdpc % burst
         tlbpc = rem - 1 if rem else burst - 1
-        bits = ((tbc & 3) << 7) | ((tlbpc & 0xF) << 16)
+        bits = placed(_ISOCH_TRB["tbc"], tbc) | placed(_ISOCH_TRB["tlbpc"], tlbpc)
         if sia is None:
             sia = frame_id is None
         if sia:
             bits |= _SIA
         if frame_id is not None:
-            bits |= (frame_id & 0x7FF) << 20
+            bits |= placed(_ISOCH_TRB["frame_id"], frame_id)
         return bits
 
     # ---- completions -------------------------------------------------------------------------
@@ -549,8 +583,8 @@ class Device:
         self.input = Block(drv.mem, drv.alloc.alloc(33 * csz, 64, page), 33 * csz)
         drv.set_dcbaa_entry(slot, self.output.addr)
         mps = _EP0_INITIAL_MPS.get(speed, 8)
-        self.ep0 = Endpoint(self, 1, XhciEpType.CONTROL, mps)
-        self.endpoints: dict[int, Endpoint] = {1: self.ep0}
+        self.ep0 = GuestEndpoint(self, 1, XhciEpType.CONTROL, mps)
+        self.endpoints: dict[int, GuestEndpoint] = {1: self.ep0}
         self.device_desc: D.DeviceDesc | None = None
         self.config: D.ConfigDesc | None = None
         self.configurations: list[D.ConfigDesc] = []
@@ -564,7 +598,7 @@ class Device:
     @classmethod
     def enumerate(cls, drv, port: int, *, bsr_first: bool = False, reset: bool | None = None,
                   configure: bool = True, read_strings: bool = True, interrupter: int = 0,
-                  config_index: int = 0) -> "Device":
+                  config_index: int = 0) -> Device:
         """bsr_first: Address Device with BSR=1, read the first 8 bytes of the device
         descriptor at address 0, then Address Device with BSR=0 (what Windows and SeaBIOS do).
         reset: reset the port first (default: USB2 ports always, USB3 ports when not enabled)."""
@@ -687,7 +721,7 @@ class Device:
         return self.control(0x80, GET_DESCRIPTOR, (dtype << 8) | index, windex, length).data
 
     # ---- configuration (4.3.5, 4.6.6) ----------------------------------------------------------
-    def _endpoint_for(self, e: D.EndpointDesc) -> Endpoint:
+    def _endpoint_for(self, e: D.EndpointDesc) -> GuestEndpoint:
         t = e.transfer_type
         xtype = XhciEpType({0: 4, 1: 1, 2: 2, 3: 3}[t] + (4 if e.is_in and t else 0))
         speed = self.speed
@@ -715,7 +749,7 @@ class Device:
             esit = e.max_packet * (burst + 1)
         else:
             esit = 0
-        return Endpoint(self, e.dci, xtype, e.max_packet, burst, mult, interval, esit, e)
+        return GuestEndpoint(self, e.dci, xtype, e.max_packet, burst, mult, interval, esit, e)
 
     def set_configuration(self, value: int | None = None,
                           alternates: dict[int, int] | None = None) -> None:
@@ -742,7 +776,7 @@ class Device:
         self.control(0x00, SET_CONFIGURATION, cfg.value, 0, 0)
         self.configured_value = cfg.value
 
-    def _configure_endpoints(self, add: list[Endpoint] = (), drop: list[int] = ()) -> None:
+    def _configure_endpoints(self, add: list[GuestEndpoint] = (), drop: list[int] = ()) -> None:
         inp = self.input
         csz = self.csz
         inp.write(0, bytes(inp.size))
@@ -848,7 +882,7 @@ class Device:
         ep = self.endpoints.get(ev.ep)
         return ep is not None and ep._on_event(ev)
 
-    def endpoint(self, ep: int) -> Endpoint:
+    def endpoint(self, ep: int) -> GuestEndpoint:
         """An endpoint by address (0x81 = 1 IN); 0 is the default control endpoint."""
         if ep in (0, 0x80):
             return self.ep0
@@ -874,8 +908,7 @@ class Device:
                 raise ValueError("an IN request takes a length")
             length, data = data_or_length, None
         else:
-            data = bytes(data_or_length) if not isinstance(data_or_length, int) else \
-                bytes(data_or_length)
+            data = bytes(data_or_length)      # an int: that many zero bytes
             length = len(data)
         wl = length if w_length is None else w_length
         intr = self.interrupter if interrupter is None else interrupter
@@ -889,8 +922,9 @@ class Device:
                             w_index & 0xFFFF, wl & 0xFFFF)
         td.setup = setup
         trt = (3 if is_in else 2) if length else 0
-        trbs = [[int.from_bytes(setup, "little"), 8 | ((intr & 0x3FF) << 22),
-                 _SETUP | _IDT | (trt << 16)]]
+        trbs = [[int.from_bytes(setup, "little"),
+                 placed(T.LENGTH, _SETUP_LENGTH) | placed(T.INTERRUPTER, intr),
+                 _SETUP | _IDT | placed(_TRT, trt)]]
         td.offs.append(0)
         td.lens.append(0)
         if length:
@@ -899,7 +933,8 @@ class Device:
                                   event_data=event_data, interrupter=intr,
                                   first_extra=_DIR_IN if is_in else 0)
         status_in = not (length and is_in)
-        trbs.append([0, (intr & 0x3FF) << 22, _STATUS | _IOC | (_DIR_IN if status_in else 0)])
+        trbs.append([0, placed(T.INTERRUPTER, intr),
+                     _STATUS | _IOC | (_DIR_IN if status_in else 0)])
         td.offs.append(length)
         td.lens.append(0)
         ep._make_room(len(trbs))

@@ -17,18 +17,33 @@ from __future__ import annotations
 
 import struct
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 from ..devices.base import Speed
-from ..emu.trb import CC, Trb, TrbType, cc_name, trb_name
+from ..emu.trb import CC, TrbType, cc_name, trb_name
 from . import regs as R
+from . import trb as T
 from .alloc import GuestAllocator
 from .errors import CommandFailed, ControllerError, NoDevice, XhciError, XhciTimeout
+from .fields import address_field, field_mask, flag, placed, read, shift_mask
 from .rings import Block, EventRing, ProducerRing
 
 MS = 1_000_000
 DEFAULT_TIMEOUT_NS = 2000 * MS
+
+# Event fields the interrupt handler reads for every event, precomputed (6.4.2)
+_TRANSFER_EVENT = T.LAYOUTS[TrbType.TRANSFER_EVENT]
+_CC_SHIFT, _CC_MASK = shift_mask(T.CC, 2)
+_LENGTH_SHIFT, _LENGTH_MASK = shift_mask(_TRANSFER_EVENT["length"], 2)
+_SLOT_SHIFT, _SLOT_MASK = shift_mask(T.SLOT, 3)
+_EP_SHIFT, _EP_MASK = shift_mask(T.ENDPOINT, 3)
+_ED = flag(_TRANSFER_EVENT["ed"])
+_PORT_SHIFT, _PORT_MASK = shift_mask(T.LAYOUTS[TrbType.PORT_STATUS_CHANGE]["port"], 0)
+_CYCLE = flag(T.CYCLE)
+_TRB_ADDRESS = ~(T.TRB_SIZE - 1)     # TRBs are 16-byte aligned: pointer bits 3:0 are reserved
+_SET_TR_DEQUEUE_POINTER = T.LAYOUTS[TrbType.SET_TR_DEQUEUE]["pointer"]
+_FORCE_HEADER_LO = T.LAYOUTS[TrbType.FORCE_HEADER]["header_lo"]
 
 
 # ---- what the controller told us at start-up ----------------------------------------------------
@@ -90,14 +105,14 @@ class Capabilities:
 
     @property
     def max_psa_size(self) -> int:
-        return (self.hccparams1 >> 12) & 0xF
+        return read(R.HCC1_MAX_PSA_SIZE, self.hccparams1)
 
 
 # ---- events ----------------------------------------------------------------------------------
 class Event:
     """One event TRB as the driver consumed it."""
 
-    __slots__ = ("interrupter", "addr", "param", "status", "control")
+    __slots__ = ("addr", "control", "interrupter", "param", "status")
 
     def __init__(self, interrupter: int, addr: int, param: int, status: int, control: int):
         self.interrupter = interrupter
@@ -108,36 +123,39 @@ class Event:
 
     @property
     def type(self) -> int:
-        return (self.control >> 10) & 0x3F
+        return T.type_of(self.control)
 
     @property
     def cc(self) -> int:
-        return self.status >> 24
+        return (self.status >> _CC_SHIFT) & _CC_MASK
 
     @property
     def slot(self) -> int:
-        return self.control >> 24
+        return (self.control >> _SLOT_SHIFT) & _SLOT_MASK
 
     @property
     def ep(self) -> int:
         """Endpoint ID (DCI) of a transfer event."""
-        return (self.control >> 16) & 0x1F
+        return (self.control >> _EP_SHIFT) & _EP_MASK
 
     @property
     def length(self) -> int:
-        return self.status & 0xFFFFFF
+        """Transfer length (residue) of a transfer event, the parameter of a command
+        completion: the same 24 bits of the status dword."""
+        return (self.status >> _LENGTH_SHIFT) & _LENGTH_MASK
 
     @property
     def event_data(self) -> bool:
-        return bool(self.control & 4)
+        return bool(self.control & _ED)
 
     @property
     def port(self) -> int:
-        return (self.param >> 24) & 0xFF
+        """Port ID of a port status change event."""
+        return (self.param >> _PORT_SHIFT) & _PORT_MASK
 
     @property
-    def trb(self) -> Trb:
-        return Trb(self.addr, self.param, self.status, self.control)
+    def trb(self) -> T.GuestTrb:
+        return T.GuestTrb(self.addr, self.param, self.status, self.control)
 
     def decode(self) -> dict[str, int]:
         return self.trb.decode()
@@ -158,7 +176,7 @@ class Event:
 
 @dataclass
 class CommandCompletion:
-    command: Trb               # the command TRB as queued (addr = where it sat on the ring)
+    command: T.GuestTrb        # the command TRB as queued (addr = where it sat on the ring)
     cc: int
     slot: int
     param: int                 # Command Completion Parameter
@@ -172,7 +190,7 @@ class CommandCompletion:
     def name(self) -> str:
         return trb_name(self.command.type)
 
-    def check(self) -> "CommandCompletion":
+    def check(self) -> CommandCompletion:
         if self.cc != CC.SUCCESS:
             raise CommandFailed(self)
         return self
@@ -183,9 +201,9 @@ class CommandCompletion:
 
 
 class PendingCommand:
-    __slots__ = ("trb", "seq", "completion")
+    __slots__ = ("completion", "seq", "trb")
 
-    def __init__(self, trb: Trb, seq: int):
+    def __init__(self, trb: T.GuestTrb, seq: int):
         self.trb = trb
         self.seq = seq
         self.completion: CommandCompletion | None = None
@@ -205,8 +223,8 @@ class PortStatus:
     powered = property(lambda s: bool(s.raw & R.PORT_PP))
     in_reset = property(lambda s: bool(s.raw & R.PORT_PR))
     over_current = property(lambda s: bool(s.raw & R.PORT_OCA))
-    link_state = property(lambda s: (s.raw & R.PORT_PLS_MASK) >> R.PORT_PLS_SHIFT)
-    speed_id = property(lambda s: (s.raw & R.PORT_SPEED_MASK) >> R.PORT_SPEED_SHIFT)
+    link_state = property(lambda s: read(R.PORT_PLS, s.raw))
+    speed_id = property(lambda s: read(R.PORT_SPEED, s.raw))
     changes = property(lambda s: s.raw & R.PORT_CHANGE_BITS)
 
     @property
@@ -387,23 +405,28 @@ class XhciDriver:
         cap0 = r(R.CAPLENGTH)
         p1, p2, p3 = r(R.HCSPARAMS1), r(R.HCSPARAMS2), r(R.HCSPARAMS3)
         c1 = r(R.HCCPARAMS1)
+        scratchpads_lo = R.HCS2_SCRATCHPADS_LO
         caps = Capabilities(
-            caplength=cap0 & 0xFF, hciversion=cap0 >> 16,
-            max_slots=p1 & 0xFF, max_interrupters=(p1 >> 8) & 0x7FF, max_ports=p1 >> 24,
-            ist=p2 & 0xF, erst_max=(p2 >> 4) & 0xF,
-            max_scratchpads=(((p2 >> 21) & 0x1F) << 5) | ((p2 >> 27) & 0x1F),
-            scratchpad_restore=bool(p2 & (1 << 26)),
-            u1_exit_latency=p3 & 0xFF, u2_exit_latency=p3 >> 16,
+            caplength=read(R.CAP_CAPLENGTH, cap0), hciversion=read(R.CAP_HCIVERSION, cap0),
+            max_slots=read(R.HCS1_MAX_SLOTS, p1), max_interrupters=read(R.HCS1_MAX_INTRS, p1),
+            max_ports=read(R.HCS1_MAX_PORTS, p1),
+            ist=read(R.HCS2_IST, p2), erst_max=read(R.HCS2_ERST_MAX, p2),
+            max_scratchpads=(read(R.HCS2_SCRATCHPADS_HI, p2) << scratchpads_lo.width)
+            | read(scratchpads_lo, p2),
+            scratchpad_restore=bool(p2 & R.HCS2_SPR),
+            u1_exit_latency=read(R.HCS3_U1_EXIT_LATENCY, p3),
+            u2_exit_latency=read(R.HCS3_U2_EXIT_LATENCY, p3),
             hccparams1=c1, hccparams2=r(R.HCCPARAMS2),
-            dboff=r(R.DBOFF) & ~0x3, rtsoff=r(R.RTSOFF) & ~0x1F,
-            xecp=((c1 >> 16) & 0xFFFF) * 4)
+            dboff=r(R.DBOFF) & field_mask(R.DBOFF_OFFSET),
+            rtsoff=r(R.RTSOFF) & field_mask(R.RTSOFF_OFFSET),
+            xecp=read(R.HCC1_XECP, c1) * 4)
         if caps.caplength < 0x20:
             raise ControllerError(f"CAPLENGTH {caps.caplength:#x} is smaller than the "
                                   f"capability registers (0x20)")
         self.op = caps.caplength
         self.rt = caps.rtsoff
         self.db = caps.dboff
-        pagesize = self.op_read(R.PAGESIZE) & 0xFFFF
+        pagesize = read(R.PAGESIZE_BITS, self.op_read(R.PAGESIZE))
         if pagesize:
             caps.page_size = 1 << (12 + (pagesize & -pagesize).bit_length() - 1)
         self._walk_extended_capabilities(caps)
@@ -416,7 +439,7 @@ class XhciDriver:
         while off and off not in seen and off < 0x10000 and len(seen) < 256:
             seen.add(off)
             v = self.r32(off)
-            cap_id, nxt = v & 0xFF, (v >> 8) & 0xFF
+            cap_id, nxt = read(R.XCAP_ID, v), read(R.XCAP_NEXT, v)
             caps.extended.append((cap_id, off))
             if cap_id == R.XCAP_PROTOCOL:
                 caps.protocols.append(self._read_protocol(off, v))
@@ -427,28 +450,28 @@ class XhciDriver:
     def _read_protocol(self, off: int, dw0: int) -> SupportedProtocol:
         name = self.r32(off + 4)
         dw2 = self.r32(off + 8)
-        psic = dw2 >> 28
+        psic = read(R.PROTOCOL_PSIC, dw2)
         return SupportedProtocol(
-            major=dw0 >> 24, minor=(dw0 >> 16) & 0xFF,
+            major=read(R.PROTOCOL_MAJOR, dw0), minor=read(R.PROTOCOL_MINOR, dw0),
             name=name.to_bytes(4, "little").decode("latin-1"),
-            port_offset=dw2 & 0xFF, port_count=(dw2 >> 8) & 0xFF,
-            slot_type=self.r32(off + 12) & 0x1F,
+            port_offset=read(R.PROTOCOL_PORT_OFFSET, dw2),
+            port_count=read(R.PROTOCOL_PORT_COUNT, dw2),
+            slot_type=read(R.PROTOCOL_SLOT_TYPE, self.r32(off + 12)),
             psi=[self.r32(off + 16 + 4 * i) for i in range(psic)])
 
     def take_ownership(self, timeout_ns: int = 1000 * MS) -> bool:
         """USB Legacy Support (7.1): ask the BIOS to let go.  Returns False when there is no
         such capability.  Like Linux, a BIOS that never lets go is overruled."""
-        for cap_id, off in self.caps.extended:
-            if cap_id != R.XCAP_LEGACY:
-                continue
-            v = self.r32(off)
-            self.w32(off, v | R.LEGSUP_OS_OWNED)
-            if not self.bus.wait(lambda: not self.r32(off) & R.LEGSUP_BIOS_OWNED, timeout_ns):
-                self.w32(off, (self.r32(off) & ~R.LEGSUP_BIOS_OWNED) | R.LEGSUP_OS_OWNED)
-            ctl = self.r32(off + R.LEGCTLSTS)
-            self.w32(off + R.LEGCTLSTS, (ctl & ~R.LEGCTLSTS_SMI_ENABLES) | R.LEGCTLSTS_SMI_EVENTS)
-            return True
-        return False
+        legacy = [off for cap_id, off in self.caps.extended if cap_id == R.XCAP_LEGACY]
+        if not legacy:
+            return False
+        off = legacy[0]
+        self.w32(off, self.r32(off) | R.LEGSUP_OS_OWNED)
+        if not self.bus.wait(lambda: not self.r32(off) & R.LEGSUP_BIOS_OWNED, timeout_ns):
+            self.w32(off, (self.r32(off) & ~R.LEGSUP_BIOS_OWNED) | R.LEGSUP_OS_OWNED)
+        ctl = self.r32(off + R.LEGCTLSTS)
+        self.w32(off + R.LEGCTLSTS, (ctl & ~R.LEGCTLSTS_SMI_ENABLES) | R.LEGCTLSTS_SMI_EVENTS)
+        return True
 
     def halt(self) -> None:
         cmd = self.usbcmd
@@ -464,7 +487,7 @@ class XhciDriver:
                            lambda: not self.usbcmd & R.CMD_HCRST
                            and not self.usbsts & R.STS_CNR)
 
-    def start(self) -> "XhciDriver":
+    def start(self) -> XhciDriver:
         """Bring the controller up the way 4.2 describes; returns self."""
         o = self.opts
         caps = self.read_capabilities()
@@ -475,7 +498,8 @@ class XhciDriver:
 
         slots = caps.max_slots if o["max_slots"] is None else min(o["max_slots"], caps.max_slots)
         self.max_slots_enabled = slots
-        self.op_write(R.CONFIG, (self.op_read(R.CONFIG) & ~R.CONFIG_MAX_SLOTS_EN) | slots)
+        config = self.op_read(R.CONFIG) & ~field_mask(R.CONFIG_MAX_SLOTS_EN)
+        self.op_write(R.CONFIG, config | slots)
 
         # DCBAA: 64-byte aligned, within one page (table 6-1); entry 0 = scratchpad array.
         page = caps.page_size
@@ -519,10 +543,11 @@ class XhciDriver:
         base = it.regs
         ring = it.ring
         ring.reset()
-        self.w32(base + R.ERSTSZ, (self.r32(base + R.ERSTSZ) & ~0xFFFF) | len(ring.blocks))
+        erstsz = self.r32(base + R.ERSTSZ) & ~field_mask(R.ERSTSZ_SIZE)
+        self.w32(base + R.ERSTSZ, erstsz | placed(R.ERSTSZ_SIZE, len(ring.blocks)))
         self.w64(base + R.ERDP, ring.dequeue_pointer)
         self.w64(base + R.ERSTBA, ring.erst.addr)
-        self.w32(base + R.IMOD, self.opts["imod_interval"] & 0xFFFF)
+        self.w32(base + R.IMOD, placed(R.IMOD_INTERVAL, self.opts["imod_interval"]))
         it.seen = self.bus.interrupts[it.index]
         self.w32(base + R.IMAN, R.IMAN_IE | R.IMAN_IP)
 
@@ -588,7 +613,7 @@ class XhciDriver:
             if n or interrupted:
                 ring = it.ring
                 self.w64(it.regs + R.ERDP,
-                         ring.dequeue_pointer | (ring.seg & R.ERDP_DESI_MASK) | R.ERDP_EHB)
+                         ring.dequeue_pointer | placed(R.ERDP_DESI, ring.seg) | R.ERDP_EHB)
             total += n
         return total
 
@@ -606,9 +631,9 @@ class XhciDriver:
         return n
 
     def _dispatch(self, ev: Event) -> None:
-        t = (ev.control >> 10) & 0x3F
+        t = ev.type
         if t == TrbType.TRANSFER_EVENT:
-            dev = self.devices.get(ev.control >> 24)
+            dev = self.devices.get(ev.slot)
             if dev is None or not dev._on_transfer_event(ev):
                 self.unmatched.append(ev)
         elif t == TrbType.COMMAND_COMPLETION:
@@ -634,9 +659,10 @@ class XhciDriver:
         self._write_doorbell(slot, target, stream)
 
     def _write_doorbell(self, slot: int, target: int, stream: int) -> None:
-        self.w32(self.db + R.DB_STRIDE * slot, (target & 0xFF) | ((stream & 0xFFFF) << 16))
+        self.w32(self.db + R.DB_STRIDE * slot,
+                 placed(R.DB_TARGET, target) | placed(R.DB_STREAM, stream))
 
-    def queue_command(self, trb: Trb, *, ring: bool = True,
+    def queue_command(self, trb: T.TrbWords, *, ring: bool = True,
                       timeout_ns: int | None = None) -> PendingCommand:
         """Put a command TRB on the command ring (its cycle bit is ours to set; every other
         bit is sent as given, so tests can send malformed commands) and ring doorbell 0."""
@@ -644,8 +670,10 @@ class XhciDriver:
         if cr.space == 0:
             self.wait_for(lambda: cr.space > 0, "room on the command ring", timeout_ns)
         seq = cr.enq_seq
-        addr = cr.put(trb.param, trb.status, trb.control & ~1)
-        queued = Trb(addr, trb.param, trb.status, (trb.control & ~1) | cr.cycle_of(seq))
+        control = trb.control & ~_CYCLE
+        addr = cr.put(trb.param, trb.status, control)
+        queued = T.GuestTrb(addr, trb.param, trb.status,
+                            control | placed(T.CYCLE, cr.cycle_of(seq)))
         pc = PendingCommand(queued, seq)
         self._pending_cmds[addr] = pc
         if ring:
@@ -660,12 +688,14 @@ class XhciDriver:
 
     def command(self, trb_type: int, timeout_ns: int | None = None, **fields) -> CommandCompletion:
         """Queue one command built from its declared layout and wait for its completion."""
-        return self.wait_command(self.queue_command(Trb.build(trb_type, **fields)), timeout_ns)
+        return self.wait_command(self.queue_command(T.GuestTrb.build(trb_type, **fields)),
+                                 timeout_ns)
 
     def raw_command(self, param: int, status: int, control: int,
                     timeout_ns: int | None = None) -> CommandCompletion:
         """Queue any 16 bytes as a command (cycle bit supplied by the ring) and wait."""
-        return self.wait_command(self.queue_command(Trb(0, param, status, control)), timeout_ns)
+        return self.wait_command(self.queue_command(T.GuestTrb(0, param, status, control)),
+                                 timeout_ns)
 
     def _on_command_completion(self, ev: Event) -> None:
         cc = ev.cc
@@ -673,7 +703,7 @@ class XhciDriver:
             # Points at the command the ring stopped in front of; that command is still owed.
             self.command_ring_stopped = ev
             return
-        pc = self._pending_cmds.pop(ev.param & ~0xF, None)
+        pc = self._pending_cmds.pop(ev.param & _TRB_ADDRESS, None)
         if pc is None:
             self.unmatched.append(ev)
             return
@@ -726,8 +756,9 @@ class XhciDriver:
 
     def set_tr_dequeue(self, slot: int, dci: int, pointer: int, dcs: int, stream: int = 0,
                        sct: int = 0, **kw) -> CommandCompletion:
-        return self.command(TrbType.SET_TR_DEQUEUE, slot=slot, ep=dci, pointer=pointer >> 4,
-                            dcs=dcs, stream=stream, sct=sct, **kw)
+        return self.command(TrbType.SET_TR_DEQUEUE, slot=slot, ep=dci,
+                            pointer=address_field(_SET_TR_DEQUEUE_POINTER, pointer), dcs=dcs,
+                            stream=stream, sct=sct, **kw)
 
     def reset_device(self, slot: int, **kw) -> CommandCompletion:
         return self.command(TrbType.RESET_DEVICE, slot=slot, **kw)
@@ -756,7 +787,8 @@ class XhciDriver:
                      **kw) -> CommandCompletion:
         lo, mid, hi = header
         return self.command(TrbType.FORCE_HEADER, port=port, packet_type=packet_type,
-                            header_lo=lo >> 5, header_mid=mid, header_hi=hi, **kw)
+                            header_lo=lo >> _FORCE_HEADER_LO.lo, header_mid=mid, header_hi=hi,
+                            **kw)
 
     # ---- ports (4.19, 5.4.8) -----------------------------------------------------------------
     def _port_reg(self, port: int, reg: int = R.PORTSC) -> int:
@@ -808,7 +840,7 @@ class XhciDriver:
         self.write_portsc(port, R.PORT_PED)
 
     def set_link_state(self, port: int, pls: int) -> None:
-        self.write_portsc(port, R.PORT_LWS | ((pls << R.PORT_PLS_SHIFT) & R.PORT_PLS_MASK))
+        self.write_portsc(port, R.PORT_LWS | placed(R.PORT_PLS, pls))
 
     def wait_port(self, port: int, until: Callable[[PortStatus], bool], what: str,
                   timeout_ns: int | None = None) -> PortStatus:
@@ -881,7 +913,7 @@ class XhciDriver:
             raise NoDevice(f"nothing is connected to port {port} ({st})")
         return Device.enumerate(self, port, **options)
 
-    def batch(self) -> "_Batch":
+    def batch(self) -> _Batch:
         """`with drv.batch(): ...` queues transfers without ringing doorbells, then rings each
         touched doorbell once at the end."""
         return _Batch(self)
@@ -938,5 +970,13 @@ def _text(what) -> str:
     return what() if callable(what) else what
 
 
-__all__ = ["XhciDriver", "Capabilities", "SupportedProtocol", "Event", "CommandCompletion",
-           "PendingCommand", "PortStatus", "Interrupter"]
+__all__ = [
+    "Capabilities",
+    "CommandCompletion",
+    "Event",
+    "Interrupter",
+    "PendingCommand",
+    "PortStatus",
+    "SupportedProtocol",
+    "XhciDriver",
+]

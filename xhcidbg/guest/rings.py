@@ -12,21 +12,36 @@ from __future__ import annotations
 
 import struct
 
+from ..emu.layout import Layout
 from ..emu.trb import TrbType
+from . import trb as T
 from .alloc import KIB64, GuestAllocator
+from .fields import address_field, bits, flag, placed, shift_mask
+from .trb import TRB_SIZE
 
-TRB = struct.Struct("<QII")
+TRB = struct.Struct("<QII")        # parameter, status, control
 _DW = struct.Struct("<I")
-_LINK = int(TrbType.LINK) << 10
-_TC = 1 << 1
-_CH = 1 << 4
+_CONTROL = 4 * T.CYCLE.dword       # byte offset of the control dword in a TRB
+_LINK_TRB = T.LAYOUTS[TrbType.LINK]
+_LINK = placed(T.TYPE, TrbType.LINK)
+_TC = flag(_LINK_TRB["tc"])
+_CH = flag(T.CHAIN)
+_CYCLE = flag(T.CYCLE)
+_CYCLE_SHIFT, _CYCLE_MASK = shift_mask(T.CYCLE, 3)
+# The event ring consumer polls one byte: the one of the control dword holding the cycle bit.
+_CYCLE_BYTE = _CONTROL + _CYCLE_SHIFT // 8
+_CYCLE_BYTE_SHIFT = _CYCLE_SHIFT % 8
+# Event Ring Segment Table entry (6.5, figure 6-40)
+ERST_ENTRY = Layout("Event Ring Segment Table Entry", 4, (
+    bits("segment_base", 0, 63, 6), bits("segment_size", 2, 15, 0)))
+_SEGMENT_BASE = ERST_ENTRY["segment_base"]
 
 
 class Block:
     """A block of guest RAM the driver owns, accessed through a zero-copy view when the memory
     allows one (plain RAM) and through GuestMemory.read/write otherwise."""
 
-    __slots__ = ("addr", "size", "mem", "view")
+    __slots__ = ("addr", "mem", "size", "view")
 
     def __init__(self, mem, addr: int, size: int):
         self.mem = mem
@@ -72,7 +87,7 @@ class ProducerRing:
 
     def __init__(self, mem, alloc: GuestAllocator, trbs_per_segment: int = 256,
                  segments: int = 1, name: str = "", toggle_every_link: bool = False):
-        if trbs_per_segment < 2 or trbs_per_segment * 16 > KIB64:
+        if trbs_per_segment < 2 or trbs_per_segment * TRB_SIZE > KIB64:
             raise ValueError("a ring segment holds 2 to 4096 TRBs")
         if segments < 1:
             raise ValueError("a ring needs at least one segment")
@@ -87,8 +102,8 @@ class ProducerRing:
         self.usable = trbs_per_segment - 1
         self.toggle_every_link = toggle_every_link
         # Ring segments: 64-byte aligned, must not cross 64 KiB (table 6-1).
-        self.blocks = [Block(mem, alloc.alloc(16 * trbs_per_segment, 64, KIB64),
-                             16 * trbs_per_segment) for _ in range(segments)]
+        self.blocks = [Block(mem, alloc.alloc(TRB_SIZE * trbs_per_segment, 64, KIB64),
+                             TRB_SIZE * trbs_per_segment) for _ in range(segments)]
         self.capacity = self.usable * segments
         self.reset()
 
@@ -106,8 +121,8 @@ class ProducerRing:
             b.write(0, bytes(b.size))
             if self.cycle_of(i * self.usable) == 0:
                 # This segment's first lap is written with cycle 0, so "empty" must read 1.
-                for off in range(12, b.size, 16):
-                    b.pack(_DW, off, 1)
+                for off in range(_CONTROL, b.size, TRB_SIZE):
+                    b.pack(_DW, off, _CYCLE)
         self.enq_seq = 0        # next slot to fill
         self.deq_seq = 0        # first slot the controller may not have consumed yet
         self._seg = 0
@@ -131,18 +146,17 @@ class ProducerRing:
 
     @property
     def enqueue_pointer(self) -> int:
-        return self.blocks[self._seg].addr + 16 * self._idx
+        return self.blocks[self._seg].addr + TRB_SIZE * self._idx
 
     def put(self, param: int, status: int, control: int, cycle_last: bool = False) -> int:
         """Write one TRB (control without the cycle bit) at the enqueue pointer; return its
         address.  The caller checks `space` first."""
         blk = self.blocks[self._seg]
-        off = 16 * self._idx
+        off = TRB_SIZE * self._idx
         cyc = self.pcs
         if cycle_last:        # leave it invalid; `validate` flips it once the whole TD is there
-            blk.pack(TRB, off, param, status, control | (cyc ^ 1))
-        else:
-            blk.pack(TRB, off, param, status, control | cyc)
+            cyc ^= 1
+        blk.pack(TRB, off, param, status, control | (cyc << _CYCLE_SHIFT))
         self.enq_seq += 1
         self._last_chain = control & _CH
         self._idx += 1
@@ -154,15 +168,16 @@ class ProducerRing:
         """Give the TRB at `seq` (written with `cycle_last`) its valid cycle bit."""
         slot = seq % self.capacity
         blk = self.blocks[slot // self.usable]
-        blk.pack(_DW, 16 * (slot % self.usable) + 12, control | self.cycle_of(seq))
+        blk.pack(_DW, TRB_SIZE * (slot % self.usable) + _CONTROL,
+                 control | (self.cycle_of(seq) << _CYCLE_SHIFT))
 
     def _cross_link(self) -> None:
         last = self._seg == len(self.blocks) - 1
         nxt = 0 if last else self._seg + 1
         toggle = last or self.toggle_every_link
         # A Link TRB inside a TD carries the chain bit of the TRB before it (4.11.7).
-        ctrl = _LINK | (_TC if toggle else 0) | self._last_chain | self.pcs
-        self.blocks[self._seg].pack(TRB, 16 * self.usable, self.blocks[nxt].addr, 0, ctrl)
+        ctrl = _LINK | (_TC if toggle else 0) | self._last_chain | (self.pcs << _CYCLE_SHIFT)
+        self.blocks[self._seg].pack(TRB, TRB_SIZE * self.usable, self.blocks[nxt].addr, 0, ctrl)
         if toggle:
             self.pcs ^= 1
         self._seg = nxt
@@ -171,14 +186,12 @@ class ProducerRing:
     # ---- positions ---------------------------------------------------------------------------
     def addr_of(self, seq: int) -> int:
         slot = seq % self.capacity
-        return self.blocks[slot // self.usable].addr + 16 * (slot % self.usable)
+        return self.blocks[slot // self.usable].addr + TRB_SIZE * (slot % self.usable)
 
     def cycle_of(self, seq: int) -> int:
         laps, slot = divmod(seq, self.capacity)
-        if self.toggle_every_link:
-            toggles = laps * len(self.blocks) + slot // self.usable
-        else:
-            toggles = laps
+        toggles = (laps * len(self.blocks) + slot // self.usable if self.toggle_every_link
+                   else laps)
         return 1 ^ (toggles & 1)
 
     def seq_of(self, addr: int, allow_consumed: bool = False) -> int | None:
@@ -186,8 +199,8 @@ class ProducerRing:
         slot of this ring or holds nothing the controller still owes an answer for."""
         for s, blk in enumerate(self.blocks):
             off = addr - blk.addr
-            if 0 <= off < 16 * self.usable and not off & 15:
-                slot = s * self.usable + off // 16
+            if 0 <= off < TRB_SIZE * self.usable and not off % TRB_SIZE:
+                slot = s * self.usable + off // TRB_SIZE
                 break
         else:
             return None
@@ -215,12 +228,15 @@ class EventRing:
         self.mem = mem
         self.alloc = alloc
         self.sizes = [trbs_per_segment] * segments
-        self.blocks = [Block(mem, alloc.alloc(16 * trbs_per_segment, 64, KIB64),
-                             16 * trbs_per_segment) for _ in range(segments)]
+        self.blocks = [Block(mem, alloc.alloc(TRB_SIZE * trbs_per_segment, 64, KIB64),
+                             TRB_SIZE * trbs_per_segment) for _ in range(segments)]
         # ERST: 64-byte aligned, entries of 16 bytes (6.5).
-        self.erst = Block(mem, alloc.alloc(16 * segments, 64), 16 * segments)
+        self.erst = Block(mem, alloc.alloc(ERST_ENTRY.size * segments, 64),
+                          ERST_ENTRY.size * segments)
         for i, b in enumerate(self.blocks):
-            self.erst.pack(TRB, 16 * i, b.addr, trbs_per_segment, 0)
+            entry = ERST_ENTRY.encode(segment_base=address_field(_SEGMENT_BASE, b.addr),
+                                      segment_size=trbs_per_segment)
+            self.erst.write_dwords(ERST_ENTRY.size * i, entry)
         self.reset()
 
     def reset(self) -> None:
@@ -238,21 +254,23 @@ class EventRing:
 
     @property
     def dequeue_pointer(self) -> int:
-        return self.blocks[self.seg].addr + 16 * self.idx
+        return self.blocks[self.seg].addr + TRB_SIZE * self.idx
 
     def has_event(self) -> bool:
         blk = self.blocks[self.seg]
-        off = 16 * self.idx
+        off = TRB_SIZE * self.idx
         if blk.view is not None:
-            return (blk.view[off + 12] & 1) == self.ccs
-        return (blk.read(off + 12, 1)[0] & 1) == self.ccs
+            byte = blk.view[off + _CYCLE_BYTE]
+        else:
+            byte = blk.read(off + _CYCLE_BYTE, 1)[0]
+        return (byte >> _CYCLE_BYTE_SHIFT) & 1 == self.ccs
 
     def pop(self) -> tuple[int, int, int, int] | None:
         """(address, parameter, status, control) of the next event, or None when empty."""
         blk = self.blocks[self.seg]
-        off = 16 * self.idx
+        off = TRB_SIZE * self.idx
         param, status, control = blk.unpack(TRB, off)
-        if (control & 1) != self.ccs:
+        if (control >> _CYCLE_SHIFT) & _CYCLE_MASK != self.ccs:
             return None
         self.idx += 1
         if self.idx == self.sizes[self.seg]:

@@ -6,6 +6,6 @@ xHCI records for the shipped Lua dissector), and read captures back.
         ...
 """
 from .filters import CaptureFilter, FilterError
-from .tracer import TraceError, TraceStatus, Tracer
+from .tracer import TraceError, Tracer, TraceStatus
 
 __all__ = ["CaptureFilter", "FilterError", "TraceError", "TraceStatus", "Tracer"]

@@ -19,9 +19,12 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from xhcidbg.emu import context as ctx, regs
+from xhcidbg.emu import context as ctx
+from xhcidbg.emu import regs
 from xhcidbg.emu.layout import Field, Layout
-from xhcidbg.emu.trb import CC_NAMES, GENERIC, LAYOUTS as TRB_LAYOUTS, TRB_NAMES, TrbType
+from xhcidbg.emu.trb import CC_NAMES, GENERIC, TRB_NAMES, TrbType
+from xhcidbg.emu.trb import LAYOUTS as TRB_LAYOUTS
+
 from . import records
 from .records import Kind
 
@@ -90,6 +93,26 @@ class _Gen:
 
 def _geometry(f: Field) -> tuple[int, int, int]:
     return (f.dword, f.lo, f.width)
+
+
+def _read_by_hand() -> dict[str, Field]:
+    """The fields the hand-written Lua reads by position, named <structure>_<field>."""
+    event = TRB_LAYOUTS[TrbType.TRANSFER_EVENT]
+    at = {"kind": records._HEAD[0], "version": records._HEAD[1],
+          # the TRB Type every TRB has, and the Slot ID where every TRB that has one keeps it
+          "trb_type": GENERIC["type"], "trb_slot": event["slot"],
+          "event_cc": event["cc"], "event_ep": event["ep"], "event_length": event["length"],
+          "event_port": TRB_LAYOUTS[TrbType.PORT_STATUS_CHANGE]["port"]}
+    for kind, names in ((Kind.MMIO, ("size", "write", "value")),
+                        (Kind.DOORBELL, ("db", "target")),
+                        (Kind.TRB, ("address", "slot", "dci", "ring")),
+                        (Kind.EVENT, ("dropped",)), (Kind.COMMAND, ("cc", "slot")),
+                        (Kind.PORT, ("port", "old", "new")), (Kind.INTERRUPT, ("interrupter",)),
+                        (Kind.CONTEXT, ("slot", "dci", "reason")), (Kind.LOG, ("level",)),
+                        (Kind.URB, ("slot", "dci"))):
+        for name in names:
+            at[f"{RECORD_KEYS[kind]}_{name}"] = records.LAYOUTS[kind][name]
+    return at
 
 
 def generate() -> str:
@@ -166,6 +189,16 @@ def generate() -> str:
     out.append(_table("SPEED", SPEEDS))
     out.append(_table("TRT", {0: "No Data Stage", 2: "OUT Data Stage", 3: "IN Data Stage"}))
     out.append(_table("LOG_LEVEL", dict(enumerate(records.LOG_LEVELS))))
+    out.append("local RECORD_SIZE = { " + ", ".join(f"[{int(k)}]={records.LAYOUTS[k].size}"
+                                                     for k in Kind) + " }")
+    out.append(f"local TRANSFER_EVENT, PORT_STATUS_CHANGE = {int(TrbType.TRANSFER_EVENT)}, "
+               f"{int(TrbType.PORT_STATUS_CHANGE)}")
+    out.append(f"local RING_TRANSFER = {int(records.Ring.TRANSFER)}")
+    out.append(f"local CTX_SLOT, CTX_INPUT_CONTROL = {records.CTX_SLOT}, "
+               f"{records.CTX_INPUT_CONTROL}")
+    out.append("-- the fields the code below reads itself: {dword, lo, width}")
+    out.append("local AT = {\n" + ",\n".join(f"  {name} = {{{f.dword}, {f.lo}, {f.width}}}"
+                                              for name, f in _read_by_hand().items()) + "\n}")
     out.append("")
     out.append("local F = {}     -- every ProtoField, keyed by its abbreviation's tail")
     out.extend(g.decls)
@@ -213,18 +246,24 @@ local function add_fields(tree, tvb, base, specs)
   end
 end
 
-local function dword(tvb, off) return tvb(off, 4):le_uint() end
+-- one field (an AT entry) of the structure at byte `base`: its value, its first byte, its bytes
+local function get(tvb, base, at)
+  return bit32.extract(tvb(base + 4 * at[1], 4):le_uint(), at[2], at[3])
+end
+local function byte_of(base, at) return base + 4 * at[1] + math.floor(at[2] / 8) end
+local function span(tvb, base, at)
+  return tvb(byte_of(base, at), math.ceil((at[2] % 8 + at[3]) / 8))
+end
 local function hex64(tvb, off) return "0x" .. tvb(off, 8):le_uint64():tohex() end
 local function generated(tree, pf, range, value) tree:add(pf, range, value):set_generated() end
 
 -- a TRB at byte `off`: its own subtree, and the generic slot/ep/cc fields
 local function add_trb(tree, tvb, off)
-  local control = dword(tvb, off + 12)
-  local ttype = bit32.extract(control, 10, 6)
+  local ttype = get(tvb, off, AT.trb_type)
   local name = TRB_TYPE[ttype] or ("type " .. ttype)
   local st = tree:add(xhci, tvb(off, 16), "TRB: " .. name)
   add_fields(st, tvb, off, TRB[ttype] or TRB[0])
-  return st, ttype, name, control
+  return st, ttype, name
 end
 
 local usbmon = DissectorTable.get("wtap_encap"):get_dissector(wtap_encaps.USB_LINUX_MMAPPED)
@@ -232,8 +271,8 @@ local usbmon = DissectorTable.get("wtap_encap"):get_dissector(wtap_encaps.USB_LI
 function xhci.dissector(tvb, pinfo, tree)
   if tvb:len() < 4 then return 0 end
   pinfo.cols.protocol = "xHCI"
-  local kind = tvb(0, 1):uint()
-  local version = tvb(1, 1):uint()
+  local kind = get(tvb, 0, AT.kind)
+  local version = get(tvb, 0, AT.version)
   local root = tree:add(xhci, tvb(), "xhcidbg " .. (KIND[kind] or "record") .. " record")
   if version ~= RECORD_VERSION or RECORD[kind] == nil then
     root:add_expert_info(PI_MALFORMED, PI_ERROR, "record version " .. version .. " kind " ..
@@ -241,101 +280,103 @@ function xhci.dissector(tvb, pinfo, tree)
     return tvb:len()
   end
   add_fields(root, tvb, 0, RECORD[kind])
+  local text_at = RECORD_SIZE[kind]      -- where the variable part starts
   local info
   if kind == K.MMIO then
-    local name = tvb(20):string()
-    local write = bit32.extract(dword(tvb, 8), 8, 1) == 1
-    local size = bit32.extract(dword(tvb, 8), 0, 8)
-    local value = size == 8 and hex64(tvb, 12) or string.format("0x%08x", dword(tvb, 12))
-    root:add(F.G_reg, tvb(20), name)
+    local name = tvb(text_at):string()
+    local write = get(tvb, 0, AT.mmio_write) == 1
+    local value_at = byte_of(0, AT.mmio_value)
+    local value = get(tvb, 0, AT.mmio_size) == 8 and hex64(tvb, value_at)
+                  or string.format("0x%08x", tvb(value_at, 4):le_uint())
+    root:add(F.G_reg, tvb(text_at), name)
     local specs = REGISTER[name:gsub("%[%d+%]$", "")]
-    if specs then add_fields(root:add(xhci, tvb(12, 4), name), tvb, 12, specs) end
+    if specs then add_fields(root:add(xhci, tvb(value_at, 4), name), tvb, value_at, specs) end
     if write then info = "MMIO write " .. name .. " = " .. value
     else info = "MMIO read " .. name .. " -> " .. value end
   elseif kind == K.DOORBELL then
-    local db, target = dword(tvb, 4), bit32.extract(dword(tvb, 8), 0, 8)
-    generated(root, F.G_slot, tvb(4, 1), db)
-    if db ~= 0 then generated(root, F.G_dci, tvb(8, 1), target) end
+    local db, target = get(tvb, 0, AT.doorbell_db), get(tvb, 0, AT.doorbell_target)
+    generated(root, F.G_slot, span(tvb, 0, AT.doorbell_db), db)
+    if db ~= 0 then generated(root, F.G_dci, span(tvb, 0, AT.doorbell_target), target) end
     info = db == 0 and "Doorbell: command ring" or ("Doorbell: slot " .. db .. " DCI " .. target)
   elseif kind == K.TRB or kind == K.EVENT or kind == K.COMMAND then
-    local _, ttype, name, control = add_trb(root, tvb, TRB_OFFSET)
-    local status = dword(tvb, TRB_OFFSET + 8)
-    local f3 = dword(tvb, 12)
+    local _, ttype, name = add_trb(root, tvb, TRB_OFFSET)
     if kind == K.TRB then
-      local ring = bit32.extract(f3, 13, 3)
-      local slot, dci = bit32.extract(f3, 0, 8), bit32.extract(f3, 8, 5)
-      if ring == 1 then
-        generated(root, F.G_slot, tvb(12, 1), slot)
-        generated(root, F.G_dci, tvb(13, 1), dci)
-        info = "TRB " .. slot .. "/" .. dci .. " @" .. hex64(tvb, 4) .. " " .. name
+      local address = hex64(tvb, byte_of(0, AT.fetch_address))
+      if get(tvb, 0, AT.fetch_ring) == RING_TRANSFER then
+        local slot, dci = get(tvb, 0, AT.fetch_slot), get(tvb, 0, AT.fetch_dci)
+        generated(root, F.G_slot, span(tvb, 0, AT.fetch_slot), slot)
+        generated(root, F.G_dci, span(tvb, 0, AT.fetch_dci), dci)
+        info = "TRB " .. slot .. "/" .. dci .. " @" .. address .. " " .. name
       else
-        local slot = bit32.extract(control, 24, 8)    -- the slot the command is about
-        if slot ~= 0 then generated(root, F.G_slot, tvb(TRB_OFFSET + 15, 1), slot) end
-        info = "TRB cmd @" .. hex64(tvb, 4) .. " " .. name
+        local slot = get(tvb, TRB_OFFSET, AT.trb_slot)    -- the slot the command is about
+        if slot ~= 0 then generated(root, F.G_slot, span(tvb, TRB_OFFSET, AT.trb_slot), slot) end
+        info = "TRB cmd @" .. address .. " " .. name
       end
     elseif kind == K.EVENT then
-      local slot = bit32.extract(control, 24, 8)
-      local cc = bit32.extract(status, 24, 8)
-      if slot ~= 0 then generated(root, F.G_slot, tvb(TRB_OFFSET + 15, 1), slot) end
-      generated(root, F.G_cc, tvb(TRB_OFFSET + 11, 1), cc)
+      local slot = get(tvb, TRB_OFFSET, AT.trb_slot)
+      local cc = get(tvb, TRB_OFFSET, AT.event_cc)
+      if slot ~= 0 then generated(root, F.G_slot, span(tvb, TRB_OFFSET, AT.trb_slot), slot) end
+      generated(root, F.G_cc, span(tvb, TRB_OFFSET, AT.event_cc), cc)
       info = "Event " .. name .. ": " .. (CC[cc] or ("cc " .. cc))
-      if ttype == 32 then
-        local ep = bit32.extract(control, 16, 5)
-        generated(root, F.G_dci, tvb(TRB_OFFSET + 14, 1), ep)
-        info = info .. " slot " .. slot .. " ep " .. ep .. " residue " .. bit32.extract(status, 0, 24)
-      elseif ttype == 34 then
-        local port = bit32.extract(dword(tvb, TRB_OFFSET), 24, 8)
-        generated(root, F.G_port, tvb(TRB_OFFSET + 3, 1), port)
+      if ttype == TRANSFER_EVENT then
+        local ep = get(tvb, TRB_OFFSET, AT.event_ep)
+        generated(root, F.G_dci, span(tvb, TRB_OFFSET, AT.event_ep), ep)
+        info = info .. " slot " .. slot .. " ep " .. ep .. " residue " ..
+               get(tvb, TRB_OFFSET, AT.event_length)
+      elseif ttype == PORT_STATUS_CHANGE then
+        local port = get(tvb, TRB_OFFSET, AT.event_port)
+        generated(root, F.G_port, span(tvb, TRB_OFFSET, AT.event_port), port)
         info = info .. " port " .. port
       elseif slot ~= 0 then
         info = info .. " slot " .. slot
       end
-      if bit32.extract(f3, 16, 1) == 1 then info = info .. " [DROPPED]" end
+      if get(tvb, 0, AT.event_dropped) == 1 then info = info .. " [DROPPED]" end
     else
-      local cc, slot = bit32.extract(f3, 0, 8), bit32.extract(f3, 8, 8)
-      generated(root, F.G_cc, tvb(12, 1), cc)
-      if slot ~= 0 then generated(root, F.G_slot, tvb(13, 1), slot) end
+      local cc, slot = get(tvb, 0, AT.command_cc), get(tvb, 0, AT.command_slot)
+      generated(root, F.G_cc, span(tvb, 0, AT.command_cc), cc)
+      if slot ~= 0 then generated(root, F.G_slot, span(tvb, 0, AT.command_slot), slot) end
       info = "Command " .. name .. " -> " .. (CC[cc] or ("cc " .. cc))
       if slot ~= 0 then info = info .. " slot " .. slot end
     end
   elseif kind == K.PORT then
-    local port = dword(tvb, 4)
-    generated(root, F.G_port, tvb(4, 1), port)
-    add_fields(root:add(xhci, tvb(8, 4), "PORTSC before"), tvb, 8, REGISTER["PORTSC"])
-    add_fields(root:add(xhci, tvb(12, 4), "PORTSC after"), tvb, 12, REGISTER["PORTSC"])
-    info = string.format("Port %d: PORTSC %08x -> %08x", port, dword(tvb, 8), dword(tvb, 12))
+    local port = get(tvb, 0, AT.port_port)
+    local old_at, new_at = byte_of(0, AT.port_old), byte_of(0, AT.port_new)
+    generated(root, F.G_port, span(tvb, 0, AT.port_port), port)
+    add_fields(root:add(xhci, tvb(old_at, 4), "PORTSC before"), tvb, old_at, REGISTER["PORTSC"])
+    add_fields(root:add(xhci, tvb(new_at, 4), "PORTSC after"), tvb, new_at, REGISTER["PORTSC"])
+    info = string.format("Port %d: PORTSC %08x -> %08x", port, tvb(old_at, 4):le_uint(),
+                         tvb(new_at, 4):le_uint())
   elseif kind == K.INTERRUPT then
-    info = "Interrupt " .. dword(tvb, 4)
+    info = "Interrupt " .. get(tvb, 0, AT.interrupt_interrupter)
   elseif kind == K.CONTEXT then
-    local f3 = dword(tvb, 12)
-    local slot, dci, reason = bit32.extract(f3, 0, 8), bit32.extract(f3, 8, 6), bit32.extract(f3, 16, 6)
-    generated(root, F.G_slot, tvb(12, 1), slot)
+    local slot, dci = get(tvb, 0, AT.context_slot), get(tvb, 0, AT.context_dci)
+    local reason = get(tvb, 0, AT.context_reason)
+    generated(root, F.G_slot, span(tvb, 0, AT.context_slot), slot)
     local what, specs
-    if dci == 0 then what, specs = "Slot context", CONTEXT.slot_ctx
-    elseif dci == 32 then what, specs = "Input control context", CONTEXT.input_ctx
+    if dci == CTX_SLOT then what, specs = "Slot context", CONTEXT.slot_ctx
+    elseif dci == CTX_INPUT_CONTROL then what, specs = "Input control context", CONTEXT.input_ctx
     else
       what, specs = "Endpoint context DCI " .. dci, CONTEXT.ep_ctx
-      generated(root, F.G_dci, tvb(13, 1), dci)
+      generated(root, F.G_dci, span(tvb, 0, AT.context_dci), dci)
     end
     add_fields(root:add(xhci, tvb(CONTEXT_OFFSET, 32), what), tvb, CONTEXT_OFFSET, specs)
     info = what .. " of slot " .. slot .. " (after " .. (TRB_TYPE[reason] or reason) .. ")"
   elseif kind == K.STATE then
-    local text = tvb(4):string()
+    local text = tvb(text_at):string()
     local parts = {}
     for p in (text .. "\0"):gmatch("([^%z]*)%z") do parts[#parts + 1] = p end
-    root:add(F.G_text, tvb(4), table.concat(parts, " "))
+    root:add(F.G_text, tvb(text_at), table.concat(parts, " "))
     info = string.format("State %s %s: %s -> %s", parts[1] or "", parts[2] or "",
                          parts[3] or "", parts[4] or "")
   elseif kind == K.LOG then
-    root:add(F.G_text, tvb(8))
-    info = "[" .. (LOG_LEVEL[dword(tvb, 4)] or "?") .. "] " .. tvb(8):string()
+    root:add(F.G_text, tvb(text_at))
+    info = "[" .. (LOG_LEVEL[get(tvb, 0, AT.log_level)] or "?") .. "] " .. tvb(text_at):string()
   elseif kind == K.URB then
-    local f1 = dword(tvb, 4)
-    local slot = bit32.extract(f1, 0, 8)
-    if slot ~= 0 then generated(root, F.G_slot, tvb(4, 1), slot) end
-    generated(root, F.G_dci, tvb(5, 1), bit32.extract(f1, 8, 5))
+    local slot = get(tvb, 0, AT.urb_slot)
+    if slot ~= 0 then generated(root, F.G_slot, span(tvb, 0, AT.urb_slot), slot) end
+    generated(root, F.G_dci, span(tvb, 0, AT.urb_dci), get(tvb, 0, AT.urb_dci))
     -- the rest is a usbmon record: Wireshark's own USB dissector takes it from here
-    if usbmon and tvb:len() > 8 then usbmon:call(tvb(8):tvb(), pinfo, tree) end
+    if usbmon and tvb:len() > text_at then usbmon:call(tvb(text_at):tvb(), pinfo, tree) end
     return tvb:len()
   end
   pinfo.cols.info = info or (KIND[kind] or "record")

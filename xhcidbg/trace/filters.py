@@ -68,7 +68,7 @@ class CaptureFilter:
     text: list[str] = field(default_factory=list)
 
     @classmethod
-    def parse(cls, terms: list[str] | str | None) -> "CaptureFilter":
+    def parse(cls, terms: list[str] | str | None) -> CaptureFilter:
         if terms is None:
             return cls()
         if isinstance(terms, str):
@@ -94,7 +94,8 @@ class CaptureFilter:
                 elif key in ("ep", "endpoint"):
                     f.dcis = frozenset(endpoint_dci(v) for v in values)
                 else:
-                    raise FilterError(f"unknown filter key {key!r} (kind, bus, port, slot, ep, dci)")
+                    raise FilterError(f"unknown filter key {key!r} "
+                                      f"(kind, bus, port, slot, ep, dci)")
             except ValueError as e:
                 if isinstance(e, FilterError):
                     raise
@@ -106,11 +107,8 @@ class CaptureFilter:
 
     # the tracer asks these on its hot paths: each is a couple of set lookups
     def slot_ok(self, slot: int, port: int | None) -> bool:
-        if self.slots is not None and slot and slot not in self.slots:
-            return False
-        if self.ports is not None and port is not None and port not in self.ports:
-            return False
-        return True
+        return ((self.slots is None or not slot or slot in self.slots)
+                and (self.ports is None or port is None or port in self.ports))
 
     def dci_ok(self, dci: int) -> bool:
         return self.dcis is None or not dci or dci in self.dcis

@@ -9,8 +9,9 @@ viewer can open what tcpdump, dumpcap, QEMU or VirtualBox wrote.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 SHB, IDB, SPB, EPB, OPB = 0x0A0D0D0A, 0x00000001, 0x00000003, 0x00000006, 0x00000002
 BYTE_ORDER_MAGIC = 0x1A2B3C4D
@@ -248,7 +249,7 @@ def _read_pcapng(f: BinaryIO, first: bytes, cap: Capture) -> Iterator[Packet]:
                 ifid, hi, lo, incl, orig = struct.unpack_from(bo + "IIIII", body)
             else:
                 ifid, _drops, hi, lo, incl, orig = struct.unpack_from(bo + "HHIIII", body)
-            off = 20 if btype == EPB else 20
+            off = 20                     # both blocks carry 20 bytes before the packet
             idx = base + ifid
             if idx >= len(cap.interfaces):
                 raise CaptureError(f"packet on interface {ifid}, which was never described")

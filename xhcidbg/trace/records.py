@@ -3,8 +3,9 @@
 Every record is a little-endian sequence of dwords declared below as a `Layout` (dword 0 is the
 common header: record kind and format version), optionally followed by UTF-8 text (a register
 name, a log message).  Records that hold a TRB keep its four dwords at dwords 4-7.  The packers
-on the hot path are written out by hand for speed; `tests/test_trace_records.py` checks them
-against these declarations, and the Wireshark dissector is generated from them.
+are written out by hand for speed, with field positions taken from these declarations at
+import; `tests/test_trace_records.py` checks them against the declarations, and the Wireshark
+dissector is generated from them.
 """
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
-from xhcidbg.emu.layout import Field as F, Layout
+from xhcidbg.emu.layout import Field as F
+from xhcidbg.emu.layout import Layout
+
 from . import pcapng
 
 LINKTYPE = 147                 # LINKTYPE_USER0
@@ -74,7 +77,8 @@ LAYOUTS: dict[Kind, Layout] = {
         F("dci", 3, 8, 6, "0 slot context, 1-31 endpoint context, 32 input control context"),
         F("reason", 3, 16, 6, "TRB type of the command after which it was read"))),
     Kind.STATE: Layout("State change", 1, _HEAD),
-    Kind.LOG: Layout("Log", 2, (*_HEAD, F("level", 1, 0, 8, "0 debug, 1 info, 2 warning, 3 error"),)),
+    Kind.LOG: Layout("Log", 2, (*_HEAD,
+                                F("level", 1, 0, 8, "0 debug, 1 info, 2 warning, 3 error"))),
     Kind.URB: Layout("USB transfer", 2, (*_HEAD, F("slot", 1, 0, 8, "Slot ID"),
                                          F("dci", 1, 8, 5, "Endpoint (DCI)"),
                                          F("stream", 1, 16, 16, "Stream ID"))),
@@ -84,7 +88,6 @@ TEXT = {Kind.MMIO: "register name", Kind.STATE: "kind, ident, old, new (NUL sepa
         Kind.LOG: "message", Kind.URB: "usbmon record (64-byte header and data)"}
 CONTEXT_OFFSET = 16            # the 8 context dwords follow dword 3 of a CONTEXT record
 
-_h = lambda kind: kind | VERSION << 8                                    # noqa: E731
 _MMIO = struct.Struct("<IIIQ")
 _DB = struct.Struct("<III")
 _TRB = struct.Struct("<IQIIIII")
@@ -98,7 +101,7 @@ assert _TRB_PARAM.size == _TRB.size
 # The tracer's hot path: each record kind packed together with its pcapng EPB in one call
 # (arguments: pcapng.framed's block fields, then the record's, then the total length again).
 # `tests/test_trace_records.py` checks them against `pcapng.enhanced_packet(<packer above>)`.
-HEAD = {k: _h(k) for k in Kind}
+HEAD = {k: Layout("header", 1, _HEAD).encode(kind=k, version=VERSION)[0] for k in Kind}
 EPB_MMIO_HEAD = pcapng.framed_head(_MMIO)          # then the register name, padding, length
 EPB_DOORBELL = pcapng.framed(_DB)
 EPB_TRB = pcapng.framed(_TRB_PARAM)                # a fetched Trb: address, info, param, ...
@@ -109,54 +112,94 @@ EPB_INTERRUPT = pcapng.framed(_II)
 EPB_URB_HEAD = pcapng.framed_head(_II)             # then the usbmon record
 
 
+def _at(kind: Kind, name: str) -> tuple[int, int]:
+    """(shift, mask) of a record field within its dword, for the packers below."""
+    f = LAYOUTS[kind][name]
+    return f.lo, f.mask
+
+
+_M32, _M64 = (1 << 32) - 1, (1 << 64) - 1
+_MMIO_SIZE, _MMIO_SIZE_M = _at(Kind.MMIO, "size")
+_MMIO_WRITE, _ = _at(Kind.MMIO, "write")
+_DB_DB, _DB_DB_M = _at(Kind.DOORBELL, "db")
+_DB_TARGET, _DB_TARGET_M = _at(Kind.DOORBELL, "target")
+_DB_STREAM, _DB_STREAM_M = _at(Kind.DOORBELL, "stream")
+_TRB_SLOT, _TRB_SLOT_M = _at(Kind.TRB, "slot")
+_TRB_DCI, _TRB_DCI_M = _at(Kind.TRB, "dci")
+_TRB_RING, _ = _at(Kind.TRB, "ring")
+_TRB_STREAM, _TRB_STREAM_M = _at(Kind.TRB, "stream")
+_EV_INTR, _EV_INTR_M = _at(Kind.EVENT, "interrupter")
+_EV_DROPPED, _ = _at(Kind.EVENT, "dropped")
+_CMD_CC, _CMD_CC_M = _at(Kind.COMMAND, "cc")
+_CMD_SLOT, _CMD_SLOT_M = _at(Kind.COMMAND, "slot")
+_CMD_PARAM, _CMD_PARAM_M = _at(Kind.COMMAND, "param")
+_PORT_PORT, _PORT_PORT_M = _at(Kind.PORT, "port")
+_INTR, _INTR_M = _at(Kind.INTERRUPT, "interrupter")
+_CTX_SLOT, _CTX_SLOT_M = _at(Kind.CONTEXT, "slot")
+_CTX_DCI, _CTX_DCI_M = _at(Kind.CONTEXT, "dci")
+_CTX_REASON, _CTX_REASON_M = _at(Kind.CONTEXT, "reason")
+_URB_SLOT, _URB_SLOT_M = _at(Kind.URB, "slot")
+_URB_DCI, _URB_DCI_M = _at(Kind.URB, "dci")
+_URB_STREAM, _URB_STREAM_M = _at(Kind.URB, "stream")
+_LOG_LEVEL, _ = _at(Kind.LOG, "level")
+
+
 def mmio(offset: int, size: int, write: bool, value: int, name: str) -> bytes:
-    return _MMIO.pack(_h(Kind.MMIO), offset & 0xFFFFFFFF, size & 0xFF | write << 8,
-                      value & 0xFFFFFFFFFFFFFFFF) + name.encode()
+    return _MMIO.pack(HEAD[Kind.MMIO], offset & _M32,
+                      (size & _MMIO_SIZE_M) << _MMIO_SIZE | write << _MMIO_WRITE,
+                      value & _M64) + name.encode()
 
 
 def doorbell(db: int, target: int, stream: int) -> bytes:
-    return _DB.pack(_h(Kind.DOORBELL), db & 0xFF, target & 0xFF | (stream & 0xFFFF) << 16)
+    return _DB.pack(HEAD[Kind.DOORBELL], (db & _DB_DB_M) << _DB_DB,
+                    (target & _DB_TARGET_M) << _DB_TARGET | (stream & _DB_STREAM_M) << _DB_STREAM)
 
 
 def trb(address: int, ring: int, slot: int, dci: int, stream: int, dw: list[int]) -> bytes:
-    return _TRB.pack(_h(Kind.TRB), address & 0xFFFFFFFFFFFFFFFF,
-                     slot & 0xFF | (dci & 0x1F) << 8 | ring << 13 | (stream & 0xFFFF) << 16, *dw)
+    info = ((slot & _TRB_SLOT_M) << _TRB_SLOT | (dci & _TRB_DCI_M) << _TRB_DCI
+            | ring << _TRB_RING | (stream & _TRB_STREAM_M) << _TRB_STREAM)
+    return _TRB.pack(HEAD[Kind.TRB], address & _M64, info, *dw)
 
 
 def event(address: int, interrupter: int, dropped: bool, dw: list[int]) -> bytes:
-    return _TRB.pack(_h(Kind.EVENT), address & 0xFFFFFFFFFFFFFFFF,
-                     interrupter & 0x3FF | dropped << 16, *dw)
+    return _TRB.pack(HEAD[Kind.EVENT], address & _M64,
+                     (interrupter & _EV_INTR_M) << _EV_INTR | dropped << _EV_DROPPED, *dw)
 
 
 def command(address: int, cc: int, slot: int, param: int, dw: list[int]) -> bytes:
-    return _CMD.pack(_h(Kind.COMMAND), address & 0xFFFFFFFFFFFFFFFF, cc & 0xFF | (slot & 0xFF) << 8,
-                     *dw, param & 0xFFFFFF)
+    return _CMD.pack(HEAD[Kind.COMMAND], address & _M64,
+                     (cc & _CMD_CC_M) << _CMD_CC | (slot & _CMD_SLOT_M) << _CMD_SLOT, *dw,
+                     (param & _CMD_PARAM_M) << _CMD_PARAM)
 
 
 def port(number: int, old: int, new: int) -> bytes:
-    return _PORT.pack(_h(Kind.PORT), number & 0xFF, old & 0xFFFFFFFF, new & 0xFFFFFFFF)
+    return _PORT.pack(HEAD[Kind.PORT], (number & _PORT_PORT_M) << _PORT_PORT, old & _M32,
+                      new & _M32)
 
 
 def interrupt(interrupter: int) -> bytes:
-    return _II.pack(_h(Kind.INTERRUPT), interrupter & 0xFFFF)
+    return _II.pack(HEAD[Kind.INTERRUPT], (interrupter & _INTR_M) << _INTR)
 
 
 def context(address: int, slot: int, dci: int, reason: int, dw: list[int]) -> bytes:
-    return _CTX.pack(_h(Kind.CONTEXT), address & 0xFFFFFFFFFFFFFFFF,
-                     slot & 0xFF | (dci & 0x3F) << 8 | (reason & 0x3F) << 16, *dw[:8])
+    info = ((slot & _CTX_SLOT_M) << _CTX_SLOT | (dci & _CTX_DCI_M) << _CTX_DCI
+            | (reason & _CTX_REASON_M) << _CTX_REASON)
+    return _CTX.pack(HEAD[Kind.CONTEXT], address & _M64, info, *dw[:8])
 
 
 def urb(slot: int, dci: int, stream: int, usbmon: bytes) -> bytes:
-    return _II.pack(_h(Kind.URB), slot & 0xFF | (dci & 0x1F) << 8 | (stream & 0xFFFF) << 16) + usbmon
+    info = ((slot & _URB_SLOT_M) << _URB_SLOT | (dci & _URB_DCI_M) << _URB_DCI
+            | (stream & _URB_STREAM_M) << _URB_STREAM)
+    return _II.pack(HEAD[Kind.URB], info) + usbmon
 
 
 def state(kind: str, ident: str, old: str, new: str) -> bytes:
-    return struct.pack("<I", _h(Kind.STATE)) + "\0".join((kind, ident, old, new)).encode()
+    return struct.pack("<I", HEAD[Kind.STATE]) + "\0".join((kind, ident, old, new)).encode()
 
 
 def log(level: str, message: str) -> bytes:
     lv = LOG_LEVELS.index(level) if level in LOG_LEVELS else 1
-    return _II.pack(_h(Kind.LOG), lv) + message.encode()
+    return _II.pack(HEAD[Kind.LOG], lv << _LOG_LEVEL) + message.encode()
 
 
 @dataclass

@@ -15,7 +15,8 @@ from xhcidbg.devices.loopback import LoopbackDevice
 from xhcidbg.devices.tablet import Tablet
 from xhcidbg.guest.driver import XhciDriver
 from xhcidbg.transport.inproc import InProcessBus
-from .tracer import TraceStatus, Tracer
+
+from .tracer import Tracer, TraceStatus
 
 BULK_OUT = bytes(1024)                     # 1 KiB of the sink pattern (zeros) to bulk OUT
 BULK_IN = 512

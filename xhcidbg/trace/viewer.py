@@ -8,18 +8,28 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter, defaultdict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterator, TextIO
+from typing import BinaryIO, TextIO
 
 from xhcidbg.decode import usbmon as um
 from xhcidbg.decode import xhci as lx
-from xhcidbg.emu.trb import TrbType
+from xhcidbg.emu import regs
+from xhcidbg.emu.context import EP_CTX, SLOT_CTX
+from xhcidbg.emu.layout import Field
+from xhcidbg.emu.trb import GENERIC, TrbType, layout_of
+
 from . import records
 from .filters import CaptureFilter, dci_of_address
-from .pcapng import (LINKTYPE_USB_LINUX, LINKTYPE_USB_LINUX_MMAPPED, Capture, CaptureError,
-                     read_capture)
+from .pcapng import (
+    LINKTYPE_USB_LINUX,
+    LINKTYPE_USB_LINUX_MMAPPED,
+    Capture,
+    CaptureError,
+    read_capture,
+)
 from .records import CTX_INPUT_CONTROL, CTX_SLOT, Kind
 
 READABLE = {LINKTYPE_USB_LINUX_MMAPPED: "usbmon", LINKTYPE_USB_LINUX: "usbmon (48-byte)",
@@ -45,6 +55,18 @@ _CTX_EVENTS = {
     (TrbType.SET_TR_DEQUEUE, "ep"): "xhci_handle_cmd_set_deq_ep",
     (TrbType.RESET_DEVICE, "slot"): "xhci_handle_cmd_reset_dev",
 }
+
+
+def trb_type(trb: Sequence[int]) -> int:
+    """The TRB Type of a captured TRB (its four dwords)."""
+    return GENERIC.get(trb, "type")
+
+
+def trb_field(trb: Sequence[int], name: str) -> int:
+    """Field `name` of a captured TRB, as the controller declares its type; 0 when that type has
+    no such field (the bits are reserved there, and the controller writes them 0)."""
+    f: Field | None = layout_of(trb_type(trb)).by_name.get(name)
+    return 0 if f is None else f.get(trb)
 
 
 @dataclass
@@ -94,11 +116,7 @@ class Reader:
         self.ep_type: dict[tuple[int, int], int] = {}
 
     def entries(self) -> Iterator[Entry]:
-        try:
-            f = open(self.path, "rb")
-        except OSError as e:
-            raise CaptureError(f"cannot open {self.path}: {e.strerror}") from None
-        with f:
+        with self._open() as f:
             cap, packets = read_capture(f)
             self.capture = cap
             for pkt in packets:
@@ -122,6 +140,12 @@ class Reader:
                 yield entry
             self.problems.truncated = cap.truncated
 
+    def _open(self) -> BinaryIO:
+        try:
+            return open(self.path, "rb")
+        except OSError as e:
+            raise CaptureError(f"cannot open {self.path}: {e.strerror}") from None
+
     def _xhci(self, data: bytes) -> Entry:
         rec = records.parse(data)
         f = rec.fields
@@ -134,16 +158,17 @@ class Reader:
         elif k == Kind.TRB:
             e.slot, e.dci = f["slot"], f["dci"]
             if f["ring"] == records.Ring.COMMAND:
-                e.slot = rec.dwords[7] >> 24         # the slot the command is about
+                e.slot = trb_field(rec.dwords[4:8], "slot")    # the slot the command is about
         elif k == Kind.DOORBELL:
             e.slot, e.dci = f["db"], f["target"] if f["db"] else 0
         elif k == Kind.EVENT:
-            t = rec.dwords[7]
-            e.slot = t >> 24
-            if t >> 10 & 0x3F == TrbType.TRANSFER_EVENT:
-                e.dci = t >> 16 & 0x1F
-            elif t >> 10 & 0x3F == TrbType.PORT_STATUS_CHANGE:
-                e.port = rec.dwords[4] >> 24
+            trb = rec.dwords[4:8]
+            t = trb_type(trb)
+            e.slot = trb_field(trb, "slot")
+            if t == TrbType.TRANSFER_EVENT:
+                e.dci = trb_field(trb, "ep")
+            elif t == TrbType.PORT_STATUS_CHANGE:
+                e.port = trb_field(trb, "port")
         elif k == Kind.COMMAND:
             e.slot = f["slot"]
         elif k == Kind.PORT:
@@ -153,11 +178,11 @@ class Reader:
         elif k == Kind.CONTEXT:
             e.slot, dci = f["slot"], f["dci"]
             ctx = rec.dwords[4:12]
-            if dci == CTX_SLOT and ctx[1] >> 16 & 0xFF:
-                self.slot_port[e.slot] = ctx[1] >> 16 & 0xFF
+            if dci == CTX_SLOT and SLOT_CTX.get(ctx, "root_hub_port"):
+                self.slot_port[e.slot] = SLOT_CTX.get(ctx, "root_hub_port")
             elif 1 <= dci <= 31:
                 e.dci = dci
-                self.ep_type[(e.slot, dci)] = ctx[1] >> 3 & 7
+                self.ep_type[(e.slot, dci)] = EP_CTX.get(ctx, "ep_type")
         return e
 
 
@@ -172,9 +197,8 @@ def matches(flt: CaptureFilter, e: Entry) -> bool:
         return False
     if flt.dcis is not None and e.dci and e.dci not in flt.dcis:
         return False
-    if e.kind == "urb" and flt.slots is not None:
-        return False              # a usbmon record has no slot: it cannot be shown as one's
-    return True
+    # a usbmon record has no slot: it cannot be shown as one's
+    return not (e.kind == "urb" and flt.slots is not None)
 
 
 # ---- show ----------------------------------------------------------------------------------------
@@ -198,14 +222,14 @@ def _xhci_text(rec: records.Record, reader: Reader, dma: bool) -> str:
         if f["ring"] == records.Ring.COMMAND:
             ring = "CMD"
         else:
-            ring = lx.ring_type_of(trb[3] >> 10 & 0x3F, reader.ep_type.get((f["slot"], f["dci"])),
+            ring = lx.ring_type_of(trb_type(trb), reader.ep_type.get((f["slot"], f["dci"])),
                                    f["stream"])
-        return "xhci_fetch_trb: " + lx.trb_line(ring, *trb, dma=at(f["address"]))
+        return "xhci_fetch_trb: " + _trb_line(ring, trb, at(f["address"]))
     if k == Kind.EVENT:
         drop = " [dropped]" if f["dropped"] else ""
-        return "xhci_handle_event: " + lx.trb_line("EVENT", *dw[4:8], dma=at(f["address"])) + drop
+        return "xhci_handle_event: " + _trb_line("EVENT", dw[4:8], at(f["address"])) + drop
     if k == Kind.COMMAND:
-        return "xhci_handle_command: " + lx.trb_line("CMD", *dw[4:8], dma=at(f["address"]))
+        return "xhci_handle_command: " + _trb_line("CMD", dw[4:8], at(f["address"]))
     if k == Kind.CONTEXT:
         dci, reason, ctx = f["dci"], f["reason"], dw[4:12]
         if dci == CTX_SLOT:
@@ -219,8 +243,8 @@ def _xhci_text(rec: records.Record, reader: Reader, dma: bool) -> str:
     if k == Kind.PORT:
         return f"xhci_handle_port_status: port-{f['port']}: {lx.decode_portsc(f['new'])}"
     if k == Kind.DOORBELL:
-        return ("xhci_ring_ep_doorbell: Ring doorbell for "
-                + lx.decode_doorbell(f["db"], f["target"] | f["stream"] << 16))
+        doorbell = regs.DOORBELL.layout.encode(target=f["target"], stream=f["stream"])[0]
+        return "xhci_ring_ep_doorbell: Ring doorbell for " + lx.decode_doorbell(f["db"], doorbell)
     if k == Kind.MMIO:
         name, value, size = rec.text, f["value"], f["size"]
         text = (f"mmio: {'write' if f['write'] else 'read '} {name} "
@@ -241,6 +265,11 @@ def _xhci_text(rec: records.Record, reader: Reader, dma: bool) -> str:
         lv = records.LOG_LEVELS[f["level"]] if f["level"] < len(records.LOG_LEVELS) else "?"
         return f"log: [{lv}] {rec.text}"
     return f"record kind {k}"
+
+
+def _trb_line(ring: str, trb: Sequence[int], dma: int | None) -> str:
+    f0, f1, f2, f3 = trb
+    return lx.trb_line(ring, f0, f1, f2, f3, dma=dma)
 
 
 def show(path: str | Path, flt: CaptureFilter | None = None, out: TextIO | None = None,
@@ -375,12 +404,12 @@ def collect_stats(path: str | Path, flt: CaptureFilter | None = None):
                         _learn_descriptor(dev, setup, rec.data)
                     elif setup[0] == 0x00 and setup[1] == _SET_CONFIGURATION:
                         dev.configuration = setup[2]
-        elif rec.kind == Kind.EVENT and rec.dwords[7] >> 10 & 0x3F == TrbType.TRANSFER_EVENT:
-            xhci_cc[(e.slot, e.dci)][lx.cc_string(rec.dwords[6] >> 24)] += 1
+        elif rec.kind == Kind.EVENT and trb_type(rec.dwords[4:8]) == TrbType.TRANSFER_EVENT:
+            xhci_cc[(e.slot, e.dci)][lx.cc_string(trb_field(rec.dwords[4:8], "cc"))] += 1
         elif rec.kind == Kind.CONTEXT and rec.fields["dci"] == CTX_SLOT:
-            ctx = rec.dwords[4:8]
-            if ctx[3] & 0xFF:                        # addressed: the address is the xHC's
-                slots[e.slot] = (ctx[3] & 0xFF, ctx[1] >> 16 & 0xFF, ctx[0] >> 20 & 0xF)
+            ctx = SLOT_CTX.decode(rec.dwords[4:12])
+            if ctx["usb_address"]:                   # addressed: the address is the xHC's
+                slots[e.slot] = (ctx["usb_address"], ctx["root_hub_port"], ctx["speed"])
         elif rec.kind == Kind.STATE and rec.tail.startswith(b"controller\0") \
                 and rec.tail.endswith(b"\0HCRST"):
             # a reset: what follows is another host's enumeration (firmware, then the OS)
