@@ -29,7 +29,7 @@ def recorded(tmp_path_factory):
 def tshark_fields(path, home, filt, *names, lua=False):
     assert TSHARK, "tshark is required for these tests: apt-get install -y tshark"
     cmd = [TSHARK, *(["-X", f"lua_script:{dissector.REPO_COPY}"] if lua else []), "-r",
-           str(path), "-Y", filt, "-T", "fields", *sum((["-e", n] for n in names), [])]
+           str(path), "-Y", filt, "-T", "fields", *(arg for n in names for arg in ("-e", n))]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, HOME=str(home)))
     assert r.returncode == 0, r.stderr
@@ -44,8 +44,10 @@ def test_tshark_decodes_a_real_enumeration(recorded, tmp_path):
     assert {r[0] for r in rows} == {"usbmon1", "usbmon2"}        # tablet on USB 2, loopback on 3
     vendors = {r[3] for r in rows if r[3]}
     assert "0x0525" in vendors                                   # the loopback's descriptor
-    assert ["-32"] == [r[2] for r in rows if r[2] not in ("0",)]     # the one stall
-    bulk_in = tshark_fields(path, tmp_path, "usb.transfer_type == 3 && usb.endpoint_address.direction == 1 && usb.urb_type == 'C'", "usb.urb_len")
+    assert [r[2] for r in rows if r[2] not in ("0",)] == ["-32"]     # the one stall
+    bulk_in = tshark_fields(path, tmp_path, "usb.transfer_type == 3 && "
+                            "usb.endpoint_address.direction == 1 && usb.urb_type == 'C'",
+                            "usb.urb_len")
     assert bulk_in == [[str(s.bulk_in)]]
 
 
@@ -82,19 +84,20 @@ def test_show_prints_linux_tracepoint_text(recorded):
     lines = text.splitlines()
     assert any(re.fullmatch(
         r" +[\d.]+: xhci_fetch_trb: CTRL: @0x[0-9a-f]{16} bRequestType 80 bRequest 06 wValue 0100 "
-        r"wIndex 0000 wLength 18 length 8 TD size 0 intr 0 type 'Setup Stage' flags I:i:C", l)
-        for l in lines)
-    assert any(l.endswith(
+        r"wIndex 0000 wLength 18 length 8 TD size 0 intr 0 type 'Setup Stage' flags I:i:C", line)
+        for line in lines)
+    assert any(line.endswith(
         f"xhci_handle_cmd_addr_dev: RS 00000 full-speed Ctx Entries 1 MEL 0 us "
         f"Port# {s.tablet_port}/0 [TT Slot 0 Port# 0 TTT 0 Intr 0] Addr 1 State addressed")
-        for l in lines)
+        for line in lines)
     assert any(re.search(r"xhci_handle_event: EVENT: @0x[0-9a-f]{16} TRB [0-9a-f]{16} status "
-                         r"'Stall Error' len \d+ slot 1 ep 1 type 'Transfer Event' flags e:C", l)
-               for l in lines)
-    assert any(re.search(r"usbmon: [0-9a-f]+ \d+ C Bi:2:002:1 0 512 = 00000000", l) for l in lines)
-    assert any("xhci_handle_port_status: port-" in l for l in lines)
+                         r"'Stall Error' len \d+ slot 1 ep 1 type 'Transfer Event' flags e:C", line)
+               for line in lines)
+    assert any(re.search(r"usbmon: [0-9a-f]+ \d+ C Bi:2:002:1 0 512 = 00000000", line)
+               for line in lines)
+    assert any("xhci_handle_port_status: port-" in line for line in lines)
     # interrupt URBs carry urb->interval in frames for the full-speed tablet (bInterval 8)
-    assert any(re.search(r"usbmon: [0-9a-f]+ \d+ S Ii:1:001:1 -115:8 8 <$", l) for l in lines)
+    assert any(re.search(r"usbmon: [0-9a-f]+ \d+ S Ii:1:001:1 -115:8 8 <$", line) for line in lines)
     assert "# sample finished" in text
     # filters: only slot 2's records, no usbmon (it has no slot)
     out = io.StringIO()

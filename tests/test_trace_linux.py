@@ -144,7 +144,7 @@ def tshark(cap, *args: str, lua: bool = False) -> str:
 
 def fields(cap, filt: str, *names: str, lua: bool = False) -> list[list[str]]:
     out = tshark(cap, "-Y", filt, "-T", "fields", "-E", "occurrence=f",
-                 *sum((["-e", n] for n in names), []), lua=lua)
+                 *(arg for n in names for arg in ("-e", n)), lua=lua)
     return [line.split("\t") for line in out.splitlines()]
 
 

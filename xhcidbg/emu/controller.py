@@ -9,8 +9,8 @@ controller error a real xHC reports, and one log line.
 from __future__ import annotations
 
 import logging
-from functools import partial
 from collections.abc import Iterable
+from functools import partial
 
 from ..devices.base import UsbDevice
 from . import events
@@ -524,7 +524,7 @@ class XhciController:
         ep.ring.invalidate()
         self.kick_endpoint(ep)
 
-    # ---- ring workers ----------------------------------------------------------------------------------
+    # ---- ring workers ----------------------------------------------------------------------------
     def kick_commands(self) -> None:
         self.gate.kick("cmd", self._command_worker)
 
@@ -590,7 +590,7 @@ class XhciController:
         self.post_event(0, events.command_completion(r.trb.addr, int(r.cc), r.slot, r.param),
                         note=r.note)
 
-    # ---- events -------------------------------------------------------------------------------------------
+    # ---- events ----------------------------------------------------------------------------------
     def post_event(self, interrupter: int, dwords: list[int], block: bool = False,
                    note: str = "") -> list[int] | None:
         """Post one event TRB (built by `events`); returns the dwords as they were written,
@@ -632,7 +632,7 @@ class XhciController:
         level = bool(self.usbcmd & INTE) and any(i.ip and i.ie for i in self.interrupters)
         self.irq.set_level(level)
 
-    # ---- ports ------------------------------------------------------------------------------------------------
+    # ---- ports -----------------------------------------------------------------------------------
     def port(self, number: int) -> RootPort | None:
         return self.ports[number - 1] if 1 <= number <= len(self.ports) else None
 
@@ -684,7 +684,7 @@ class XhciController:
         p.unplug()
         return dev
 
-    # ---- slots ------------------------------------------------------------------------------------------------
+    # ---- slots -----------------------------------------------------------------------------------
     def dcbaa_entry(self, slot_id: int) -> int:
         if not self.dcbaap:
             return 0

@@ -20,7 +20,7 @@ from typing import Any
 
 from ..devices import UsbDevice
 from ..devices.bot import MSC_CLASS
-from ..guest.device import Device, Endpoint, Transfer
+from ..guest.device import Device, GuestEndpoint, Transfer
 from ..guest.driver import XhciDriver
 from ..guest.storage import MassStorage, StorageError
 from ..session import DeviceChoice, Session, make_devices
@@ -178,7 +178,7 @@ class World(Session):
                     gd.polling.append(desc.address)
                     self._poll(gd, dev.endpoint(desc.address))
 
-    def _poll(self, gd: GuestDevice, ep: Endpoint) -> None:
+    def _poll(self, gd: GuestDevice, ep: GuestEndpoint) -> None:
         def done(t: Transfer) -> None:
             dev = gd.device
             if t.ok:
