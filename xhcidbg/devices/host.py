@@ -60,7 +60,7 @@ class DirectHost:
         xfer = self.control(request_type | 0x80, request, value, index, length)
         if xfer.status != Status.OK:
             raise TransferError(xfer)
-        return xfer.result
+        return bytes(xfer.result)
 
     def control_out(self, request_type: int, request: int, value: int = 0, index: int = 0,
                     data: bytes = b"") -> None:

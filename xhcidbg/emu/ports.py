@@ -49,6 +49,8 @@ class RootPort(PortLink):
 
     `power_control` is HCCPARAMS1.PPC: whether software may switch port power off."""
 
+    scheduler: Scheduler          # a root port always lends its devices the controller's clock
+
     def __init__(self, number: int, usb3: bool, *, scheduler: Scheduler, hooks: Hooks,
                  errors: ErrorReporter, listener: PortListener, power_control: bool = True):
         self.number = number            # 1-based port id

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Protocol
+from typing import BinaryIO, Literal, Protocol, overload
 
 from xhcidbg.emu.hooks import Hooks, MmioAccess, TransferRecord
 from xhcidbg.emu.memory import GuestMemory
@@ -221,7 +221,7 @@ class Tracer:
         self._headers: list[bytes] = []      # SHB and IDBs: repeated at the top of every file
         self._start_headers = 0              # how many of them there were at start
         self._bus_iface: dict[int, int] = {}
-        self._file = None
+        self._file: BinaryIO | None = None
         self._file_bytes = 0
         self._header_bytes = 0
         self._file_started = 0.0
@@ -278,6 +278,7 @@ class Tracer:
     def stop(self) -> TraceStatus:
         if self._running:
             if self._observer is not None:
+                assert self.controller is not None   # an observer means a controller
                 self.controller.hooks.detach(self._observer)
                 self._observer = None
             self._running = False
@@ -360,8 +361,11 @@ class Tracer:
             if not keep:
                 return
             c = self._chunk
-            if c.end + total > c.limit and (c := self._room(total)) is None:
-                return
+            if c.end + total > c.limit:
+                room = self._room(total)
+                if room is None:
+                                return
+                c = room
             at = c.end
             ts = self._now() + self._ts_offset
             EPB_MMIO_HEAD.pack_into(c.buf, at, _EPB, total, 0, ts >> 32, ts & _M32, n, n,
@@ -388,8 +392,11 @@ class Tracer:
                 if not (f.slot_ok(slot, self._slot_port.get(slot)) and f.dci_ok(target)):
                     return
             c = self._chunk
-            if c.end + 44 > c.limit and (c := self._room(44)) is None:
-                return
+            if c.end + 44 > c.limit:
+                room = self._room(44)
+                if room is None:
+                                return
+                c = room
             ts = self._now() + self._ts_offset
             EPB_DOORBELL.pack_into(c.buf, c.end, _EPB, 44, 0, ts >> 32, ts & _M32, 12, 12,
                                    _H_DOORBELL, slot & 0xFF,
@@ -422,8 +429,11 @@ class Tracer:
                 if slot and not (f.slot_ok(slot, self._slot_port.get(slot)) and f.dci_ok(dci)):
                     return
             c = self._chunk
-            if c.end + 64 > c.limit and (c := self._room(64)) is None:
-                return
+            if c.end + 64 > c.limit:
+                room = self._room(64)
+                if room is None:
+                                return
+                c = room
             ts = self._now() + self._ts_offset
             EPB_TRB.pack_into(c.buf, c.end, _EPB, 64, 0, ts >> 32, ts & _M32, 32, 32, _H_TRB,
                               trb.addr & _M64, info, trb.param, trb.status, trb.control, 64)
@@ -467,8 +477,11 @@ class Tracer:
                            comment=ev.note)
                 return
             c = self._chunk
-            if c.end + 64 > c.limit and (c := self._room(64)) is None:
-                return
+            if c.end + 64 > c.limit:
+                room = self._room(64)
+                if room is None:
+                                return
+                c = room
             ts = self._now() + self._ts_offset
             EPB_EVENT.pack_into(c.buf, c.end, _EPB, 64, 0, ts >> 32, ts & _M32, 32, 32,
                                 _H_EVENT, ev.addr & _M64, ev.interrupter & 0x3FF | ev.drop << 16,
@@ -490,8 +503,11 @@ class Tracer:
     def on_interrupt(self, interrupter: int) -> None:
         try:
             c = self._chunk
-            if c.end + 40 > c.limit and (c := self._room(40)) is None:
-                return
+            if c.end + 40 > c.limit:
+                room = self._room(40)
+                if room is None:
+                                return
+                c = room
             ts = self._now() + self._ts_offset
             EPB_INTERRUPT.pack_into(c.buf, c.end, _EPB, 40, 0, ts >> 32, ts & _M32, 8, 8,
                                     _H_INTERRUPT, interrupter & 0xFFFF, 40)
@@ -650,8 +666,11 @@ class Tracer:
         """Queue one whole block (or count it dropped when the queue is full)."""
         c = self._chunk
         n = len(block)
-        if c.end + n > c.limit and (c := self._room(n)) is None:
-            return
+        if c.end + n > c.limit:
+            room = self._room(n)
+            if room is None:
+                        return
+            c = room
         c.buf[c.end:c.end + n] = block
         c.end += n                           # published: the writer may take it now
         self._records += 1
@@ -659,8 +678,11 @@ class Tracer:
     def _put_pieces(self, total: int, pieces) -> None:
         """`_put` for a block given in pieces (`total` bytes): each is copied once, here."""
         c = self._chunk
-        if c.end + total > c.limit and (c := self._room(total)) is None:
-            return
+        if c.end + total > c.limit:
+            room = self._room(total)
+            if room is None:
+                        return
+            c = room
         buf, at = c.buf, c.end
         for p in pieces:
             end = at + len(p)
@@ -687,6 +709,11 @@ class Tracer:
             if c.end + n <= len(c.buf):
                 return c
         return self._next_chunk(n)
+
+    @overload
+    def _next_chunk(self, need: int, force: Literal[True]) -> _Chunk: ...
+    @overload
+    def _next_chunk(self, need: int, force: bool = False) -> _Chunk | None: ...
 
     def _next_chunk(self, need: int, force: bool = False) -> _Chunk | None:
         """Start a new chunk with room for `need` bytes; None (and the record counted as
@@ -759,8 +786,10 @@ class Tracer:
 
     def _write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
+        file = self._file
+        assert file is not None              # only called with a file open
         while view:                      # a signal may cut a write to a FIFO short
-            done = self._file.write(view)
+            done = file.write(view)
             self._written += done
             view = view[done:]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import struct
+from collections.abc import Sequence
 
 from xhcidbg.decode.usbmon import (
     FLAG_PRESENT,
@@ -32,7 +33,7 @@ XFER_TYPE = {EpType.CONTROL: XFER_CONTROL, EpType.ISOCHRONOUS: XFER_ISO, EpType.
              EpType.INTERRUPT: XFER_INT}
 
 # Linux xhci-ring.c: completion code of a transfer event -> URB status
-CC_ERRNO = {
+CC_ERRNO: dict[int, int] = {
     CC.SUCCESS: 0, CC.SHORT_PACKET: 0, CC.STALL_ERROR: -errno.EPIPE,
     CC.USB_TRANSACTION_ERROR: -errno.EPROTO, CC.SPLIT_TRANSACTION: -errno.EPROTO,
     CC.INCOMPATIBLE_DEVICE: -errno.EPROTO, CC.BABBLE_DETECTED: -errno.EOVERFLOW,
@@ -133,7 +134,8 @@ def usbmon_block(rec: TransferRecord, event: str, ts_ns: int, max_data: int, int
         start_frame = 0
         if xtype != XFER_INT:
             interval = 0
-    setup, flag_setup, iso, ndesc, captured, cap = _NO_SETUP, _DASH, b"", 0, (), 0
+    setup, flag_setup, iso, ndesc, cap = _NO_SETUP, _DASH, b"", 0, 0
+    captured: Sequence[memoryview] = ()
     if event == "S":
         status, length = _EINPROGRESS, xfer.length
         if xtype == XFER_CONTROL and xfer.setup is not None:
@@ -143,10 +145,11 @@ def usbmon_block(rec: TransferRecord, event: str, ts_ns: int, max_data: int, int
         else:
             data = xfer.data
             n = min(len(data), length) if data is not None else 0
+            assert data is not None or n == 0
             flag_data = FLAG_PRESENT                  # mon_bin: OUT data goes with the submit
             cap = min(n, max_data)
             if cap > 0:
-                captured = (memoryview(data)[:cap],)
+                captured = (memoryview(data or b"")[:cap],)
     elif event == "C":
         status, length = _urb_errno(rec), xfer.actual
         if is_in:

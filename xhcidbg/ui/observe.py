@@ -116,7 +116,7 @@ def _type_matches(want: str, t: int) -> bool:
     if want.isdigit():
         return int(want) == t
     w = _norm(want)
-    names = (_norm(TRB_NAMES.get(t, "")),)
+    names: tuple[str, ...] = (_norm(TRB_NAMES.get(t, "")),)
     if t in TrbType._value2member_map_:
         names += (_norm(TrbType(t).name),)
     return any(n.startswith(w) for n in names)
