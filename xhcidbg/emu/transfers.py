@@ -70,6 +70,59 @@ STATUS_CC = {
 _NO_HALT = (CC.SUCCESS, CC.SHORT_PACKET, CC.STOPPED, CC.DATA_BUFFER_ERROR)
 
 
+_SHORT = -1      # _DataWalk.data: a short packet ended this part of the TD, its event posted
+
+
+class _DataWalk:
+    """Reading the data TRBs of a finished TD back in ring order: scatter the IN data, count
+    the Event Data Transfer Length, post the events IOC, ISP and errors ask for."""
+
+    __slots__ = ("cc", "edtla", "engine", "ep", "failed", "last_data", "pos", "remaining",
+                 "result", "short", "td")
+
+    def __init__(self, engine: TransferEngine, ep: SlotEndpoint, td: Td, xfer: UsbTransfer):
+        self.engine, self.ep, self.td = engine, ep, td
+        self.cc = status_cc(xfer)
+        self.failed = self.cc != CC.SUCCESS
+        self.result = memoryview(xfer.result) if xfer.is_in and not xfer.in_place else None
+        self.remaining, self.pos, self.edtla, self.short = xfer.actual, 0, 0, False
+        self.last_data = next((t for t in reversed(td.trbs) if t.type in _DATA_TYPES), None)
+
+    def data(self, trb: Trb) -> int | None:
+        """One Normal/Data/Isoch TRB.  None: go on; _SHORT: a short packet was reported;
+        otherwise the completion code that fails the TD (its event posted)."""
+        engine, ep, td = self.engine, self.ep, self.td
+        length = trb.status & _LEN
+        n = min(length, self.remaining)
+        if n and self.result is not None and not engine._scatter(
+                ep, td, trb, self.result[self.pos:self.pos + n], length - n):
+            return CC.DATA_BUFFER_ERROR
+        self.pos += n
+        self.remaining -= n
+        self.edtla += n
+        residue = length - n
+        if self.failed and (residue or trb is self.last_data):
+            engine._post(ep, td, trb, self.cc, residue)
+            return self.cc
+        if residue and not self.short:
+            self.short = True
+            if trb.control & (_ISP | _IOC):
+                engine._post(ep, td, trb, CC.SHORT_PACKET, residue)
+                return _SHORT
+            return None
+        if trb.control & _IOC:
+            engine._post(ep, td, trb, CC.SHORT_PACKET if self.short else CC.SUCCESS, residue)
+        return None
+
+    def event_data(self, trb: Trb) -> None:
+        """An Event Data TRB: its event carries the bytes moved since the last one."""
+        if trb.control & _IOC:
+            self.engine._post(self.ep, self.td, trb,
+                              CC.SHORT_PACKET if self.short else CC.SUCCESS, self.edtla,
+                              event_data=True)
+        self.edtla = 0
+
+
 def status_cc(xfer: UsbTransfer) -> int:
     """The completion code a real controller reports for how the transfer ended on the bus."""
     if xfer.status is None:
@@ -429,45 +482,22 @@ class TransferEngine:
     def _retire_bulk_intr(self, ep: SlotEndpoint, td: Td, xfer: UsbTransfer) -> int | None:
         """Normal TRBs (and Event Data, No-Op) of a bulk or interrupt TD.  Returns the
         completion code that fails the TD, or None."""
-        cc = status_cc(xfer)
-        failed = cc != CC.SUCCESS
-        result = memoryview(xfer.result) if xfer.is_in and not xfer.in_place else None
-        remaining, pos, edtla, short = xfer.actual, 0, 0, False
-        last_data = next((t for t in reversed(td.trbs) if t.type in _DATA_TYPES), None)
+        walk = _DataWalk(self, ep, td, xfer)
         for trb in td.trbs:
             t = trb.type
-            ioc = trb.control & _IOC
             if t in _DATA_TYPES:
-                length = trb.status & _LEN
-                n = min(length, remaining)
-                if n and result is not None and not self._scatter(ep, td, trb,
-                                                                  result[pos:pos + n], length - n):
-                    return CC.DATA_BUFFER_ERROR
-                pos += n
-                remaining -= n
-                edtla += n
-                residue = length - n
-                if failed and (residue or trb is last_data):
-                    self._post(ep, td, trb, cc, residue)
-                    return cc
-                if residue and not short:
-                    short = True
-                    if trb.control & _ISP or ioc:
-                        self._post(ep, td, trb, CC.SHORT_PACKET, residue)
-                        return None          # the rest of the TD is skipped (4.10.1.1)
-                    continue
-                if ioc:
-                    self._post(ep, td, trb, CC.SHORT_PACKET if short else CC.SUCCESS, residue)
+                outcome = walk.data(trb)
+                if outcome == _SHORT:
+                    return None              # the rest of the TD is skipped (4.10.1.1)
+                if outcome is not None:
+                    return outcome
             elif t == T.EVENT_DATA:
-                if ioc:
-                    self._post(ep, td, trb, CC.SHORT_PACKET if short else CC.SUCCESS, edtla,
-                               event_data=True)
-                edtla = 0
-            elif ioc:
+                walk.event_data(trb)
+            elif trb.control & _IOC:
                 self._post(ep, td, trb, CC.SUCCESS, 0)
-        if failed:
-            self._post(ep, td, td.trbs[-1], cc, 0)
-            return cc
+        if walk.failed:
+            self._post(ep, td, td.trbs[-1], walk.cc, 0)
+            return walk.cc
         return None
 
     def _retire_isoch(self, ep: SlotEndpoint, td: Td, xfer: UsbTransfer) -> int | None:
@@ -477,43 +507,24 @@ class TransferEngine:
 
     def _retire_control(self, ep: SlotEndpoint, td: Td, xfer: UsbTransfer) -> int | None:
         """Setup, Data and Status stages.  A short Data stage skips to the Status stage."""
-        cc = status_cc(xfer)
-        failed = cc != CC.SUCCESS
-        result = memoryview(xfer.result) if xfer.is_in and not xfer.in_place else None
-        remaining, pos, edtla, short, skip_to_status = xfer.actual, 0, 0, False, False
-        data_trbs = [t for t in td.trbs if t.type in _DATA_TYPES]
-        last_data = data_trbs[-1] if data_trbs else None
+        walk = _DataWalk(self, ep, td, xfer)
+        cc, failed = walk.cc, walk.failed
+        skip_to_status = False
         for trb in td.trbs:
             t = trb.type
             ioc = trb.control & _IOC
             if t in _DATA_TYPES:
                 if skip_to_status:
                     continue
-                length = trb.status & _LEN
-                n = min(length, remaining)
-                if n and result is not None and not self._scatter(ep, td, trb,
-                                                                  result[pos:pos + n], length - n):
-                    return CC.DATA_BUFFER_ERROR
-                pos += n
-                remaining -= n
-                edtla += n
-                residue = length - n
-                if failed and (residue or trb is last_data):
-                    self._post(ep, td, trb, cc, residue)
-                    return cc
-                if residue and not short:
-                    short = True
-                    if trb.control & _ISP or ioc:
-                        self._post(ep, td, trb, CC.SHORT_PACKET, residue)
-                        skip_to_status = True
-                    continue
-                if ioc:
-                    self._post(ep, td, trb, CC.SHORT_PACKET if short else CC.SUCCESS, residue)
+                outcome = walk.data(trb)
+                if outcome == _SHORT:
+                    skip_to_status = True
+                elif outcome is not None:
+                    return outcome
             elif t == T.EVENT_DATA:
-                if ioc and not skip_to_status:
-                    self._post(ep, td, trb, CC.SHORT_PACKET if short else CC.SUCCESS, edtla,
-                               event_data=True)
-                edtla = 0
+                if not skip_to_status:
+                    walk.event_data(trb)
+                walk.edtla = 0
             elif t == T.STATUS_STAGE:
                 if failed:
                     self._post(ep, td, trb, cc, 0)
@@ -521,8 +532,8 @@ class TransferEngine:
                 if ioc:
                     self._post(ep, td, trb, CC.SUCCESS, 0)
             elif t == T.SETUP_STAGE:
-                if failed and not data_trbs and not any(x.type == T.STATUS_STAGE
-                                                        for x in td.trbs):
+                if failed and walk.last_data is None and not any(x.type == T.STATUS_STAGE
+                                                                 for x in td.trbs):
                     self._post(ep, td, trb, cc, 0)
                     return cc
                 if ioc and not failed:
