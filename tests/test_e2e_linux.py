@@ -315,14 +315,14 @@ def test_driver_unbind_and_bind_resets_and_reprobes_the_controller(linux):
 
 def test_guest_reboot_leaves_a_controller_linux_probes_again(linux):
     server = linux.backend.server
-    resets = server.counts.get(13, 0)                     # vfio-user DEVICE_RESET
+    resets = server.stats.counts.get(13, 0)                     # vfio-user DEVICE_RESET
 
     async def reboot():
         await linux.vm.console.write("reboot -f\n")
         await linux.vm.console.wait_ready(300)
         await linux.until(ALL_PRESENT, 90)
     linux.run(reboot(), 500)
-    assert server.counts.get(13, 0) > resets              # QEMU reset the function with us
+    assert server.stats.counts.get(13, 0) > resets              # QEMU reset the function with us
     assert float(linux.guest("cut -d' ' -f1 /proc/uptime")) < 120    # a fresh kernel
     for name, (product, speed) in EXPECTED.items():
         seen = linux.guest(f"cd /sys/bus/usb/devices/{name} && cat product speed").splitlines()

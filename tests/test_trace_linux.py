@@ -38,6 +38,7 @@ from xhcidbg.emu.timing import Scheduler
 from xhcidbg.emu.trb import TrbType as T
 from xhcidbg.guestkit import launch
 from xhcidbg.guestkit.testing import guest_kit
+from xhcidbg.session import LoopClock
 from xhcidbg.trace import dissector
 from xhcidbg.trace.tracer import Tracer
 from xhcidbg.trace.viewer import Reader, collect_stats
@@ -86,6 +87,7 @@ def linux_capture(tmp_path_factory):
         ended = asyncio.Event()
         server = VfioUserServer(hc, str(tmp / "xhci.sock"), on_disconnect=ended.set)
         await server.start()
+        clock = LoopClock(hc.scheduler, asyncio.get_running_loop())    # the controller's timers
         try:
             vm = await launch.Vm.start(devices=[server.device_arg], qemu=qemu, kernel=kernel,
                                        initrd=initrd, progress=False, log=tmp / "serial.log")
@@ -107,6 +109,7 @@ def linux_capture(tmp_path_factory):
                 await vm.stop()
             await asyncio.wait_for(ended.wait(), 15)
         finally:
+            clock.close()
             server.close()
             status = tracer.stop()
         return SimpleNamespace(devices=devices, dmesg=dmesg, status=status, ports=ports,

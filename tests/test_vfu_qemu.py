@@ -18,6 +18,7 @@ from xhcidbg.emu.controller import XhciController
 from xhcidbg.emu.timing import Scheduler
 from xhcidbg.guestkit import launch
 from xhcidbg.guestkit.testing import guest_kit as fetch_guest_kit
+from xhcidbg.session import LoopClock
 from xhcidbg.vfio_user import VfioUserServer
 from xhcidbg.vfio_user.protocol import Command
 
@@ -44,6 +45,7 @@ def run_guest(tmp_path, guest_kit, script, *, append: str = "", extra_args=(), *
         server = VfioUserServer(hc, str(tmp_path / "xhci.sock"), on_disconnect=ended.set,
                                 **server_options)
         await server.start()
+        clock = LoopClock(hc.scheduler, asyncio.get_running_loop())    # the controller's timers
         try:
             vm = await launch.Vm.start(devices=[server.device_arg], append=append, qemu=qemu,
                                        extra_args=extra_args,
@@ -56,6 +58,7 @@ def run_guest(tmp_path, guest_kit, script, *, append: str = "", extra_args=(), *
             await asyncio.wait_for(ended.wait(), 15)
             return result, server
         finally:
+            clock.close()
             server.close()
 
     return asyncio.run(main())

@@ -40,7 +40,10 @@ _IP_AT, _IE_AT, _EHB_AT, _DESI_AT = _IP.lo, _IE.lo, _EHB.lo, _DESI.lo
 class InterruptSink:
     """Where interrupts go.  Transports implement it; the default drops them."""
 
-    message_signalled = True
+    @property
+    def message_signalled(self) -> bool:
+        """MSI or MSI-X is on (the default sink: always); else the INTx line is used."""
+        return True
 
     def signal(self, interrupter: int) -> None:
         """Send the MSI/MSI-X message of `interrupter`."""

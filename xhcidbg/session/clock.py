@@ -4,9 +4,8 @@ Whenever the scheduler learns of an earlier deadline, `LoopClock` re-arms one `l
 each firing runs what is due and arms the next deadline.  Every session (the console's
 in-process one, `xhcidbg serve`, `xhcidbg vm`) drives its scheduler with this one class.
 
-The vfio-user server still arms a driver of its own when it starts (`VfioUserServer(...,
-drive_scheduler=True)`, whose busy-poll also runs due timers between messages); a session
-starts its clock after the server, so this clock holds the scheduler's deadline hook.
+The vfio-user server's busy-poll also runs timers that fell due between two messages; it does
+not arm timers of its own.
 """
 from __future__ import annotations
 

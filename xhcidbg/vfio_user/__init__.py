@@ -7,7 +7,6 @@
     pci           the PCI function: its layout and configuration space
     irq           interrupts out through the client's eventfds
     dma           guest memory the client shares, mapped for the controller
-    timers        the controller's timers on the asyncio loop
     measurements  handling times, for tests and benchmarks
     server        the server: listening, one client at a time, disconnects
     client        a minimal client, for tests and measurements

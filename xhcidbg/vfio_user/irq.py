@@ -55,9 +55,8 @@ class EventfdInterrupts(InterruptSink):
         return IrqInfoFlags.EVENTFD, count
 
     # ---- InterruptSink ---------------------------------------------------------------------
-    # InterruptSink declares this as a class attribute; here it follows configuration space.
     @property
-    def message_signalled(self) -> bool:  # type: ignore[override]
+    def message_signalled(self) -> bool:
         c = self.config
         return c.msix_enabled or c.msi_enabled
 

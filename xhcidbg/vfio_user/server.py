@@ -1,9 +1,10 @@
 """A vfio-user server presenting the xHCI controller as a PCI function to QEMU.
 
 One asyncio loop runs everything: the listening socket, the client's connection (framing.py),
-the controller's timers (timers.py) and every controller call made by the command handlers
-(dispatch.py).  No thread touches controller state.  The server owns the parts and their
-lifecycle: listening, one client at a time, and what a disconnect releases.
+the controller's timers (the session's clock, xhcidbg.session.clock, started by whoever owns
+the controller) and every controller call made by the command handlers (dispatch.py).  No
+thread touches controller state.  The server owns the parts and their lifecycle: listening,
+one client at a time, and what a disconnect releases.
 
     server = VfioUserServer(controller, "/tmp/xhci.sock", on_disconnect=stop)
     await server.start()
@@ -19,7 +20,6 @@ import os
 import socket
 import stat
 import time
-from collections import deque
 from collections.abc import Callable
 
 from xhcidbg.emu.controller import XhciController
@@ -32,7 +32,6 @@ from .measurements import Measurements
 from .pci import ConfigSpace, PciIdentity, xhci_function
 from .protocol import MAX_DMA_MAPS
 from .regions import FunctionRegions
-from .timers import SchedulerDriver
 
 log = logging.getLogger("xhcidbg.vfio_user")
 
@@ -58,14 +57,13 @@ class VfioUserServer:
                  on_disconnect: Callable[[], None] | None = None,
                  identity: PciIdentity = _DEFAULT_IDENTITY,
                  msix: bool = True, msi: bool = True,
-                 drive_scheduler: bool = True, busy_poll_us: int = BUSY_POLL_US):
+                 busy_poll_us: int = BUSY_POLL_US):
         self.controller = controller
         # After a message, keep reading the socket for this long before sleeping in the event
         # loop: the VMM's next access then finds us awake instead of paying a wakeup.
         self.busy_poll_ns = busy_poll_us * 1000
         self.socket_path = os.path.abspath(str(socket_path))
         self.on_disconnect = on_disconnect
-        self.drive_scheduler = drive_scheduler
         self.layout = xhci_function(controller.bar_size, len(controller.interrupters), identity,
                                     msix=msix, msi=msi)
         self.config = ConfigSpace(self.layout)
@@ -80,7 +78,6 @@ class VfioUserServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listener: socket.socket | None = None
         self._conn: Connection | None = None
-        self._sched: SchedulerDriver | None = None
         self._disconnected: asyncio.Event | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -110,13 +107,6 @@ class VfioUserServer:
         listener.setblocking(False)
         self._listener = listener
         loop.add_reader(listener.fileno(), self._accept)
-        if self.drive_scheduler:
-            scheduler = self.controller.scheduler
-            if scheduler.virtual:
-                log.warning("the controller runs on a virtual clock: its timers will not follow "
-                            "the guest's time")
-            self._sched = SchedulerDriver(scheduler, loop)
-            self._sched.start()
         log.info("vfio-user server listening on %s", self.socket_path)
 
     async def wait_disconnected(self) -> str:
@@ -135,9 +125,6 @@ class VfioUserServer:
             self._listener = None
             with contextlib.suppress(OSError):
                 os.unlink(self.socket_path)
-        if self._sched is not None:
-            self._sched.stop()
-            self._sched = None
 
     def _accept(self) -> None:
         assert self._listener is not None and self._loop is not None   # registered by start()
@@ -192,28 +179,9 @@ class VfioUserServer:
         while conn.open and now < deadline and now < give_back:
             if conn.receive():
                 deadline = time.perf_counter_ns() + self.busy_poll_ns
-                if self.drive_scheduler:
-                    self.controller.scheduler.run_due()
+                # timers that fell due meanwhile (the loop's own clock fires them only
+                # once we give the loop back)
+                self.controller.scheduler.run_due()
             else:
                 os.sched_yield()     # a VMM thread sharing this core runs first
             now = time.perf_counter_ns()
-
-    # ---- measurements, under their old names for callers outside the package ----------------
-    @property
-    def counts(self) -> dict[int, int]:
-        return self.stats.counts
-
-    @property
-    def bar0_read_arrivals(self) -> deque[int]:
-        return self.stats.bar0_read_arrivals
-
-    @property
-    def _hot_ns(self) -> tuple[deque[int], deque[int]]:      # read by bench/linux_figures.py
-        return self.stats.bar0_ns
-
-    def read_round_trips(self, since: int = 0, limit_ns: int = 1_000_000) -> list[int]:
-        return self.stats.read_round_trips(since, limit_ns)
-
-    def timing_summary(self) -> dict[str, dict[str, float]]:
-        return self.stats.summary()
-

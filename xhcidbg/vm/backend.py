@@ -76,7 +76,7 @@ class Backend(Session):
 
     async def start(self) -> None:
         await self.server.start()
-        await super().start()       # after the server: see xhcidbg.session.clock
+        await super().start()
 
     async def wait_disconnected(self) -> str:
         return await self.server.wait_disconnected()
