@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..session.vmm import Vmm, VmmError
 from .initramfs import MODULES_LOADED, READY_MARKER, ensure_initramfs
 from .kernel import ensure_kernel
 from .qemu import QemuInstall, ensure_qemu
@@ -47,8 +48,6 @@ PR_SET_PDEATHSIG = 1
 
 # Set once QEMU has ended: its exit status and its stderr.
 Exited = asyncio.Future[tuple[int, str]]
-# A QMP message (command, reply or event): a JSON object.
-JsonObject = dict[str, Any]
 # One accepted connection from QEMU.
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 # Where progress lines go (the kit's `say`), if anywhere.
@@ -73,10 +72,6 @@ class VmExited(RuntimeError):
 
 
 class CommandTimeout(TimeoutError):
-    pass
-
-
-class QmpError(RuntimeError):
     pass
 
 
@@ -260,101 +255,6 @@ class SerialConsole:
             self._log.close()
 
 
-class Qmp:
-    """A minimal QMP client: commands matched to replies by id, events collected."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 exited: Exited):
-        self._reader = reader
-        self._writer = writer
-        self._exited = exited
-        self._replies: dict[int, asyncio.Future[JsonObject]] = {}
-        self._ids = 0
-        self.events: list[JsonObject] = []
-        self._event_added = asyncio.Event()
-        self._greeting: asyncio.Future[JsonObject] = asyncio.get_running_loop().create_future()
-        self._task = asyncio.create_task(self._pump())
-
-    async def _pump(self) -> None:
-        try:
-            while line := await self._reader.readline():
-                message = json.loads(line)
-                if "QMP" in message and not self._greeting.done():
-                    self._greeting.set_result(message["QMP"])
-                elif "event" in message:
-                    self.events.append(message)
-                    self._event_added.set()
-                elif message.get("id") in self._replies:
-                    future = self._replies.pop(message["id"])
-                    if not future.done():
-                        future.set_result(message)
-        except (ConnectionError, OSError, ValueError):
-            pass
-        waiting = [f for f in [self._greeting, *self._replies.values()] if not f.done()]
-        if waiting:
-            error = await _exit_error(self._exited)
-            for future in waiting:
-                if not future.done():
-                    future.set_exception(error)
-
-    async def connect(self, timeout: float = 30.0) -> JsonObject:
-        greeting = await asyncio.wait_for(self._greeting, timeout)
-        await self.execute("qmp_capabilities")
-        return greeting
-
-    async def execute(self, command: str, timeout: float = 30.0, **arguments: Any) -> Any:
-        """Run a QMP command; its `return` value, or QmpError with QEMU's description."""
-        self._ids += 1
-        future = asyncio.get_running_loop().create_future()
-        self._replies[self._ids] = future
-        message: JsonObject = {"execute": command, "id": self._ids}
-        if arguments:
-            message["arguments"] = arguments
-        try:
-            if self._task.done() or self._writer.is_closing():
-                raise ConnectionResetError
-            self._writer.write(json.dumps(message).encode() + b"\n")
-            await self._writer.drain()
-        except (ConnectionError, OSError):
-            self._replies.pop(self._ids, None)
-            raise await _exit_error(self._exited) from None
-        reply = await asyncio.wait_for(future, timeout)
-        if "error" in reply:
-            raise QmpError(f"{command}: {reply['error'].get('desc', reply['error'])}")
-        return reply.get("return")
-
-    async def wait_event(self, name: str, timeout: float = 30.0, start: int = 0) -> JsonObject:
-        """The first event called `name` at or after index `start` of `events`."""
-        deadline = time.monotonic() + timeout
-        while True:
-            for event in self.events[start:]:
-                if event["event"] == name:
-                    return event
-            self._event_added.clear()
-            await asyncio.wait_for(self._event_added.wait(), max(0.0, deadline - time.monotonic()))
-
-    async def stop(self) -> None:
-        await self.execute("stop")
-
-    async def cont(self) -> None:
-        await self.execute("cont")
-
-    async def query_status(self) -> JsonObject:
-        status: JsonObject = await self.execute("query-status")
-        return status
-
-    async def system_reset(self) -> None:
-        await self.execute("system_reset")
-
-    async def quit(self) -> None:
-        await self.execute("quit")
-
-    async def close(self) -> None:
-        self._writer.close()
-        with contextlib.suppress(Exception):
-            await self._task
-
-
 def _libc_prctl() -> Callable[..., int] | None:
     try:
         return ctypes.CDLL(None, use_errno=True).prctl
@@ -413,7 +313,7 @@ class Vm:
         # Set while starting; read them through the properties of the same name once started.
         self._process: asyncio.subprocess.Process | None = None
         self._console: SerialConsole | None = None
-        self._qmp: Qmp | None = None
+        self._qmp: Vmm | None = None
         self._exited: Exited | None = None
         self.argv: list[str] = []
         self.workdir: Path | None = None
@@ -439,7 +339,8 @@ class Vm:
         return self._started(self._console)
 
     @property
-    def qmp(self) -> Qmp:
+    def qmp(self) -> Vmm:
+        """QEMU's monitor (QMP), through QEMU's own client library."""
         return self._started(self._qmp)
 
     @property
@@ -485,20 +386,19 @@ class Vm:
                      extra_args: Iterable[str], log: Path | None, report: Report | None,
                      allow_reboot: bool) -> None:
         loop = asyncio.get_running_loop()
-        accepted: dict[str, asyncio.Future[Connection]] = {
-            "serial": loop.create_future(), "qmp": loop.create_future()}
+        accepted: asyncio.Future[Connection] = loop.create_future()
 
-        def on_connect(name: str) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], None]:
-            def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-                if accepted[name].done():
-                    writer.close()
-                else:
-                    accepted[name].set_result((reader, writer))
-            return accept
+        def accept_serial(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            if accepted.done():
+                writer.close()
+            else:
+                accepted.set_result((reader, writer))
 
         serial_path, qmp_path = workdir / "serial.sock", workdir / "qmp.sock"
-        servers = [await asyncio.start_unix_server(on_connect("serial"), serial_path),
-                   await asyncio.start_unix_server(on_connect("qmp"), qmp_path)]
+        serial_server = await asyncio.start_unix_server(accept_serial, serial_path)
+        exited = self._exited = loop.create_future()
+        qmp = self._qmp = await Vmm.listen(
+            str(qmp_path), gone=lambda: VmExited(*exited.result()) if exited.done() else None)
         self.argv = build_command(qemu, kernel=kernel, initrd=initrd, serial_socket=serial_path,
                                   qmp_socket=qmp_path, memory_mib=memory_mib, append=append,
                                   devices=devices, extra_args=extra_args, allow_reboot=allow_reboot)
@@ -509,25 +409,32 @@ class Vm:
                 preexec_fn=_die_with_parent(_libc_prctl(), os.getpid()))
             assert process.stdout is not None and process.stderr is not None     # both PIPE
             self._reaper = weakref.finalize(self, _kill_if_running, process)
-            exited = self._exited = loop.create_future()
             self._tasks = [asyncio.create_task(self._watch(process, exited, report)),
                            asyncio.create_task(self._drain(process.stdout, report)),
                            asyncio.create_task(self._drain(process.stderr, report))]
-            waiting = asyncio.gather(accepted["serial"], accepted["qmp"])
+            waiting = asyncio.gather(accepted, qmp.accept())
             done, _ = await asyncio.wait({waiting, exited}, timeout=60,
                                          return_when=asyncio.FIRST_COMPLETED)
             if waiting not in done:
                 waiting.cancel()
+                with contextlib.suppress(BaseException):
+                    await waiting
                 if exited.done():
                     raise VmExited(*exited.result())
                 raise TimeoutError("QEMU did not connect its serial and QMP sockets within 60 s")
+            try:
+                waiting.result()         # QMP's greeting or negotiation failed: raises here
+            except VmmError:
+                # QEMU hung up on the monitor: most often because it is exiting with a reason
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(exited), 5)
+                if exited.done():
+                    raise VmExited(*exited.result()) from None
+                raise
         finally:
-            for server in servers:
-                server.close()
-        (serial_r, serial_w), (qmp_r, qmp_w) = waiting.result()
+            serial_server.close()
+        serial_r, serial_w = accepted.result()
         self._console = SerialConsole(serial_r, serial_w, exited, log, report)
-        self._qmp = Qmp(qmp_r, qmp_w, exited)
-        await self._qmp.connect()
 
     async def _drain(self, stream: asyncio.StreamReader, report: Report | None) -> None:
         while line := await stream.readline():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from ..devices import UsbDevice
 from ..emu.controller import XhciController
@@ -21,13 +22,78 @@ from ..emu.timing import Scheduler
 from ..trace.cli import SessionTrace
 from .clock import LoopClock
 from .devices import close_devices
+from .vmm import Vmm, VmmError
+
+if TYPE_CHECKING:
+    from ..guestkit.launch import SerialConsole
 
 log = logging.getLogger("xhcidbg.session")
+
+
+class InterruptCount:
+    """Hooks observer: interrupts signalled per interrupter, whatever the transport."""
+
+    def __init__(self, interrupters: int):
+        self.counts = [0] * interrupters
+
+    def on_interrupt(self, interrupter: int) -> None:
+        if 0 <= interrupter < len(self.counts):
+            self.counts[interrupter] += 1
+
+
+class GuestFreeze:
+    """While the controller's gate is paused (a breakpoint, `pause`, a step), the guest's vCPUs
+    are stopped through the VMM, so the guest driver's timeouts do not run out; when the gate
+    resumes, the guest runs again.  Only a freeze this class made is thawed by it."""
+
+    def __init__(self, session: Session, vmm: Vmm):
+        self.session = session
+        self.vmm = vmm
+        self.enabled = True
+        self.ours = False                   # the guest is frozen because we froze it
+        self.error = ""                     # why the last freeze or thaw failed
+        self._pending: asyncio.Task[None] | None = None
+        session.controller.gate.on_change.append(self._gate_changed)
+
+    def _gate_changed(self, paused: bool) -> None:
+        if paused and not self.enabled:
+            return
+        self._pending = asyncio.get_running_loop().create_task(self._apply(paused))
+
+    async def _apply(self, paused: bool) -> None:
+        previous = self._pending
+        if previous is not None and previous is not asyncio.current_task():
+            await asyncio.wait([previous])          # freeze and thaw in the order asked
+        try:
+            if paused and not self.vmm.frozen:
+                self.ours = await self.vmm.freeze()
+            elif not paused and self.ours:
+                self.ours = False
+                await self.vmm.thaw()
+            self.error = ""
+        except (VmmError, OSError) as e:
+            self.error = str(e)
+            log.warning("guest freeze: %s", e)
+
+    async def settled(self) -> None:
+        """Wait until the last freeze or thaw asked for has reached the VMM."""
+        if self._pending is not None:
+            await asyncio.wait([self._pending])
+
+    def close(self) -> None:
+        gate = self.session.controller.gate
+        if self._gate_changed in gate.on_change:
+            gate.on_change.remove(self._gate_changed)
 
 
 class Session:
     """The controller and its devices.  Everything runs on the loop that called `start`;
     `plug` and `unplug` must be called there too, never from another thread."""
+
+    # A real operating system drives the controller (its timers run on their own unless the
+    # session can freeze it); the console's scripted guest waits for a paused controller.
+    live_guest = False
+    kind = "session"
 
     def __init__(self, devices: Iterable[UsbDevice] = (), *, usb2_ports: int = 4,
                  usb3_ports: int = 4, say: Callable[[str], None] | None = None):
@@ -38,6 +104,11 @@ class Session:
         self.devices: dict[int, UsbDevice] = {}          # root port -> device
         self.clock: LoopClock | None = None
         self.say = say
+        self.interrupts = self.controller.hooks.attach(
+            InterruptCount(len(self.controller.interrupters)))
+        self.vmm: Vmm | None = None              # the VMM's monitor, when the session has one
+        self.shell: SerialConsole | None = None  # the guest's serial shell, when we booted it
+        self.freeze: GuestFreeze | None = None
         self.plug_all(devices)
 
     async def start(self) -> None:
@@ -47,6 +118,39 @@ class Session:
     def changed(self) -> None:
         """Something happened that whoever drives the controller may be waiting for (timers
         ran, a device was plugged or pulled); a session with a guest to wake overrides this."""
+
+    def use_vmm(self, vmm: Vmm) -> None:
+        """The VMM's monitor: stops of the controller freeze the guest from now on."""
+        self.vmm = vmm
+        if self.freeze is not None:
+            self.freeze.close()
+        self.freeze = GuestFreeze(self, vmm)
+
+    # ---- quiescence --------------------------------------------------------------------------
+    def quiet(self) -> bool:
+        """Nothing is about to happen in the controller: no ring has work it may run, no timer
+        fires within 20 ms."""
+        gate = self.controller.gate
+        if gate.work and not gate.paused:
+            return False
+        nxt = self.scheduler.next_deadline()
+        return nxt is None or nxt - self.scheduler.now_ns() >= 20_000_000
+
+    async def settle(self, timeout: float = 5.0) -> bool:
+        """Let the session run until it is quiet; False if it is still busy after `timeout`."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        quiet_since = None
+        while loop.time() < end:
+            await asyncio.sleep(0.001)
+            if self.quiet():
+                # quiet twice in a row, a few ms apart: callbacks in flight have landed
+                if quiet_since is not None and loop.time() - quiet_since > 0.003:
+                    return True
+                quiet_since = quiet_since or loop.time()
+            else:
+                quiet_since = None
+        return False
 
     # ---- devices -----------------------------------------------------------------------------
     def plug(self, device: UsbDevice, port: int | None = None) -> int:
@@ -79,12 +183,23 @@ class Session:
 
     def find(self, name: str) -> tuple[int, UsbDevice]:
         """(port, device) of the first plugged device called `name` (tablet, keyboard, ...)."""
-        return self.controller.find_device(name)
+        try:
+            return self.controller.find_device(name)
+        except LookupError:
+            raise LookupError(f"no {name} is plugged in (see `devices`; `plug {name}` adds "
+                              f"one)") from None
 
     # ---- the end -----------------------------------------------------------------------------
+    async def stop(self) -> None:
+        """End the session from its loop (a session with a guest ends that first)."""
+        self.close()
+
     def close(self) -> None:
         """Stop the clock, end a capture still running, release the devices' files.  Safe to
         call twice."""
+        if self.freeze is not None:
+            self.freeze.close()
+            self.freeze = None
         if self.clock is not None:
             self.clock.close()
             self.clock = None

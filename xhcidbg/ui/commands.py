@@ -13,11 +13,13 @@ from rich.table import Table
 from rich.text import Text
 
 from ..devices import Keyboard, Tablet, UsbDevice
+from ..emu.context import SLOT_STATE_NAMES
 from ..session import DEVICE_NAMES, SCRATCH_STICK_MIB, make_device
 from ..trace import cli as trace_cli
 from . import render
 from .observe import BREAK_KINDS
 from .registry import REGISTRY, command, parser
+from .world import World
 
 if TYPE_CHECKING:
     from .console import Console
@@ -28,7 +30,7 @@ D = TypeVar("D", bound=UsbDevice)
 
 def _plugged(con: Console, cls: type[D]) -> D:
     """The first plugged device of class `cls`, found by its name."""
-    _, dev = con.world.find(cls.name)
+    _, dev = con.session.find(cls.name)
     if not isinstance(dev, cls):
         raise LookupError(f"the device called {cls.name} is not a {cls.__name__}")
     return dev
@@ -132,7 +134,7 @@ p = parser("interrupters", "Interrupters: IMAN, IMOD, event ring registers and c
 
 @command(p, INSPECT, aliases=("intr",))
 def interrupters(con: Console, args: Namespace) -> None:
-    con.out.print(render.interrupters_view(con.controller, con.world.inproc.interrupts))
+    con.out.print(render.interrupters_view(con.controller, con.session.interrupts.counts))
 
 
 p = parser("devices", "Devices plugged in, with what the controller and the guest know of them.",
@@ -141,21 +143,24 @@ p = parser("devices", "Devices plugged in, with what the controller and the gues
 
 @command(p, INSPECT, aliases=("dev",))
 def devices(con: Console, args: Namespace) -> None:
-    w = con.world
+    session = con.session
+    guest_devices = session.guest_devices if isinstance(session, World) else {}
     t = Table(title="devices", box=box.SIMPLE_HEAD, title_justify="left")
     for col in ("port", "device", "state (device side)", "slot", "guest"):
         t.add_column(col)
-    for port, dev in sorted(w.devices.items()):
+    for port, dev in sorted(session.devices.items()):
         slot = render.slot_of_port(con.controller, port)
-        gd = w.guest_devices.get(port)
+        gd = guest_devices.get(port)
         guest = ""
+        if slot is not None and not isinstance(session, World):
+            guest = f"slot {SLOT_STATE_NAMES.get(slot.state, '?')}"       # what the guest did
         if gd is not None:
             guest = f"enumerated as slot {gd.device.slot}, {gd.kind}"
             if gd.polling:
                 guest += f", polling {', '.join(f'{a:#04x}' for a in gd.polling)}"
         t.add_row(str(port), dev.name, render.describe_device(dev), str(slot.id) if slot else "",
                   guest)
-    if not w.devices:
+    if not session.devices:
         t.caption = "nothing is plugged in"
     con.out.print(t)
 
@@ -211,7 +216,8 @@ async def pause(con: Console, args: Namespace) -> None:
     if gate.paused:
         con.out.print("already paused")
     gate.pause()
-    await con.world.settle(0.5)
+    await con.session.settle(0.5)
+    await con.guest_settled()
     con.show_context()
 
 
@@ -225,8 +231,9 @@ async def continue_(con: Console, args: Namespace) -> None:
     since = con.activity.seq
     con.breakpoints.last_hit = None
     con.controller.gate.resume()
-    con.world.runner.notify()
-    await con.world.settle(2.0)
+    con.session.changed()
+    await con.guest_settled()
+    await con.session.settle(2.0)
     if con.controller.gate.paused:
         con.show_activity(since)
         con.show_context()
@@ -252,7 +259,8 @@ async def step(con: Console, args: Namespace) -> None:
     gate = con.controller.gate
     if not gate.paused:
         gate.pause()
-        await con.world.settle(0.5)
+        await con.session.settle(0.5)
+        await con.guest_settled()
     since, reports_before = con.mark()
     moved = []
     for _ in range(max(1, args.count)):
@@ -260,8 +268,8 @@ async def step(con: Console, args: Namespace) -> None:
         if key is None:
             break
         moved.append(render.ring_key_name(key))
-        con.world.runner.notify()
-        await con.world.settle(1.0)
+        con.session.changed()
+        await con.session.settle(1.0)
     if not moved:
         pending = ", ".join(str(k) for k in gate.pending) or "none"
         con.out.print(f"nothing to step: no ring has a {args.unit} to run "
@@ -418,15 +426,16 @@ p.add_argument("--image", help=f"disk image for storage (default: a new {SCRATCH
 
 @command(p, DEVICES)
 async def plug(con: Console, args: Namespace) -> None:
-    choice = con.world.options.devices
+    choice = con.device_choice
     dev = make_device(args.kind, image=args.image, speed=choice.speeds.get(args.kind),
                       readonly=choice.storage_readonly,
                       scratch_mib=choice.storage_size_mib or SCRATCH_STICK_MIB)
     since = con.activity.seq
-    number = con.world.plug(dev, args.port)
+    session = con.session
+    number = session.plug(dev, args.port)
     con.out.print(f"{dev.name} plugged into port {number}")
-    await con.world.settle(3.0)
-    gd = con.world.guest_devices.get(number)
+    await session.settle(3.0)
+    gd = session.guest_devices.get(number) if isinstance(session, World) else None
     if gd is not None:
         con.out.print(f"the guest enumerated it: {gd.device!r}")
     elif con.controller.gate.paused:
@@ -440,14 +449,14 @@ p = parser("unplug", "Pull a device out of its port (by port number or device ki
 p.add_argument("what", help="port number, or tablet / keyboard / storage")
 
 
-@command(p, DEVICES, complete=lambda con, w: [str(p) for p in con.world.devices]
-         + [d.name for d in con.world.devices.values()])
+@command(p, DEVICES, complete=lambda con, w: [str(p) for p in con.session.devices]
+         + [d.name for d in con.session.devices.values()])
 async def unplug(con: Console, args: Namespace) -> None:
-    port = int(args.what) if args.what.isdigit() else con.world.find(args.what)[0]
+    port = int(args.what) if args.what.isdigit() else con.session.find(args.what)[0]
     since = con.activity.seq
-    dev = con.world.unplug(port)
+    dev = con.session.unplug(port)
     con.out.print(f"{dev.name} unplugged from port {port}")
-    await con.world.settle(3.0)
+    await con.session.settle(3.0)
     con.show_activity(since, limit=12)
 
 
@@ -508,27 +517,6 @@ def reports(con: Console, args: Namespace) -> None:
         con.out.print("no reports yet (try `tablet move 100 200`)")
 
 
-p = parser("guest", "The in-process scripted guest: state, jobs, errors.", "guest")
-
-
-@command(p, SESSION)
-def guest(con: Console, args: Namespace) -> None:
-    w = con.world
-    r = w.runner
-    if w.driver is None:
-        con.out.print("no guest runs in this session (--no-guest)")
-        return
-    state = ("stopped: " + str(r.crashed)) if r.finished else \
-        f"running {r.current.what}" if r.current else "idle (waiting for interrupts)"
-    con.out.print(f"guest: {state}; {len(w.guest_devices)} device(s) enumerated; "
-                  f"{len(w.reports)} report(s) received; {len(r.jobs)} job(s) queued")
-    if r.waiting is not None and not r.idle:
-        con.out.print("  waiting on the controller" + (" (paused)" if con.controller.gate.paused
-                                                       else ""))
-    for e in w.guest_errors:
-        con.out.print(Text(f"  error: {e}", style="red"))
-
-
 # ==== session ====================================================================================
 p = parser("trace", "Capture to pcapng (Wireshark) and read captures back.",
            """trace start /tmp/usb.pcapng
@@ -547,7 +535,7 @@ def trace(con: Console, args: Namespace) -> None:
     ns = tp.parse(argv)
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-        trace_cli.run(ns, con.world.trace)
+        trace_cli.run(ns, con.session.trace)
     con.out.print(Text(buf.getvalue().rstrip()))
 
 

@@ -1,13 +1,18 @@
-"""The console: a prompt_toolkit prompt over the command registry, on the world's one loop.
+"""The console: a prompt_toolkit prompt over the command registry, on the session's one loop.
 
     con = Console(WorldOptions())          # builds the in-process world
     con.start()                            # controller up, guest enumerates the devices
     print(con.execute("ports"))            # plain text, for scripts and tests
     con.close()
 
-`Console.interact()` is the interactive prompt (history, completion, context panes redrawn
-after each stop); `Console.run_script(lines)` is batch mode.  Both run everything -- the prompt,
-the controller's timers, the guest -- in one asyncio loop.
+    con = Console(session=backend)         # any session: `xhcidbg vm` and `serve` pass theirs
+    await con.astart()                     # from inside the session's running loop
+    await con.arun_script(["pause", "ports"])
+
+`Console.interact()` is the interactive prompt (history, completion, a status toolbar, context
+panes redrawn after each stop); `Console.run_script(lines)` is batch mode.  Both run
+everything -- the prompt, the controller's timers, the vfio-user server or the scripted guest --
+in one asyncio loop, so a VM is served while the user types.
 """
 from __future__ import annotations
 
@@ -27,7 +32,9 @@ from rich.rule import Rule
 from rich.text import Text
 
 from ..emu.controller import XhciController
+from ..session import DeviceChoice, Session
 from . import commands as _commands
+from . import live as _live  # noqa: F401  (registers the guest, wait and set commands)
 from . import render
 from .observe import ActivityLog, Breakpoint, Breakpoints
 from .registry import REGISTRY, HelpShown, UsageError
@@ -46,13 +53,16 @@ ACTIVITY_LINES = 24
 class Console:
     PANES = ("status", "hit", "ring", "events", "ports", "slots")
 
-    def __init__(self, options: WorldOptions | None = None, *, width: int | None = None,
+    def __init__(self, options: WorldOptions | None = None, *, session: Session | None = None,
+                 devices: DeviceChoice | None = None, width: int | None = None,
                  color: bool = False):
         self.options = options or WorldOptions()
         self.width = width
         self.color = color
-        self.loop = asyncio.new_event_loop()
-        self._world: World | None = None
+        self._own_loop: asyncio.AbstractEventLoop | None = None   # the sync API's loop
+        self._session: Session | None = session       # given: a session someone else runs
+        self._owns_session = session is None
+        self._choice = devices or (self.options.devices if session is None else DeviceChoice())
         self.activity = ActivityLog()
         self._breakpoints: Breakpoints | None = None
         self.out: RichConsole = self._text_console(io.StringIO())
@@ -62,18 +72,40 @@ class Console:
         self.stepped_ring: str | None = None
         self.quit_requested = False
         self._busy = False              # a command is running (it reports stops itself)
+        self.extras: dict[str, object] = {}     # state commands keep between calls
         self._context_shown = False
 
     @property
-    def world(self) -> World:
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the synchronous methods (`start`, `execute`, ...) run the console on."""
+        if self._own_loop is None:
+            self._own_loop = asyncio.new_event_loop()
+        return self._own_loop
+
+    @property
+    def session(self) -> Session:
         """The session the console runs on (from `start` on)."""
-        if self._world is None:
+        if self._session is None:
             raise RuntimeError("the console has not started")
-        return self._world
+        return self._session
+
+    @property
+    def world(self) -> World:
+        """The in-process world, for the commands that drive its scripted guest."""
+        session = self.session
+        if not isinstance(session, World):
+            raise RuntimeError(f"this command drives the in-process scripted guest (`xhcidbg "
+                               f"console`); this session's guest is a real VM ({session.kind})")
+        return session
+
+    @property
+    def device_choice(self) -> DeviceChoice:
+        """How new devices are made (`plug`): the session's device options."""
+        return self._choice
 
     @property
     def controller(self) -> XhciController:
-        return self.world.controller
+        return self.session.controller
 
     @property
     def breakpoints(self) -> Breakpoints:
@@ -87,19 +119,37 @@ class Console:
         return self
 
     async def astart(self) -> None:
-        world = self._world = World(self.options)
-        hooks = world.controller.hooks
+        """Attach to the session (building and starting the in-process world if none was
+        given); from inside the loop the session runs on."""
+        if self._session is None:
+            self._session = World(self.options)
+        session = self._session
+        hooks = session.controller.hooks
         hooks.attach(self.activity)
-        self._breakpoints = Breakpoints(world.controller.gate, self._on_breakpoint)
+        self._breakpoints = Breakpoints(session.controller.gate, self._on_breakpoint)
         hooks.attach(self._breakpoints)
-        await world.start()
-        await world.settle(10.0)
+        if self._owns_session:
+            await session.start()
+            await session.settle(10.0)
+
+    async def aclose(self) -> None:
+        """Detach from a session someone else runs; end one the console built."""
+        if self._session is None:
+            return
+        hooks = self._session.controller.hooks
+        if self._owns_session:
+            await self._session.stop()
+        else:
+            hooks.detach(self.activity)
+            if self._breakpoints is not None:
+                hooks.detach(self._breakpoints)
+        self._session = None
 
     def close(self) -> None:
-        if self._world is not None and not self.loop.is_closed():
-            self.loop.run_until_complete(self._world.stop())
-        if not self.loop.is_closed():
-            self.loop.close()
+        loop = self._own_loop
+        if loop is not None and not loop.is_closed():
+            loop.run_until_complete(self.aclose())
+            loop.close()
 
     def __enter__(self) -> Console:
         return self.start()
@@ -156,7 +206,7 @@ class Console:
             return True
         except UsageError as e:
             self.out.print(Text(str(e), style="red"))
-        except (ValueError, LookupError, RuntimeError) as e:
+        except (ValueError, LookupError, RuntimeError, OSError) as e:   # OSError: timeouts too
             self.out.print(Text(f"{cmd.name}: {e}", style="red"))
         except Exception as e:                    # a console bug: say so, keep the console
             log.debug("command %r failed", line, exc_info=True)
@@ -169,27 +219,28 @@ class Console:
     def run_script(self, lines: Iterable[str], echo: bool = True,
                    file: TextIO | None = None) -> int:
         """Batch mode: run each line, print its output; returns the number of failed commands."""
+        return self.loop.run_until_complete(self.arun_script(lines, echo, file))
+
+    async def arun_script(self, lines: Iterable[str], echo: bool = True,
+                          file: TextIO | None = None) -> int:
+        """`run_script` from inside the session's loop."""
         out = file or sys.stdout
         failed = 0
-
-        async def go() -> None:
-            nonlocal failed
-            for raw in lines:
-                for cmd in _commands.split_commands(raw):
-                    buf = io.StringIO()
-                    saved, self.out = self.out, self._text_console(buf)
-                    try:
-                        if echo:
-                            self.out.print(Text(f"{PROMPT}{cmd}", style="bold"))
-                        ok = await self.run_one(cmd)
-                    finally:
-                        self.out = saved
-                    out.write(buf.getvalue())
-                    out.flush()
-                    failed += not ok
-                    if self.quit_requested:
-                        return
-        self.loop.run_until_complete(go())
+        for raw in lines:
+            for cmd in _commands.split_commands(raw):
+                buf = io.StringIO()
+                saved, self.out = self.out, self._text_console(buf)
+                try:
+                    if echo:
+                        self.out.print(Text(f"{PROMPT}{cmd}", style="bold"))
+                    ok = await self.run_one(cmd)
+                finally:
+                    self.out = saved
+                out.write(buf.getvalue())
+                out.flush()
+                failed += not ok
+                if self.quit_requested:
+                    return failed
         return failed
 
     # ---- what commands use -------------------------------------------------------------------
@@ -212,16 +263,17 @@ class Console:
                                 style="dim"))
 
     def mark(self) -> tuple[int, int]:
-        """Where the activity log and the guest's report count stand now."""
-        return self.activity.seq, self.world.report_count
+        """Where the activity log and the scripted guest's report count stand now."""
+        session = self.session
+        return self.activity.seq, session.report_count if isinstance(session, World) else 0
 
     async def after_device_action(self, mark: tuple[int, int]) -> None:
         """A device did something: let the controller and the guest react, show what
         happened."""
         since, reports_before = mark
-        w = self.world
-        w.runner.notify()
-        await w.settle(2.0)
+        session = self.session
+        session.changed()
+        await session.settle(2.0)
         self.show_activity(since)
         self.show_new_reports(reports_before)
         if self.controller.gate.paused:
@@ -229,7 +281,9 @@ class Console:
                                 style="yellow"))
 
     def show_new_reports(self, reports_before: int) -> None:
-        w = self.world
+        w = self.session
+        if not isinstance(w, World):
+            return
         new = min(w.report_count - reports_before, len(w.reports))
         for r in list(w.reports)[len(w.reports) - new:]:
             self.out.print(Text(f"guest received report: {r}", style="green"))
@@ -243,6 +297,10 @@ class Console:
             if pane == "status":
                 self.out.print(Rule("status", style="blue"))
                 self.out.print(render.status_line(c))
+                guest = self.guest_state()
+                if guest:
+                    self.out.print(Text(guest, style="yellow" if "keeps running" in guest
+                                        else ""))
             elif pane == "hit":
                 hit = self.breakpoints.last_hit
                 if hit is not None and c.gate.paused:
@@ -260,14 +318,43 @@ class Console:
             elif pane == "slots":
                 self.out.print(render.slots_view(c))
 
+    def guest_state(self) -> str:
+        """One line on what the guest does while the controller is stopped (live guests)."""
+        session = self.session
+        if not session.live_guest:
+            return ""
+        vmm, freeze = session.vmm, session.freeze
+        if vmm is None:
+            return ("guest: no QMP -- while the controller is stopped the guest keeps running "
+                    "and its driver's timers will fire (`serve --qmp PATH` lets xhcidbg "
+                    "freeze it)")
+        state = "frozen" if vmm.frozen else "running"
+        if freeze is not None and not freeze.enabled:
+            state += (" (freezing is off: the guest keeps running at stops and its timers "
+                      "will fire; `set freeze on`)")
+        elif freeze is not None and freeze.error:
+            state += f" (the last freeze failed: {freeze.error})"
+        return f"guest: {state}"
+
+    async def guest_settled(self) -> None:
+        """Wait until a freeze or thaw the last stop or continue asked for is in effect."""
+        freeze = self.session.freeze
+        if freeze is not None:
+            await freeze.settled()
+
     def _on_breakpoint(self, bp: Breakpoint, what: str) -> None:
         if self.breakpoints.last_ring:
             self.stepped_ring = self.breakpoints.last_ring  # show the ring it stopped on
         if self.interactive and not self._busy:
-            self.loop.call_soon(self._announce_stop)
+            asyncio.get_running_loop().call_soon(self._announce_stop)
 
     def _announce_stop(self) -> None:
         self.show_context()
+
+    def notice(self, text: Text) -> None:
+        """Something that happened on its own (a followed kernel log line): above the prompt
+        when interactive, else in the output of whatever runs."""
+        self.out.print(text)
 
     # ---- output -----------------------------------------------------------------------------
     def _text_console(self, file: TextIO) -> RichConsole:
@@ -276,9 +363,10 @@ class Console:
 
     # ---- interactive ------------------------------------------------------------------------
     def interact(self) -> None:
-        self.loop.run_until_complete(self._interact())
+        self.loop.run_until_complete(self.ainteract())
 
-    async def _interact(self) -> None:
+    async def ainteract(self) -> None:
+        """The interactive prompt, from inside the session's loop; returns at `quit` or EOF."""
         from prompt_toolkit import PromptSession
         from prompt_toolkit.history import FileHistory, History, InMemoryHistory
         from prompt_toolkit.patch_stdout import patch_stdout
@@ -291,12 +379,13 @@ class Console:
         except OSError:
             history = InMemoryHistory()
         session: PromptSession[str] = PromptSession(
-            history=history, completer=CommandCompleter(self), complete_while_typing=False)
+            history=history, completer=CommandCompleter(self), complete_while_typing=False,
+            bottom_toolbar=self._toolbar, refresh_interval=0.5)
         self.interactive = True
         with patch_stdout(raw=True):
             self.out = RichConsole(file=sys.stdout, force_terminal=True, highlight=False,
                                    width=self.width)
-            self.out.print(banner(self.world))
+            self.out.print(banner(self.session))
             while not self.quit_requested:
                 try:
                     line = await session.prompt_async(self._prompt)
@@ -311,25 +400,59 @@ class Console:
 
     def _prompt(self) -> HTML:
         from prompt_toolkit.formatted_text import HTML
-        if self._world is not None and self._world.controller.gate.paused:
+        if self._session is not None and self._session.controller.gate.paused:
             return HTML("<ansired>xhcidbg (paused)&gt;</ansired> ")
         return HTML("<ansigreen>xhcidbg&gt;</ansigreen> ")
+
+    def toolbar_text(self) -> str:
+        """The status toolbar: controller, guest, capture, faults."""
+        if self._session is None:
+            return ""
+        session = self._session
+        gate = session.controller.gate
+        parts = [f"controller: {'paused' if gate.paused else 'running'}"
+                 + (f" ({len(gate.work)} ring(s) with work)" if gate.paused and gate.work
+                    else "")]
+        if session.live_guest:
+            vmm = session.vmm
+            parts.append("guest: no QMP" if vmm is None else
+                         f"guest: {'frozen' if vmm.frozen else 'running'}")
+        else:
+            parts.append(f"guest: {session.kind}")
+        trace = session.trace
+        parts.append(f"capture: {trace.tracer.path}" if trace.running and trace.tracer
+                     else "capture: off")
+        parts.append("faults: none")
+        return " | ".join(parts)
+
+    def _toolbar(self) -> HTML:
+        from prompt_toolkit.formatted_text import HTML
+        return HTML(f"<b>{_escape(self.toolbar_text())}</b>")
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 _KIND_STYLE = {"event": "green", "doorbell": "yellow", "command": "cyan", "urb": "magenta",
                "port": "blue", "log": "red", "trb": ""}
 
 
-def banner(world: World) -> Text:
+def banner(session: Session) -> Text:
     t = Text()
     t.append("xhcidbg", style="bold")
-    t.append(f" -- xHCI controller with {len(world.controller.ports)} root ports, in-process "
-             f"scripted guest\n")
-    for port, dev in sorted(world.devices.items()):
-        gd = world.guest_devices.get(port)
-        state = f"slot {gd.device.slot}" if gd else "not enumerated"
+    t.append(f" -- xHCI controller with {len(session.controller.ports)} root ports, "
+             f"{session.kind}\n")
+    world = session if isinstance(session, World) else None
+    for port, dev in sorted(session.devices.items()):
+        if world is not None:
+            gd = world.guest_devices.get(port)
+            state = f"slot {gd.device.slot}" if gd else "not enumerated"
+        else:
+            slot = render.slot_of_port(session.controller, port)
+            state = f"slot {slot.id}" if slot else "no slot yet"
         t.append(f"  port {port}: {render.describe_device(dev)} ({state})\n")
-    for e in world.guest_errors:
+    for e in world.guest_errors if world is not None else ():
         t.append(f"  guest error: {e}\n", style="red")
     t.append("`help` lists commands, `help CMD` shows examples; Tab completes.")
     return t

@@ -18,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..devices import UsbDevice
 from ..devices.bot import MSC_CLASS
 from ..guest.device import Device, GuestEndpoint, Transfer
 from ..guest.driver import XhciDriver
@@ -97,6 +96,8 @@ class _Notifier:
 
 
 class World(Session):
+    kind = "in-process scripted guest"
+
     def __init__(self, options: WorldOptions | None = None):
         self.options = options or WorldOptions()
         o = self.options
@@ -132,15 +133,6 @@ class World(Session):
     async def stop(self) -> None:
         await self.runner.stop()
         self.close()
-
-    # ---- devices (the user's hands) ----------------------------------------------------------
-    def find(self, name: str) -> tuple[int, UsbDevice]:
-        """The first plugged device of a kind ('tablet', 'keyboard', 'storage')."""
-        try:
-            return super().find(name)
-        except LookupError:
-            raise LookupError(f"no {name} is plugged in (see `devices`; `plug {name}` adds "
-                              f"one)") from None
 
     # ---- the guest ---------------------------------------------------------------------------
     def _driver(self) -> XhciDriver:
@@ -231,31 +223,9 @@ class World(Session):
 
     # ---- quiescence --------------------------------------------------------------------------
     def quiet(self) -> bool:
-        """Nothing left to happen without outside input: the guest waits for news that has
-        not come, the gate has no work (or is paused), no timer is about to fire."""
-        gate = self.controller.gate
-        if gate.work and not gate.paused:
-            return False
-        nxt = self.scheduler.next_deadline()
-        if nxt is not None and nxt - self.scheduler.now_ns() < 20_000_000:
-            return False
-        return self.runner.stuck()
-
-    async def settle(self, timeout: float = 5.0) -> bool:
-        """Let the world run until it is quiet; False if it is still busy after `timeout`."""
-        loop = asyncio.get_running_loop()
-        end = loop.time() + timeout
-        quiet_since = None
-        while loop.time() < end:
-            await asyncio.sleep(0.001)
-            if self.quiet():
-                # quiet twice in a row, a few ms apart: callbacks in flight have landed
-                if quiet_since is not None and loop.time() - quiet_since > 0.003:
-                    return True
-                quiet_since = quiet_since or loop.time()
-            else:
-                quiet_since = None
-        return False
+        """Nothing left to happen without outside input: the controller is quiet (see
+        Session.quiet) and the guest waits for news that has not come."""
+        return super().quiet() and self.runner.stuck()
 
     async def wait_job(self, job: Job, timeout: float = 10.0) -> bool:
         """Wait for a guest job; returns early (False) when it cannot progress because the

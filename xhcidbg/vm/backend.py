@@ -52,6 +52,9 @@ class Backend(Session):
     too (from a coroutine or a loop callback), never from another thread.
     """
 
+    live_guest = True
+    kind = "vfio-user"
+
     def __init__(self, socket_path: str | os.PathLike[str], devices: Iterable[UsbDevice] = (),
                  *, usb2_ports: int = 4, usb3_ports: int = 4, msix: bool = True,
                  busy_poll_us: int = BUSY_POLL_US,

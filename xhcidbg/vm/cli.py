@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..session import add_device_options, close_devices, device_choice, make_devices
+from ..session.vmm import Vmm, VmmError
 from ..trace.cli import add_trace_option, tracing
 from ..vfio_user.server import BUSY_POLL_US
 from .backend import Backend, memory_options
@@ -28,6 +29,7 @@ from .backend import Backend, memory_options
 if TYPE_CHECKING:
     from ..guestkit.launch import Vm
     from ..guestkit.qemu import QemuInstall
+    from ..ui.console import Console
 
 Main = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 
@@ -35,11 +37,17 @@ SERVE_EXAMPLES = """examples:
   xhcidbg serve --socket /tmp/xhci.sock
   xhcidbg serve --socket /tmp/xhci.sock --storage disk.img --loopback
   xhcidbg serve --socket /tmp/xhci.sock --storage new.img --storage-size 128 --once
+  xhcidbg serve --socket /tmp/xhci.sock --qmp /tmp/qmp.sock     the console freezes the guest
+  xhcidbg serve --socket /tmp/xhci.sock -c 'break command type=address' --batch < cmds
 
-then start QEMU (>= 10.1) with shared guest RAM and the printed -device option:
+then start QEMU (>= 10.1) with shared guest RAM and the printed -device option (and, for
+--qmp, a QMP socket):
   qemu-system-x86_64 -machine q35 -m 512M \\
       -object memory-backend-memfd,id=mem,size=512M,share=on -machine memory-backend=mem \\
-      -device '{"driver":"vfio-user-pci","socket":{"path":"/tmp/xhci.sock","type":"unix"}}' ...
+      -device '{"driver":"vfio-user-pci","socket":{"path":"/tmp/xhci.sock","type":"unix"}}' \\
+      -qmp unix:/tmp/qmp.sock,server=on,wait=off ...
+
+With standard input a terminal the console opens (--no-console: it does not).
 """
 
 VM_EXAMPLES = """examples:
@@ -48,10 +56,15 @@ VM_EXAMPLES = """examples:
   xhcidbg vm --storage new.img --storage-size 64 --speed storage=high
   xhcidbg vm --serial-log guest.log -m 512 -- -smp 2 -d guest_errors
   xhcidbg vm --storage d.img --run 'cat /proc/partitions' --poweroff
+  xhcidbg vm -c 'wait shell -t 300; guest run lsusb; ports'      console commands, then exit
+  xhcidbg vm --batch < script.txt                  a failing command makes the exit status 1
 
 The guest kit (QEMU >= 10.1 with vfio-user, a Debian kernel, a busybox initramfs) is fetched on
 first use, verified against Debian's signed indexes, and cached (python -m xhcidbg.guestkit).
-The guest's serial console is a shell the host drives (--run); kernel messages go to dmesg.
+The guest's serial console is a shell the host drives (--run, `guest run` in the console);
+kernel messages go to dmesg (`guest log`).  With standard input a terminal the console opens
+as soon as QEMU runs; a breakpoint or `pause` also freezes the guest's vCPUs over QMP (`set
+freeze off` to let them run), so Linux's USB timeouts do not fire while you look.
 """
 
 
@@ -73,6 +86,48 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     add_trace_option(g)
     g.add_argument("-v", "--verbose", action="store_true",
                    help="log what the controller refuses and the vfio-user session")
+    g = parser.add_argument_group("console")
+    g.add_argument("--no-console", action="store_true",
+                   help="no console even when standard input is a terminal")
+    g.add_argument("-c", "--commands", metavar="'CMD; CMD'", action="append",
+                   help="run these console commands, print their output, then end the session")
+    g.add_argument("--batch", action="store_true",
+                   help="read console commands from standard input (plain output, no prompt); "
+                        "exit status 1 if one fails")
+    g.add_argument("--echo", action="store_true",
+                   help="batch: print each command before its output")
+    g.add_argument("--no-freeze", action="store_true",
+                   help="stops of the controller leave the guest running (its timers fire)")
+    g.add_argument("--width", type=int, help="console output width in columns")
+
+
+def _console_mode(args: argparse.Namespace) -> str | None:
+    """'batch', 'interactive' or None (no console)."""
+    if args.batch or args.commands:
+        return "batch"
+    if args.no_console or args.poweroff_set or not sys.stdin.isatty():
+        return None
+    return "interactive"
+
+
+def _open_console(backend: Backend, args: argparse.Namespace) -> Console:
+    from ..ui.console import Console
+    return Console(session=backend, devices=device_choice(args), width=args.width)
+
+
+async def _console_phase(console: Console, args: argparse.Namespace) -> int:
+    """Run the console (the prompt, or the batch commands); 1 if a batch command failed."""
+    await console.astart()
+    try:
+        if _console_mode(args) == "interactive":
+            await console.ainteract()
+            return 0
+        lines = list(args.commands or [])
+        if args.batch:
+            lines += (await asyncio.to_thread(sys.stdin.read)).splitlines()
+        return 1 if await console.arun_script(lines, echo=args.echo) else 0
+    finally:
+        await console.aclose()
 
 
 def _say(text: str) -> None:
@@ -127,28 +182,73 @@ def _run(main: Main, args: argparse.Namespace) -> int:
 
 # ---- serve ----------------------------------------------------------------------------------
 async def serve_main(args: argparse.Namespace) -> int:
+    args.poweroff_set = False
     backend = _make_backend(args, args.socket)
     stop = asyncio.Event()
+    qmp: asyncio.Task[None] | None = None
     try:
         await backend.start()
         with tracing(backend.trace, args, say=_say), _stop_on_signals(stop):
             print(f"-device '{backend.device_arg}'", flush=True)
             _say(f"serving on {backend.socket_path}; QEMU also needs shared guest RAM: "
                  + " ".join(shlex.quote(a) for a in memory_options(512)))
-            while True:
-                done = await _first(backend.wait_disconnected(), stop.wait())
-                if stop.is_set():
-                    _say("stopping")
-                    return 0
-                reason = done.pop().result()
-                _say(f"the VMM went away ({reason})")
-                if args.once:
-                    return 0
-                # The next VMM finds the controller as after power-on.
-                backend.controller.hardware_reset()
-                _say("waiting for the next VMM")
+            if args.qmp:
+                qmp = asyncio.ensure_future(_follow_qmp(backend, args))
+            serving = _serve_clients(backend, args, stop)
+            if _console_mode(args) is None:
+                return await serving
+            done = await _first(serving, _console_phase(_open_console(backend, args), args))
+            return int(done.pop().result())
     finally:
+        if qmp is not None:
+            qmp.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await qmp
+        if backend.vmm is not None:
+            await backend.vmm.close()
         backend.close()
+
+
+async def _serve_clients(backend: Backend, args: argparse.Namespace, stop: asyncio.Event) -> int:
+    while True:
+        done = await _first(backend.wait_disconnected(), stop.wait())
+        if stop.is_set():
+            _say("stopping")
+            return 0
+        reason = done.pop().result()
+        _say(f"the VMM went away ({reason})")
+        if args.once:
+            return 0
+        # The next VMM finds the controller as after power-on.
+        backend.controller.hardware_reset()
+        _say("waiting for the next VMM")
+
+
+QMP_RETRY_S = 0.5
+
+
+async def _follow_qmp(backend: Backend, args: argparse.Namespace) -> None:
+    """Keep a QMP connection to the user's QEMU: connect once it is up, again after it went."""
+    told = False
+    while True:
+        try:
+            vmm = await Vmm.connect(args.qmp, timeout=5)
+        except VmmError as e:
+            if not told:
+                _say(f"QMP: waiting for {args.qmp} ({e})")
+                told = True
+            await asyncio.sleep(QMP_RETRY_S)
+            continue
+        told = False
+        backend.use_vmm(vmm)
+        if backend.freeze is not None:
+            backend.freeze.enabled = not args.no_freeze
+        _say(f"QMP connected ({args.qmp}): stops of the controller freeze the guest"
+             if not args.no_freeze else f"QMP connected ({args.qmp})")
+        await vmm.wait_gone()
+        await vmm.close()
+        backend.vmm = None
+        _say("QMP: QEMU went away")
 
 
 async def _first(*awaitables: Awaitable[Any]) -> set[asyncio.Future[Any]]:
@@ -179,6 +279,7 @@ async def vm_main(args: argparse.Namespace) -> int:
     from ..guestkit.launch import CommandTimeout, Vm, VmExited
     from ..guestkit.report import KitError
 
+    args.poweroff_set = args.poweroff
     if args.qemu_args and not args.qemu_args[0].startswith("-"):
         raise ValueError(f"unexpected argument {args.qemu_args[0]!r} (QEMU options go after --)")
     if args.memory < 64:
@@ -237,13 +338,26 @@ async def _run_guest(vm: Vm, backend: Backend, args: argparse.Namespace, stop: a
 
     qemu_exit = _exit_of(vm)
     shell = vm.console
-    if shell is None:
-        raise RuntimeError("QEMU has not been started")
+    backend.shell = shell
+    backend.use_vmm(vm.qmp)
+    if backend.freeze is not None:
+        backend.freeze.enabled = not args.no_freeze
+    mode = _console_mode(args)
 
     def exited() -> asyncio.Future[tuple[int, str]]:
         return asyncio.shield(qemu_exit)
 
     try:
+        if mode is not None and not args.run:
+            # the console opens at once: enumeration during boot can be stopped at, too
+            code = await _console_with_guest(backend, args, stop, qemu_exit)
+            if code is not None:
+                return code
+            if not args.poweroff:
+                return 0
+            await shell.write("poweroff -f\n")
+            await _first(exited(), stop.wait())
+            return 0 if qemu_exit.done() else await _qemu_gone(vm)
         done = await _first(shell.wait_ready(args.boot_timeout), exited(), stop.wait())
         if stop.is_set():
             _say("stopping: QEMU quits")
@@ -263,6 +377,12 @@ async def _run_guest(vm: Vm, backend: Backend, args: argparse.Namespace, stop: a
             sys.stdout.flush()
             if not result.ok:
                 _say(f"guest command {command!r} exited with status {result.status}")
+        if mode is not None:
+            code = await _console_with_guest(backend, args, stop, qemu_exit)
+            if code is not None:
+                return code
+            if not args.poweroff:
+                return 0
         if args.poweroff:
             _say("powering the guest off")
             await shell.write("poweroff -f\n")
@@ -275,6 +395,23 @@ async def _run_guest(vm: Vm, backend: Backend, args: argparse.Namespace, stop: a
         return await _qemu_gone(vm)
     except VmExited:
         return await _qemu_gone(vm)
+
+
+async def _console_with_guest(backend: Backend, args: argparse.Namespace, stop: asyncio.Event,
+                              qemu_exit: asyncio.Future[tuple[int, str]]) -> int | None:
+    """The console while the guest runs.  The exit status when the session must end now
+    (the console failed a batch command, QEMU went, a signal came); None to go on."""
+    console = _open_console(backend, args)
+    done = await _first(_console_phase(console, args), asyncio.shield(qemu_exit), stop.wait())
+    if stop.is_set():
+        _say("stopping: QEMU quits")
+        return 0
+    if qemu_exit.done():
+        code, _ = qemu_exit.result()
+        _say(f"QEMU exited (status {code}); the console ends")
+        return 0 if code == 0 else 1
+    failed = int(done.pop().result())
+    return failed or None
 
 
 def _exit_of(vm: Vm) -> asyncio.Future[tuple[int, str]]:
@@ -307,6 +444,9 @@ def add_vm_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
                        help="UNIX socket to listen on (a stale socket there is replaced)")
     serve.add_argument("--once", action="store_true",
                        help="exit when the VMM disconnects instead of waiting for the next one")
+    serve.add_argument("--qmp", metavar="PATH",
+                       help="the QMP socket of the QEMU you start (-qmp unix:PATH,server=on,"
+                            "wait=off): stops of the controller then freeze the guest")
     add_options(serve)
     serve.set_defaults(func=lambda args: _run(serve_main, args))
 
