@@ -71,6 +71,7 @@ p.add_argument("port", nargs="?", type=int, help="one port number")
 @command(p, INSPECT, complete=_ports)
 def ports(con: Console, args: Namespace) -> None:
     con.out.print(render.ports_view(con.controller, args.port))
+    con.data(render.ports_data(con.controller, args.port))
 
 
 p = parser("slots", "Device slots; with a slot id, its slot context and endpoint contexts.",

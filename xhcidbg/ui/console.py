@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import io
+import json
 import logging
 import os
 import sys
@@ -73,6 +74,7 @@ class Console:
         self.quit_requested = False
         self._busy = False              # a command is running (it reports stops itself)
         self.extras: dict[str, object] = {}     # state commands keep between calls
+        self._data: object = None               # the running command's JSON form, if any
         self._context_shown = False
 
     @property
@@ -176,7 +178,8 @@ class Console:
         return buf.getvalue()
 
     async def run_one(self, line: str) -> bool:
-        """Run one command, printing to `self.out`; False if it failed."""
+        """Run one command, printing to `self.out`; False if it failed.  `--json` anywhere
+        after the command's name prints the command's JSON form instead of its text."""
         try:
             words = _commands.split_words(line)
         except ValueError as e:
@@ -184,6 +187,34 @@ class Console:
             return False
         if not words:
             return True
+        as_json = "--json" in words[1:]
+        if not as_json:
+            return await self._run_words(words)
+        words = [w for w in words if w != "--json"]
+        text = io.StringIO()
+        saved, self.out = self.out, self._text_console(text)
+        try:
+            ok, data = await self.run_for_data(words)
+        finally:
+            self.out = saved
+        self.out.print(Text(json.dumps(data if ok and data is not None
+                                       else {"ok": ok, "text": text.getvalue()},
+                                       default=_json_default)), soft_wrap=True)
+        return ok
+
+    async def run_for_data(self, words: list[str]) -> tuple[bool, object]:
+        """Run a command given as words; (succeeded, the JSON form it gave via `data`)."""
+        self._data = None
+        ok = await self._run_words(words)
+        data, self._data = self._data, None
+        return ok, data
+
+    def data(self, value: object) -> None:
+        """A command's result as data (dicts, lists, numbers, strings): what `--json` and the
+        API socket give; its text stays what the console prints."""
+        self._data = value
+
+    async def _run_words(self, words: list[str]) -> bool:
         cmd = REGISTRY.lookup(words[0])
         if cmd is None:
             near = get_close_matches(words[0], REGISTRY.names(), n=3)
@@ -209,7 +240,7 @@ class Console:
         except (ValueError, LookupError, RuntimeError, OSError) as e:   # OSError: timeouts too
             self.out.print(Text(f"{cmd.name}: {e}", style="red"))
         except Exception as e:                    # a console bug: say so, keep the console
-            log.debug("command %r failed", line, exc_info=True)
+            log.debug("command %r failed", words, exc_info=True)
             self.out.print(Text(f"{cmd.name}: internal error: {e!r}\n"
                                 f"{traceback.format_exc(limit=-3)}", style="red"))
         finally:
@@ -428,6 +459,14 @@ class Console:
     def _toolbar(self) -> HTML:
         from prompt_toolkit.formatted_text import HTML
         return HTML(f"<b>{_escape(self.toolbar_text())}</b>")
+
+
+def _json_default(value: object) -> object:
+    """JSON for what commands hand to `data` beyond plain types: bytes as hex, the rest by
+    its str()."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).hex()
+    return str(value)
 
 
 def _escape(text: str) -> str:

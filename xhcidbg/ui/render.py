@@ -206,6 +206,23 @@ def ports_view(controller: XhciController, only: int | None = None) -> Table:
     return t
 
 
+def ports_data(controller: XhciController, only: int | None = None) -> list[dict[str, object]]:
+    """`ports --json`: one object per root port."""
+    out: list[dict[str, object]] = []
+    for p in controller.ports:
+        if only is not None and p.number != only:
+            continue
+        dev = p.device
+        slot = slot_of_port(controller, p.number)
+        out.append({"port": p.number, "protocol": p.protocol, "portsc": p.portsc,
+                    "status": portsc_text(p.portsc),
+                    "connected": bool(p.portsc & 1),
+                    "device": None if dev is None else {"name": dev.name,
+                                                        "speed": dev.speed.label},
+                    "slot": slot.id if slot else None})
+    return out
+
+
 # ---- slots and endpoint contexts ---------------------------------------------------------------
 def ep_name(dci: int) -> str:
     if dci == 1:
