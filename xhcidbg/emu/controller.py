@@ -18,7 +18,7 @@ from . import regs as R
 from .commands import Commands
 from .context import EpState, SlotState
 from .gate import Gate
-from .hooks import CommandResult, EventRecord, Hooks, MmioAccess
+from .hooks import CommandResult, CommandStart, EventRecord, Hooks, MmioAccess
 from .interrupters import Interrupter, InterruptSink
 from .layout import DWORD_MASK, hi32, lo32
 from .memory import DmaError, GuestMemory
@@ -560,6 +560,8 @@ class XhciController:
         if self.events_full:
             return False      # an event ring is full: wait for software to catch up (4.9.4)
         try:
+            if self.hooks.on_command_start and self._held_before_command():
+                return False
             trb = self.cmd_ring.fetch()
         except RingError as e:
             self.host_controller_error(f"command ring: {e}")
@@ -575,6 +577,19 @@ class XhciController:
             self.cmd_pending = None
             self._post_command(result)
         return True
+
+    def _held_before_command(self) -> bool:
+        """Announce the next command before it runs; True if an observer holds it there."""
+        trb = self.cmd_ring.peek()
+        if trb is None:
+            return False
+        start = CommandStart(trb)
+        for fn in self.hooks.on_command_start:
+            fn(start)
+        if start.hold and self.gate.paused:
+            self.gate.hold()
+            return True
+        return False
 
     def finish_command(self, result: CommandResult) -> None:
         """An asynchronous command finished (unless it was aborted meanwhile)."""

@@ -22,6 +22,7 @@ class Gate:
         self.work: dict[Hashable, Worker] = {}
         self._pumping = False
         self._scheduled = False
+        self._held = False                   # a worker stopped before its unit (see hold)
         self.units = 0                       # units run since creation (for the console)
         self.on_change: list[Callable[[bool], None]] = []   # pause/resume listeners
 
@@ -43,7 +44,10 @@ class Gate:
             while self.work and not self.paused and budget > 0:
                 key = next(iter(self.work))
                 worker = self.work[key]
-                if worker("td"):
+                progressed = worker("td")
+                if self._take_hold():
+                    continue                 # paused at it: the ring keeps its place
+                if progressed:
                     budget -= 1
                     self.units += 1
                     # round robin: the ring goes to the back of the queue
@@ -82,11 +86,24 @@ class Gate:
                 continue
             if unit == "command" and key != "cmd":
                 continue
-            if worker(unit):
+            progressed = worker(unit)
+            if self._take_hold():
+                return None                  # stopped again before the unit: nothing ran
+            if progressed:
                 self.units += 1
                 return key
             self.work.pop(key, None)
         return None
+
+    def hold(self) -> None:
+        """Called by a worker that did not run its unit because an observer paused the gate
+        just before it (a breakpoint on what comes next): its ring stays queued, nothing is
+        counted, and the next `step` or `resume` runs that unit."""
+        self._held = True
+
+    def _take_hold(self) -> bool:
+        held, self._held = self._held, False
+        return held
 
     @property
     def pending(self) -> list[Hashable]:

@@ -23,6 +23,9 @@ ANNOUNCEMENTS = {
             "a read's value may be rewritten (mutable)",
     "doorbell": "(slot: int, target: int, stream: int) a doorbell register was written",
     "trb": "(ring: str, trb: Trb) a TRB was fetched from a ring ('cmd' or 'slot/dci')",
+    "command_start": "(start: CommandStart) a command TRB is next and has not run yet; an "
+                     "observer that pauses the gate and sets start.hold leaves it on the ring "
+                     "(mutable)",
     "command": "(cmd: CommandResult) a command finished; cc/slot may be rewritten (mutable)",
     "event": "(ev: EventRecord) an event is about to be written; may be rewritten or dropped "
              "(mutable)",
@@ -79,6 +82,12 @@ class EventRecord:
     note: str = ""             # why an observer changed it (goes into traces)
 
 
+@dataclass(slots=True)
+class CommandStart:
+    trb: Trb                   # the command TRB, not yet consumed from the ring
+    hold: bool = False         # set: the command stays where it is until the gate runs again
+
+
 @dataclass
 class CommandResult:
     trb: Trb                   # the command TRB
@@ -96,6 +105,7 @@ class Hooks:
     on_mmio: list[Callable[[MmioAccess], None]]
     on_doorbell: list[Callable[[int, int, int], None]]
     on_trb: list[Callable[[str, Trb], None]]
+    on_command_start: list[Callable[[CommandStart], None]]
     on_command: list[Callable[[CommandResult], None]]
     on_event: list[Callable[[EventRecord], None]]
     on_event_posted: list[Callable[[EventRecord], None]]

@@ -16,7 +16,7 @@ import struct
 from collections.abc import Callable
 
 from .memory import DmaError, GuestMemory
-from .trb import TRB_SIZE, Trb, TrbType
+from .trb import CYCLE, TOGGLE_CYCLE, TRB_SIZE, TRB_TYPE, Trb, TrbType
 
 MAX_LINKS = 32
 PAGE = 0x1000
@@ -29,6 +29,10 @@ class RingError(Exception):
     def __init__(self, message: str, addr: int):
         super().__init__(message)
         self.addr = addr
+
+
+_CYCLE, _TOGGLE, _TYPE = CYCLE.bits, TOGGLE_CYCLE.bits, TRB_TYPE
+_TRB_ALIGN = ~(TRB_SIZE - 1)       # ring pointers address whole TRBs
 
 
 class Ring:
@@ -44,7 +48,7 @@ class Ring:
         self.invalidate()
 
     def set_dequeue(self, pointer: int, ccs: int) -> None:
-        self.dequeue = pointer & ~0xF
+        self.dequeue = pointer & _TRB_ALIGN
         self.ccs = ccs & 1
         self.invalidate()
 
@@ -65,7 +69,7 @@ class Ring:
         if not self._run_start <= addr < self._run_end:
             self._load(addr)
         p, s, c = _TRB.unpack_from(self._run, addr - self._run_start)
-        if (c & 1) != self.ccs and self._run_start != addr:
+        if (c & _CYCLE) != self.ccs and self._run_start != addr:
             # Prefetched before software handed it over?  Look again.
             self._load(addr)
             p, s, c = _TRB.unpack_from(self._run, 0)
@@ -78,9 +82,9 @@ class Ring:
         while True:
             addr = self.dequeue
             trb = self._read(addr)
-            if (trb.control & 1) != self.ccs:
+            if (trb.control & _CYCLE) != self.ccs:
                 return None
-            if (trb.control >> 10) & 0x3F != TrbType.LINK:
+            if _TYPE.of(trb.control) != TrbType.LINK:
                 return trb
             for fn in self.announce:
                 fn(self.name, trb)
@@ -88,8 +92,8 @@ class Ring:
             if links > MAX_LINKS:
                 raise RingError(f"{self.name}: more than {MAX_LINKS} Link TRBs in a row "
                                 f"(link loop) at {addr:#x}", addr)
-            target = trb.param & ~0xF
-            if trb.control & 2:          # Toggle Cycle
+            target = trb.param & _TRB_ALIGN
+            if trb.control & _TOGGLE:
                 self.ccs ^= 1
             self.dequeue = target
 

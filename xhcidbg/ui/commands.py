@@ -263,6 +263,7 @@ async def step(con: Console, args: Namespace) -> None:
         await con.session.settle(0.5)
         await con.guest_settled()
     since, reports_before = con.mark()
+    con.breakpoints.last_hit = None          # a hit during the step shows; the old one does not
     moved = []
     for _ in range(max(1, args.count)):
         key = gate.step(args.unit)

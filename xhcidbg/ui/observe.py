@@ -11,8 +11,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..emu.hooks import TransferRecord
-from ..emu.trb import CC_NAMES, TRB_NAMES, TrbType, cc_name, trb_name
+from ..emu.hooks import CommandStart, TransferRecord
+from ..emu.trb import CC_NAMES, SLOT_ID, TRB_NAMES, TrbType, cc_name, trb_name
 from .render import linux, trb_text
 
 MAX_RECORDS = 4000
@@ -98,7 +98,9 @@ BREAK_KINDS = {
     "trb": {"type": "TRB type (Setup, Data, Status, Normal, Link, No-Op, Enable Slot...)",
             "ring": "cmd or SLOT/DCI", "slot": "slot id of the ring", "dci": "endpoint DCI"},
     "command": {"type": "command type (enable, address, configure, evaluate, stop...)",
-                "slot": "slot id", "cc": "completion code (success, stall, context...)"},
+                "slot": "slot id", "cc": "completion code (success, stall, context...)",
+                "at": "done (default: after it completed) or start (before it runs: the "
+                      "command waits on the ring and `step command` runs it)"},
     "doorbell": {"slot": "doorbell index (0: command ring)", "target": "DCI rung"},
     "port": {"port": "root port number"},
     "event": {"type": "event type (transfer, command, port...)", "cc": "completion code",
@@ -162,7 +164,7 @@ class Breakpoint:
             elif key == "cc":
                 if not _cc_matches(want, have):
                     return False
-            elif key in ("ring", "phase", "status"):
+            elif key in ("ring", "phase", "status", "at"):
                 if _norm(str(have)) != _norm(want):
                     return False
             elif _int(want) != have:
@@ -185,6 +187,7 @@ class Breakpoints:
         self.last_hit: tuple[Breakpoint, str] | None = None
         self.last_ring: str | None = None       # the ring the last hit concerns, if one
         self.hits = 0                   # hits of all breakpoints, ever
+        self._stepping_over: int | None = None  # the command TRB we stopped in front of
 
     def add(self, kind: str, conditions: dict[str, str]) -> Breakpoint:
         if kind not in BREAK_KINDS:
@@ -207,7 +210,7 @@ class Breakpoints:
         raise ValueError(f"no breakpoint #{number}")
 
     def _check(self, kind: str, facts: dict, what: Callable[[], str],
-               ring: str | None = None) -> None:
+               ring: str | None = None) -> bool:
         for bp in self.points:
             if bp.enabled and bp.kind == kind and bp.matches(facts):
                 bp.hits += 1
@@ -217,7 +220,8 @@ class Breakpoints:
                 self.last_ring = ring
                 self.gate.pause()
                 self.on_hit(bp, text)
-                return
+                return True
+        return False
 
     # ---- hooks (only the kinds someone asked for cost anything) --------------------------------
     def _wanted(self, kind: str) -> bool:
@@ -232,9 +236,25 @@ class Breakpoints:
         self._check("trb", {"type": trb.type, "ring": ring, "slot": slot, "dci": dci},
                     lambda: f"TRB on ring {ring} @{trb.addr:#x}: {trb_text(trb)}", ring)
 
+    def on_command_start(self, start: CommandStart) -> None:
+        if not self._wanted("command"):
+            return
+        trb = start.trb
+        if self._stepping_over == trb.addr:       # we stopped before it: now it runs
+            self._stepping_over = None
+            return
+        if self._check("command", {"type": trb.type, "slot": SLOT_ID.of(trb.control),
+                                   "at": "start"},
+                       lambda: f"command {trb_name(trb.type)} @{trb.addr:#x} is next "
+                               f"(slot {SLOT_ID.of(trb.control)}): `step command` runs it",
+                       "cmd"):
+            start.hold = True
+            self._stepping_over = trb.addr
+
     def on_command(self, cmd) -> None:
         if self._wanted("command"):
-            self._check("command", {"type": cmd.trb.type, "slot": cmd.slot, "cc": int(cmd.cc)},
+            self._check("command", {"type": cmd.trb.type, "slot": cmd.slot, "cc": int(cmd.cc),
+                                    "at": "done"},
                         lambda: f"command {trb_name(cmd.trb.type)} completed: "
                                 f"'{cc_name(cmd.cc)}' slot {cmd.slot}", "cmd")
 
