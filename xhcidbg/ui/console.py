@@ -24,7 +24,8 @@ import logging
 import os
 import sys
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from contextvars import ContextVar
 from difflib import get_close_matches
 from typing import TYPE_CHECKING, TextIO
 
@@ -66,7 +67,13 @@ class Console:
         self._choice = devices or (self.options.devices if session is None else DeviceChoice())
         self.activity = ActivityLog()
         self._breakpoints: Breakpoints | None = None
-        self.out: RichConsole = self._text_console(io.StringIO())
+        # Where commands print: per asyncio task, so the prompt and API requests running at
+        # the same time each get their own output; `_main_out` is the prompt's (or a buffer).
+        self._main_out: RichConsole = self._text_console(io.StringIO())
+        self._out: ContextVar[RichConsole] = ContextVar(f"xhcidbg-out-{id(self)}")
+        self._data_var: ContextVar[object] = ContextVar(f"xhcidbg-data-{id(self)}",
+                                                        default=None)
+        self.on_stop: list[Callable[[Breakpoint, str], None]] = []   # breakpoint hits
         self.interactive = False
         self.panes = ["status", "hit", "ring", "events"]
         self.context_enabled = True
@@ -74,8 +81,16 @@ class Console:
         self.quit_requested = False
         self._busy = False              # a command is running (it reports stops itself)
         self.extras: dict[str, object] = {}     # state commands keep between calls
-        self._data: object = None               # the running command's JSON form, if any
         self._context_shown = False
+
+    @property
+    def out(self) -> RichConsole:
+        """Where the running command prints."""
+        return self._out.get(self._main_out)
+
+    @out.setter
+    def out(self, console: RichConsole) -> None:
+        self._out.set(console)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -204,15 +219,37 @@ class Console:
 
     async def run_for_data(self, words: list[str]) -> tuple[bool, object]:
         """Run a command given as words; (succeeded, the JSON form it gave via `data`)."""
-        self._data = None
-        ok = await self._run_words(words)
-        data, self._data = self._data, None
+        self._data_var.set(None)
+        ok = await self._run_words([w for w in words if w != "--json"])
+        data = self._data_var.get()
+        self._data_var.set(None)
         return ok, data
+
+    async def run_captured(self, line: str) -> tuple[bool, object, str]:
+        """Run a line (commands separated by `;`) with output of its own, for the API:
+        (all succeeded, the last command's JSON form, the text printed)."""
+        buf = io.StringIO()
+        saved, self.out = self.out, self._text_console(buf)
+        ok, data = True, None
+        try:
+            for cmd in _commands.split_commands(line):
+                try:
+                    words = _commands.split_words(cmd)
+                except ValueError as e:
+                    self.out.print(Text(f"error: {e}"))
+                    ok = False
+                    continue
+                if words:
+                    done, data = await self.run_for_data(words)
+                    ok = ok and done
+        finally:
+            self.out = saved
+        return ok, data, buf.getvalue()
 
     def data(self, value: object) -> None:
         """A command's result as data (dicts, lists, numbers, strings): what `--json` and the
         API socket give; its text stays what the console prints."""
-        self._data = value
+        self._data_var.set(value)
 
     async def _run_words(self, words: list[str]) -> bool:
         cmd = REGISTRY.lookup(words[0])
@@ -374,6 +411,11 @@ class Console:
             await freeze.settled()
 
     def _on_breakpoint(self, bp: Breakpoint, what: str) -> None:
+        for fn in list(self.on_stop):
+            try:
+                fn(bp, what)
+            except Exception:
+                log.exception("a breakpoint listener failed")
         if self.breakpoints.last_ring:
             self.stepped_ring = self.breakpoints.last_ring  # show the ring it stopped on
         if self.interactive and not self._busy:
@@ -414,8 +456,8 @@ class Console:
             bottom_toolbar=self._toolbar, refresh_interval=0.5)
         self.interactive = True
         with patch_stdout(raw=True):
-            self.out = RichConsole(file=sys.stdout, force_terminal=True, highlight=False,
-                                   width=self.width)
+            self._main_out = self.out = RichConsole(file=sys.stdout, force_terminal=True,
+                                                    highlight=False, width=self.width)
             self.out.print(banner(self.session))
             while not self.quit_requested:
                 try:

@@ -99,15 +99,19 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-freeze", action="store_true",
                    help="stops of the controller leave the guest running (its timers fire)")
     g.add_argument("--width", type=int, help="console output width in columns")
+    g.add_argument("--api", metavar="PATH",
+                   help="also answer console commands as JSON lines on this UNIX socket, and "
+                        "send stop, guest and device events there (see the README); without a "
+                        "terminal or --batch the session then runs until a `quit` request")
 
 
 def _console_mode(args: argparse.Namespace) -> str | None:
-    """'batch', 'interactive' or None (no console)."""
+    """'batch', 'interactive', 'api' (the socket alone) or None (no console)."""
     if args.batch or args.commands:
         return "batch"
-    if args.no_console or args.poweroff_set or not sys.stdin.isatty():
-        return None
-    return "interactive"
+    if not args.no_console and not args.poweroff_set and sys.stdin.isatty():
+        return "interactive"
+    return "api" if args.api else None
 
 
 def _open_console(backend: Backend, args: argparse.Namespace) -> Console:
@@ -116,17 +120,31 @@ def _open_console(backend: Backend, args: argparse.Namespace) -> Console:
 
 
 async def _console_phase(console: Console, args: argparse.Namespace) -> int:
-    """Run the console (the prompt, or the batch commands); 1 if a batch command failed."""
+    """Run the console (the prompt, the batch commands, or only the API socket); 1 if a batch
+    command failed."""
+    from ..ui.api import ApiServer
+
     await console.astart()
+    api = ApiServer(console, args.api) if args.api else None
     try:
-        if _console_mode(args) == "interactive":
+        if api is not None:
+            await api.start()
+            _say(f"API: JSON lines on {api.path}")
+        mode = _console_mode(args)
+        if mode == "interactive":
             await console.ainteract()
+            return 0
+        if mode == "api":
+            while not console.quit_requested:
+                await asyncio.sleep(0.1)
             return 0
         lines = list(args.commands or [])
         if args.batch:
             lines += (await asyncio.to_thread(sys.stdin.read)).splitlines()
         return 1 if await console.arun_script(lines, echo=args.echo) else 0
     finally:
+        if api is not None:
+            await api.close()
         await console.aclose()
 
 
