@@ -267,6 +267,7 @@ class Console:
             if inspect.isawaitable(result):
                 await result
             if self.breakpoints.hits != hits and not self._context_shown:
+                await self.guest_settled()
                 self.show_context()      # a breakpoint hit while the command ran
             return True
         except HelpShown as h:
@@ -422,6 +423,10 @@ class Console:
             asyncio.get_running_loop().call_soon(self._announce_stop)
 
     def _announce_stop(self) -> None:
+        asyncio.get_running_loop().create_task(self._announce_stop_when_frozen())
+
+    async def _announce_stop_when_frozen(self) -> None:
+        await self.guest_settled()           # the context then shows the guest frozen
         self.show_context()
 
     def notice(self, text: Text) -> None:
