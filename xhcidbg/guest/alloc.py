@@ -7,8 +7,22 @@ boundary of every data structure) and section 4.11.7.1 (a TRB buffer must not cr
 from __future__ import annotations
 
 import bisect
+from typing import Protocol
 
 KIB64 = 0x10000
+
+BytesLike = bytes | bytearray | memoryview
+
+
+class GuestRam(Protocol):
+    """What the guest needs of its RAM: reads, writes and a zero-copy view of a range where the
+    memory allows one (None where it does not, e.g. RAM reached by messages)."""
+
+    def read(self, addr: int, length: int) -> bytes: ...
+
+    def write(self, addr: int, data: BytesLike) -> None: ...
+
+    def view(self, addr: int, length: int) -> memoryview | None: ...
 
 
 class OutOfGuestMemory(MemoryError):
@@ -24,7 +38,7 @@ class GuestAllocator:
     power-of-two free lists so the per-transfer cost stays O(1).
     """
 
-    def __init__(self, mem, start: int, end: int):
+    def __init__(self, mem: GuestRam, start: int, end: int):
         if end <= start:
             raise ValueError("empty allocator window")
         self.mem = mem

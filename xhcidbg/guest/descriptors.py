@@ -8,8 +8,10 @@ is not trusted: a malformed descriptor raises `DescriptorError`, never a constru
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import construct as c
 from usb_protocol.types.descriptors.standard import (
     ConfigurationDescriptor,
     DeviceDescriptor,
@@ -35,7 +37,7 @@ SS_ENDPOINT_COMPANION = 0x30
 SSP_ISOCH_ENDPOINT_COMPANION = 0x31
 
 
-def _parse(fmt, data: bytes, what: str):
+def _parse(fmt: c.Construct, data: bytes, what: str) -> c.Container:
     try:
         return fmt.parse(data)
     except Exception as e:   # construct raises many types; a device's garbage is not our bug
@@ -192,7 +194,7 @@ class ConfigDesc:
         return cfg
 
 
-def walk(data: bytes):
+def walk(data: bytes) -> Iterator[bytes]:
     """Split a run of descriptors on their bLength bytes."""
     pos = 0
     while pos + 2 <= len(data):

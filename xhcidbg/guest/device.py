@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import struct
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, TypedDict, Unpack
 
 from ..devices.base import Speed
 from ..emu.context import EpState, SlotState, XhciEpType
@@ -19,6 +20,9 @@ from .context import EP_CTX, INPUT_CTRL_CTX, SLOT_CTX
 from .errors import DescriptorError, NoDevice, TransferFailed, XhciError
 from .fields import address_field, flag, placed, shift_mask
 from .rings import Block, ProducerRing
+
+if TYPE_CHECKING:
+    from .driver import CommandCompletion, Event, XhciDriver
 
 KIB64 = 0x10000
 
@@ -57,6 +61,73 @@ ENDPOINT_HALT = 0
 
 _EP0_INITIAL_MPS = {Speed.LOW: 8, Speed.FULL: 8, Speed.HIGH: 64, Speed.SUPER: 512,
                     Speed.SUPER_PLUS: 512}
+
+# A TRB of a TD being built: parameter, status, control.  An Event Data TRB's parameter may be
+# None, for its own address (known once the TD is on the ring).
+_TrbDraft = tuple[int | None, int, int]
+OnComplete = Callable[["Transfer"], None]
+
+
+class IsochStart(TypedDict, total=False):
+    """When an isochronous TD starts (4.11.2.5): a Frame ID, or as soon as possible (SIA)."""
+
+    frame_id: int | None
+    sia: bool | None
+
+
+class TdOptions(TypedDict, total=False):
+    """`GuestEndpoint.submit`'s options for how a TD is built and queued (see there)."""
+
+    trb_sizes: Iterable[int] | None
+    max_trb_size: int
+    isp: bool | None
+    ioc: bool
+    ent: bool
+    bei: bool
+    immediate: bool
+    event_data: int | bool | None
+    interrupter: int | None
+    ring: bool
+    on_complete: OnComplete | None
+    buffer: int | None
+    stream: int
+    fetch_data: bool
+
+
+class WaitOptions(TypedDict, total=False):
+    """How the synchronous transfer helpers wait for a TD and treat its failure."""
+
+    timeout_ns: int | None
+    check: bool
+    recover: bool
+
+
+class TransferOptions(TdOptions, WaitOptions, total=False):
+    """What `Device.bulk_in` and the other synchronous helpers take."""
+
+
+class ControlOptions(TypedDict, total=False):
+    """`Device.submit_control`'s options (see there), as `Device.control` passes them on."""
+
+    w_length: int | None
+    trb_sizes: Iterable[int] | None
+    isp: bool
+    immediate: bool
+    event_data: int | bool | None
+    interrupter: int | None
+    ring: bool
+    on_complete: OnComplete | None
+
+
+class EnumerateOptions(TypedDict, total=False):
+    """`Device.enumerate`'s options (see there), as `XhciDriver.enumerate` passes them on."""
+
+    bsr_first: bool
+    reset: bool | None
+    configure: bool
+    read_strings: bool
+    interrupter: int
+    config_index: int
 
 
 class Transfer:
@@ -98,7 +169,7 @@ class Transfer:
         self.first_seq = self.end_seq = 0
         self.offs: list[int] = []     # per TRB: data offset and data length, for residue math
         self.lens: list[int] = []
-        self.events: list = []
+        self.events: list[Event] = []
         self.cc: int | None = None
         self.actual = 0
         self.data = b""
@@ -106,7 +177,7 @@ class Transfer:
         self.short = False
         self.cancelled = False
         self.ioc = True
-        self.on_complete: Callable[[Transfer], None] | None = None
+        self.on_complete: OnComplete | None = None
         self.setup: bytes | None = None
         self.owns_buffer = True
         self.fetch_data = True
@@ -174,8 +245,8 @@ class GuestEndpoint:
         self.tds: deque[Transfer] = deque()
         self.last_done: Transfer | None = None
         self.failed: Transfer | None = None      # the TD that halted the endpoint
-        self.xrun_events: list = []              # isoch ring underrun/overrun events
-        self.stop_events: list = []
+        self.xrun_events: list[Event] = []       # isoch ring underrun/overrun events
+        self.stop_events: list[Event] = []
         self.ed_values: dict[int, tuple[Transfer, int]] = {}   # Event Data value -> (TD, TRB)
 
     # ---- identity ----------------------------------------------------------------------------
@@ -201,7 +272,8 @@ class GuestEndpoint:
         return self.dev.ep_context(self.dci)
 
     @property
-    def state(self) -> EpState:
+    def state(self) -> EpState | int:
+        """The Endpoint State of the output context (the raw value if it is no state)."""
         st = self.context()["ep_state"]
         try:
             return EpState(st)
@@ -247,37 +319,34 @@ class GuestEndpoint:
             drv.flush_doorbells()
             drv.wait_for(lambda: ring.space >= n, f"room for {n} TRBs on {self.name}'s ring")
 
-    def _queue(self, td: Transfer, trbs: list[list]) -> Transfer:
+    def _queue(self, td: Transfer, trbs: list[_TrbDraft]) -> Transfer:
         """Write a TD's TRBs (room already made).  Event Data TRBs whose data is None get
         their own address as the data, so their events lead back to this TD."""
         ring = self.ring
         first = td.first_seq = ring.enq_seq
-        for i, t in enumerate(trbs):
-            if T.type_of(t[2]) == TrbType.EVENT_DATA:
-                if t[0] is None:
-                    t[0] = ring.addr_of(first + i)
-                self.ed_values[t[0]] = (td, i)
-                td.ed_keys.append(t[0])
         put = ring.put
-        if len(trbs) == 1:
-            p, s, c = trbs[0]
-            put(p, s, c)
-        else:
-            # The first TRB goes valid last, so the controller never sees half a TD.
-            p, s, c = trbs[0]
-            put(p, s, c, True)
-            for p, s, c in trbs[1:]:
-                put(p, s, c)
+        # The first TRB of several goes valid last, so the controller never sees half a TD.
+        several = len(trbs) > 1
+        for i, (p, s, c) in enumerate(trbs):
+            if T.type_of(c) == TrbType.EVENT_DATA:
+                if p is None:
+                    p = ring.addr_of(first + i)
+                self.ed_values[p] = (td, i)
+                td.ed_keys.append(p)
+            assert p is not None, "only an Event Data TRB leaves its parameter to the ring"
+            put(p, s, c, several and i == 0)
+        if several:
             ring.validate(first, trbs[0][2])
         td.end_seq = ring.enq_seq
         self.tds.append(td)
         return td
 
     def _data_trbs(self, td: Transfer, buf: int, length: int, first_type: int, *, is_in: bool,
-                   trb_sizes=None, max_trb_size: int = KIB64, isp: bool | None = None,
-                   ioc: bool = True, ent: bool = False, bei: bool = False, immediate: bytes | None
-                   = None, event_data: int | bool | None = None, interrupter: int,
-                   first_extra: int = 0) -> list[list]:
+                   trb_sizes: Iterable[int] | None = None, max_trb_size: int = KIB64,
+                   isp: bool | None = None, ioc: bool = True, ent: bool = False,
+                   bei: bool = False, immediate: bytes | None = None,
+                   event_data: int | bool | None = None, interrupter: int,
+                   first_extra: int = 0) -> list[_TrbDraft]:
         """Normal-style TRBs for `length` bytes at `buf` (4.11.7.1: no TRB crosses 64 KiB),
         TD Size per 4.11.2.4, and an optional Event Data TRB closing the TD."""
         if immediate is not None:
@@ -300,7 +369,7 @@ class GuestEndpoint:
         intr = placed(T.INTERRUPTER, interrupter)
         with_ed = event_data is not None and event_data is not False
         n = len(sizes)
-        trbs = []
+        trbs: list[_TrbDraft] = []
         offs, lens = td.offs, td.lens
         pos = 0
         for i, size in enumerate(sizes):
@@ -321,20 +390,21 @@ class GuestEndpoint:
                 ctrl |= _IDT
             else:
                 param = buf + pos
-            trbs.append([param, ((size & _LEN_MASK) << _LEN_SHIFT) | (td_size << _TD_SIZE_SHIFT)
-                         | intr, ctrl])
+            trbs.append((param, ((size & _LEN_MASK) << _LEN_SHIFT) | (td_size << _TD_SIZE_SHIFT)
+                         | intr, ctrl))
             offs.append(pos)
             lens.append(size)
             pos += size
         if with_ed:
+            assert event_data is not None, "with_ed says there is event data"
             value = None if event_data is True else int(event_data)
             # An Event Data TRB exists to produce an event: it always carries IOC.
-            trbs.append([value, intr, _EVENT_DATA | _IOC | (_BEI if bei else 0)])
+            trbs.append((value, intr, _EVENT_DATA | _IOC | (_BEI if bei else 0)))
             offs.append(length)
             lens.append(0)
         return trbs
 
-    def _prepare_buffer(self, td: Transfer, data, length: int) -> int:
+    def _prepare_buffer(self, data: bytes | None, length: int) -> int:
         drv = self.dev.drv
         buf = drv.alloc.buffer(max(length, 1))
         if data:
@@ -342,11 +412,13 @@ class GuestEndpoint:
         return buf
 
     def submit(self, data: bytes | None = None, length: int | None = None, *,
-               trb_sizes=None, max_trb_size: int = KIB64, isp: bool | None = None,
-               ioc: bool = True, ent: bool = False, bei: bool = False, immediate: bool = False,
-               event_data: int | bool | None = None, interrupter: int | None = None,
-               ring: bool = True, on_complete=None, buffer: int | None = None,
-               isoch: dict | None = None, stream: int = 0, fetch_data: bool = True) -> Transfer:
+               trb_sizes: Iterable[int] | None = None, max_trb_size: int = KIB64,
+               isp: bool | None = None, ioc: bool = True, ent: bool = False, bei: bool = False,
+               immediate: bool = False, event_data: int | bool | None = None,
+               interrupter: int | None = None, ring: bool = True,
+               on_complete: OnComplete | None = None, buffer: int | None = None,
+               isoch: IsochStart | None = None, stream: int = 0,
+               fetch_data: bool = True) -> Transfer:
         """Queue one TD: `data` for OUT endpoints, `length` for IN.
 
         trb_sizes: split the data into TRBs of exactly these sizes (default: 64 KiB pieces,
@@ -373,7 +445,7 @@ class GuestEndpoint:
         isochronous = self.xtype in (XhciEpType.ISOCH_IN, XhciEpType.ISOCH_OUT)
         kind = "isoch" if isochronous else "normal"
         if buffer is None:
-            buf = 0 if immediate else self._prepare_buffer(None, data, length)
+            buf = 0 if immediate else self._prepare_buffer(data, length)
             owns = not immediate
         else:
             buf = buffer
@@ -418,9 +490,9 @@ class GuestEndpoint:
         return bits
 
     # ---- completions -------------------------------------------------------------------------
-    def _on_event(self, ev) -> bool:
+    def _on_event(self, ev: Event) -> bool:
         cc = ev.cc
-        td = None
+        td: Transfer | None = None
         j = -1
         if cc in _XRUN and not ev.event_data:
             self.xrun_events.append(ev)
@@ -501,13 +573,13 @@ class GuestEndpoint:
             self.ed_values.pop(k, None)
 
     # ---- endpoint state ----------------------------------------------------------------------
-    def reset(self, tsp: bool = False):
+    def reset(self, tsp: bool = False) -> CommandCompletion:
         return self.dev.drv.reset_endpoint(self.dev.slot, self.dci, tsp)
 
-    def stop(self, suspend: bool = False):
+    def stop(self, suspend: bool = False) -> CommandCompletion:
         return self.dev.drv.stop_endpoint(self.dev.slot, self.dci, suspend)
 
-    def set_dequeue(self, seq: int):
+    def set_dequeue(self, seq: int) -> CommandCompletion:
         """Move the controller's dequeue pointer to ring position `seq` (Set TR Dequeue)."""
         ring = self.ring
         c = self.dev.drv.set_tr_dequeue(self.dev.slot, self.dci, ring.addr_of(seq),
@@ -566,7 +638,7 @@ class GuestEndpoint:
 class Device:
     """A device slot and the USB device behind it."""
 
-    def __init__(self, drv, slot: int, port: int, speed: Speed, interrupter: int = 0,
+    def __init__(self, drv: XhciDriver, slot: int, port: int, speed: Speed, interrupter: int = 0,
                  route_string: int = 0):
         self.drv = drv
         self.slot = slot
@@ -575,13 +647,16 @@ class Device:
         self.route_string = route_string
         self.interrupter = interrupter
         self.connected = True
-        csz = drv.caps.context_size
+        caps = drv.capabilities
+        csz = caps.context_size
         self.csz = csz
-        page = drv.caps.page_size
-        # Device and input contexts: 64-byte aligned, within one page (table 6-1).
-        self.output = Block(drv.mem, drv.alloc.alloc(32 * csz, 64, page), 32 * csz)
-        self.input = Block(drv.mem, drv.alloc.alloc(33 * csz, 64, page), 33 * csz)
-        drv.set_dcbaa_entry(slot, self.output.addr)
+        page = caps.page_size
+        # Device and input contexts: 64-byte aligned, within one page (table 6-1); given back
+        # (None) when the slot is disabled.
+        output = Block(drv.mem, drv.alloc.alloc(32 * csz, 64, page), 32 * csz)
+        self.output: Block | None = output
+        self.input: Block | None = Block(drv.mem, drv.alloc.alloc(33 * csz, 64, page), 33 * csz)
+        drv.set_dcbaa_entry(slot, output.addr)
         mps = _EP0_INITIAL_MPS.get(speed, 8)
         self.ep0 = GuestEndpoint(self, 1, XhciEpType.CONTROL, mps)
         self.endpoints: dict[int, GuestEndpoint] = {1: self.ep0}
@@ -596,9 +671,9 @@ class Device:
 
     # ---- enumeration (4.3) ---------------------------------------------------------------------
     @classmethod
-    def enumerate(cls, drv, port: int, *, bsr_first: bool = False, reset: bool | None = None,
-                  configure: bool = True, read_strings: bool = True, interrupter: int = 0,
-                  config_index: int = 0) -> Device:
+    def enumerate(cls, drv: XhciDriver, port: int, *, bsr_first: bool = False,
+                  reset: bool | None = None, configure: bool = True, read_strings: bool = True,
+                  interrupter: int = 0, config_index: int = 0) -> Device:
         """bsr_first: Address Device with BSR=1, read the first 8 bytes of the device
         descriptor at address 0, then Address Device with BSR=0 (what Windows and SeaBIOS do).
         reset: reset the port first (default: USB2 ports always, USB3 ports when not enabled)."""
@@ -632,8 +707,14 @@ class Device:
             raise
         return dev
 
+    def _contexts(self) -> tuple[Block, Block]:
+        """The output (device) and input contexts, which the slot has until it is disabled."""
+        if self.output is None or self.input is None:
+            raise XhciError(f"slot {self.slot} is disabled: its contexts were given back")
+        return self.output, self.input
+
     def _write_address_input(self) -> None:
-        inp = self.input
+        inp = self._contexts()[1]
         csz = self.csz
         inp.write(0, bytes(inp.size))
         inp.write_dwords(0, INPUT_CTRL_CTX.encode(add=0b11))
@@ -644,12 +725,13 @@ class Device:
 
     def address(self, bsr_first: bool = False) -> None:
         drv = self.drv
+        inp = self._contexts()[1]
         self._write_address_input()
         if bsr_first:
-            drv.address_device(self.slot, self.input.addr, bsr=True).check()
+            drv.address_device(self.slot, inp.addr, bsr=True).check()
             self._fix_ep0_max_packet(self.get_descriptor(D.DEVICE, 0, 8))
             self._write_address_input()
-        drv.address_device(self.slot, self.input.addr, bsr=False).check()
+        drv.address_device(self.slot, inp.addr, bsr=False).check()
         self.ep0.ring.consumed_through(self.ep0.ring.enq_seq)
 
     def _fix_ep0_max_packet(self, head: bytes) -> None:
@@ -664,13 +746,19 @@ class Device:
             self.ep0.max_packet = mps
             self.evaluate_ep0()
 
-    def evaluate_ep0(self):
+    def evaluate_ep0(self) -> CommandCompletion:
         """Evaluate Context with the ep0 context (new max packet size)."""
-        inp = self.input
+        inp = self._contexts()[1]
         inp.write(0, bytes(inp.size))
         inp.write_dwords(0, INPUT_CTRL_CTX.encode(add=0b10))
         inp.write_dwords(2 * self.csz, self.ep0.context_dwords())
         return self.drv.evaluate_context(self.slot, inp.addr).check()
+
+    def chosen_config(self) -> D.ConfigDesc:
+        """The configuration descriptor `read_descriptors` (or `set_configuration`) chose."""
+        if self.config is None:
+            raise XhciError("read the descriptors first")
+        return self.config
 
     def read_descriptors(self, read_strings: bool = True, config_index: int = 0) -> None:
         if self.device_desc is None:
@@ -776,8 +864,9 @@ class Device:
         self.control(0x00, SET_CONFIGURATION, cfg.value, 0, 0)
         self.configured_value = cfg.value
 
-    def _configure_endpoints(self, add: list[GuestEndpoint] = (), drop: list[int] = ()) -> None:
-        inp = self.input
+    def _configure_endpoints(self, add: Sequence[GuestEndpoint] = (),
+                             drop: Sequence[int] = ()) -> None:
+        output, inp = self._contexts()
         csz = self.csz
         inp.write(0, bytes(inp.size))
         add_flags = 1
@@ -789,7 +878,7 @@ class Device:
         inp.write_dwords(0, INPUT_CTRL_CTX.encode(add=add_flags, drop=drop_flags))
         keep = [d for d in self.endpoints if d not in drop]
         entries = max([1] + keep + [ep.dci for ep in add])
-        slot = self.output.dwords(0, 8)
+        slot = output.dwords(0, 8)
         inp.write_dwords(csz, SLOT_CTX.encode(slot, context_entries=entries, slot_state=0,
                                               usb_address=0))
         for ep in add:
@@ -816,7 +905,7 @@ class Device:
 
     def set_interface(self, interface: int, alternate: int) -> None:
         """Switch an interface's alternate setting: drop its endpoints, add the new ones."""
-        cfg = self.config
+        cfg = self.chosen_config()
         old = cfg.interface(interface, self.alternates.get(interface, 0))
         new_if = cfg.interface(interface, alternate)
         if new_if is None:
@@ -834,7 +923,7 @@ class Device:
         finally:
             self._forget()
 
-    def reset_device(self):
+    def reset_device(self) -> CommandCompletion:
         """Reset Device command (4.6.11): back to the Default state, endpoints but ep0 gone."""
         c = self.drv.reset_device(self.slot)
         if c.ok:
@@ -860,13 +949,14 @@ class Device:
 
     # ---- contexts ----------------------------------------------------------------------------
     def slot_context(self) -> dict[str, int]:
-        return SLOT_CTX.decode(self.output.dwords(0, 8))
+        return SLOT_CTX.decode(self._contexts()[0].dwords(0, 8))
 
     def ep_context(self, dci: int) -> dict[str, int]:
-        return EP_CTX.decode(self.output.dwords(dci * self.csz, 8))
+        return EP_CTX.decode(self._contexts()[0].dwords(dci * self.csz, 8))
 
     @property
-    def slot_state(self):
+    def slot_state(self) -> SlotState | int:
+        """The Slot State of the output context (the raw value if it is no state)."""
         st = self.slot_context()["slot_state"]
         try:
             return SlotState(st)
@@ -878,7 +968,7 @@ class Device:
         return self.slot_context()["usb_address"]
 
     # ---- transfers ---------------------------------------------------------------------------
-    def _on_transfer_event(self, ev) -> bool:
+    def _on_transfer_event(self, ev: Event) -> bool:
         ep = self.endpoints.get(ev.ep)
         return ep is not None and ep._on_event(ev)
 
@@ -895,10 +985,10 @@ class Device:
 
     def submit_control(self, bm_request_type: int, b_request: int, w_value: int = 0,
                        w_index: int = 0, data_or_length: bytes | int = 0, *,
-                       w_length: int | None = None, trb_sizes=None, isp: bool = True,
-                       immediate: bool = False, event_data: int | bool | None = None,
-                       interrupter: int | None = None, ring: bool = True,
-                       on_complete=None) -> Transfer:
+                       w_length: int | None = None, trb_sizes: Iterable[int] | None = None,
+                       isp: bool = True, immediate: bool = False,
+                       event_data: int | bool | None = None, interrupter: int | None = None,
+                       ring: bool = True, on_complete: OnComplete | None = None) -> Transfer:
         """Queue a control transfer (4.11.2.2): Setup Stage (IDT, TRT), optional Data Stage
         (DIR, chained Normal TRBs when split), Status Stage (opposite direction, IOC)."""
         ep = self.ep0
@@ -914,7 +1004,7 @@ class Device:
         intr = self.interrupter if interrupter is None else interrupter
         buf = 0
         if length and not immediate:
-            buf = ep._prepare_buffer(None, data, length)
+            buf = ep._prepare_buffer(data, length)
         td = Transfer(ep, "control", is_in, length, buf)
         td.owns_buffer = bool(buf)
         td.on_complete = on_complete
@@ -922,9 +1012,9 @@ class Device:
                             w_index & 0xFFFF, wl & 0xFFFF)
         td.setup = setup
         trt = (3 if is_in else 2) if length else 0
-        trbs = [[int.from_bytes(setup, "little"),
-                 placed(T.LENGTH, _SETUP_LENGTH) | placed(T.INTERRUPTER, intr),
-                 _SETUP | _IDT | placed(_TRT, trt)]]
+        trbs: list[_TrbDraft] = [(int.from_bytes(setup, "little"),
+                                 placed(T.LENGTH, _SETUP_LENGTH) | placed(T.INTERRUPTER, intr),
+                                 _SETUP | _IDT | placed(_TRT, trt))]
         td.offs.append(0)
         td.lens.append(0)
         if length:
@@ -933,8 +1023,8 @@ class Device:
                                   event_data=event_data, interrupter=intr,
                                   first_extra=_DIR_IN if is_in else 0)
         status_in = not (length and is_in)
-        trbs.append([0, placed(T.INTERRUPTER, intr),
-                     _STATUS | _IOC | (_DIR_IN if status_in else 0)])
+        trbs.append((0, placed(T.INTERRUPTER, intr),
+                     _STATUS | _IOC | (_DIR_IN if status_in else 0)))
         td.offs.append(length)
         td.lens.append(0)
         ep._make_room(len(trbs))
@@ -945,7 +1035,8 @@ class Device:
 
     def control(self, bm_request_type: int, b_request: int, w_value: int = 0, w_index: int = 0,
                 data_or_length: bytes | int = 0, *, timeout_ns: int | None = None,
-                check: bool = True, recover: bool = True, **kw) -> Transfer:
+                check: bool = True, recover: bool = True,
+                **kw: Unpack[ControlOptions]) -> Transfer:
         """A control transfer, waited for.  A stall is recovered from (Reset Endpoint + Set TR
         Dequeue) unless recover=False; check=True raises TransferFailed on any error."""
         td = self.submit_control(bm_request_type, b_request, w_value, w_index, data_or_length,
@@ -957,13 +1048,15 @@ class Device:
             td.check()
         return td
 
-    def _sync(self, ep: int, want_in: bool, types: tuple, what: str, data=None, length=None,
-              timeout_ns=None, check=True, recover=True, **kw) -> Transfer:
+    def _sync(self, ep: int, want_in: bool, types: tuple[int, ...], what: str,
+              data: bytes | None = None, length: int | None = None,
+              timeout_ns: int | None = None, check: bool = True, recover: bool = True,
+              isoch: IsochStart | None = None, **kw: Unpack[TdOptions]) -> Transfer:
         ep_addr = (ep | 0x80) if want_in else (ep & 0x7F)
         e = self.endpoint(ep_addr)
         if e.xtype.usb_type not in types:
             raise XhciError(f"{e.name} is a {e.xtype.name.lower()} endpoint, not {what}")
-        td = e.submit(data, length, **kw)
+        td = e.submit(data, length, isoch=isoch, **kw)
         td.wait(timeout_ns)
         if recover and not td.ok and e.failed is td:
             e.recover()
@@ -971,27 +1064,27 @@ class Device:
             td.check()
         return td
 
-    def bulk_out(self, ep: int, data: bytes, **kw) -> Transfer:
+    def bulk_out(self, ep: int, data: bytes, **kw: Unpack[TransferOptions]) -> Transfer:
         return self._sync(ep, False, (2,), "bulk", data=data, **kw)
 
-    def bulk_in(self, ep: int, length: int, **kw) -> Transfer:
+    def bulk_in(self, ep: int, length: int, **kw: Unpack[TransferOptions]) -> Transfer:
         return self._sync(ep, True, (2,), "bulk", length=length, **kw)
 
-    def interrupt_out(self, ep: int, data: bytes, **kw) -> Transfer:
+    def interrupt_out(self, ep: int, data: bytes, **kw: Unpack[TransferOptions]) -> Transfer:
         return self._sync(ep, False, (3,), "interrupt", data=data, **kw)
 
-    def interrupt_in(self, ep: int, length: int, **kw) -> Transfer:
+    def interrupt_in(self, ep: int, length: int, **kw: Unpack[TransferOptions]) -> Transfer:
         return self._sync(ep, True, (3,), "interrupt", length=length, **kw)
 
     def isoch_out(self, ep: int, data: bytes, *, frame_id: int | None = None,
-                  sia: bool | None = None, **kw) -> Transfer:
+                  sia: bool | None = None, **kw: Unpack[TransferOptions]) -> Transfer:
         return self._sync(ep, False, (1,), "isochronous", data=data,
-                          isoch=dict(frame_id=frame_id, sia=sia), **kw)
+                          isoch=IsochStart(frame_id=frame_id, sia=sia), **kw)
 
     def isoch_in(self, ep: int, length: int, *, frame_id: int | None = None,
-                 sia: bool | None = None, **kw) -> Transfer:
+                 sia: bool | None = None, **kw: Unpack[TransferOptions]) -> Transfer:
         return self._sync(ep, True, (1,), "isochronous", length=length,
-                          isoch=dict(frame_id=frame_id, sia=sia), **kw)
+                          isoch=IsochStart(frame_id=frame_id, sia=sia), **kw)
 
     def clear_halt(self, ep: int) -> None:
         """Recover a halted endpoint and clear the device's halt feature."""

@@ -17,17 +17,21 @@ from __future__ import annotations
 
 import struct
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, TypedDict, Unpack, cast
 
 from ..devices.base import Speed
 from ..emu.trb import CC, TrbType, cc_name, trb_name
 from . import regs as R
 from . import trb as T
-from .alloc import GuestAllocator
+from .alloc import GuestAllocator, GuestRam
 from .errors import CommandFailed, ControllerError, NoDevice, XhciError, XhciTimeout
 from .fields import address_field, field_mask, flag, placed, read, shift_mask
 from .rings import Block, EventRing, ProducerRing
+
+if TYPE_CHECKING:
+    from .device import Device, EnumerateOptions, Transfer
 
 MS = 1_000_000
 DEFAULT_TIMEOUT_NS = 2000 * MS
@@ -44,6 +48,45 @@ _CYCLE = flag(T.CYCLE)
 _TRB_ADDRESS = ~(T.TRB_SIZE - 1)     # TRBs are 16-byte aligned: pointer bits 3:0 are reserved
 _SET_TR_DEQUEUE_POINTER = T.LAYOUTS[TrbType.SET_TR_DEQUEUE]["pointer"]
 _FORCE_HEADER_LO = T.LAYOUTS[TrbType.FORCE_HEADER]["header_lo"]
+
+
+# ---- what the driver needs of its bus -----------------------------------------------------------
+class RamRegion(Protocol):
+    """One mapped range of guest RAM."""
+
+    @property
+    def end(self) -> int: ...
+
+
+class BusRam(GuestRam, Protocol):
+    """The bus's guest RAM: what the guest reads and writes, and where it ends."""
+
+    @property
+    def regions(self) -> Sequence[RamRegion]: ...
+
+
+class GuestBus(Protocol):
+    """All the driver reaches the controller through: BAR0 MMIO, guest RAM, how many
+    interrupt messages each interrupter has sent, and a way to let time pass."""
+
+    @property
+    def mem(self) -> BusRam: ...
+
+    @property
+    def interrupts(self) -> Sequence[int]: ...
+
+    def mmio_read(self, offset: int, size: int) -> int: ...
+
+    def mmio_write(self, offset: int, size: int, value: int) -> None: ...
+
+    def wait(self, until: Callable[[], bool], timeout_ns: int) -> bool: ...
+
+
+class IntxLine(Protocol):
+    """A bus in INTx mode (`mode == "intx"`) also carries the level of its shared line."""
+
+    @property
+    def intx(self) -> bool: ...
 
 
 # ---- what the controller told us at start-up ----------------------------------------------------
@@ -218,14 +261,37 @@ class PortStatus:
     port: int
     raw: int
 
-    connected = property(lambda s: bool(s.raw & R.PORT_CCS))
-    enabled = property(lambda s: bool(s.raw & R.PORT_PED))
-    powered = property(lambda s: bool(s.raw & R.PORT_PP))
-    in_reset = property(lambda s: bool(s.raw & R.PORT_PR))
-    over_current = property(lambda s: bool(s.raw & R.PORT_OCA))
-    link_state = property(lambda s: read(R.PORT_PLS, s.raw))
-    speed_id = property(lambda s: read(R.PORT_SPEED, s.raw))
-    changes = property(lambda s: s.raw & R.PORT_CHANGE_BITS)
+    @property
+    def connected(self) -> bool:
+        return bool(self.raw & R.PORT_CCS)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.raw & R.PORT_PED)
+
+    @property
+    def powered(self) -> bool:
+        return bool(self.raw & R.PORT_PP)
+
+    @property
+    def in_reset(self) -> bool:
+        return bool(self.raw & R.PORT_PR)
+
+    @property
+    def over_current(self) -> bool:
+        return bool(self.raw & R.PORT_OCA)
+
+    @property
+    def link_state(self) -> int:
+        return read(R.PORT_PLS, self.raw)
+
+    @property
+    def speed_id(self) -> int:
+        return read(R.PORT_SPEED, self.raw)
+
+    @property
+    def changes(self) -> int:
+        return self.raw & R.PORT_CHANGE_BITS
 
     @property
     def speed(self) -> Speed | None:
@@ -250,6 +316,20 @@ class Interrupter:
         self.events = 0           # events consumed
 
 
+class _StartOptions(TypedDict):
+    """The constructor's options that `start()` applies."""
+
+    max_slots: int | None
+    interrupters: int
+    event_ring_segments: int
+    event_ring_trbs: int
+    command_ring_trbs: int
+    command_ring_segments: int
+    imod_interval: int
+    poll: bool
+    hsee: bool
+
+
 # ---- the driver ------------------------------------------------------------------------------
 class XhciDriver:
     """Host driver for one xHCI controller on `bus`.
@@ -265,7 +345,7 @@ class XhciDriver:
       toggle_every_link: put Toggle Cycle on every producer Link TRB (unusual, legal).
     """
 
-    def __init__(self, bus, *, max_slots: int | None = None, interrupters: int = 1,
+    def __init__(self, bus: GuestBus, *, max_slots: int | None = None, interrupters: int = 1,
                  event_ring_segments: int = 1, event_ring_trbs: int = 256,
                  command_ring_trbs: int = 64, command_ring_segments: int = 1,
                  transfer_ring_trbs: int = 256, transfer_ring_segments: int = 1,
@@ -276,13 +356,16 @@ class XhciDriver:
                  ram_end: int | None = None):
         self.bus = bus
         self.mem = bus.mem
-        # INTx instead of MSI-X when the bus says so (the in-process bus has both modes).
+        # INTx instead of MSI-X when the bus says so (the in-process bus has both modes); such a
+        # bus also has the level of its shared line, read only then (other buses have none).
         self.intx = getattr(bus, "mode", "msix") == "intx"
-        self.opts = dict(max_slots=max_slots, interrupters=interrupters,
-                         event_ring_segments=event_ring_segments,
-                         event_ring_trbs=event_ring_trbs, command_ring_trbs=command_ring_trbs,
-                         command_ring_segments=command_ring_segments, imod_interval=imod_interval,
-                         poll=poll, hsee=hsee)
+        self._line = cast(IntxLine, bus)
+        self.opts = _StartOptions(max_slots=max_slots, interrupters=interrupters,
+                                  event_ring_segments=event_ring_segments,
+                                  event_ring_trbs=event_ring_trbs,
+                                  command_ring_trbs=command_ring_trbs,
+                                  command_ring_segments=command_ring_segments,
+                                  imod_interval=imod_interval, poll=poll, hsee=hsee)
         self.transfer_ring_trbs = transfer_ring_trbs
         self.transfer_ring_segments = transfer_ring_segments
         self.split_qwords = split_qwords
@@ -310,11 +393,18 @@ class XhciDriver:
         self.port_changes: deque[tuple[int, int]] = deque(maxlen=1024)   # (port, PORTSC)
         self.port_listeners: list[Callable[[int, int], None]] = []
         self.event_listeners: list[Callable[[Event], None]] = []
-        self.devices: dict = {}                 # slot id -> device.Device
+        self.devices: dict[int, Device] = {}    # slot id -> its device
         self.fatal: int = 0                     # USBSTS with HSE/HCE once seen
         self.command_ring_stopped: Event | None = None
         self._pending_cmds: dict[int, PendingCommand] = {}
-        self._deferred_doorbells: set | None = None
+        self._deferred_doorbells: set[tuple[int, int, int]] | None = None   # (slot, DCI, stream)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """The capability registers as `start()` (or `read_capabilities()`) read them."""
+        if self.caps is None:
+            raise ControllerError("the capabilities are not read yet: start() the driver first")
+        return self.caps
 
     # ---- MMIO --------------------------------------------------------------------------------
     def r32(self, off: int) -> int:
@@ -367,7 +457,7 @@ class XhciDriver:
         """True when an interrupter has something for us: a new MSI-X message, or (polled
         interrupters) a valid TRB at its dequeue pointer."""
         counts = self.bus.interrupts
-        intx = self.intx and self.bus.intx
+        intx = self.intx and self._line.intx
         for it in self.interrupters:
             if it.poll:
                 if it.ring.has_event():
@@ -435,7 +525,7 @@ class XhciDriver:
 
     def _walk_extended_capabilities(self, caps: Capabilities) -> None:
         off = caps.xecp
-        seen = set()
+        seen: set[int] = set()
         while off and off not in seen and off < 0x10000 and len(seen) < 256:
             seen.add(off)
             v = self.r32(off)
@@ -462,7 +552,7 @@ class XhciDriver:
     def take_ownership(self, timeout_ns: int = 1000 * MS) -> bool:
         """USB Legacy Support (7.1): ask the BIOS to let go.  Returns False when there is no
         such capability.  Like Linux, a BIOS that never lets go is overruled."""
-        legacy = [off for cap_id, off in self.caps.extended if cap_id == R.XCAP_LEGACY]
+        legacy = [off for cap_id, off in self.capabilities.extended if cap_id == R.XCAP_LEGACY]
         if not legacy:
             return False
         off = legacy[0]
@@ -477,7 +567,7 @@ class XhciDriver:
         cmd = self.usbcmd
         if cmd & R.CMD_RS:
             self.op_write(R.USBCMD, cmd & ~R.CMD_RS)
-        self.wait_register("HCHalted", lambda: self.usbsts & R.STS_HCH)
+        self.wait_register("HCHalted", lambda: bool(self.usbsts & R.STS_HCH))
 
     def reset(self) -> None:
         """HCRST (4.22.1): halt first, then reset and wait for HCRST and CNR to clear."""
@@ -576,6 +666,8 @@ class XhciDriver:
         self.halt()
 
     def set_dcbaa_entry(self, slot: int, addr: int) -> None:
+        if self.dcbaa is None:
+            raise ControllerError("there is no DCBAA yet: start() the driver first")
         self.dcbaa.pack(struct.Struct("<Q"), 8 * slot, addr)
 
     # ---- interrupters and events (4.9.4, 4.17) -----------------------------------------------
@@ -591,7 +683,7 @@ class XhciDriver:
         Returns how many events were consumed."""
         total = 0
         counts = self.bus.interrupts
-        intx = self.intx and self.bus.intx
+        intx = self.intx and self._line.intx
         for it in self.interrupters:
             if it.poll:
                 interrupted = False
@@ -667,6 +759,8 @@ class XhciDriver:
         """Put a command TRB on the command ring (its cycle bit is ours to set; every other
         bit is sent as given, so tests can send malformed commands) and ring doorbell 0."""
         cr = self.cmd_ring
+        if cr is None:
+            raise ControllerError("there is no command ring yet: start() the driver first")
         if cr.space == 0:
             self.wait_for(lambda: cr.space > 0, "room on the command ring", timeout_ns)
         seq = cr.enq_seq
@@ -684,9 +778,11 @@ class XhciDriver:
         self.wait_for(lambda: pc.completion is not None,
                       lambda: f"completion of {trb_name(pc.trb.type)} at {pc.trb.addr:#x}",
                       timeout_ns)
+        assert pc.completion is not None, "wait_for returns only once the completion is in"
         return pc.completion
 
-    def command(self, trb_type: int, timeout_ns: int | None = None, **fields) -> CommandCompletion:
+    def command(self, trb_type: int, timeout_ns: int | None = None,
+                **fields: int) -> CommandCompletion:
         """Queue one command built from its declared layout and wait for its completion."""
         return self.wait_command(self.queue_command(T.GuestTrb.build(trb_type, **fields)),
                                  timeout_ns)
@@ -709,6 +805,7 @@ class XhciDriver:
             return
         pc.completion = CommandCompletion(pc.trb, cc, ev.slot, ev.length, ev)
         self.completions.append(pc.completion)
+        assert self.cmd_ring is not None, "pending commands go when their ring goes"
         self.cmd_ring.consumed_through(pc.seq + 1)
 
     def abort_command_ring(self, timeout_ns: int | None = None) -> Event | None:
@@ -724,76 +821,88 @@ class XhciDriver:
     def pending_commands(self) -> list[PendingCommand]:
         return list(self._pending_cmds.values())
 
-    # The commands (6.4.3), one method each.
-    def no_op(self, **kw) -> CommandCompletion:
-        return self.command(TrbType.NOOP_COMMAND, **kw)
+    # The commands (6.4.3), one method each.  Any further keyword is a TRB field, sent as given.
+    def no_op(self, *, timeout_ns: int | None = None, **fields: int) -> CommandCompletion:
+        return self.command(TrbType.NOOP_COMMAND, timeout_ns, **fields)
 
-    def enable_slot(self, slot_type: int = 0, **kw) -> CommandCompletion:
-        return self.command(TrbType.ENABLE_SLOT, slot_type=slot_type, **kw)
+    def enable_slot(self, slot_type: int = 0, *, timeout_ns: int | None = None,
+                    **fields: int) -> CommandCompletion:
+        return self.command(TrbType.ENABLE_SLOT, timeout_ns, slot_type=slot_type, **fields)
 
-    def disable_slot(self, slot: int, **kw) -> CommandCompletion:
-        return self.command(TrbType.DISABLE_SLOT, slot=slot, **kw)
+    def disable_slot(self, slot: int, *, timeout_ns: int | None = None,
+                     **fields: int) -> CommandCompletion:
+        return self.command(TrbType.DISABLE_SLOT, timeout_ns, slot=slot, **fields)
 
-    def address_device(self, slot: int, input_ctx: int, bsr: bool = False,
-                       **kw) -> CommandCompletion:
-        return self.command(TrbType.ADDRESS_DEVICE, slot=slot, pointer=input_ctx, bsr=int(bsr),
-                            **kw)
+    def address_device(self, slot: int, input_ctx: int, bsr: bool = False, *,
+                       timeout_ns: int | None = None, **fields: int) -> CommandCompletion:
+        return self.command(TrbType.ADDRESS_DEVICE, timeout_ns, slot=slot, pointer=input_ctx,
+                            bsr=int(bsr), **fields)
 
-    def configure_endpoint(self, slot: int, input_ctx: int, deconfigure: bool = False,
-                           **kw) -> CommandCompletion:
-        return self.command(TrbType.CONFIGURE_ENDPOINT, slot=slot, pointer=input_ctx,
-                            dc=int(deconfigure), **kw)
+    def configure_endpoint(self, slot: int, input_ctx: int, deconfigure: bool = False, *,
+                           timeout_ns: int | None = None, **fields: int) -> CommandCompletion:
+        return self.command(TrbType.CONFIGURE_ENDPOINT, timeout_ns, slot=slot, pointer=input_ctx,
+                            dc=int(deconfigure), **fields)
 
-    def evaluate_context(self, slot: int, input_ctx: int, **kw) -> CommandCompletion:
-        return self.command(TrbType.EVALUATE_CONTEXT, slot=slot, pointer=input_ctx, **kw)
+    def evaluate_context(self, slot: int, input_ctx: int, *, timeout_ns: int | None = None,
+                         **fields: int) -> CommandCompletion:
+        return self.command(TrbType.EVALUATE_CONTEXT, timeout_ns, slot=slot, pointer=input_ctx,
+                            **fields)
 
-    def reset_endpoint(self, slot: int, dci: int, tsp: bool = False, **kw) -> CommandCompletion:
-        return self.command(TrbType.RESET_ENDPOINT, slot=slot, ep=dci, tsp=int(tsp), **kw)
+    def reset_endpoint(self, slot: int, dci: int, tsp: bool = False, *,
+                       timeout_ns: int | None = None, **fields: int) -> CommandCompletion:
+        return self.command(TrbType.RESET_ENDPOINT, timeout_ns, slot=slot, ep=dci, tsp=int(tsp),
+                            **fields)
 
-    def stop_endpoint(self, slot: int, dci: int, suspend: bool = False,
-                      **kw) -> CommandCompletion:
-        return self.command(TrbType.STOP_ENDPOINT, slot=slot, ep=dci, sp=int(suspend), **kw)
+    def stop_endpoint(self, slot: int, dci: int, suspend: bool = False, *,
+                      timeout_ns: int | None = None, **fields: int) -> CommandCompletion:
+        return self.command(TrbType.STOP_ENDPOINT, timeout_ns, slot=slot, ep=dci,
+                            sp=int(suspend), **fields)
 
     def set_tr_dequeue(self, slot: int, dci: int, pointer: int, dcs: int, stream: int = 0,
-                       sct: int = 0, **kw) -> CommandCompletion:
-        return self.command(TrbType.SET_TR_DEQUEUE, slot=slot, ep=dci,
+                       sct: int = 0, *, timeout_ns: int | None = None,
+                       **fields: int) -> CommandCompletion:
+        return self.command(TrbType.SET_TR_DEQUEUE, timeout_ns, slot=slot, ep=dci,
                             pointer=address_field(_SET_TR_DEQUEUE_POINTER, pointer), dcs=dcs,
-                            stream=stream, sct=sct, **kw)
+                            stream=stream, sct=sct, **fields)
 
-    def reset_device(self, slot: int, **kw) -> CommandCompletion:
-        return self.command(TrbType.RESET_DEVICE, slot=slot, **kw)
+    def reset_device(self, slot: int, *, timeout_ns: int | None = None,
+                     **fields: int) -> CommandCompletion:
+        return self.command(TrbType.RESET_DEVICE, timeout_ns, slot=slot, **fields)
 
-    def negotiate_bandwidth(self, slot: int, **kw) -> CommandCompletion:
-        return self.command(TrbType.NEGOTIATE_BANDWIDTH, slot=slot, **kw)
+    def negotiate_bandwidth(self, slot: int, *, timeout_ns: int | None = None,
+                            **fields: int) -> CommandCompletion:
+        return self.command(TrbType.NEGOTIATE_BANDWIDTH, timeout_ns, slot=slot, **fields)
 
-    def set_latency_tolerance(self, belt: int, **kw) -> CommandCompletion:
-        return self.command(TrbType.SET_LATENCY_TOLERANCE, belt=belt, **kw)
+    def set_latency_tolerance(self, belt: int, *, timeout_ns: int | None = None,
+                              **fields: int) -> CommandCompletion:
+        return self.command(TrbType.SET_LATENCY_TOLERANCE, timeout_ns, belt=belt, **fields)
 
-    def get_port_bandwidth(self, speed: int, hub_slot: int = 0,
-                           **kw) -> tuple[CommandCompletion, bytes]:
+    def get_port_bandwidth(self, speed: int, hub_slot: int = 0, *, timeout_ns: int | None = None,
+                           **fields: int) -> tuple[CommandCompletion, bytes]:
         """Returns the completion and the Port Bandwidth Context (one byte per root port,
         byte 0 reserved)."""
-        n = self.caps.max_ports + 1
+        n = self.capabilities.max_ports + 1
         size = (n + 3) & ~3
         addr = self.alloc.alloc(max(size, 16), 16)
         try:
-            c = self.command(TrbType.GET_PORT_BANDWIDTH, pointer=addr, speed=speed,
-                             hub_slot=hub_slot, **kw)
+            c = self.command(TrbType.GET_PORT_BANDWIDTH, timeout_ns, pointer=addr, speed=speed,
+                             hub_slot=hub_slot, **fields)
             return c, self.mem.read(addr, n)
         finally:
             self.alloc.free(addr)
 
     def force_header(self, port: int, packet_type: int, header: tuple[int, int, int] = (0, 0, 0),
-                     **kw) -> CommandCompletion:
+                     *, timeout_ns: int | None = None, **fields: int) -> CommandCompletion:
         lo, mid, hi = header
-        return self.command(TrbType.FORCE_HEADER, port=port, packet_type=packet_type,
+        return self.command(TrbType.FORCE_HEADER, timeout_ns, port=port, packet_type=packet_type,
                             header_lo=lo >> _FORCE_HEADER_LO.lo, header_mid=mid, header_hi=hi,
-                            **kw)
+                            **fields)
 
     # ---- ports (4.19, 5.4.8) -----------------------------------------------------------------
     def _port_reg(self, port: int, reg: int = R.PORTSC) -> int:
-        if not 1 <= port <= self.caps.max_ports:
-            raise ValueError(f"port {port} does not exist (1-{self.caps.max_ports})")
+        max_ports = self.capabilities.max_ports
+        if not 1 <= port <= max_ports:
+            raise ValueError(f"port {port} does not exist (1-{max_ports})")
         return self.op + R.PORT_BASE + R.PORT_STRIDE * (port - 1) + reg
 
     def portsc(self, port: int) -> int:
@@ -803,10 +912,10 @@ class XhciDriver:
         return PortStatus(port, self.portsc(port))
 
     def ports(self) -> list[PortStatus]:
-        return [self.port_status(p) for p in range(1, self.caps.max_ports + 1)]
+        return [self.port_status(p) for p in range(1, self.capabilities.max_ports + 1)]
 
     def protocol_of(self, port: int) -> SupportedProtocol | None:
-        for p in self.caps.protocols:
+        for p in self.capabilities.protocols:
             if port in p.ports:
                 return p
         return None
@@ -869,7 +978,8 @@ class XhciDriver:
     def wait_for_connect(self, port: int | None = None,
                          timeout_ns: int | None = None) -> int:
         """Wait until a device is connected (on `port`, or any port); return the port."""
-        candidates = [port] if port is not None else list(range(1, self.caps.max_ports + 1))
+        candidates = ([port] if port is not None
+                      else list(range(1, self.capabilities.max_ports + 1)))
         found: list[int] = []
 
         def connected() -> bool:
@@ -885,7 +995,7 @@ class XhciDriver:
 
     def _on_port_change(self, ev: Event) -> None:
         port = ev.port
-        if not 1 <= port <= self.caps.max_ports:
+        if not 1 <= port <= self.capabilities.max_ports:
             self.unmatched.append(ev)
             return
         v = self.portsc(port)
@@ -904,7 +1014,7 @@ class XhciDriver:
             fn(port, v)
 
     # ---- devices -----------------------------------------------------------------------------
-    def enumerate(self, port: int, **options):
+    def enumerate(self, port: int, **options: Unpack[EnumerateOptions]) -> Device:
         """Reset the port if needed, give the device a slot and an address, read its
         descriptors and configure it.  Returns a `Device`; see `Device.enumerate` for options."""
         from .device import Device
@@ -918,7 +1028,8 @@ class XhciDriver:
         touched doorbell once at the end."""
         return _Batch(self)
 
-    def wait_all(self, transfers: Iterable, timeout_ns: int | None = None) -> list:
+    def wait_all(self, transfers: Iterable[Transfer],
+                 timeout_ns: int | None = None) -> list[Transfer]:
         """Ring deferred doorbells, then service events until every transfer is done."""
         transfers = list(transfers)
         self.flush_doorbells()
@@ -952,7 +1063,7 @@ class XhciDriver:
 class _Batch:
     def __init__(self, drv: XhciDriver):
         self.drv = drv
-        self.outer = None
+        self.outer: set[tuple[int, int, int]] | None = None
 
     def __enter__(self) -> XhciDriver:
         self.outer = self.drv._deferred_doorbells
@@ -960,13 +1071,13 @@ class _Batch:
             self.drv._deferred_doorbells = set()
         return self.drv
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.outer is None:
             self.drv.flush_doorbells()
             self.drv._deferred_doorbells = None
 
 
-def _text(what) -> str:
+def _text(what: str | Callable[[], str]) -> str:
     return what() if callable(what) else what
 
 

@@ -2,6 +2,12 @@
 controller answered, because a test failure should read like a diagnosis."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .device import Transfer
+    from .driver import CommandCompletion
+
 
 class XhciError(Exception):
     """Base of every error the scripted driver raises."""
@@ -16,13 +22,13 @@ class XhciTimeout(XhciError):
 
 
 class CommandFailed(XhciError):
-    def __init__(self, completion):
+    def __init__(self, completion: CommandCompletion) -> None:
         super().__init__(f"{completion.name} failed: {completion}")
         self.completion = completion
 
 
 class TransferFailed(XhciError):
-    def __init__(self, transfer):
+    def __init__(self, transfer: Transfer) -> None:
         super().__init__(f"transfer failed: {transfer}")
         self.transfer = transfer
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..devices.hid_device import HID_CLASS, HidRequest, Protocol, ReportType
 from .descriptors import HID_REPORT
-from .device import Device, Transfer
+from .device import Device, OnComplete, Transfer
 from .errors import XhciError, XhciTimeout
 
 
@@ -12,7 +12,7 @@ class HidInterface:
 
     def __init__(self, dev: Device, interface: int | None = None):
         self.dev = dev
-        for i in dev.config.active_interfaces(dev.alternates):
+        for i in dev.chosen_config().active_interfaces(dev.alternates):
             if (interface is None and i.interface_class == HID_CLASS) or i.number == interface:
                 self.interface = i.number
                 ins = [e for e in i.endpoints if e.transfer_type == 3 and e.is_in]
@@ -44,7 +44,7 @@ class HidInterface:
         self.dev.control(0x21, HidRequest.SET_REPORT, (report_type << 8) | report_id,
                          self.interface, data)
 
-    def submit_read(self, on_complete=None) -> Transfer:
+    def submit_read(self, on_complete: OnComplete | None = None) -> Transfer:
         return self.dev.endpoint(self.ep_in).submit(length=self.report_size,
                                                     on_complete=on_complete)
 

@@ -11,11 +11,12 @@ arithmetic.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 
 from ..emu.layout import Layout
 from ..emu.trb import TrbType
 from . import trb as T
-from .alloc import KIB64, GuestAllocator
+from .alloc import KIB64, BytesLike, GuestAllocator, GuestRam
 from .fields import address_field, bits, flag, placed, shift_mask
 from .trb import TRB_SIZE
 
@@ -43,7 +44,7 @@ class Block:
 
     __slots__ = ("addr", "mem", "size", "view")
 
-    def __init__(self, mem, addr: int, size: int):
+    def __init__(self, mem: GuestRam, addr: int, size: int):
         self.mem = mem
         self.addr = addr
         self.size = size
@@ -54,19 +55,19 @@ class Block:
             return bytes(self.view[off:off + n])
         return self.mem.read(self.addr + off, n)
 
-    def write(self, off: int, data) -> None:
+    def write(self, off: int, data: BytesLike) -> None:
         if self.view is not None:
             self.view[off:off + len(data)] = data
         else:
             self.mem.write(self.addr + off, data)
 
-    def pack(self, st: struct.Struct, off: int, *values) -> None:
+    def pack(self, st: struct.Struct, off: int, *values: int) -> None:
         if self.view is not None:
             st.pack_into(self.view, off, *values)
         else:
             self.mem.write(self.addr + off, st.pack(*values))
 
-    def unpack(self, st: struct.Struct, off: int) -> tuple:
+    def unpack(self, st: struct.Struct, off: int) -> tuple[int, ...]:
         if self.view is not None:
             return st.unpack_from(self.view, off)
         return st.unpack(self.mem.read(self.addr + off, st.size))
@@ -74,7 +75,7 @@ class Block:
     def dwords(self, off: int, n: int) -> list[int]:
         return list(struct.unpack_from(f"<{n}I", self.read(off, 4 * n)))
 
-    def write_dwords(self, off: int, dw) -> None:
+    def write_dwords(self, off: int, dw: Sequence[int]) -> None:
         self.write(off, struct.pack(f"<{len(dw)}I", *dw))
 
 
@@ -85,7 +86,7 @@ class ProducerRing:
     the loop: unusual but legal, and a good test of a controller's cycle handling.
     """
 
-    def __init__(self, mem, alloc: GuestAllocator, trbs_per_segment: int = 256,
+    def __init__(self, mem: GuestRam, alloc: GuestAllocator, trbs_per_segment: int = 256,
                  segments: int = 1, name: str = "", toggle_every_link: bool = False):
         if trbs_per_segment < 2 or trbs_per_segment * TRB_SIZE > KIB64:
             raise ValueError("a ring segment holds 2 to 4096 TRBs")
@@ -222,7 +223,8 @@ class ProducerRing:
 class EventRing:
     """One interrupter's event ring as its consumer (4.9.4): segments listed in an ERST."""
 
-    def __init__(self, mem, alloc: GuestAllocator, segments: int = 1, trbs_per_segment: int = 256):
+    def __init__(self, mem: GuestRam, alloc: GuestAllocator, segments: int = 1,
+                 trbs_per_segment: int = 256):
         if not 16 <= trbs_per_segment <= 4096:
             raise ValueError("an event ring segment holds 16 to 4096 TRBs (6.5)")
         self.mem = mem

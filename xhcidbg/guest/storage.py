@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import construct as c
+
 from ..devices import bot, scsi
 from ..devices.bot import BotRequest, CswStatus
 from ..devices.scsi import Op
@@ -39,7 +41,7 @@ class MassStorage:
 
     def __init__(self, dev: Device, interface: int | None = None):
         self.dev = dev
-        for i in dev.config.active_interfaces(dev.alternates):
+        for i in dev.chosen_config().active_interfaces(dev.alternates):
             if (interface is None and i.interface_class == bot.MSC_CLASS
                     and i.interface_protocol == bot.BULK_ONLY_PROTOCOL) or i.number == interface:
                 self.interface = i.number
@@ -118,7 +120,7 @@ class MassStorage:
         s = scsi.FixedSenseData.parse(r.data[:18].ljust(18, b"\0"))
         return scsi.Sense(scsi.SenseKey(s.flags.sense_key), s.asc, s.ascq)
 
-    def inquiry(self, lun: int = 0):
+    def inquiry(self, lun: int = 0) -> c.Container:
         cdb = scsi.Inquiry.build(dict(opcode=Op.INQUIRY, flags=dict(evpd=False), page_code=0,
                                       allocation_length=36, control=0))
         r = self._check(self.command(cdb, data_in=36, lun=lun), "INQUIRY")

@@ -153,7 +153,7 @@ class GuestTrb:
     @classmethod
     def build(cls, trb_type: int, addr: int = 0, **values: int) -> GuestTrb:
         """A TRB of `trb_type` with the named fields of its figure set."""
-        dw = layout_of(trb_type).encode(type=int(trb_type), **values)
+        dw = layout_of(trb_type).encode(None, type=int(trb_type), **values)
         return cls(addr, dw[0] | (dw[1] << 32), dw[2], dw[3])
 
     @property

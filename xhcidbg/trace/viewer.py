@@ -11,8 +11,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
-from typing import BinaryIO, TextIO
+from typing import TYPE_CHECKING, BinaryIO, Protocol, TextIO, cast
 
 from xhcidbg.decode import usbmon as um
 from xhcidbg.decode import xhci as lx
@@ -32,14 +31,17 @@ from .pcapng import (
 )
 from .records import CTX_INPUT_CONTROL, CTX_SLOT, Kind
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
 READABLE = {LINKTYPE_USB_LINUX_MMAPPED: "usbmon", LINKTYPE_USB_LINUX: "usbmon (48-byte)",
             records.LINKTYPE: "xhcidbg xHCI records"}
 KIND_NAMES = {Kind.MMIO: "mmio", Kind.DOORBELL: "doorbell", Kind.TRB: "trb", Kind.EVENT: "event",
               Kind.COMMAND: "command", Kind.PORT: "port", Kind.INTERRUPT: "interrupt",
               Kind.CONTEXT: "context", Kind.STATE: "state", Kind.LOG: "log", Kind.URB: "xurb"}
 
-# Linux tracepoint names for the contexts read after each command
-_CTX_EVENTS = {
+# Linux tracepoint names for the contexts read after each command: (command TRB type, context)
+_CTX_EVENTS: dict[tuple[int, str], str] = {
     (TrbType.ADDRESS_DEVICE, "slot"): "xhci_handle_cmd_addr_dev",
     (TrbType.ADDRESS_DEVICE, "ep"): "xhci_add_endpoint",
     (TrbType.ADDRESS_DEVICE, "ctrl"): "xhci_address_ctrl_ctx",
@@ -86,8 +88,8 @@ class Entry:
 class Problems:
     """What could not be shown, for the closing summary."""
 
-    skipped: Counter = field(default_factory=Counter)       # interface -> packets
-    damaged: Counter = field(default_factory=Counter)       # reason -> packets
+    skipped: Counter[int] = field(default_factory=Counter)  # interface -> packets
+    damaged: Counter[str] = field(default_factory=Counter)  # reason -> packets
     truncated: bool = False
 
     def lines(self, cap: Capture) -> list[str]:
@@ -216,7 +218,10 @@ def format_entry(e: Entry, reader: Reader, t0: int, dma: bool = True) -> str:
 
 def _xhci_text(rec: records.Record, reader: Reader, dma: bool) -> str:
     k, f, dw = rec.kind, rec.fields, rec.dwords
-    at = lambda a: a if dma else None                                  # noqa: E731
+
+    def at(address: int) -> int | None:
+        return address if dma else None
+
     if k == Kind.TRB:
         trb = dw[4:8]
         if f["ring"] == records.Ring.COMMAND:
@@ -298,7 +303,7 @@ class EndpointStats:
     transfers: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
-    errors: Counter = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
     latencies_ns: list[int] = field(default_factory=list)
 
 
@@ -335,31 +340,61 @@ class DeviceInfo:
         return ", ".join(INTERFACE_CLASSES.get(c, f"class 0x{c:02x}") for c in self.interfaces)
 
 
+class _DeviceDescriptor(Protocol):
+    """The fields of a parsed device descriptor this module reads."""
+
+    idVendor: int
+    idProduct: int
+    bcdUSB: float
+    iManufacturer: int
+    iProduct: int
+    iSerialNumber: int
+
+
+class _InterfaceDescriptor(Protocol):
+    bInterfaceClass: int
+    bAlternateSetting: int
+
+
 def _learn_descriptor(dev: DeviceInfo, setup: bytes, data: bytes) -> None:
     """Fill `dev` from a GET_DESCRIPTOR answer (partial answers count as far as they go)."""
     from xhcidbg.devices.descriptors import parse_descriptors
     kind, index = setup[3], setup[2]
     parsed = parse_descriptors(data)
     if kind == 1 and parsed and hasattr(parsed[0][1], "idVendor"):
-        d = parsed[0][1]
+        # A construct Container (construct has no types): having idVendor, it is a device
+        # descriptor, and has all the fields of one.
+        d = cast(_DeviceDescriptor, parsed[0][1])
         dev.vendor, dev.product_id = d.idVendor, d.idProduct
         dev.usb_version = f"{d.bcdUSB:.2f}"
         dev.string_index = {"manufacturer": d.iManufacturer, "product": d.iProduct,
                             "serial": d.iSerialNumber}
     elif kind == 2 and len(parsed) > 1:          # the whole configuration, not its head
-        dev.interfaces = [p.bInterfaceClass for name, p in parsed
-                          if name == "INTERFACE" and hasattr(p, "bInterfaceClass")
-                          and p.bAlternateSetting == 0]
+        # Containers again: one with bInterfaceClass is an interface descriptor.
+        interfaces = [cast(_InterfaceDescriptor, p) for name, p in parsed
+                      if name == "INTERFACE" and hasattr(p, "bInterfaceClass")]
+        dev.interfaces = [i.bInterfaceClass for i in interfaces if i.bAlternateSetting == 0]
     elif kind == 3 and index and parsed and hasattr(parsed[0][1], "bString"):
         dev.strings[index] = parsed[0][1].bString
 
 
-def collect_stats(path: str | Path, flt: CaptureFilter | None = None):
+@dataclass
+class CaptureStats:
+    """What `collect_stats` counted in a capture."""
+
+    reader: Reader
+    usb: dict[tuple[int, int, int], EndpointStats]   # (bus, device, endpoint) -> transfers
+    xhci_cc: dict[tuple[int, int], Counter[str]]     # (slot, DCI) -> completion codes
+    kinds: Counter[str]                              # record kind -> records
+    devices: list[DeviceInfo]
+
+
+def collect_stats(path: str | Path, flt: CaptureFilter | None = None) -> CaptureStats:
     flt = flt or CaptureFilter(kinds=frozenset(KIND_NAMES.values()) | {"urb"})
     reader = Reader(path)
     usb: dict[tuple[int, int, int], EndpointStats] = defaultdict(EndpointStats)
-    xhci_cc: dict[tuple[int, int], Counter] = defaultdict(Counter)
-    kinds = Counter()
+    xhci_cc: dict[tuple[int, int], Counter[str]] = defaultdict(Counter)
+    kinds: Counter[str] = Counter()
     pending: dict[tuple[int, int], int] = {}
     setups: dict[tuple[int, int], bytes] = {}        # control requests waiting for an answer
     devices: dict[tuple[int, int], DeviceInfo] = {}
@@ -372,9 +407,7 @@ def collect_stats(path: str | Path, flt: CaptureFilter | None = None):
         kinds[e.kind] += 1
         rec = e.record
         if isinstance(rec, um.UsbmonRecord):
-            if e.kind == "xurb" and any(i.linktype in (LINKTYPE_USB_LINUX_MMAPPED,
-                                                       LINKTYPE_USB_LINUX)
-                                        for i in reader.capture.interfaces):
+            if e.kind == "xurb" and _has_usbmon(reader):
                 continue            # the usbmon interfaces carry the same transfers
             key = (rec.busnum, rec.devnum, rec.epnum)
             st = usb[key]
@@ -417,8 +450,16 @@ def collect_stats(path: str | Path, flt: CaptureFilter | None = None):
                 done += _resolve(devices, slots)
                 session += 1
             devices, slots, setups = {}, {}, {}
-    return SimpleNamespace(reader=reader, usb=usb, xhci_cc=xhci_cc, kinds=kinds,
-                           devices=done + _resolve(devices, slots))
+    return CaptureStats(reader=reader, usb=usb, xhci_cc=xhci_cc, kinds=kinds,
+                        devices=done + _resolve(devices, slots))
+
+
+def _has_usbmon(reader: Reader) -> bool:
+    """Whether the capture has usbmon interfaces (besides xhcidbg's own records)."""
+    cap = reader.capture
+    assert cap is not None, "Reader.entries reads the file's header before its first entry"
+    return any(i.linktype in (LINKTYPE_USB_LINUX_MMAPPED, LINKTYPE_USB_LINUX)
+               for i in cap.interfaces)
 
 
 def _resolve(devices: dict[tuple[int, int], DeviceInfo],
@@ -437,13 +478,15 @@ def _ms(ns: float) -> str:
     return f"{ns / 1e6:.3f}"
 
 
-def stats(path: str | Path, flt: CaptureFilter | None = None, console=None) -> Reader:
+def stats(path: str | Path, flt: CaptureFilter | None = None,
+          console: Console | None = None) -> Reader:
     from rich.console import Console
     from rich.table import Table
     console = console or Console()
     st = collect_stats(path, flt)
     reader, usb, xhci_cc, kinds = st.reader, st.usb, st.xhci_cc, st.kinds
     cap = reader.capture
+    assert cap is not None, "collect_stats read the whole capture"
     console.print(f"[bold]{path}[/]: {cap.format}, {len(cap.interfaces)} interfaces, "
                   f"{sum(kinds.values())} records "
                   f"({', '.join(f'{k} {n}' for k, n in sorted(kinds.items()))})")
@@ -471,11 +514,11 @@ def stats(path: str | Path, flt: CaptureFilter | None = None, console=None) -> R
         for col in ("bus", "device", "endpoint", "transfers", "bytes in", "bytes out", "errors",
                     "latency ms min/avg/max"):
             t.add_column(col, justify="right" if col not in ("errors", "endpoint") else "left")
-        for (bus, dev, ep), st in sorted(usb.items()):
-            lat = st.latencies_ns
+        for (bus, dev, ep), es in sorted(usb.items()):
+            lat = es.latencies_ns
             t.add_row(str(bus), str(dev), f"{ep & 0x7F} {'in' if ep & 0x80 else 'out'}",
-                      str(st.transfers), str(st.bytes_in), str(st.bytes_out),
-                      ", ".join(f"{n} x{c}" for n, c in st.errors.most_common()) or "-",
+                      str(es.transfers), str(es.bytes_in), str(es.bytes_out),
+                      ", ".join(f"{n} x{c}" for n, c in es.errors.most_common()) or "-",
                       f"{_ms(min(lat))}/{_ms(statistics.fmean(lat))}/{_ms(max(lat))}"
                       if lat else "-")
         console.print(t)
