@@ -182,3 +182,14 @@ def test_two_devices_get_distinct_slots_and_addresses(bus, drv):
     a, b = Device.enumerate(drv, 1), Device.enumerate(drv, 2)
     assert a.slot != b.slot
     assert a.slot_context()["usb_address"] != b.slot_context()["usb_address"]
+
+
+def test_slot_remembers_the_last_input_context_a_command_read(bus, dev, drv):
+    slot = bus.controller.slots[dev.slot]
+    assert (slot.input_ctx, slot.input_command) == (dev.input.addr, T.CONFIGURE_ENDPOINT)
+    dev.ep0.max_packet = 32
+    dev.evaluate_ep0()
+    assert slot.input_command == T.EVALUATE_CONTEXT
+    # a pointer the controller refuses before reading anything is not remembered
+    assert drv.configure_endpoint(dev.slot, 0).cc == CC.TRB_ERROR
+    assert (slot.input_ctx, slot.input_command) == (dev.input.addr, T.EVALUATE_CONTEXT)

@@ -137,13 +137,14 @@ class Commands:
                                f"disabled")
         return ep
 
-    def _input_context(self, trb: Trb) -> tuple[int, int, int]:
-        """(address, drop flags, add flags) of the Input Context."""
+    def _input_context(self, trb: Trb, slot: DeviceSlot) -> tuple[int, int, int]:
+        """(address, drop flags, add flags) of the Input Context; the slot remembers it."""
         addr = trb.param & ~(POINTER_ALIGN - 1)
         if addr == 0 or addr % CONTEXT_ALIGN:
             raise CommandError(CC.TRB_ERROR, f"input context pointer {trb.param:#x} is null or "
                                f"not 64-byte aligned")
         ctrl = list(_CTX_STRUCT.unpack(self.mem.read(addr, _CTX_STRUCT.size)))
+        slot.input_ctx, slot.input_command = addr, trb.type
         return addr, INPUT_CTRL_CTX.get(ctrl, "drop"), INPUT_CTRL_CTX.get(ctrl, "add")
 
     def _read_ctx(self, in_addr: int, index: int) -> list[int]:
@@ -181,7 +182,7 @@ class Commands:
                 state == SlotState.DEFAULT and bsr):
             raise CommandError(CC.CONTEXT_STATE_ERROR, f"Address Device (BSR={int(bsr)}) on slot "
                                f"{slot.id} in state {SlotState(state).name.lower()}")
-        in_addr, drop, add = self._input_context(trb)
+        in_addr, drop, add = self._input_context(trb, slot)
         if (add & (SLOT_FLAG | EP0_FLAG)) != SLOT_FLAG | EP0_FLAG or drop:
             raise CommandError(CC.PARAMETER_ERROR, f"Address Device input control context: add "
                                f"{add:#x} (needs A0 and A1), drop {drop:#x} (needs 0)")
@@ -299,7 +300,7 @@ class Commands:
             slot.set_state(SlotState.ADDRESSED)
             self._write_all(slot)
             return CommandResult(trb, CC.SUCCESS, slot=slot.id)
-        in_addr, drop, add = self._input_context(trb)
+        in_addr, drop, add = self._input_context(trb, slot)
         if drop & (SLOT_FLAG | EP0_FLAG) or add & EP0_FLAG:
             raise CommandError(CC.TRB_ERROR, f"input control context drop {drop:#x} / add "
                                f"{add:#x}: D0, D1 and A1 must be 0")
@@ -356,7 +357,7 @@ class Commands:
         if slot.state == SlotState.DISABLED:
             raise CommandError(CC.CONTEXT_STATE_ERROR, f"Evaluate Context on slot {slot.id} "
                                f"before Address Device")
-        in_addr, _drop, add = self._input_context(trb)
+        in_addr, _drop, add = self._input_context(trb, slot)
         if add & SLOT_FLAG:
             sctx = self._read_ctx(in_addr, 1)
             for name in ("max_exit_latency", "interrupter"):

@@ -117,6 +117,10 @@ class DeviceSlot:
         self.context_size = context_size
         self.ctx = [0] * CONTEXT_DWORDS
         self.out_ctx = 0                      # output device context (from the DCBAA)
+        # The input context of the last command that read one (Address Device, Configure
+        # Endpoint, Evaluate Context) and that command's TRB type: kept for debuggers only.
+        self.input_ctx = 0
+        self.input_command = 0
         self.port: RootPort | None = None
         self.endpoints: dict[int, SlotEndpoint] = {}
         self.address = 0

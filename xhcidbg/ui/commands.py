@@ -5,19 +5,17 @@ from __future__ import annotations
 import contextlib
 import io
 import shlex
-from argparse import Namespace
+from argparse import ArgumentTypeError, Namespace
 from typing import TYPE_CHECKING, TypeVar
 
-from rich import box
 from rich.table import Table
 from rich.text import Text
 
 from ..devices import Keyboard, Tablet, UsbDevice
-from ..emu.context import SLOT_STATE_NAMES
 from ..session import DEVICE_NAMES, SCRATCH_STICK_MIB, make_device
 from ..trace import cli as trace_cli
 from . import render
-from .observe import BREAK_KINDS
+from .observe import BREAK_KINDS, Breakpoint
 from .registry import REGISTRY, command, parser
 from .world import World
 
@@ -25,6 +23,8 @@ if TYPE_CHECKING:
     from .console import Console
 
 EXECUTION, INSPECT, DEVICES, SESSION = "execution", "inspection", "devices", "session"
+MAX_ADDRESS = (1 << 64) - 1
+MAX_MEM_BYTES = 64 << 10        # `mem` shows at most this much at once
 D = TypeVar("D", bound=UsbDevice)
 
 
@@ -44,6 +44,24 @@ def _slots(con: Console, words: list[str]) -> list[str]:
     return [str(s) for s in sorted(con.controller.slots)]
 
 
+def _address(text: str) -> int:
+    """A guest address: hex (0x...) or decimal."""
+    try:
+        return render.parse_number(text, MAX_ADDRESS)
+    except ValueError as e:
+        raise ArgumentTypeError(str(e)) from None
+
+
+def _known_addresses(con: Console) -> list[str]:
+    """Guest addresses the controller knows: the DCBAA, ring dequeue pointers, contexts."""
+    c = con.controller
+    out = [c.dcbaap, c.cmd_ring.dequeue]
+    for s in c.slots.values():
+        out += [s.out_ctx, s.input_ctx, *(e.ring.dequeue for e in s.endpoints.values())]
+    out += [a for ir in c.interrupters if ir.segments for a in (ir.erstba, ir.erdp & ~0xF)]
+    return [f"{a:#x}" for a in dict.fromkeys(out) if a]
+
+
 # ==== inspection =================================================================================
 p = parser("regs", "Capability, operational and runtime registers, decoded field by field.",
            """regs              # every fixed register, non-zero fields inline
@@ -58,8 +76,10 @@ p.add_argument("index", nargs="?", type=int, help="port number or interrupter in
 def regs(con: Console, args: Namespace) -> None:
     if args.name:
         con.out.print(render.register_view(con.controller, args.name, args.index))
+        con.data(render.register_data(con.controller, args.name, args.index))
     else:
         con.out.print(render.regs_view(con.controller))
+        con.data(render.regs_data(con.controller))
 
 
 p = parser("ports", "Root hub ports: PORTSC decoded in Linux's words, the device on each.",
@@ -86,8 +106,10 @@ p.add_argument("dci", nargs="?", type=int, help="endpoint DCI (1 = ep0, 3 = ep1i
 def slots(con: Console, args: Namespace) -> None:
     if args.slot is None:
         con.out.print(render.slots_view(con.controller))
+        con.data(render.slots_data(con.controller))
     else:
         con.out.print(render.slot_view(con.controller, args.slot, args.dci))
+        con.data(render.slot_data(con.controller, args.slot, args.dci))
 
 
 p = parser("ring", "TRBs around a ring's dequeue pointer, decoded (`->` marks the dequeue).",
@@ -103,17 +125,93 @@ p.add_argument("-a", "--after", type=int, default=8, help="TRBs shown from the d
 @command(p, INSPECT, complete=lambda con, w: render.ring_names(con.controller))
 def ring(con: Console, args: Namespace) -> None:
     name = args.ring or con.current_ring()
-    con.out.print(render.ring_view(con.controller, name, max(0, args.before), max(1, args.after)))
+    before, after = max(0, args.before), max(1, args.after)
+    con.out.print(render.ring_view(con.controller, name, before, after))
+    con.data(render.ring_data(con.controller, name, before, after))
 
 
 p = parser("trb", "One TRB in guest memory, every field of its type's layout.",
            "trb 0x10040       # decode the TRB at guest address 0x10040")
-p.add_argument("address", type=lambda s: int(s, 0))
+p.add_argument("address", type=_address)
 
 
-@command(p, INSPECT)
+@command(p, INSPECT, complete=lambda con, w: _known_addresses(con))
 def trb(con: Console, args: Namespace) -> None:
     con.out.print(render.trb_view(con.controller, args.address))
+    con.data(render.trb_at_data(con.controller, args.address))
+
+
+p = parser("ctx", "A slot's device context as guest memory holds it: output, or --input.\n"
+                  "The output context is the one the DCBAA entry points at; --input shows\n"
+                  "the input context of the slot's last Address Device, Configure Endpoint\n"
+                  "or Evaluate Context command (its add/drop flags and the contexts it adds).",
+           """ctx 1             # slot 1's output context: slot context and endpoint contexts
+              ctx 1 3           # just its endpoint context of DCI 3 (ep1in)
+              ctx 1 --input     # the input context the last command read: add/drop flags...
+              ctx 1 3 --input   # ...and just its endpoint context of DCI 3""")
+p.add_argument("slot", type=int)
+p.add_argument("dci", nargs="?", type=int, help="endpoint DCI (1 = ep0, 3 = ep1in, 4 = ep2out)")
+p.add_argument("-i", "--input", action="store_true",
+               help="the last input context the guest handed the controller for this slot")
+
+
+def _ctx_complete(con: Console, words: list[str]) -> list[str]:
+    positional = [w for w in words[:-1] if not w.startswith("-")]
+    if not positional:
+        return _slots(con, words)
+    slot = con.controller.slots.get(int(positional[0])) if positional[0].isdigit() else None
+    return [str(d) for d in sorted(slot.endpoints)] if slot and len(positional) == 1 else []
+
+
+@command(p, INSPECT, complete=_ctx_complete)
+def ctx(con: Console, args: Namespace) -> None:
+    if args.input:
+        con.out.print(render.input_context_view(con.controller, args.slot, args.dci))
+        con.data(render.input_context_data(con.controller, args.slot, args.dci))
+    else:
+        con.out.print(render.output_context_view(con.controller, args.slot, args.dci))
+        con.data(render.output_context_data(con.controller, args.slot, args.dci))
+
+
+p = parser("decode", "Decode numbers you give: a TRB, a context or a register value.\n"
+                     "A TRB's type field picks its layout; contexts are slot, ep (endpoint) and\n"
+                     "ctrl (input control), missing dwords read as 0; Linux's decoding goes\n"
+                     "underneath where Linux has one.  Numbers are hex (0x..) or decimal.",
+           """decode 0x10000 0 8 0x421         # a TRB (param lo, hi, status, control): Normal
+              decode trb 0 0 0 0x2401          # `trb` said explicitly: Enable Slot Command
+              decode portsc 0x603              # PORTSC field by field, as Linux prints it
+              decode usbsts 0x18               # any register by name
+              decode slot 0x18100000 0x10000 0 0x18000001   # slot context dwords 0-3
+              decode ep 0x60001 0x8003e 0x17101 0 8          # endpoint context dwords 0-4
+              decode ctrl 0 0x9                # input control context: drop, add flags""")
+p.add_argument("values", nargs="+", metavar="KIND|VALUE",
+               help="trb, slot, ep, ctrl or a register name, then its values")
+
+
+@command(p, INSPECT, complete=lambda con, w: render.decode_kinds() if len(w) <= 1 else [])
+def decode(con: Console, args: Namespace) -> None:
+    con.out.print(render.decode_view(args.values))
+    con.data(render.decode_data(args.values))
+
+
+p = parser("mem", f"Guest memory as a hexdump (at most {MAX_MEM_BYTES // 1024} KiB at once).",
+           """mem 0x10000 64    # 64 bytes at guest address 0x10000
+              mem 0x10000       # 256 bytes
+              mem 4096 0x200    # decimal works too""")
+p.add_argument("address", type=_address)
+p.add_argument("length", nargs="?", type=_address, default=256,
+               help=f"bytes (default 256, at most {MAX_MEM_BYTES})")
+
+
+@command(p, INSPECT, aliases=("x",), complete=lambda con, w: _known_addresses(con)
+         if len(w) <= 1 else [])
+def mem(con: Console, args: Namespace) -> None:
+    if not 1 <= args.length <= MAX_MEM_BYTES:
+        raise ValueError(f"length {args.length}: 1..{MAX_MEM_BYTES} bytes at a time")
+    data = render.read_guest(con.controller.mem, args.address, args.length)
+    for line in hexdump(data, args.address):
+        con.out.print(Text(line))
+    con.data({"address": args.address, "length": len(data), "data": data})
 
 
 p = parser("events", "The last events an interrupter wrote to its event ring.",
@@ -127,6 +225,7 @@ p.add_argument("-n", "--count", type=int, default=8)
 @command(p, INSPECT, aliases=("ev",))
 def events(con: Console, args: Namespace) -> None:
     con.out.print(render.events_view(con.controller, args.interrupter, max(1, args.count)))
+    con.data(render.events_data(con.controller, args.interrupter, max(1, args.count)))
 
 
 p = parser("interrupters", "Interrupters: IMAN, IMOD, event ring registers and counters.",
@@ -135,7 +234,9 @@ p = parser("interrupters", "Interrupters: IMAN, IMOD, event ring registers and c
 
 @command(p, INSPECT, aliases=("intr",))
 def interrupters(con: Console, args: Namespace) -> None:
-    con.out.print(render.interrupters_view(con.controller, con.session.interrupts.counts))
+    counts = con.session.interrupts.counts
+    con.out.print(render.interrupters_view(con.controller, counts))
+    con.data(render.interrupters_data(con.controller, counts))
 
 
 p = parser("devices", "Devices plugged in, with what the controller and the guest know of them.",
@@ -145,25 +246,9 @@ p = parser("devices", "Devices plugged in, with what the controller and the gues
 @command(p, INSPECT, aliases=("dev",))
 def devices(con: Console, args: Namespace) -> None:
     session = con.session
-    guest_devices = session.guest_devices if isinstance(session, World) else {}
-    t = Table(title="devices", box=box.SIMPLE_HEAD, title_justify="left")
-    for col in ("port", "device", "state (device side)", "slot", "guest"):
-        t.add_column(col)
-    for port, dev in sorted(session.devices.items()):
-        slot = render.slot_of_port(con.controller, port)
-        gd = guest_devices.get(port)
-        guest = ""
-        if slot is not None and not isinstance(session, World):
-            guest = f"slot {SLOT_STATE_NAMES.get(slot.state, '?')}"       # what the guest did
-        if gd is not None:
-            guest = f"enumerated as slot {gd.device.slot}, {gd.kind}"
-            if gd.polling:
-                guest += f", polling {', '.join(f'{a:#04x}' for a in gd.polling)}"
-        t.add_row(str(port), dev.name, render.describe_device(dev), str(slot.id) if slot else "",
-                  guest)
-    if not session.devices:
-        t.caption = "nothing is plugged in"
-    con.out.print(t)
+    guest_devices = session.guest_devices if isinstance(session, World) else None
+    con.out.print(render.devices_view(session, guest_devices))
+    con.data(render.devices_data(session, guest_devices))
 
 
 p = parser("context", "The panes shown after every stop; `context` alone redraws them.",
@@ -174,7 +259,7 @@ p.add_argument("action", nargs="?", choices=("set", "off", "on"))
 p.add_argument("panes", nargs="*", help="status, hit, ring, events, ports, slots")
 
 
-@command(p, INSPECT, aliases=("ctx",))
+@command(p, INSPECT)
 def context(con: Console, args: Namespace) -> None:
     if args.action == "set":
         bad = [x for x in args.panes if x not in con.PANES]
@@ -200,10 +285,12 @@ p.add_argument("-n", "--count", type=int, default=30)
 @command(p, INSPECT)
 def log(con: Console, args: Namespace) -> None:
     recs = [r for r in con.activity.records if args.kind is None or r.kind == args.kind]
-    for r in recs[-max(1, args.count):]:
+    recs = recs[-max(1, args.count):]
+    for r in recs:
         con.out.print(Text(f"{r.seq:6} {r.text}"))
     if not recs:
         con.out.print("nothing recorded yet")
+    con.data([{"seq": r.seq, "kind": r.kind, "text": r.text} for r in recs])
 
 
 # ==== execution ==================================================================================
@@ -316,6 +403,7 @@ def break_(con: Console, args: Namespace) -> None:
             con.out.print("no breakpoints")
         for b in bps.points:
             con.out.print(f"{b}  ({'enabled' if b.enabled else 'disabled'}, hit {b.hits} times)")
+        con.data([_breakpoint_data(b) for b in bps.points])
         return
     conds = {}
     for c in args.conditions:
@@ -325,6 +413,12 @@ def break_(con: Console, args: Namespace) -> None:
         conds[key.lower()] = value
     bp = bps.add(args.kind, conds)
     con.out.print(f"breakpoint {bp}")
+    con.data(_breakpoint_data(bp))
+
+
+def _breakpoint_data(b: Breakpoint) -> dict[str, object]:
+    return {"number": b.number, "kind": b.kind, "conditions": dict(b.conditions),
+            "enabled": b.enabled, "hits": b.hits}
 
 
 p = parser("delete", "Delete a breakpoint, or all of them.",
@@ -578,8 +672,9 @@ def quit_(con: Console, args: Namespace) -> None:
     con.quit_requested = True
 
 
-def hexdump(data: bytes) -> list[str]:
-    """hexdump -C style lines; runs of identical lines collapse into `*`."""
+def hexdump(data: bytes, base: int = 0) -> list[str]:
+    """hexdump -C style lines, offsets counted from `base`; runs of identical lines collapse
+    into `*`."""
     out, prev, starred = [], None, False
     for off in range(0, len(data), 16):
         chunk = data[off:off + 16]
@@ -589,9 +684,9 @@ def hexdump(data: bytes) -> list[str]:
                 starred = True
             continue
         prev, starred = chunk, False
-        out.append(f"{off:08x}  {chunk.hex(' '):<47}  |"
+        out.append(f"{base + off:08x}  {chunk.hex(' '):<47}  |"
                    + "".join(chr(b) if 32 <= b < 127 else "." for b in chunk) + "|")
-    out.append(f"{len(data):08x}")
+    out.append(f"{base + len(data):08x}")
     return out
 
 

@@ -77,32 +77,52 @@ def _scripted_status(con: Console, w: World) -> None:
     r = w.runner
     if w.driver is None:
         con.out.print("no guest runs in this session (--no-guest)")
+        con.data({"kind": w.kind, "runs": False})
         return
-    state = ("stopped: " + str(r.crashed)) if r.finished else \
-        f"running {r.current.what}" if r.current else "idle (waiting for interrupts)"
-    con.out.print(f"guest: {state}; {len(w.guest_devices)} device(s) enumerated; "
+    crash = str(r.crashed) if r.finished else None
+    job = r.current.what if r.current is not None and not r.finished else None
+    state = "stopped" if r.finished else "running" if job is not None else "idle"
+    waiting = r.waiting is not None and not r.idle
+    paused = con.controller.gate.paused
+    text = {"stopped": f"stopped: {crash}", "running": f"running {job}",
+            "idle": "idle (waiting for interrupts)"}[state]
+    con.out.print(f"guest: {text}; {len(w.guest_devices)} device(s) enumerated; "
                   f"{len(w.reports)} report(s) received; {len(r.jobs)} job(s) queued")
-    if r.waiting is not None and not r.idle:
-        con.out.print("  waiting on the controller" + (" (paused)" if con.controller.gate.paused
-                                                       else ""))
+    if waiting:
+        con.out.print("  waiting on the controller" + (" (paused)" if paused else ""))
     for e in w.guest_errors:
         con.out.print(Text(f"  error: {e}", style="red"))
+    con.data({"kind": w.kind, "runs": True, "state": state, "job": job, "crash": crash,
+              "devices_enumerated": len(w.guest_devices), "reports": len(w.reports),
+              "reports_received": w.report_count, "jobs_queued": len(r.jobs),
+              "waiting_on_controller": waiting, "controller_paused": paused,
+              "errors": list(w.guest_errors)})
 
 
 def _live_status(con: Console) -> None:
     session = con.session
     con.out.print(con.guest_state() or "guest: running")
     shell = session.shell
-    if shell is None:
-        con.out.print("shell: none (the VMM was started elsewhere; `xhcidbg vm` has one)")
-    else:
-        con.out.print(f"shell: {'up' if shell_up(shell) else 'not up yet (booting)'}")
+    shell_state = "none" if shell is None else "up" if shell_up(shell) else "booting"
+    con.out.print({"none": "shell: none (the VMM was started elsewhere; `xhcidbg vm` has one)",
+                   "up": "shell: up", "booting": "shell: not up yet (booting)"}[shell_state])
     vmm = session.vmm
     if vmm is not None and vmm.freezes:
         con.out.print(f"frozen by xhcidbg {vmm.freezes} time(s), {vmm.frozen_s:.1f} s in all")
-    configured = [f"port {s.port.number} slot {s.id}" for s in con.controller.slots.values()
+    configured = [(s.port.number, s.id) for s in con.controller.slots.values()
                   if s.port is not None and s.state == SlotState.CONFIGURED]
-    con.out.print("devices the guest configured: " + (", ".join(configured) or "none yet"))
+    con.out.print("devices the guest configured: "
+                  + (", ".join(f"port {port} slot {slot}" for port, slot in configured)
+                     or "none yet"))
+    freeze = session.freeze
+    con.data({"kind": session.kind, "qmp": vmm is not None,
+              "frozen": vmm.frozen if vmm is not None else None,
+              "freeze_enabled": freeze.enabled if freeze is not None else None,
+              "freeze_error": (freeze.error or None) if freeze is not None else None,
+              "shell": shell_state,
+              "freezes": vmm.freezes if vmm is not None else 0,
+              "frozen_s": vmm.frozen_s if vmm is not None else 0.0,
+              "configured": [{"port": port, "slot": slot} for port, slot in configured]})
 
 
 def shell_up(shell: SerialConsole) -> bool:

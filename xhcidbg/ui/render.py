@@ -4,10 +4,15 @@ Every field shown here comes from the one `Layout` declaration of its register, 
 (xhcidbg.emu.regs, .trb, .context); the one-line summaries are Linux's own decoders
 (xhcidbg.decode.xhci), the text a driver author already reads in tracepoints and debugfs.
 Nothing here changes controller state or announces anything on its hooks.
+
+Each view has a data form next to it (`ports_view` / `ports_data`, ...): what `--json` prints,
+plain dicts, lists, ints and strings read from the same facts as the text.
 """
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from rich import box
 from rich.console import Group
@@ -18,14 +23,27 @@ from ..decode import xhci as linux  # Linux's decoders: the text driver authors 
 from ..devices import UsbDevice
 from ..devices.standard import StandardDevice
 from ..emu import regs as R
-from ..emu.context import EP_CTX, EP_STATE_NAMES, EP_TYPE_NAMES, SLOT_CTX, SLOT_STATE_NAMES
+from ..emu.context import (
+    EP_CTX,
+    EP_STATE_NAMES,
+    EP_TYPE_NAMES,
+    INPUT_CTRL_CTX,
+    SLOT_CTX,
+    SLOT_STATE_NAMES,
+)
 from ..emu.controller import XhciController
 from ..emu.interrupters import Interrupter
 from ..emu.layout import Field, Layout
 from ..emu.memory import DmaError, GuestMemory
 from ..emu.rings import Ring
-from ..emu.slots import DeviceSlot
+from ..emu.slots import DeviceSlot, SlotEndpoint
 from ..emu.trb import TRB_SIZE, Trb, TrbType, cc_name, layout_of, trb_name
+
+if TYPE_CHECKING:
+    from ..session import Session
+    from .world import GuestDevice
+
+Data = dict[str, object]          # one object of a view's data form
 
 
 # ---- reading state without side effects ------------------------------------------------------
@@ -69,6 +87,16 @@ def fields_inline(layout: Layout, dw: Sequence[int], skip: Iterable[str] = ()) -
     return " ".join(out)
 
 
+def read_fields(layout: Layout, dw: Sequence[int]) -> list[tuple[Field, int, str]]:
+    """(field, value, what the value means or "") for every field of `layout` over `dw`: the
+    one reading both `layout_table` and `layout_data` show."""
+    out = []
+    for f in layout.fields:
+        v = f.get(dw)
+        out.append((f, v, _meaning(layout, f, v)))
+    return out
+
+
 def layout_table(title: str, layout: Layout, dw: Sequence[int], note: str = ""
                  ) -> Table | Group:
     """Every field of `layout` over `dw`: bits, value and what it means; `note` (a one-line
@@ -78,11 +106,21 @@ def layout_table(title: str, layout: Layout, dw: Sequence[int], note: str = ""
     t.add_column("bits", justify="right", style="dim")
     t.add_column("value", justify="right")
     t.add_column("meaning", style="dim")
-    for f in layout.fields:
-        v = f.get(dw)
+    for f, v, meaning in read_fields(layout, dw):
         t.add_row(f.name, bits(f), Text(fmt_value(f, v), style="bold" if v else "dim"),
-                  _meaning(layout, f, v) or f.doc)
+                  meaning or f.doc)
     return Group(t, Text(note, style="italic")) if note else t
+
+
+def layout_data(layout: Layout, dw: Sequence[int], decoded: str = "") -> Data:
+    """`layout_table` as data: every field's value by name, the meanings of those that have
+    one (state and type names...), and the one-line decode (Linux's) when there is one."""
+    readings = read_fields(layout, dw)
+    out: Data = {"fields": {f.name: v for f, v, _ in readings},
+                 "meanings": {f.name: m for f, _, m in readings if m}}
+    if decoded:
+        out["decoded"] = decoded
+    return out
 
 
 def _meaning(layout: Layout, f: Field, v: int) -> str:
@@ -142,30 +180,75 @@ def register_names() -> list[str]:
     return [*names, R.MFINDEX.name]
 
 
-def regs_view(controller: XhciController) -> Group:
-    parts = []
+def register_named(name: str) -> R.Register:
+    """A register's declaration by name, wherever it lives (for decoding given values)."""
+    key = name.upper()
+    for r in (*R.CAP_REGS, *R.OP_REGS, *R.PORT_REGS, *R.IR_REGS, R.MFINDEX, R.DOORBELL):
+        if r.name == key:
+            return r
+    raise ValueError(f"no register named {name!r}; try `regs` for the list")
+
+
+def register_decoded(r: R.Register, v: int) -> str:
+    """Linux's decoding of a register value, for the registers Linux decodes."""
+    if r is R.PORTSC:
+        return portsc_text(v)
+    if r is R.USBSTS:
+        return linux.decode_usbsts(v).strip()
+    return ""
+
+
+def register_readings(controller: XhciController) -> list[tuple[str, R.Register, int, int]]:
+    """(block, register, BAR offset, value) of every fixed register, as the guest reads it."""
+    out = []
     for section, base, regs in register_blocks(controller):
-        t = Table(title=f"{section} registers", box=box.SIMPLE_HEAD, title_justify="left")
-        t.add_column("register", style="cyan")
-        t.add_column("offset", justify="right", style="dim")
-        t.add_column("value", justify="right")
-        t.add_column("fields")
         for r in regs:
             off = base + r.offset
-            v = peek(controller, off)
-            extra = ""
-            if r is R.USBSTS and linux is not None:
-                extra = f"  [{linux.decode_usbsts(v).strip()}]"
-            t.add_row(r.name, f"{off:#06x}", f"{v:#010x}", fields_inline(r.layout, [v]) + extra)
-        parts.append(t)
-    return Group(*parts)
+            out.append((section, r, off, peek(controller, off)))
+    return out
+
+
+def regs_view(controller: XhciController) -> Group:
+    tables: dict[str, Table] = {}
+    for section, r, off, v in register_readings(controller):
+        t = tables.get(section)
+        if t is None:
+            t = tables[section] = Table(title=f"{section} registers", box=box.SIMPLE_HEAD,
+                                        title_justify="left")
+            t.add_column("register", style="cyan")
+            t.add_column("offset", justify="right", style="dim")
+            t.add_column("value", justify="right")
+            t.add_column("fields")
+        extra = f"  [{register_decoded(r, v)}]" if r is R.USBSTS else ""
+        t.add_row(r.name, f"{off:#06x}", f"{v:#010x}", fields_inline(r.layout, [v]) + extra)
+    return Group(*tables.values())
+
+
+def regs_data(controller: XhciController) -> list[Data]:
+    """`regs --json`: every fixed register with all its fields."""
+    out = []
+    for section, r, off, v in register_readings(controller):
+        entry: Data = {"block": section, "name": r.name, "offset": off, "value": v}
+        entry.update(layout_data(r.layout, [v], register_decoded(r, v)))
+        out.append(entry)
+    return out
 
 
 def register_view(controller: XhciController, name: str, index: int | None = None
                   ) -> Table | Group:
     r, off, label = find_register(controller, name, index)
     v = peek(controller, off)
-    return layout_table(f"{label} @ BAR0+{off:#06x} = {v:#010x}", r.layout, [v], r.doc)
+    note = "  ".join(x for x in (register_decoded(r, v), r.doc) if x)
+    return layout_table(f"{label} @ BAR0+{off:#06x} = {v:#010x}", r.layout, [v], note)
+
+
+def register_data(controller: XhciController, name: str, index: int | None = None) -> Data:
+    """`regs NAME --json`: one register, every field."""
+    r, off, label = find_register(controller, name, index)
+    v = peek(controller, off)
+    out: Data = {"name": r.name, "label": label, "offset": off, "value": v}
+    out.update(layout_data(r.layout, [v], register_decoded(r, v)))
+    return out
 
 
 # ---- ports ---------------------------------------------------------------------------------------
@@ -230,60 +313,361 @@ def ep_name(dci: int) -> str:
     return f"ep{dci // 2}{'in' if dci & 1 else 'out'}"
 
 
+def enabled_slot(controller: XhciController, slot_id: int) -> DeviceSlot:
+    s = controller.slots.get(slot_id)
+    if s is None:
+        raise ValueError(f"slot {slot_id} is not enabled (enabled: "
+                         f"{', '.join(map(str, sorted(controller.slots))) or 'none'})")
+    return s
+
+
+@dataclass
+class EndpointSummary:
+    """What `slots N` lists of one endpoint: its context's main fields and its ring."""
+
+    dci: int
+    ep: str
+    type: int
+    type_name: str
+    state: int
+    state_name: str
+    max_packet: int
+    interval: int
+    dequeue: int
+    ccs: int
+    in_flight: int
+
+    @classmethod
+    def of(cls, ep: SlotEndpoint) -> EndpointSummary:
+        c = ep.ctx
+        ep_type = EP_CTX.get(c, "ep_type")
+        return cls(ep.dci, ep_name(ep.dci), ep_type, EP_TYPE_NAMES.get(ep_type, "?"), ep.state,
+                   EP_STATE_NAMES.get(ep.state, "?"), EP_CTX.get(c, "max_packet"),
+                   EP_CTX.get(c, "interval"), ep.ring.dequeue, ep.ring.ccs, len(ep.inflight))
+
+
+@dataclass
+class SlotSummary:
+    """What `slots` lists of one slot."""
+
+    slot: int
+    port: int | None
+    state: int
+    state_name: str
+    usb_address: int
+    speed: int
+    speed_name: str
+    device: str | None
+    endpoints: list[EndpointSummary]
+
+    @classmethod
+    def of(cls, s: DeviceSlot) -> SlotSummary:
+        speed = SLOT_CTX.get(s.ctx, "speed")
+        dev = s.device
+        return cls(s.id, s.port.number if s.port else None, s.state,
+                   SLOT_STATE_NAMES.get(s.state, "?"), SLOT_CTX.get(s.ctx, "usb_address"), speed,
+                   linux.SPEEDS.get(speed, ""), dev.name if dev else None,
+                   [EndpointSummary.of(e) for _, e in sorted(s.endpoints.items())])
+
+
 def slots_view(controller: XhciController) -> Table:
     t = Table(title="device slots", box=box.SIMPLE_HEAD, title_justify="left")
     for col in ("slot", "port", "state", "address", "speed", "device", "endpoints"):
         t.add_column(col, justify="right" if col in ("slot", "port", "address") else "left")
-    for sid in sorted(controller.slots):
-        s = controller.slots[sid]
-        ctx = s.ctx
-        eps = " ".join(f"{ep_name(d)}:{EP_STATE_NAMES.get(e.state, '?')}"
-                       for d, e in sorted(s.endpoints.items()))
-        dev = s.device
-        t.add_row(str(sid), str(s.port.number) if s.port else "-",
-                  SLOT_STATE_NAMES.get(s.state, "?"), str(SLOT_CTX.get(ctx, "usb_address")),
-                  _speed(SLOT_CTX.get(ctx, "speed")), dev.name if dev else "", eps)
+    for row in slot_summaries(controller):
+        eps = " ".join(f"{e.ep}:{e.state_name}" for e in row.endpoints)
+        t.add_row(str(row.slot), "-" if row.port is None else str(row.port), row.state_name,
+                  str(row.usb_address), _speed(row.speed), row.device or "", eps)
     if not controller.slots:
         t.caption = "no slot is enabled"
     return t
+
+
+def slot_summaries(controller: XhciController) -> list[SlotSummary]:
+    return [SlotSummary.of(controller.slots[sid]) for sid in sorted(controller.slots)]
+
+
+def slots_data(controller: XhciController) -> list[Data]:
+    """`slots --json`: every enabled slot."""
+    return [asdict(row) for row in slot_summaries(controller)]
 
 
 def _speed(v: int) -> str:
     return {1: "full", 2: "low", 3: "high", 4: "super", 5: "super+"}.get(v, "-")
 
 
+def _live_endpoint(controller: XhciController, slot_id: int, dci: int
+                   ) -> tuple[SlotEndpoint, list[int], str]:
+    """An endpoint's context with the live dequeue pointer (not the one last written back),
+    and Linux's decoding of it."""
+    s = enabled_slot(controller, slot_id)
+    ep = s.endpoints.get(dci)
+    if ep is None:
+        raise ValueError(f"slot {slot_id} has no endpoint with DCI {dci} "
+                         f"(has {sorted(s.endpoints)})")
+    dw = list(ep.ctx)
+    EP_CTX["dequeue"].set(dw, ep.ring.dequeue >> 4)
+    EP_CTX["dcs"].set(dw, ep.ring.ccs)
+    return ep, dw, ep_context_text(dw)
+
+
+def ep_context_text(dw: Sequence[int]) -> str:
+    return linux.decode_ep_context(dw[0], dw[1], dw[2] | (dw[3] << 32), dw[4])
+
+
+def slot_context_text(dw: Sequence[int]) -> str:
+    return linux.decode_slot_context(*dw[:4])
+
+
 def slot_view(controller: XhciController, slot_id: int, dci: int | None = None) -> Group:
-    s = controller.slots.get(slot_id)
-    if s is None:
-        raise ValueError(f"slot {slot_id} is not enabled (enabled: "
-                         f"{', '.join(map(str, sorted(controller.slots))) or 'none'})")
     if dci is not None:
-        ep = s.endpoints.get(dci)
-        if ep is None:
-            raise ValueError(f"slot {slot_id} has no endpoint with DCI {dci} "
-                             f"(has {sorted(s.endpoints)})")
-        dw = list(ep.ctx)
-        EP_CTX["dequeue"].set(dw, ep.ring.dequeue >> 4)    # live, not last written back
-        EP_CTX["dcs"].set(dw, ep.ring.ccs)
-        line = linux.decode_ep_context(dw[0], dw[1], dw[2] | (dw[3] << 32), dw[4])
+        ep, dw, line = _live_endpoint(controller, slot_id, dci)
         return Group(layout_table(f"slot {slot_id} {ep_name(dci)} (DCI {dci}) endpoint context",
                                   EP_CTX, dw, line),
                      Text(f"in flight: {len(ep.inflight)} TD(s)"
                           f"{', assembling one' if ep.building else ''}"))
-    ctx = s.ctx
-    line = linux.decode_slot_context(*ctx[:4])
-    parts = [layout_table(f"slot {slot_id} slot context", SLOT_CTX, ctx, line)]
+    s = enabled_slot(controller, slot_id)
+    parts = [layout_table(f"slot {slot_id} slot context", SLOT_CTX, s.ctx,
+                          slot_context_text(s.ctx))]
     t = Table(title=f"slot {slot_id} endpoints", box=box.SIMPLE_HEAD, title_justify="left")
     for col in ("dci", "ep", "type", "state", "maxp", "interval", "dequeue", "ccs", "in flight"):
         t.add_column(col)
-    for d, ep in sorted(s.endpoints.items()):
-        c = ep.ctx
-        t.add_row(str(d), ep_name(d), EP_TYPE_NAMES.get(EP_CTX.get(c, "ep_type"), "?"),
-                  EP_STATE_NAMES.get(ep.state, "?"), str(EP_CTX.get(c, "max_packet")),
-                  str(EP_CTX.get(c, "interval")), f"{ep.ring.dequeue:#x}", str(ep.ring.ccs),
-                  str(len(ep.inflight)))
+    for e in SlotSummary.of(s).endpoints:
+        t.add_row(str(e.dci), e.ep, e.type_name, e.state_name, str(e.max_packet),
+                  str(e.interval), f"{e.dequeue:#x}", str(e.ccs), str(e.in_flight))
     parts.append(t)
     return Group(*parts)
+
+
+def slot_data(controller: XhciController, slot_id: int, dci: int | None = None) -> Data:
+    """`slots N [DCI] --json`: the controller's copy of the slot context (or of one endpoint
+    context, with its live dequeue pointer) field by field."""
+    if dci is not None:
+        ep, dw, line = _live_endpoint(controller, slot_id, dci)
+        return {"slot": slot_id, "dci": dci, "ep": ep_name(dci),
+                "context": layout_data(EP_CTX, dw, line), "in_flight": len(ep.inflight),
+                "assembling": ep.building is not None}
+    s = enabled_slot(controller, slot_id)
+    out = asdict(SlotSummary.of(s))
+    out["context"] = layout_data(SLOT_CTX, s.ctx, slot_context_text(s.ctx))
+    return out
+
+
+# ---- device and input contexts in guest memory --------------------------------------------------
+MAX_DCI = 31
+ADD_SLOT = 1 << 0                # input control context A0: the slot context
+
+
+def read_guest(mem: GuestMemory, addr: int, length: int) -> bytes:
+    """`length` bytes of guest memory at `addr`; a ValueError that says where guest memory is
+    when they are not all readable."""
+    try:
+        return mem.read(addr, length)
+    except DmaError:
+        pass
+    readable = _readable_from(mem, addr)
+    regions = ", ".join(f"{r.start:#x}..{r.end - 1:#x}" for r in mem.regions) or "none"
+    if readable:
+        raise ValueError(f"only {readable:#x} of the {length:#x} bytes from {addr:#x} are guest "
+                         f"memory (mapped: {regions})")
+    raise ValueError(f"{addr:#x} is not guest memory (mapped: {regions})")
+
+
+def _readable_from(mem: GuestMemory, addr: int) -> int:
+    """How many bytes from `addr` lie in consecutive directly readable regions."""
+    pos = addr
+    for r in mem.regions:
+        if r.start <= pos < r.end and (r.view is not None or r.reader is not None):
+            pos = r.end
+    return pos - addr
+
+
+def read_context(controller: XhciController, addr: int) -> list[int]:
+    """The dwords that carry fields of the context at `addr` (32- and 64-byte contexts alike)."""
+    return SLOT_CTX.unpack(read_guest(controller.mem, addr, SLOT_CTX.size))
+
+
+@dataclass
+class ContextReading:
+    """A context as it is in guest memory now."""
+
+    index: int                 # 0 slot (or input control), else the endpoint's DCI
+    address: int
+    dwords: list[int]
+
+    @property
+    def ep(self) -> str:
+        return ep_name(self.index) if self.index else "slot"
+
+
+def output_context_address(controller: XhciController, slot_id: int) -> int:
+    """The output device context of `slot_id`, from the guest's DCBAA entry."""
+    if not 1 <= slot_id <= controller.max_slots:
+        raise ValueError(f"slot ids are 1..{controller.max_slots}")
+    if not controller.dcbaap:
+        raise ValueError("DCBAAP is 0: the guest has not given the controller a device context "
+                         "base address array")
+    entry = controller.dcbaap + 8 * slot_id
+    addr = int.from_bytes(read_guest(controller.mem, entry, 8), "little")
+    if addr == 0:
+        raise ValueError(f"DCBAA entry {slot_id} (at {entry:#x}) is 0: slot {slot_id} has no "
+                         f"output device context")
+    return addr
+
+
+def output_contexts(controller: XhciController, slot_id: int, dci: int | None = None
+                    ) -> tuple[int, ContextReading | None, list[ContextReading]]:
+    """(address, slot context, endpoint contexts) of the slot's output device context: one
+    endpoint if `dci` is given, else those up to Context Entries that are not all zero."""
+    base = output_context_address(controller, slot_id)
+    size = controller.context_size
+    if dci is not None:
+        _check_dci(dci)
+        return base, None, [ContextReading(dci, base + dci * size,
+                                           read_context(controller, base + dci * size))]
+    sctx = ContextReading(0, base, read_context(controller, base))
+    last = max(1, SLOT_CTX.get(sctx.dwords, "context_entries"))
+    eps = []
+    for d in range(1, last + 1):
+        c = ContextReading(d, base + d * size, read_context(controller, base + d * size))
+        if any(c.dwords):
+            eps.append(c)
+    return base, sctx, eps
+
+
+def _check_dci(dci: int) -> None:
+    if not 1 <= dci <= MAX_DCI:
+        raise ValueError(f"DCI {dci}: endpoint contexts are DCI 1 (ep0) .. {MAX_DCI} (ep15in)")
+
+
+def _context_note(controller: XhciController, slot_id: int, base: int) -> str:
+    s = controller.slots.get(slot_id)
+    if s is None:
+        return f"slot {slot_id} is not enabled: this is what guest memory holds"
+    if s.out_ctx and s.out_ctx != base:
+        return (f"the controller writes slot {slot_id}'s context to {s.out_ctx:#x}, not here "
+                f"(the DCBAA entry changed since Address Device)")
+    return ""
+
+
+def _context_tables(readings: Iterable[ContextReading], what: str) -> list[Table | Group]:
+    parts: list[Table | Group] = []
+    for c in readings:
+        if c.index == 0:
+            parts.append(layout_table(f"{what} slot context @ {c.address:#x}", SLOT_CTX,
+                                      c.dwords, slot_context_text(c.dwords)))
+        else:
+            parts.append(layout_table(f"{what} {c.ep} (DCI {c.index}) endpoint context @ "
+                                      f"{c.address:#x}", EP_CTX, c.dwords,
+                                      ep_context_text(c.dwords)))
+    return parts
+
+
+def _context_data(c: ContextReading) -> Data:
+    if c.index == 0:
+        return {"address": c.address, **layout_data(SLOT_CTX, c.dwords,
+                                                    slot_context_text(c.dwords))}
+    return {"dci": c.index, "ep": c.ep, "address": c.address,
+            **layout_data(EP_CTX, c.dwords, ep_context_text(c.dwords))}
+
+
+def output_context_view(controller: XhciController, slot_id: int, dci: int | None = None
+                        ) -> Group:
+    base, sctx, eps = output_contexts(controller, slot_id, dci)
+    parts: list[Table | Group | Text] = [
+        Text(f"slot {slot_id} output device context @ {base:#x} (DCBAA entry {slot_id}), "
+             f"read from guest memory", style="bold")]
+    note = _context_note(controller, slot_id, base)
+    if note:
+        parts.append(Text(note, style="yellow"))
+    parts += _context_tables([sctx, *eps] if sctx is not None else eps, f"slot {slot_id}")
+    if sctx is not None and not eps:
+        parts.append(Text("no endpoint context is filled in yet", style="dim"))
+    return Group(*parts)
+
+
+def output_context_data(controller: XhciController, slot_id: int, dci: int | None = None
+                        ) -> Data:
+    """`ctx SLOT [DCI] --json`."""
+    base, sctx, eps = output_contexts(controller, slot_id, dci)
+    return {"slot": slot_id, "context": "output", "address": base,
+            "enabled": slot_id in controller.slots,
+            "slot_context": None if sctx is None else _context_data(sctx),
+            "endpoints": [_context_data(c) for c in eps]}
+
+
+@dataclass
+class InputContextReading:
+    slot: int
+    address: int
+    command: int               # the TRB type of the command that read it
+    control: list[int]         # the input control context
+    contexts: list[ContextReading]
+
+    @property
+    def drop(self) -> int:
+        return INPUT_CTRL_CTX.get(self.control, "drop")
+
+    @property
+    def add(self) -> int:
+        return INPUT_CTRL_CTX.get(self.control, "add")
+
+
+def input_context(controller: XhciController, slot_id: int, dci: int | None = None
+                  ) -> InputContextReading:
+    """The input context the last Address Device / Configure Endpoint / Evaluate Context
+    command of the slot read, as it is in guest memory now: its control context, and the slot
+    and endpoint contexts it adds (or the one of `dci`)."""
+    s = enabled_slot(controller, slot_id)
+    if not s.input_ctx:
+        raise ValueError(f"slot {slot_id} has not been given an input context yet (Address "
+                         f"Device, Configure Endpoint and Evaluate Context give one)")
+    size = controller.context_size
+    base = s.input_ctx
+    control = read_context(controller, base)
+    # index 0 is the input control context; the device context's index i follows at i + 1
+    if dci is not None:
+        _check_dci(dci)
+        wanted = [dci]
+    else:
+        add = INPUT_CTRL_CTX.get(control, "add")
+        wanted = [i for i in range(MAX_DCI + 1) if add >> i & 1]
+    contexts = [ContextReading(i, base + (i + 1) * size,
+                               read_context(controller, base + (i + 1) * size)) for i in wanted]
+    return InputContextReading(slot_id, base, s.input_command, control, contexts)
+
+
+def ctrl_context_text(dw: Sequence[int]) -> str:
+    return linux.decode_ctrl_ctx(INPUT_CTRL_CTX.get(dw, "drop"),
+                                 INPUT_CTRL_CTX.get(dw, "add")) or "no flags"
+
+
+def input_context_view(controller: XhciController, slot_id: int, dci: int | None = None
+                       ) -> Group:
+    r = input_context(controller, slot_id, dci)
+    parts: list[Table | Group | Text] = [
+        Text(f"slot {slot_id} input context @ {r.address:#x}, last read by "
+             f"{trb_name(r.command)}; as guest memory holds it now", style="bold"),
+        layout_table(f"input control context @ {r.address:#x}", INPUT_CTRL_CTX, r.control,
+                     ctrl_context_text(r.control))]
+    parts += _context_tables(r.contexts, "input")
+    if dci is not None and not r.add >> dci & 1:
+        parts.append(Text(f"(A{dci} is not set: the command did not read this context)",
+                          style="yellow"))
+    return Group(*parts)
+
+
+def input_context_data(controller: XhciController, slot_id: int, dci: int | None = None
+                       ) -> Data:
+    """`ctx SLOT --input --json`."""
+    r = input_context(controller, slot_id, dci)
+    slot_ctx = next((c for c in r.contexts if c.index == 0), None)
+    return {"slot": slot_id, "context": "input", "address": r.address, "command": r.command,
+            "command_name": trb_name(r.command), "drop": r.drop, "add": r.add,
+            "control": {"address": r.address,
+                        **layout_data(INPUT_CTRL_CTX, r.control, ctrl_context_text(r.control))},
+            "slot_context": None if slot_ctx is None else _context_data(slot_ctx),
+            "endpoints": [_context_data(c) for c in r.contexts if c.index]}
 
 
 # ---- rings ------------------------------------------------------------------------------------
@@ -324,34 +708,51 @@ def trb_text(trb: Trb) -> str:
     return linux.decode_trb(*trb.dwords)
 
 
-def ring_view(controller: XhciController, name: str, before: int = 4, after: int = 8) -> Table:
+def trb_data(trb: Trb) -> Data:
+    """One TRB as data: its type, cycle bit, dwords, every field of its type's layout and
+    Linux's one-line decoding."""
+    out: Data = {"type": trb.type, "type_name": trb_name(trb.type), "cycle": trb.cycle,
+                 "dwords": trb.dwords}
+    out.update(layout_data(layout_of(trb.type), trb.dwords, trb_text(trb)))
+    return out
+
+
+def _is_empty(trb: Trb) -> bool:
+    return not (trb.param or trb.status or trb.control)
+
+
+@dataclass
+class RingEntry:
+    """One TRB slot of a ring as `ring` shows it."""
+
+    address: int
+    trb: Trb | None            # None: the address is not readable guest memory
+    before_dequeue: bool       # already consumed (shown for context)
+    dequeue: bool = False      # the dequeue pointer points here
+    owned: bool = False        # its cycle bit says it is the controller's to run
+
+
+def ring_entries(controller: XhciController, name: str, before: int = 4, after: int = 8
+                 ) -> tuple[Ring, str, list[RingEntry]]:
+    """The ring called `name` (cmd or SLOT/DCI), its Linux ring type and its TRBs around the
+    dequeue pointer: up to `before` non-empty ones before it, then the ones from it on that
+    the controller owns, and the first that it does not (or the first unreadable one)."""
     ring, kind = ring_of(controller, name)
     mem = controller.mem
-    t = Table(title=f"{kind} ring {name}: dequeue {ring.dequeue:#x}, cycle state {ring.ccs}",
-              box=box.SIMPLE_HEAD, title_justify="left")
-    t.add_column("", width=2)
-    t.add_column("address", justify="right", style="dim")
-    t.add_column("C", justify="right")
-    t.add_column("TRB (Linux xhci_decode_trb)")
+    entries = []
     for i in range(before, 0, -1):
         addr = ring.dequeue - i * TRB_SIZE
         trb = read_trb(mem, addr) if addr >= 0 else None
-        if trb is not None and (trb.param or trb.status or trb.control):
-            t.add_row("", f"{addr:#x}", str(trb.cycle), Text(trb_text(trb), style="dim"))
+        if trb is not None and not _is_empty(trb):
+            entries.append(RingEntry(addr, trb, before_dequeue=True))
     addr, ccs = ring.dequeue, ring.ccs
     for i in range(after):
         trb = read_trb(mem, addr)
         if trb is None:
-            t.add_row("", f"{addr:#x}", "", Text("(not readable guest memory)", style="red"))
+            entries.append(RingEntry(addr, None, False, dequeue=i == 0))
             break
         owned = trb.cycle == ccs
-        mark = "->" if i == 0 else ""
-        style = "bold" if owned else "dim"
-        if not (trb.param or trb.status or trb.control):
-            label = "(empty: nothing queued here yet)"
-        else:
-            label = trb_text(trb) + ("" if owned else "   [software's: cycle bit not ours]")
-        t.add_row(mark, f"{addr:#x}", str(trb.cycle), Text(label, style=style))
+        entries.append(RingEntry(addr, trb, False, dequeue=i == 0, owned=owned))
         if not owned:
             break
         if trb.type == TrbType.LINK:
@@ -360,15 +761,159 @@ def ring_view(controller: XhciController, name: str, before: int = 4, after: int
             addr = trb.param & ~0xF
         else:
             addr += TRB_SIZE
+    return ring, kind, entries
+
+
+def ring_view(controller: XhciController, name: str, before: int = 4, after: int = 8) -> Table:
+    ring, kind, entries = ring_entries(controller, name, before, after)
+    t = Table(title=f"{kind} ring {name}: dequeue {ring.dequeue:#x}, cycle state {ring.ccs}",
+              box=box.SIMPLE_HEAD, title_justify="left")
+    t.add_column("", width=2)
+    t.add_column("address", justify="right", style="dim")
+    t.add_column("C", justify="right")
+    t.add_column("TRB (Linux xhci_decode_trb)")
+    for e in entries:
+        trb = e.trb
+        if trb is None:
+            t.add_row("", f"{e.address:#x}", "", Text("(not readable guest memory)", style="red"))
+        elif e.before_dequeue:
+            t.add_row("", f"{e.address:#x}", str(trb.cycle), Text(trb_text(trb), style="dim"))
+        else:
+            if _is_empty(trb):
+                label = "(empty: nothing queued here yet)"
+            else:
+                label = trb_text(trb) + ("" if e.owned else "   [software's: cycle bit not ours]")
+            t.add_row("->" if e.dequeue else "", f"{e.address:#x}", str(trb.cycle),
+                      Text(label, style="bold" if e.owned else "dim"))
     return t
 
 
+def ring_data(controller: XhciController, name: str, before: int = 4, after: int = 8) -> Data:
+    """`ring --json`: the ring's dequeue state and its TRBs, each decoded."""
+    ring, kind, entries = ring_entries(controller, name, before, after)
+    trbs = []
+    for e in entries:
+        entry: Data = {"address": e.address, "at_dequeue": e.dequeue,
+                       "before_dequeue": e.before_dequeue, "owned": e.owned,
+                       "readable": e.trb is not None}
+        if e.trb is not None:
+            entry["empty"] = _is_empty(e.trb)
+            entry.update(trb_data(e.trb))
+        trbs.append(entry)
+    return {"ring": name, "ring_type": kind, "dequeue": ring.dequeue, "ccs": ring.ccs,
+            "trbs": trbs}
+
+
 def trb_view(controller: XhciController, addr: int) -> Table | Group:
+    trb = _trb_at(controller, addr)
+    lay = layout_of(trb.type)
+    return layout_table(f"TRB @ {addr:#x}: {trb_name(trb.type)}", lay, trb.dwords, trb_text(trb))
+
+
+def trb_at_data(controller: XhciController, addr: int) -> Data:
+    """`trb ADDR --json`."""
+    return {"address": addr, **trb_data(_trb_at(controller, addr))}
+
+
+def _trb_at(controller: XhciController, addr: int) -> Trb:
     trb = read_trb(controller.mem, addr)
     if trb is None:
         raise ValueError(f"guest address {addr:#x} is not readable")
-    lay = layout_of(trb.type)
-    return layout_table(f"TRB @ {addr:#x}: {trb_name(trb.type)}", lay, trb.dwords, trb_text(trb))
+    return trb
+
+
+# ---- decoding values the user gives -----------------------------------------------------------
+# decode KIND VALUES...: the layout, how many dwords it takes at most, Linux's decoder over them
+DECODE_CONTEXTS: dict[str, tuple[Layout, int]] = {
+    "slot": (SLOT_CTX, SLOT_CTX.ndwords), "ep": (EP_CTX, EP_CTX.ndwords),
+    "ctrl": (INPUT_CTRL_CTX, INPUT_CTRL_CTX.ndwords)}
+_CONTEXT_TEXT = {"slot": slot_context_text, "ep": ep_context_text, "ctrl": ctrl_context_text}
+DWORD_MAX = 0xFFFFFFFF
+
+
+def decode_kinds() -> list[str]:
+    """What `decode` takes before its values (a TRB needs none: four dwords alone)."""
+    return ["trb", *DECODE_CONTEXTS, *(n.lower() for n in register_names())]
+
+
+def parse_number(text: str, limit: int = DWORD_MAX) -> int:
+    """0x1f, 31, 0b11111 or 0o37 (and 1_000); 0..limit."""
+    try:
+        v = int(text, 0)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number (write 0x1f or 31)") from None
+    if not 0 <= v <= limit:
+        raise ValueError(f"{text} is out of range (0..{limit:#x})")
+    return v
+
+
+@dataclass
+class Decoded:
+    """Numbers the user gave, read as one structure."""
+
+    kind: str                  # trb, slot, ep, ctrl or a register's name
+    title: str
+    layout: Layout
+    dwords: list[int]
+    text: str                  # Linux's decoding ("" when Linux has none)
+    given: int                 # how many dwords were given (the rest read as 0)
+
+
+def decode_values(words: Sequence[str]) -> Decoded:
+    """`decode` arguments: four TRB dwords, or a kind (`trb`, `slot`, `ep`, `ctrl`, a register
+    name) and its values."""
+    if not words:
+        raise ValueError("decode what? four TRB dwords, or slot/ep/ctrl/REGISTER and values")
+    kind = words[0].lower()
+    values = words[1:]
+    if kind not in DECODE_CONTEXTS and kind != "trb":
+        try:
+            register = register_named(kind)
+        except ValueError:
+            if not kind[:1].isdigit():
+                raise ValueError(f"{words[0]!r} is neither a number nor one of trb, slot, ep, "
+                                 f"ctrl or a register name") from None
+            kind, values = "trb", list(words)
+        else:
+            if len(values) != 1:
+                raise ValueError(f"{register.name.lower()} takes one 32-bit value; {len(values)} "
+                                 f"given")
+            v = parse_number(values[0])
+            return Decoded(register.name.lower(), f"{register.name} = {v:#010x}",
+                           register.layout, [v], register_decoded(register, v), 1)
+    dw = [parse_number(v) for v in values]
+    if kind == "trb":
+        if len(dw) != 4:
+            raise ValueError(f"a TRB is four dwords (parameter low, high, status, control); "
+                             f"{len(dw)} given")
+        trb = Trb(0, dw[0] | dw[1] << 32, dw[2], dw[3])
+        return Decoded("trb", f"TRB: {trb_name(trb.type)}", layout_of(trb.type), dw,
+                       trb_text(trb), 4)
+    layout, most = DECODE_CONTEXTS[kind]
+    if not 1 <= len(dw) <= most:
+        raise ValueError(f"{kind} takes 1 to {most} dwords (D0 D1 ...; missing ones read as "
+                         f"0); {len(dw)} given")
+    padded = dw + [0] * (layout.ndwords - len(dw))
+    return Decoded(kind, layout.name, layout, padded, _CONTEXT_TEXT[kind](padded), len(dw))
+
+
+def decode_view(words: Sequence[str]) -> Table | Group:
+    d = decode_values(words)
+    table = layout_table(d.title, d.layout, d.dwords, d.text)
+    if d.given < len(d.dwords):
+        return Group(table, Text(f"(dwords {d.given}..{len(d.dwords) - 1} were not given: read "
+                                 f"as 0)", style="dim"))
+    return table
+
+
+def decode_data(words: Sequence[str]) -> Data:
+    """`decode ... --json`."""
+    d = decode_values(words)
+    if d.kind == "trb":
+        trb = Trb(0, d.dwords[0] | d.dwords[1] << 32, d.dwords[2], d.dwords[3])
+        return {"kind": "trb", **trb_data(trb)}
+    return {"kind": d.kind, "layout": d.layout.name, "dwords": d.dwords,
+            **layout_data(d.layout, d.dwords, d.text)}
 
 
 # ---- event rings and interrupters ------------------------------------------------------------
@@ -392,11 +937,15 @@ def recent_events(ir: Interrupter, count: int) -> list[tuple[int, Trb]]:
     return out[::-1]
 
 
-def events_view(controller: XhciController, interrupter: int = 0, count: int = 8) -> Table:
-    if not 0 <= interrupter < len(controller.interrupters):
-        raise ValueError(f"interrupter {interrupter} does not exist "
+def interrupter_at(controller: XhciController, index: int) -> Interrupter:
+    if not 0 <= index < len(controller.interrupters):
+        raise ValueError(f"interrupter {index} does not exist "
                          f"(0..{len(controller.interrupters) - 1})")
-    ir = controller.interrupters[interrupter]
+    return controller.interrupters[index]
+
+
+def events_view(controller: XhciController, interrupter: int = 0, count: int = 8) -> Table:
+    ir = interrupter_at(controller, interrupter)
     t = Table(title=f"event ring of interrupter {interrupter}: enqueue {ir.enqueue_pointer:#x} "
                     f"(PCS {ir.pcs}), ERDP {ir.erdp:#x}, {ir.posted} posted",
               box=box.SIMPLE_HEAD, title_justify="left")
@@ -414,15 +963,28 @@ def events_view(controller: XhciController, interrupter: int = 0, count: int = 8
     return t
 
 
+def events_data(controller: XhciController, interrupter: int = 0, count: int = 8) -> Data:
+    """`events --json`: the event ring's state and its last events, oldest first."""
+    ir = interrupter_at(controller, interrupter)
+    erdp = ir.erdp & ~0xF
+    return {"interrupter": interrupter, "enqueue": ir.enqueue_pointer, "pcs": ir.pcs,
+            "erdp": ir.erdp, "posted": ir.posted, "set_up": bool(ir.segments),
+            "events": [{"address": addr, "at_erdp": addr == erdp, **trb_data(trb)}
+                       for addr, trb in recent_events(ir, count)]}
+
+
+def active_interrupters(controller: XhciController) -> list[Interrupter]:
+    """The interrupters software set up or that did something (the rest are all reset)."""
+    return [ir for ir in controller.interrupters if ir.segments or ir.ie or ir.ip or ir.posted]
+
+
 def interrupters_view(controller: XhciController, msix_counts: Sequence[int] | None = None
                       ) -> Table:
     t = Table(title="interrupters", box=box.SIMPLE_HEAD, title_justify="left")
     for col in ("#", "IMAN", "IMOD", "ERSTSZ", "ERSTBA", "ERDP", "enqueue", "PCS", "posted",
                 "lost", "messages"):
         t.add_column(col, justify="right" if col not in ("IMAN",) else "left")
-    for ir in controller.interrupters:
-        if not (ir.segments or ir.ie or ir.ip or ir.posted):
-            continue
+    for ir in active_interrupters(controller):
         iman = " ".join(n for n, v in (("IP", ir.ip), ("IE", ir.ie)) if v) or "-"
         t.add_row(str(ir.index), iman, f"{ir.imodi}/{ir.imodc}", str(ir.erstsz),
                   f"{ir.erstba:#x}", f"{ir.erdp:#x}{' EHB' if ir.ehb else ''}",
@@ -431,6 +993,72 @@ def interrupters_view(controller: XhciController, msix_counts: Sequence[int] | N
     if not t.row_count:
         t.caption = "no interrupter is set up"
     return t
+
+
+def interrupters_data(controller: XhciController, msix_counts: Sequence[int] | None = None
+                      ) -> list[Data]:
+    """`interrupters --json`: the ones `interrupters` lists, every register and counter."""
+    return [{"index": ir.index, "ip": ir.ip, "ie": ir.ie, "imodi": ir.imodi, "imodc": ir.imodc,
+             "erstsz": ir.erstsz, "erstba": ir.erstba, "erdp": ir.erdp, "ehb": ir.ehb,
+             "enqueue": ir.enqueue_pointer, "pcs": ir.pcs, "posted": ir.posted,
+             "lost": ir.lost,
+             "messages": msix_counts[ir.index] if msix_counts is not None else None}
+            for ir in active_interrupters(controller)]
+
+
+# ---- devices ----------------------------------------------------------------------------------
+@dataclass
+class DeviceSummary:
+    """A plugged device with what the controller and the guest know of it."""
+
+    port: int
+    name: str
+    description: str
+    slot: int | None
+    slot_state: str | None              # the controller's slot state
+    guest_slot: int | None = None       # what the scripted guest enumerated
+    guest_kind: str | None = None
+    polling: list[int] | None = None    # interrupt IN endpoints the scripted guest polls
+
+
+def device_summaries(session: Session, guest_devices: Mapping[int, GuestDevice] | None
+                     ) -> list[DeviceSummary]:
+    """`guest_devices`: the scripted guest's view (None when the guest is a real VM)."""
+    out = []
+    for port, dev in sorted(session.devices.items()):
+        slot = slot_of_port(session.controller, port)
+        row = DeviceSummary(port, dev.name, describe_device(dev), slot.id if slot else None,
+                            SLOT_STATE_NAMES.get(slot.state, "?") if slot else None)
+        gd = guest_devices.get(port) if guest_devices is not None else None
+        if gd is not None:
+            row.guest_slot, row.guest_kind, row.polling = gd.device.slot, gd.kind, gd.polling
+        out.append(row)
+    return out
+
+
+def devices_view(session: Session, guest_devices: Mapping[int, GuestDevice] | None) -> Table:
+    t = Table(title="devices", box=box.SIMPLE_HEAD, title_justify="left")
+    for col in ("port", "device", "state (device side)", "slot", "guest"):
+        t.add_column(col)
+    for row in device_summaries(session, guest_devices):
+        guest = ""
+        if row.slot is not None and guest_devices is None:
+            guest = f"slot {row.slot_state}"       # what the guest did
+        if row.guest_kind is not None:
+            guest = f"enumerated as slot {row.guest_slot}, {row.guest_kind}"
+            if row.polling:
+                guest += f", polling {', '.join(f'{a:#04x}' for a in row.polling)}"
+        t.add_row(str(row.port), row.name, row.description,
+                  "" if row.slot is None else str(row.slot), guest)
+    if not session.devices:
+        t.caption = "nothing is plugged in"
+    return t
+
+
+def devices_data(session: Session, guest_devices: Mapping[int, GuestDevice] | None
+                 ) -> list[Data]:
+    """`devices --json`."""
+    return [asdict(row) for row in device_summaries(session, guest_devices)]
 
 
 # ---- status line ------------------------------------------------------------------------------
