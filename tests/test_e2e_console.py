@@ -63,10 +63,10 @@ def test_a_breakpoint_before_address_device_is_stepped_and_linux_gets_the_stick(
         child.sendline("break command type=address at=start")
         child.expect(r"breakpoint #1 command type=address at=start")
         child.sendline(f"plug storage --image {image}")
+        child.expect("guest: frozen")                       # the stop froze the VM's vCPUs
         child.expect(r"breakpoint #1 command type=address at=start hit: command Address Device "
                      r"Command @0x[0-9a-f]+ is next \(slot (\d+)\)")
         slot = int(child.match.group(1))
-        child.expect("guest: frozen")                       # the stop froze the VM's vCPUs
         child.sendline("ring cmd")
         child.expect(r"dequeue 0x[0-9a-f]+")                # the command still waits there
         child.sendline("step command")

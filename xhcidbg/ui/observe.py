@@ -154,6 +154,8 @@ class Breakpoint:
                     raise ValueError(f"{key}={value!r}: a number is needed") from None
 
     def matches(self, facts: dict) -> bool:
+        if facts.get("at") == "start" and "at" not in self.conditions:
+            return False                  # a command breakpoint stops after it, unless asked
         for key, want in self.conditions.items():
             have = facts.get(key)
             if have is None:
