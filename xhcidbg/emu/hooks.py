@@ -38,8 +38,8 @@ ANNOUNCEMENTS = {
              "controller changed state",
     "interrupt": "(interrupter: int) an interrupt was signalled to the host",
     "log": "(level: str, message: str) the controller refused guest input or noticed trouble",
-    "dma": "(write: bool, addr: int, length: int, data: bytes) the controller read guest memory, "
-           "or is about to write it (`mem.peek` still shows the old bytes); only the "
+    "dma": "(write: bool, addr: int, length: int, data: bytes-like) the controller read guest "
+           "memory, or is about to write it (`mem.peek` still shows the old bytes); only the "
            "controller's own accesses: a guest writing its RAM is seen when the controller "
            "next reads it",
 }

@@ -482,7 +482,12 @@ p = parser("delete", "Delete breakpoints or watchpoints, or all of them.",
 p.add_argument("which", nargs="+", help="breakpoint numbers, or `all`")
 
 
-@command(p, EXECUTION, aliases=("d",))
+def _point_numbers(con: Console, words: list[str]) -> list[str]:
+    return [str(b.number) for b in con.breakpoints.points] if len(words) <= 1 else []
+
+
+@command(p, EXECUTION, aliases=("d",), complete=lambda con, w: [
+    *(str(b.number) for b in con.breakpoints.points), "all"])
 def delete(con: Console, args: Namespace) -> None:
     if "all" in args.which:
         n = con.breakpoints.delete(None)
@@ -510,7 +515,8 @@ for _name, _on in (("enable", True), ("disable", False)):
             b = con.breakpoints.set_enabled(n, on)
             con.out.print(f"breakpoint {b} {'enabled' if on else 'disabled'}")
 
-    command(p, EXECUTION)(_toggle)
+    command(p, EXECUTION, complete=lambda con, w: [str(b.number) for b in
+                                                    con.breakpoints.points])(_toggle)
 
 
 p = parser("ignore", "Let a breakpoint pass its next COUNT stops (it still counts them).",
@@ -520,7 +526,7 @@ p.add_argument("number", type=_number)
 p.add_argument("count", type=int)
 
 
-@command(p, EXECUTION)
+@command(p, EXECUTION, complete=_point_numbers)
 def ignore(con: Console, args: Namespace) -> None:
     b = con.breakpoints.get(args.number)
     b.ignore = max(0, args.count)
@@ -536,7 +542,17 @@ p.add_argument("number", type=_number)
 p.add_argument("conditions", nargs="*", metavar="KEY=VALUE")
 
 
-@command(p, EXECUTION)
+def _condition_complete(con: Console, words: list[str]) -> list[str]:
+    if len(words) <= 1:
+        return _point_numbers(con, words)
+    try:
+        kind = con.breakpoints.get(_number(words[0])).kind
+    except ValueError:
+        return []
+    return [f"{k}=" for k in BREAK_KINDS.get(kind, {})]
+
+
+@command(p, EXECUTION, complete=_condition_complete)
 def condition(con: Console, args: Namespace) -> None:
     b = con.breakpoints.set_conditions(args.number, args.conditions)
     con.out.print(f"breakpoint {b}")
@@ -552,7 +568,7 @@ p.add_argument("number", type=_number)
 p.add_argument("commands", nargs="*", metavar="CMD")
 
 
-@command(p, EXECUTION)
+@command(p, EXECUTION, complete=_point_numbers)
 def commands(con: Console, args: Namespace) -> None:
     b = con.breakpoints.get(args.number)
     if args.commands:
