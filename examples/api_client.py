@@ -29,13 +29,19 @@ class Api:
             if message.get("id") == self.ids:
                 return message
 
-    def wait_event(self, name: str) -> dict:
-        for i, event in enumerate(self.events):
-            if event["event"] == name:
+    def wait_event(self, event: str, **fields: object) -> dict:
+        """The first `event` with these field values (events come in order; the
+        ones before it that do not match are kept)."""
+        def matches(message: dict) -> bool:
+            return message.get("event") == event and all(message.get(k) == v
+                                                         for k, v in fields.items())
+        for i, message in enumerate(self.events):
+            if matches(message):
                 return self.events.pop(i)
         while True:
             message = self._next()
-            if message.get("event") == name:
+            if matches(message):
+                self.events.remove(message)
                 return message
 
     def _next(self) -> dict:
@@ -53,15 +59,16 @@ def main(path: str) -> None:
     print(api("wait shell -t 300")["text"], end="")
     api("break command type=enable at=start")
     api("plug keyboard")
+    port = api.wait_event("device", action="plugged", name="keyboard")["port"]
     stop = api.wait_event("stop")
     print("stopped:", stop["what"])
     print(api("ring cmd")["text"], end="")
     api("delete all; continue")
-    print("enumerated:", api.wait_event("enumerated"))
+    print("enumerated:", api.wait_event("enumerated", port=port))
     for port in api("ports --json")["data"]:
         if port["device"]:
             print(f"port {port['port']}: {port['device']['name']} slot {port['slot']}")
-    print(api("guest run lsusb 2>/dev/null || cat /sys/bus/usb/devices/*/product")["text"])
+    print(api("guest run cat /sys/bus/usb/devices/*/product")["text"])
 
 
 if __name__ == "__main__":
