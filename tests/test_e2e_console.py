@@ -163,6 +163,7 @@ def test_the_api_socket_answers_ports_and_delivers_a_stop_event(tmp_path, kit):
         assert tablet["connected"] and tablet["slot"] == 1
         assert client.request("break command type=enable at=start")["ok"]
         assert client.request("plug keyboard")["ok"]
+        assert client.event("hello", 10)["controller"] == "running"
         stop = client.event("stop", timeout=60)
         assert stop["reason"] == "breakpoint" and stop["breakpoint"] == 1, stop
         assert client.event("guest", timeout=30)["state"] == "frozen"
@@ -246,12 +247,14 @@ def test_serve_with_qmp_freezes_the_users_qemu_at_a_stop(tmp_path, kit):
         while not os.path.exists(api):
             assert proc.poll() is None, (tmp_path / "xhcidbg.log").read_text()
             await asyncio.sleep(0.1)
+        client = await asyncio.to_thread(_ApiClient, api)
+        hello = await asyncio.to_thread(client.event, "hello", 10)
+        assert hello == {"event": "hello", "controller": "running", "guest": "no QMP"}, hello
         # the user's QEMU, with a QMP socket of its own for xhcidbg beside the kit's
         vm = await launch.Vm.start(devices=[json.dumps({"driver": "vfio-user-pci", "socket": {
             "path": sock, "type": "unix"}})], qemu=qemu, kernel=kernel, initrd=initrd,
             progress=False, extra_args=["-qmp", f"unix:{qmp},server=on,wait=off"])
         try:
-            client = await asyncio.to_thread(_ApiClient, api)
             reply = await asyncio.to_thread(client.request, "wait device keyboard -t 300", 300)
             assert reply["ok"], reply
             await asyncio.to_thread(client.event, "guest", 30)   # QMP connected: it runs

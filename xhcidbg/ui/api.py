@@ -9,6 +9,7 @@ Each line a client sends is one request; each request gets one reply line with t
 command without one) and `text` what the console would print.  Between replies the server
 sends events, lines with an `event` key and no `id`:
 
+    <- {"event": "hello", "controller": "running", "guest": "running"}   (first, on connect)
     <- {"event": "stop", "reason": "breakpoint", "breakpoint": 1, "what": "command ..."}
     <- {"event": "resume"}
     <- {"event": "guest", "state": "frozen"}            (or "running")
@@ -80,6 +81,7 @@ class ApiServer:
     # ---- requests ----------------------------------------------------------------------------
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._clients.add(writer)
+        self._send(writer, self.hello())
         try:
             while True:
                 try:
@@ -113,6 +115,15 @@ class ApiServer:
             return
         ok, data, text = await self.console.run_captured(request["command"])
         self._send(writer, {"id": request.get("id"), "ok": ok, "data": data, "text": text})
+
+    def hello(self) -> Event:
+        """What a new client is told first: the state events would have told it so far."""
+        session = self.console.session
+        vmm = session.vmm
+        guest = ("no QMP" if vmm is None else "frozen" if vmm.frozen else "running") \
+            if session.live_guest else session.kind
+        return {"event": "hello", "controller": "paused" if session.controller.gate.paused
+                else "running", "guest": guest}
 
     def _send(self, writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
         if writer.is_closing():
