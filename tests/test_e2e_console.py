@@ -278,3 +278,31 @@ def test_serve_with_qmp_freezes_the_users_qemu_at_a_stop(tmp_path, kit):
             proc.kill()
             proc.wait()
         log.close()
+
+
+WATCH_SCRIPT = """\
+wait shell -t 300
+wait device tablet -t 60
+guest run 'e=$(grep -A5 "xhcidbg USB Tablet" /proc/bus/input/devices | grep -o "event[0-9]*"); \
+cat /dev/input/$e > /dev/null & echo $! > /tmp/pid'
+wait time 2
+watch ep 1 3 dequeue
+guest run 'kill $(cat /tmp/pid)'
+wait stop -t 30
+ring cmd
+delete all
+continue
+"""
+
+
+def test_a_watchpoint_on_the_tr_dequeue_pointer_hits_when_linux_moves_it(kit):
+    # usbhid polls the tablet while its event device is open; closing it cancels the URB:
+    # Linux stops the endpoint and moves its dequeue pointer past the cancelled TD
+    out = _batch(WATCH_SCRIPT, "--no-keyboard")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    hit = re.search(r"watchpoint #1 ep 1 3 dequeue \(write\) hit: the controller writes ep 1 3 "
+                    r"dequeue \(0x[0-9a-f]+\+8\): old (0x[0-9a-f]+) \(dcs \d\) new "
+                    r"(0x[0-9a-f]+)", out.stdout)
+    assert hit and hit.group(1) != hit.group(2), out.stdout[-3000:]
+    assert re.search(r"Set TR Dequeue Pointer Command: deq [0-9a-f]+ stream 0 slot 1 ep 3",
+                     out.stdout), out.stdout[-3000:]
