@@ -60,6 +60,8 @@ def test_a_breakpoint_before_address_device_is_stepped_and_linux_gets_the_stick(
         child.expect(PROMPT)
         child.sendline("wait shell -t 300")
         child.expect("guest shell is up", timeout=BOOT_S)
+        child.sendline("guest log --follow")               # kernel messages as they come
+        child.expect("new messages are printed")
         child.sendline("break command type=address at=start")
         child.expect(r"breakpoint #1 command type=address at=start")
         child.sendline(f"plug storage --image {image}")
@@ -77,6 +79,7 @@ def test_a_breakpoint_before_address_device_is_stepped_and_linux_gets_the_stick(
         child.expect("running")
         child.sendline("wait device storage -t 120")
         child.expect(r"the guest configured it as slot (\d+)", timeout=150)
+        child.expect(r"guest: \[ *[\d.]+\] usb \S+: New USB device found", timeout=60)
         # usb-storage scans the LUN a moment after the configuration: wait for the disk
         child.sendline("guest run 'until [ -b /dev/sda ]; do usleep 100000; done;"
                        " printf xhcidbg-was-here > /tmp/f; dd if=/tmp/f of=/dev/sda"

@@ -477,8 +477,8 @@ class Console:
 
     def notice(self, text: Text) -> None:
         """Something that happened on its own (a followed kernel log line): above the prompt
-        when interactive, else in the output of whatever runs."""
-        self.out.print(text)
+        when interactive (the prompt's output, whatever task prints it)."""
+        self._main_out.print(text)
 
     # ---- output -----------------------------------------------------------------------------
     def _text_console(self, file: TextIO) -> RichConsole:
