@@ -77,9 +77,11 @@ def test_a_breakpoint_before_address_device_is_stepped_and_linux_gets_the_stick(
         child.expect("running")
         child.sendline("wait device storage -t 120")
         child.expect(r"the guest configured it as slot (\d+)", timeout=150)
-        child.sendline("guest run 'printf xhcidbg-was-here > /tmp/f; dd if=/tmp/f of=/dev/sda "
-                       "bs=512 conv=sync,fsync 2>/dev/null; echo 3 > /proc/sys/vm/drop_caches;"
-                       " dd if=/dev/sda bs=512 count=1 iflag=direct 2>/dev/null | head -c 15;"
+        # usb-storage scans the LUN a moment after the configuration: wait for the disk
+        child.sendline("guest run 'until [ -b /dev/sda ]; do usleep 100000; done;"
+                       " printf xhcidbg-was-here > /tmp/f; dd if=/tmp/f of=/dev/sda"
+                       " bs=512 conv=sync,fsync 2>/dev/null; echo 3 > /proc/sys/vm/drop_caches;"
+                       " dd if=/dev/sda bs=512 count=1 iflag=direct 2>/dev/null | head -c 16;"
                        " echo; cat /sys/block/sda/size'")
         child.expect(r"xhcidbg-was-here\r?\n(\d+)", timeout=120)
         assert int(child.match.group(1)) == 16 << 11        # Linux sees the whole stick
@@ -113,8 +115,9 @@ def test_a_frozen_guest_waits_out_a_60_s_stop_without_a_timeout(kit):
     out = _batch(FREEZE_SCRIPT.format(hold=60), "--no-keyboard")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert "guest: frozen" in out.stdout
-    frozen = re.search(r"frozen by xhcidbg \d+ time\(s\), ([\d.]+) s in all", out.stdout)
-    assert frozen and float(frozen.group(1)) >= 60, out.stdout[-3000:]
+    # `guest` right at the stop, then after the 60 s: the second tells the time frozen
+    frozen = re.findall(r"frozen by xhcidbg 1 time\(s\), ([\d.]+) s in all", out.stdout)
+    assert len(frozen) == 2 and float(frozen[1]) >= 60, out.stdout[-3000:]
     lines = _usb_kernel_lines(out.stdout, "1-2")
     assert any("Product: xhcidbg USB Keyboard" in line for line in lines), lines
     assert not [line for line in lines if TROUBLE.search(line)], lines
@@ -131,10 +134,12 @@ def test_with_freezing_off_linux_times_out_the_stopped_command_and_recovers(kit)
 
 def test_a_batch_script_whose_command_fails_exits_non_zero(kit):
     out = _batch("wait shell -t 300\nguest run cat /sys/bus/usb/devices/1-1/product\n"
-                 "guest run false\n", "--no-keyboard", "--echo")
+                 "guest log -n 400\nguest run false\nports\n", "--no-keyboard", "--echo")
     assert out.returncode == 1, out.stdout + out.stderr
     assert "xhcidbg USB Tablet" in out.stdout            # the commands before it ran
+    assert "usb 1-1: Product: xhcidbg USB Tablet" in out.stdout      # the guest's kernel log
     assert "exited with status 1" in out.stdout
+    assert "root hub ports" in out.stdout                # and the ones after it
 
 
 def test_the_api_socket_answers_ports_and_delivers_a_stop_event(tmp_path, kit):
@@ -223,3 +228,50 @@ class _ApiClient:
         if got in self.replies:
             self.replies.remove(got)
         return got
+
+
+def test_serve_with_qmp_freezes_the_users_qemu_at_a_stop(tmp_path, kit):
+    import asyncio
+
+    from xhcidbg.guestkit import launch
+
+    qemu, kernel, initrd = kit
+    sock, qmp, api = (str(tmp_path / n) for n in ("xhci.sock", "qmp.sock", "api.sock"))
+    log = open(tmp_path / "xhcidbg.log", "w")  # noqa: SIM115  (closed at the end)
+    proc = subprocess.Popen(xhcidbg("serve", "--socket", sock, "--qmp", qmp, "--api", api,
+                                    "--no-tablet"),
+                            stdin=subprocess.DEVNULL, stdout=log, stderr=log, text=True)
+
+    async def session() -> tuple[str, str, str]:
+        while not os.path.exists(api):
+            assert proc.poll() is None, (tmp_path / "xhcidbg.log").read_text()
+            await asyncio.sleep(0.1)
+        # the user's QEMU, with a QMP socket of its own for xhcidbg beside the kit's
+        vm = await launch.Vm.start(devices=[json.dumps({"driver": "vfio-user-pci", "socket": {
+            "path": sock, "type": "unix"}})], qemu=qemu, kernel=kernel, initrd=initrd,
+            progress=False, extra_args=["-qmp", f"unix:{qmp},server=on,wait=off"])
+        try:
+            client = await asyncio.to_thread(_ApiClient, api)
+            reply = await asyncio.to_thread(client.request, "wait device keyboard -t 300", 300)
+            assert reply["ok"], reply
+            await asyncio.to_thread(client.event, "guest", 30)   # QMP connected: it runs
+            assert (await asyncio.to_thread(client.request, "pause"))["ok"]
+            frozen = (await vm.qmp.query_status())["status"]     # QEMU's word, not ours
+            assert (await asyncio.to_thread(client.request, "continue"))["ok"]
+            running = (await vm.qmp.query_status())["status"]
+            status = (await asyncio.to_thread(client.request, "guest"))["text"]
+            await asyncio.to_thread(client.request, "quit")
+            return frozen, running, status
+        finally:
+            await vm.stop()
+
+    try:
+        frozen, running, status = asyncio.run(session())
+        assert (frozen, running) == ("paused", "running")
+        assert "frozen by xhcidbg 1 time(s)" in status, status
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()

@@ -6,7 +6,7 @@ from xhcidbg.devices.base import Speed, Status
 from xhcidbg.devices.loopback import LoopbackDevice
 from xhcidbg.emu.context import EpState
 from xhcidbg.emu.hooks import ANNOUNCEMENTS
-from xhcidbg.emu.trb import CC
+from xhcidbg.emu.trb import CC, TRB_SIZE
 from xhcidbg.emu.trb import TrbType as T
 from xhcidbg.guest.device import Device
 
@@ -140,3 +140,38 @@ def test_a_transfer_record_names_the_trbs_of_its_td(bus, drv, dev):
     stages = [(addr, t) for r, addr, t in fetched if r == ring and t != T.LINK]
     assert [t for _, t in stages] == [T.SETUP_STAGE, T.DATA_STAGE, T.STATUS_STAGE]
     assert rec.trbs == tuple(addr for addr, _ in stages)
+
+
+def test_dma_announces_the_controllers_accesses_and_only_those(bus, drv, dev):
+    c = bus.controller
+    seen: list[tuple[bool, int, int, bytes]] = []
+
+    class Dma:
+        def on_dma(self, write, addr, length, data):
+            seen.append((write, addr, length, bytes(data)))
+
+    def touched(write: bool, addr: int, n: int) -> bool:
+        return any(w == write and a < addr + n and addr < a + ln for w, a, ln, _ in seen)
+
+    ep = dev.endpoint(0x81)
+    assert c.mem.view(0x1000, 16) is not None           # nobody listens: zero-copy views
+    watcher = c.hooks.attach(Dma())
+    assert c.mem.view(0x1000, 16) is None               # listened to: every write goes by write()
+    event_at = c.interrupters[0].enqueue_pointer
+    td = ep.submit(length=64).wait()
+    assert td.ok
+    trbs = td.trb_addrs()
+    assert all(touched(False, a, TRB_SIZE) for a in trbs)          # the controller read them
+    assert not any(touched(True, a, TRB_SIZE) for a in trbs)       # the guest wrote them: unseen
+    assert touched(True, td.buf, 64)                               # IN data, by the controller
+    assert touched(True, event_at, TRB_SIZE)                       # its Transfer Event
+    # a write is announced before its bytes land, with the bytes it writes
+    data_writes = [d for w, a, n, d in seen if w and a == td.buf]
+    assert data_writes and data_writes[-1][:64] == bus.mem.read(td.buf, 64)
+    count = len(seen)
+    c.mem.peek(td.buf, 64)
+    c.mem.poke(td.buf, b"x")
+    bus.mem.read(td.buf, 64)                            # the guest's own memory object
+    assert len(seen) == count
+    c.hooks.detach(watcher)
+    assert c.hooks.on_dma == [] and c.mem.view(0x1000, 16) is not None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from prompt_toolkit.document import Document
 
-from xhcidbg.emu.trb import CC, CC_NAMES, TrbType
+from xhcidbg.emu.trb import CC_NAMES, TrbType
 from xhcidbg.ui import Console, WorldOptions
 from xhcidbg.ui.completion import (
     COMMAND_TYPES,
@@ -17,7 +17,7 @@ from xhcidbg.ui.completion import (
     type_names,
 )
 from xhcidbg.ui.history import KINDS
-from xhcidbg.ui.observe import Breakpoint
+from xhcidbg.ui.observe import parse_conditions
 from xhcidbg.ui.registry import REGISTRY
 
 
@@ -76,38 +76,44 @@ def test_type_and_cc_names_after_type_and_cc(words):
     assert words("break urb status=ST") == ["STALL"]
 
 
+def _matched(kind: str, key: str, name: str, values) -> set[int]:
+    """The values a breakpoint condition KEY=NAME of `kind` holds for (it must parse)."""
+    [condition] = parse_conditions(kind, [f"{key}={name}"])
+    return {v for v in values if condition.holds({key: v})}
+
+
 @pytest.mark.parametrize("kind,types", [("command", COMMAND_TYPES), ("event", EVENT_TYPES),
                                         ("trb", [*TRANSFER_TYPES, *COMMAND_TYPES])])
 def test_offered_type_names_are_what_breakpoints_accept(kind, types):
     """Each type has a name offered that a breakpoint condition matches it with, and each name
     offered matches a type of that kind."""
     names = type_names(kind)
-
-    def matched(name: str) -> set[int]:
-        bp = Breakpoint(1, kind, {"type": name})
-        return {t for t in types if bp.matches({"type": t, "at": "done"})}
-
     assert len(set(names)) == len(names)
     for t in types:
-        assert any(t in matched(n) for n in names), (kind, t)
+        assert any(t in _matched(kind, "type", n, types) for n in names), (kind, t)
     for n in names:
-        assert matched(n), (kind, n)
-    assert matched("address") == ({TrbType.ADDRESS_DEVICE} if kind != "event" else set())
+        assert _matched(kind, "type", n, types), (kind, n)
+    assert _matched(kind, "type", "address", types) == (
+        {TrbType.ADDRESS_DEVICE} if kind != "event" else set())
 
 
 def test_offered_cc_names_are_what_breakpoints_accept():
-    """Every completion code has an offered name a breakpoint condition matches it with."""
+    """Every completion code has one offered name, which a condition takes and which picks
+    that code alone."""
     names = cc_names()
-    assert len(set(names)) == len(names)
+    codes = [cc for cc in CC_NAMES if cc]
+    assert len(names) == len(codes) == len(set(names))
+    for cc, name in zip(sorted(codes), names, strict=True):
+        assert _matched("event", "cc", name, CC_NAMES) == {cc}, (cc, name)
+    assert {"stall", "short-packet", "usb-transaction", "success"} <= set(names)
 
-    def matched(name: str) -> set[int]:
-        bp = Breakpoint(1, "event", {"cc": name})
-        return {cc for cc in CC_NAMES if bp.matches({"cc": cc})}
 
-    for cc in CC_NAMES:
-        if cc:
-            assert any(cc in matched(n) for n in names), CC_NAMES[cc]
-    assert matched("stall") == {CC.STALL_ERROR} and matched("short-packet") == {CC.SHORT_PACKET}
+def test_conditions_with_other_operators_and_register_names(words):
+    assert words("break event cc!=sta") == ["stall"]
+    assert words("break mmio reg=USBS") == ["USBSTS"]
+    assert words("break mmio access=w") == ["write"]
+    assert words("watch reg PORTS") == ["PORTSC"]
+    assert words("break event slot>") == words("break event slot=")
 
 
 def test_file_names_where_arguments_are_paths(tmp_path, words):

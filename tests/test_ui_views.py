@@ -232,7 +232,7 @@ def test_devices_log_break_and_guest_json(con):
     try:
         listing = as_json(con, "break")
         assert added in listing
-        assert added["conditions"] == {"ep": "0x81"} and added["enabled"] is True
+        assert added["conditions"] == ["ep=0x81"] and added["enabled"] is True
     finally:
         con.execute(f"delete {added['number']}")
     guest = as_json(con, "guest")

@@ -79,6 +79,7 @@ class XhciController:
         self._mem = mem or GuestMemory()
         self.irq: InterruptSink = InterruptSink()
         self.hooks = Hooks()
+        self._mem.on_dma = self.hooks.on_dma     # the one list: attach/detach reach memory
         self.gate = Gate(self.scheduler)
         self.bar_size = R.BAR_SIZE
         self.usb2_ports = usb2_ports
@@ -121,6 +122,7 @@ class XhciController:
     def mem(self, mem: GuestMemory) -> None:
         """Guest memory for every DMA (the transport sets it once, then maps regions into it)."""
         self._mem = mem
+        mem.on_dma = self.hooks.on_dma
         for ir in self.interrupters:
             ir.mem = mem
         self.cmd_ring.mem = mem

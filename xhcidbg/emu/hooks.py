@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..devices.base import UsbTransfer
+from .memory import DmaListener
 from .trb import Trb
 
 # name -> (arguments, what it means)
@@ -40,6 +41,10 @@ ANNOUNCEMENTS = {
              "controller changed state",
     "interrupt": "(interrupter: int) an interrupt was signalled to the host",
     "log": "(level: str, message: str) the controller refused guest input or noticed trouble",
+    "dma": "(write: bool, addr: int, length: int, data: bytes-like) the controller read guest "
+           "memory, or is about to write it (`mem.peek` still shows the old bytes); only the "
+           "controller's own accesses: a guest writing its RAM is seen when the controller "
+           "next reads it",
 }
 
 
@@ -117,6 +122,7 @@ class Hooks:
     on_state: list[Callable[[str, str, str, str], None]]
     on_interrupt: list[Callable[[int], None]]
     on_log: list[Callable[[str, str], None]]
+    on_dma: list[DmaListener]
 
     def __init__(self) -> None:
         for n in ANNOUNCEMENTS:

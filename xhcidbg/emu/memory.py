@@ -5,6 +5,11 @@ in-process bus backs it with one bytearray; the vfio-user transport adds the mma
 descriptors QEMU sends with DMA_MAP, or message-based accessors for regions that come without one.
 A DMA outside every region raises `DmaError`, which the controller turns into the completion code
 or Host System Error a real controller reports.
+
+`on_dma` is the controller's `dma` announcement (the controller puts its hooks' list here): when
+someone listens, every read is announced after it and every write before its bytes land, and
+`view` gives no zero-copy views, so nothing reaches guest memory unseen.  `peek` and `poke` are
+for those who look (the console, the tracer): they are never announced.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from collections.abc import Callable, Iterator
 BytesLike = bytes | bytearray | memoryview
 Reader = Callable[[int, int], bytes]      # (address, length) -> data, for fd-less regions
 Writer = Callable[[int, bytes], None]
+DmaListener = Callable[[bool, int, int, BytesLike], None]   # (write, addr, length, data)
 
 
 class DmaError(Exception):
@@ -44,6 +50,16 @@ class GuestMemory:
         self._starts: list[int] = []
         self._regions: list[Region] = []
         self._last: Region | None = None
+        self.on_dma: list[DmaListener] = []
+
+    def twin(self) -> GuestMemory:
+        """Another view of the same regions with its own `on_dma`: the in-process bus gives the
+        controller one and the guest the other, so only the controller's accesses are
+        announced.  Regions mapped later into one are not seen by the other."""
+        other = GuestMemory()
+        other._starts = list(self._starts)
+        other._regions = list(self._regions)
+        return other
 
     # ---- mapping -------------------------------------------------------------------------
     def map(self, start: int, size: int, buffer: BytesLike | None = None, *,
@@ -104,13 +120,21 @@ class GuestMemory:
             return self._read_split(addr, length)
         if r.view is not None:
             off = addr - r.start
-            return bytes(r.view[off:off + length])
-        if r.reader is None:
+            data = bytes(r.view[off:off + length])
+        elif r.reader is None:
             raise DmaError(addr, length, "is in a region that cannot be read")
-        return bytes(r.reader(addr, length))
+        else:
+            data = bytes(r.reader(addr, length))
+        if self.on_dma:
+            for fn in self.on_dma:
+                fn(False, addr, length, data)
+        return data
 
     def view(self, addr: int, length: int) -> memoryview | None:
-        """A zero-copy view when [addr, addr+length) lies in one directly mapped region."""
+        """A zero-copy view when [addr, addr+length) lies in one directly mapped region (and
+        nobody listens to `on_dma`: what is written through a view is not seen)."""
+        if self.on_dma:
+            return None
         try:
             r = self._find(addr, length)
         except DmaError:
@@ -132,6 +156,9 @@ class GuestMemory:
             return self._write_split(addr, data)
         if not r.writable:
             raise DmaError(addr, length, "is read-only")
+        if self.on_dma:
+            for fn in self.on_dma:
+                fn(True, addr, length, data)
         if r.view is not None:
             off = addr - r.start
             r.view[off:off + length] = data
@@ -161,6 +188,22 @@ class GuestMemory:
         mv = memoryview(bytes(data))
         for a, n in pieces:
             self.write(a, mv[a - addr:a - addr + n])
+
+    def peek(self, addr: int, length: int) -> bytes:
+        """`read` without the announcement (for observers: looking is not a DMA)."""
+        listeners, self.on_dma = self.on_dma, []
+        try:
+            return self.read(addr, length)
+        finally:
+            self.on_dma = listeners
+
+    def poke(self, addr: int, data: BytesLike) -> None:
+        """`write` without the announcement (the console changing guest memory by hand)."""
+        listeners, self.on_dma = self.on_dma, []
+        try:
+            self.write(addr, data)
+        finally:
+            self.on_dma = listeners
 
     def read_u32(self, addr: int) -> int:
         return int.from_bytes(self.read(addr, 4), "little")

@@ -109,6 +109,9 @@ class Session:
         self.vmm: Vmm | None = None              # the VMM's monitor, when the session has one
         self.shell: SerialConsole | None = None  # the guest's serial shell, when we booted it
         self.freeze: GuestFreeze | None = None
+        # told True/False whenever the guest is frozen or thawed (by anyone), and once with its
+        # state when a VMM's monitor becomes known
+        self.on_guest: list[Callable[[bool], None]] = []
         self.plug_all(devices)
 
     async def start(self) -> None:
@@ -125,6 +128,22 @@ class Session:
         if self.freeze is not None:
             self.freeze.close()
         self.freeze = GuestFreeze(self, vmm)
+        vmm.on_change.append(self._guest_changed)
+        self._guest_changed(vmm.frozen)
+
+    def drop_vmm(self) -> None:
+        """The VMM's monitor went away: stops no longer freeze anything."""
+        if self.freeze is not None:
+            self.freeze.close()
+            self.freeze = None
+        self.vmm = None
+
+    def _guest_changed(self, frozen: bool) -> None:
+        for fn in list(self.on_guest):
+            try:
+                fn(frozen)
+            except Exception:
+                log.exception("a guest state listener failed")
 
     # ---- quiescence --------------------------------------------------------------------------
     def quiet(self) -> bool:

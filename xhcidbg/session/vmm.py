@@ -47,7 +47,7 @@ class Vmm:
         self.events: list[dict[str, Any]] = []      # the last KEEP_EVENTS, oldest first
         self.frozen = False
         self.freezes = 0                            # freezes we asked for
-        self.frozen_s = 0.0                         # guest time frozen by us, in all
+        self._frozen_total = 0.0                    # frozen time before the current freeze
         self._frozen_at: float | None = None
         self._gone = gone          # what ended the VMM (its exit), when the connection drops
         self._event_added = asyncio.Event()
@@ -93,6 +93,12 @@ class Vmm:
         self._task = asyncio.get_running_loop().create_task(self._follow())
         status = await self.status()
         self._set_frozen(status.get("status") in STOPPED_STATES, counted=False)
+
+    @property
+    def frozen_s(self) -> float:
+        """Seconds the guest has spent frozen, the current freeze included."""
+        ongoing = time.monotonic() - self._frozen_at if self._frozen_at is not None else 0.0
+        return self._frozen_total + ongoing
 
     # ---- commands ----------------------------------------------------------------------------
     async def execute(self, command: str, timeout: float = 30.0, **arguments: Any) -> Any:
@@ -189,7 +195,7 @@ class Vmm:
         if frozen:
             self._frozen_at = now
         elif self._frozen_at is not None:
-            self.frozen_s += now - self._frozen_at
+            self._frozen_total += now - self._frozen_at
             self._frozen_at = None
         for fn in list(self.on_change):
             try:

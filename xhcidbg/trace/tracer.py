@@ -587,19 +587,20 @@ class Tracer:
 
     def _snapshot_contexts(self, ttype: int, slot: int, trb) -> None:
         """Read the contexts a command changed, as Linux's xhci_handle_cmd_* tracepoints show
-        them.  Guest memory is read defensively: a bad pointer just means no record."""
+        them.  Guest memory is read defensively: a bad pointer just means no record; and by
+        peeking, so that the tracer's reading is not announced as the controller's DMA."""
         if self.controller is None:
             return
         mem = self.controller.mem
         dcbaap = self.controller.dcbaap
         stride = self._context_size()
         try:
-            out = mem.read_u64(dcbaap + 8 * slot) & ~0x3F if dcbaap else 0
+            out = int.from_bytes(mem.peek(dcbaap + 8 * slot, 8), "little") & ~0x3F if dcbaap else 0
             dcis: list[int] = []
             if ttype in (TrbType.ADDRESS_DEVICE, TrbType.CONFIGURE_ENDPOINT,
                          TrbType.EVALUATE_CONTEXT):
                 inp = trb.param & ~0xF
-                ctrl = mem.read(inp, 32)
+                ctrl = mem.peek(inp, 32)
                 self._context(inp, slot, CTX_INPUT_CONTROL, ttype, ctrl)
                 add = int.from_bytes(ctrl[4:8], "little")
                 dcis = [1] if ttype != TrbType.CONFIGURE_ENDPOINT else \
@@ -609,7 +610,7 @@ class Tracer:
             if not out:
                 return
             if ttype not in _EP_ONLY:
-                slot_ctx = mem.read(out, 32)
+                slot_ctx = mem.peek(out, 32)
                 self._context(out, slot, CTX_SLOT, ttype, slot_ctx)
                 if slot_ctx[6]:
                     self._slot_port[slot] = slot_ctx[6]
@@ -617,7 +618,7 @@ class Tracer:
             for dci in dcis:
                 if 1 <= dci <= 31:
                     at = out + stride * dci
-                    self._context(at, slot, dci, ttype, mem.read(at, 32))
+                    self._context(at, slot, dci, ttype, mem.peek(at, 32))
         except Exception:
             return
 

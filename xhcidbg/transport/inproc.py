@@ -44,8 +44,8 @@ class InProcessBus:
             controller_options.setdefault("scheduler", Scheduler(virtual=True))
             controller = XhciController(**controller_options)
         self.controller = controller
-        self.mem = RamMemory(ram_size)
-        controller.mem = self.mem
+        self.mem = RamMemory(ram_size)        # the guest's
+        controller.mem = self.mem.twin()      # the controller's own, so only its DMA is announced
         self.mode = mode                         # "msix" or "intx"
         self.interrupts = [0] * len(controller.interrupters)
         self.intx = False

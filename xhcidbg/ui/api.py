@@ -143,8 +143,7 @@ class _EventSource:
         session.controller.gate.on_change.append(self._gate)
         session.controller.hooks.attach(self)
         console.on_stop.append(self._breakpoint)
-        if session.vmm is not None:
-            session.vmm.on_change.append(self._guest)
+        session.on_guest.append(self._guest)
         self._connected = {p.number: bool(p.portsc & 1) for p in session.controller.ports}
 
     def detach(self) -> None:
@@ -158,8 +157,8 @@ class _EventSource:
             if self._gate in gate.on_change:
                 gate.on_change.remove(self._gate)
             session.controller.hooks.detach(self)
-            if session.vmm is not None and self._guest in session.vmm.on_change:
-                session.vmm.on_change.remove(self._guest)
+            if self._guest in session.on_guest:
+                session.on_guest.remove(self._guest)
         if self._breakpoint in console.on_stop:
             console.on_stop.remove(self._breakpoint)
 

@@ -2,6 +2,7 @@
 `help COMMAND` prints that parser's help."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import shlex
@@ -16,7 +17,7 @@ from ..session import DEVICE_NAMES, SCRATCH_STICK_MIB, make_device
 from ..trace import cli as trace_cli
 from . import render
 from .observe import BREAK_KINDS, Breakpoint
-from .registry import REGISTRY, command, parser
+from .registry import REGISTRY, CommandParser, command, parser
 from .world import World
 
 if TYPE_CHECKING:
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
 EXECUTION, INSPECT, DEVICES, SESSION = "execution", "inspection", "devices", "session"
 MAX_ADDRESS = (1 << 64) - 1
 MAX_MEM_BYTES = 64 << 10        # `mem` shows at most this much at once
+RUN_UNTIL_S = 10.0              # how long `until`, `finish`, `step event` wait for their stop
+POLL_S = 0.002
+MAX_SOURCE_DEPTH = 8
 D = TypeVar("D", bound=UsbDevice)
 
 
@@ -282,6 +286,7 @@ p = parser("pause", "Stop ring processing (MMIO is still answered; timers still 
 @command(p, EXECUTION, aliases=("stop",))
 async def pause(con: Console, args: Namespace) -> None:
     gate = con.controller.gate
+    con.breakpoints.cancel_internal()       # a pending `until` ends at this stop too
     if gate.paused:
         con.out.print("already paused")
     gate.pause()
@@ -313,19 +318,30 @@ async def continue_(con: Console, args: Namespace) -> None:
         con.out.print("running")
 
 
-p = parser("step", "Run N units of ring processing: one TRB, one TD (default) or one command.\n"
+p = parser("step", "Run N units of ring processing: one TRB, one TD (default) or one command;\n"
+                   "`step event` runs until the next event is posted.\n"
                    "Pauses first if running; shows what happened and the context.",
            """step              # one TD on the first ring with work
               step trb          # one TRB
               step command      # the next command on the command ring
-              step td 3         # three TDs""")
-p.add_argument("unit", nargs="?", default="td", choices=("trb", "td", "command"))
+              step td 3         # three TDs
+              step event        # run until the controller posts an event, then stop""")
+p.add_argument("unit", nargs="?", default="td", choices=("trb", "td", "command", "event"))
 p.add_argument("count", nargs="?", type=int, default=1)
+p.add_argument("-t", "--timeout", type=float, default=RUN_UNTIL_S,
+               help=f"event: seconds to wait before leaving it running (default {RUN_UNTIL_S:g})")
 
 
 @command(p, EXECUTION, aliases=("s", "si"))
 async def step(con: Console, args: Namespace) -> None:
+    if args.unit == "event":
+        for _ in range(max(1, args.count)):
+            if not await run_until(con, "event", [], "step event: the next event",
+                                   args.timeout):
+                break
+        return
     gate = con.controller.gate
+    con.breakpoints.cancel_internal()
     if not gate.paused:
         gate.pause()
         await con.session.settle(0.5)
@@ -348,26 +364,116 @@ async def step(con: Console, args: Namespace) -> None:
         con.out.print(f"stepped {len(moved)} {args.unit}(s) on ring(s) "
                       f"{', '.join(dict.fromkeys(moved))}")
         con.stepped_ring = moved[-1]
+    con.data({"stepped": len(moved), "unit": args.unit, "rings": list(dict.fromkeys(moved))})
     con.show_activity(since)
     con.show_new_reports(reports_before)
     con.show_context()
 
 
-p = parser("break", "Set a breakpoint on something the controller announces, or list them.\n"
-                    "Kinds and their conditions:\n" +
-                    "\n".join(f"  {k}: " + ", ".join(f"{c}=" for c in v)
-                              for k, v in BREAK_KINDS.items()),
-           """break                      # list breakpoints
-              break trb type=Setup       # stop after a Setup Stage TRB is fetched
-              break trb ring=1/3         # any TRB on slot 1's ep1in ring
-              break command              # stop after every command completes
-              break command type=address # after Address Device
-              break doorbell slot=1      # when slot 1's doorbell is rung
-              break port port=5          # when PORTSC of port 5 changes
-              break event cc=stall       # when a Stall Error event is posted
-              break urb ep=0x81 phase=done""")
-p.add_argument("kind", nargs="?", choices=tuple(BREAK_KINDS))
-p.add_argument("conditions", nargs="*", metavar="KEY=VALUE")
+async def run_until(con: Console, kind: str, conditions: list[str], label: str,
+                    timeout: float) -> bool:
+    """Resume with a one-shot stop armed; wait for it (or any breakpoint) up to `timeout` s.
+    Returns whether the controller stopped; if not, the stop stays armed and it runs on."""
+    bps = con.breakpoints
+    gate = con.controller.gate
+    bps.cancel_internal()
+    bps.stop_at(kind, conditions, label)
+    since, reports_before = con.mark()
+    hits = bps.hits
+    bps.last_hit = None
+    gate.resume()
+    con.session.changed()
+    await con.guest_settled()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while bps.hits == hits and loop.time() < deadline:
+        await asyncio.sleep(POLL_S)
+    stopped = bps.hits != hits
+    if stopped:
+        await con.session.settle(0.5)
+        await con.guest_settled()
+    con.show_activity(since)
+    con.show_new_reports(reports_before)
+    hit = bps.last_hit
+    con.data({"stopped": stopped, "waiting_for": label,
+              "hit": None if hit is None else {"breakpoint": hit[0].number or None,
+                                               "what": hit[1]}})
+    if stopped:
+        con.show_context()
+    else:
+        con.out.print(f"still running after {timeout:g} s, waiting for {label} (`wait stop` "
+                      f"waits on; `pause` stops now)")
+    return stopped
+
+
+p = parser("finish", "Run until the current TD of the last stepped ring retires (its event\n"
+                     "is posted), then stop; on the command ring, until the command completes.",
+           """finish            # the ring `step` last moved (or the ring shown in the context)
+              finish 1/3        # the TD on slot 1's ep1in ring""")
+p.add_argument("ring", nargs="?", help="cmd or SLOT/DCI")
+p.add_argument("-t", "--timeout", type=float, default=RUN_UNTIL_S)
+
+
+@command(p, EXECUTION, aliases=("fin",), complete=lambda con, w: render.ring_names(con.controller))
+async def finish(con: Console, args: Namespace) -> None:
+    name = args.ring or con.current_ring()
+    render.ring_of(con.controller, name)         # refuses rings that do not exist
+    if name in ("cmd", "command"):
+        await run_until(con, "command", [], "finish: the command completes", args.timeout)
+        return
+    slot, dci = (int(x, 0) for x in name.split("/"))
+    ep = con.controller.slots[slot].endpoints[dci]
+    if not ep.inflight and ep.building is None:
+        con.out.print(f"no TD is in flight on ring {name}: waiting for the next one to retire")
+    con.stepped_ring = f"{slot}/{dci}"
+    await run_until(con, "urb", [f"slot={slot}", f"dci={dci}", "phase=retired"],
+                    f"finish: the TD on ring {slot}/{dci} retires", args.timeout)
+
+
+p = parser("until", "Run until the next doorbell, interrupt or event, then stop.",
+           """until doorbell    # the guest rings a doorbell
+              until interrupt   # the controller signals an interrupt
+              until event       # the controller posts an event (as `step event`)""")
+p.add_argument("what", choices=("doorbell", "interrupt", "event"))
+p.add_argument("-t", "--timeout", type=float, default=RUN_UNTIL_S)
+
+
+@command(p, EXECUTION, aliases=("u",))
+async def until(con: Console, args: Namespace) -> None:
+    await run_until(con, args.what, [], f"until: the next {args.what}", args.timeout)
+
+
+# ---- breakpoints -------------------------------------------------------------------------------
+_BREAK_HELP = ("Kinds and their conditions (KEY=VALUE; also KEY!=VALUE, KEY<N, KEY>N, KEY<=N,\n"
+               "KEY>=N; names such as type=Setup or cc=stall match by their start):\n" +
+               "\n".join(f"  {k}: " + ", ".join(f"{c}=" for c in v)
+                         for k, v in BREAK_KINDS.items()))
+
+
+def point_options(p: CommandParser) -> None:
+    """The options every breakpoint and watchpoint takes (what `save breakpoints` writes)."""
+    p.add_argument("--disabled", action="store_true", help="create it disabled")
+    p.add_argument("--ignore", type=int, default=0, metavar="COUNT",
+                   help="skip its next COUNT stops")
+    p.add_argument("--commands", metavar="'CMD; CMD'",
+                   help="console commands run when it stops (as `commands N`)")
+
+
+def apply_point_options(con: Console, bp: Breakpoint, args: Namespace) -> None:
+    if args.disabled:
+        con.breakpoints.set_enabled(bp.number, False)
+    if args.ignore:
+        bp.ignore = max(0, args.ignore)
+    if args.commands:
+        bp.commands = split_commands(args.commands)
+
+
+def _break_parser(name: str, what: str, examples: str) -> CommandParser:
+    p = parser(name, what + "\n" + _BREAK_HELP, examples)
+    p.add_argument("kind", nargs="?", choices=tuple(BREAK_KINDS))
+    p.add_argument("conditions", nargs="*", metavar="KEY=VALUE")
+    point_options(p)
+    return p
 
 
 def _break_complete(con: Console, words: list[str]) -> list[str]:
@@ -376,54 +482,221 @@ def _break_complete(con: Console, words: list[str]) -> list[str]:
     return [f"{k}=" for k in BREAK_KINDS.get(words[0], {})]
 
 
+def list_points(con: Console, watchpoints_only: bool = False) -> None:
+    points = [b for b in con.breakpoints.points if b.watch is not None or not watchpoints_only]
+    con.data([b.data() for b in points])
+    if not points:
+        con.out.print("no watchpoints" if watchpoints_only else "no breakpoints")
+    for b in points:
+        extra = ["enabled" if b.enabled else "disabled", f"hit {b.hits} times"]
+        if b.temporary:
+            extra.append("temporary")
+        if b.ignore:
+            extra.append(f"ignores its next {b.ignore} stop(s)")
+        con.out.print(f"{b}  ({', '.join(extra)})")
+        for c in b.commands:
+            con.out.print(f"        {c}")
+
+
+def _make_break(con: Console, args: Namespace, temporary: bool) -> None:
+    if args.kind is None:
+        list_points(con)
+        return
+    bp = con.breakpoints.add(args.kind, args.conditions, temporary=temporary)
+    apply_point_options(con, bp, args)
+    con.data(bp.data())
+    con.out.print(f"{'temporary ' if temporary else ''}breakpoint {bp}")
+
+
+p = _break_parser("break", "Set a breakpoint on something the controller announces, or list "
+                           "breakpoints and watchpoints.",
+                  """break                      # list breakpoints and watchpoints
+                     break trb type=Setup       # stop after a Setup Stage TRB is fetched
+                     break trb ring=1/3         # any TRB on slot 1's ep1in ring
+                     break command              # stop after every command completes
+                     break command type=address # after Address Device
+                     break doorbell slot=1      # when slot 1's doorbell is rung
+                     break port port=5          # when PORTSC of port 5 changes
+                     break event cc=stall       # when a Stall Error event is posted
+                     break event cc!=success type=transfer   # a transfer that did not succeed
+                     break urb ep=0x81 phase=done
+                     break urb phase=retired actual>0
+                     break mmio reg=USBCMD write          # the guest writes USBCMD
+                     break mmio reg=PORTSC[5] access=read
+                     break setup request=0x06 value=0x0100   # GET_DESCRIPTOR(DEVICE)
+                     break interrupt interrupter=0
+                     break event --ignore 3     # the 4th event from now
+                     break command --commands 'regs usbsts; continue'""")
+
+
 @command(p, EXECUTION, aliases=("b",), complete=_break_complete)
 def break_(con: Console, args: Namespace) -> None:
-    bps = con.breakpoints
-    if args.kind is None:
-        if not bps.points:
-            con.out.print("no breakpoints")
-        for b in bps.points:
-            con.out.print(f"{b}  ({'enabled' if b.enabled else 'disabled'}, hit {b.hits} times)")
-        con.data([_breakpoint_data(b) for b in bps.points])
-        return
-    conds = {}
-    for c in args.conditions:
-        key, sep, value = c.partition("=")
-        if not sep or not value:
-            raise ValueError(f"condition {c!r}: write KEY=VALUE (e.g. type=Setup)")
-        conds[key.lower()] = value
-    bp = bps.add(args.kind, conds)
-    con.out.print(f"breakpoint {bp}")
-    con.data(_breakpoint_data(bp))
+    _make_break(con, args, temporary=False)
 
 
-def _breakpoint_data(b: Breakpoint) -> dict[str, object]:
-    return {"number": b.number, "kind": b.kind, "conditions": dict(b.conditions),
-            "enabled": b.enabled, "hits": b.hits}
+p = _break_parser("tbreak", "A temporary breakpoint: deleted when it first stops.",
+                  """tbreak doorbell slot=1     # the next time slot 1's doorbell rings
+                     tbreak event cc=stall""")
 
 
-p = parser("delete", "Delete a breakpoint, or all of them.",
+@command(p, EXECUTION, aliases=("tb",), complete=_break_complete)
+def tbreak(con: Console, args: Namespace) -> None:
+    _make_break(con, args, temporary=True)
+
+
+p = parser("delete", "Delete breakpoints or watchpoints, or all of them.",
            """delete 2
+              delete 2 3
               delete all""")
-p.add_argument("which", help="a breakpoint number or `all`")
+p.add_argument("which", nargs="+", help="breakpoint numbers, or `all`")
 
 
-@command(p, EXECUTION, aliases=("d",))
+def _point_numbers(con: Console, words: list[str]) -> list[str]:
+    return [str(b.number) for b in con.breakpoints.points] if len(words) <= 1 else []
+
+
+@command(p, EXECUTION, aliases=("d",), complete=lambda con, w: [
+    *(str(b.number) for b in con.breakpoints.points), "all"])
 def delete(con: Console, args: Namespace) -> None:
-    n = con.breakpoints.delete(None if args.which == "all" else int(args.which))
+    if "all" in args.which:
+        n = con.breakpoints.delete(None)
+    else:
+        n = sum(con.breakpoints.delete(_number(w)) for w in args.which)
     con.out.print(f"deleted {n} breakpoint(s)")
 
 
+def _number(text: str) -> int:
+    try:
+        return int(text.lstrip("#"))
+    except ValueError:
+        raise ValueError(f"{text!r} is not a breakpoint number") from None
+
+
 for _name, _on in (("enable", True), ("disable", False)):
-    p = parser(_name, f"{_name.capitalize()} a breakpoint.", f"{_name} 1")
-    p.add_argument("number", type=int)
+    p = parser(_name, f"{_name.capitalize()} breakpoints (all of them without a number).",
+               f"""{_name} 1
+                   {_name}             # every breakpoint and watchpoint""")
+    p.add_argument("numbers", nargs="*", type=int)
 
     def _toggle(con: Console, args: Namespace, on: bool = _on) -> None:
-        b = con.breakpoints.get(args.number)
-        b.enabled = on
-        con.out.print(f"breakpoint {b} {'enabled' if on else 'disabled'}")
+        numbers = args.numbers or [b.number for b in con.breakpoints.points]
+        for n in numbers:
+            b = con.breakpoints.set_enabled(n, on)
+            con.out.print(f"breakpoint {b} {'enabled' if on else 'disabled'}")
 
-    command(p, EXECUTION)(_toggle)
+    command(p, EXECUTION, complete=lambda con, w: [str(b.number) for b in
+                                                    con.breakpoints.points])(_toggle)
+
+
+p = parser("ignore", "Let a breakpoint pass its next COUNT stops (it still counts them).",
+           """ignore 2 5        # breakpoint 2 stops again at its 6th hit from now
+              ignore 2 0        # stop at the next one""")
+p.add_argument("number", type=_number)
+p.add_argument("count", type=int)
+
+
+@command(p, EXECUTION, complete=_point_numbers)
+def ignore(con: Console, args: Namespace) -> None:
+    b = con.breakpoints.get(args.number)
+    b.ignore = max(0, args.count)
+    con.out.print(f"breakpoint {b} ignores its next {b.ignore} stop(s)" if b.ignore
+                  else f"breakpoint {b} stops at its next hit")
+
+
+p = parser("condition", "Replace a breakpoint's conditions (none: it stops at every hit).",
+           """condition 1 cc!=success           # breakpoint 1 now takes this condition only
+              condition 1 slot=2 type=transfer
+              condition 1                       # no conditions""")
+p.add_argument("number", type=_number)
+p.add_argument("conditions", nargs="*", metavar="KEY=VALUE")
+
+
+def _condition_complete(con: Console, words: list[str]) -> list[str]:
+    if len(words) <= 1:
+        return _point_numbers(con, words)
+    try:
+        kind = con.breakpoints.get(_number(words[0])).kind
+    except ValueError:
+        return []
+    return [f"{k}=" for k in BREAK_KINDS.get(kind, {})]
+
+
+@command(p, EXECUTION, complete=_condition_complete)
+def condition(con: Console, args: Namespace) -> None:
+    b = con.breakpoints.set_conditions(args.number, args.conditions)
+    con.out.print(f"breakpoint {b}")
+
+
+p = parser("commands", "Console commands a breakpoint runs when it stops, given as one line\n"
+                       "(`;` between commands; quote it).  Without commands: show them;\n"
+                       "with '' : remove them.",
+           """commands 2 'regs usbsts; continue'   # print USBSTS at each stop and go on
+              commands 2                           # show them
+              commands 2 ''                        # remove them""")
+p.add_argument("number", type=_number)
+p.add_argument("commands", nargs="*", metavar="CMD")
+
+
+@command(p, EXECUTION, complete=_point_numbers)
+def commands(con: Console, args: Namespace) -> None:
+    b = con.breakpoints.get(args.number)
+    if args.commands:
+        b.commands = split_commands(" ".join(args.commands))
+    con.data({"number": b.number, "commands": list(b.commands)})
+    if not b.commands:
+        con.out.print(f"breakpoint {b} runs no commands")
+        return
+    con.out.print(f"breakpoint {b} runs at each stop:")
+    for c in b.commands:
+        con.out.print(f"  {c}")
+
+
+p = parser("save", "Write the breakpoints and watchpoints as console commands that make them\n"
+                   "again (`source FILE` reads them back).",
+           "save breakpoints /tmp/bp.xhcidbg")
+p.add_argument("what", choices=("breakpoints",))
+p.add_argument("file")
+
+
+@command(p, SESSION)
+def save(con: Console, args: Namespace) -> None:
+    points = con.breakpoints.points
+    lines = ["# xhcidbg breakpoints: `source` this file to make them again"]
+    lines += [b.definition() for b in points]
+    with open(args.file, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    con.out.print(f"saved {len(points)} breakpoint(s) to {args.file}")
+
+
+p = parser("source", "Run a file of console commands, one or more (`;`) a line; `#` comments.",
+           """source /tmp/bp.xhcidbg     # e.g. what `save breakpoints` wrote
+              source setup.xhcidbg""")
+p.add_argument("file")
+
+
+@command(p, SESSION)
+async def source(con: Console, args: Namespace) -> None:
+    depth = con.extras.get("source_depth", 0)
+    if not isinstance(depth, int) or depth >= MAX_SOURCE_DEPTH:
+        raise RuntimeError(f"`source` nested more than {MAX_SOURCE_DEPTH} deep (a file that "
+                           f"sources itself?)")
+    from .console import PROMPT as prompt  # the console imports this module
+    with open(args.file) as f:
+        lines = f.read().splitlines()
+    con.extras["source_depth"] = depth + 1
+    ran = failed = 0
+    try:
+        for line in lines:
+            for cmd in split_commands(line):
+                con.out.print(Text(f"{prompt}{cmd}", style="bold"))
+                ran += 1
+                failed += not await con.run_one(cmd)
+                if con.quit_requested:
+                    return
+    finally:
+        con.extras["source_depth"] = depth
+    if failed:
+        raise RuntimeError(f"{failed} of {ran} command(s) in {args.file} failed")
 
 
 # ==== devices ====================================================================================

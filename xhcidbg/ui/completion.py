@@ -3,9 +3,10 @@
 The first word is a command or an alias.  After it, each command's argparse parser says what
 comes next (sub-commands, positional choices, options, an option's value), the controller gives
 the live values for arguments named after what they hold (slot, dci, port, interrupter, ring,
-ep, trb), arguments that name a file complete file names, and `KEY=VALUE` conditions
-(`break`, capture filters) complete their values: TRB type names after `type=`, completion
-codes after `cc=`, slots after `slot=`...  A line of `py` completes Python names.
+ep, trb), arguments that name a file complete file names, and conditions (`break`'s
+KEY=VALUE with any of its operators, capture filters) complete their values: TRB type names
+after `type=`, completion codes after `cc=`, registers after `reg=`, slots after `slot=`...
+A line of `py` completes Python names.
 """
 from __future__ import annotations
 
@@ -29,12 +30,16 @@ from ..trace import cli as trace_cli
 from ..trace.filters import KINDS as TRACE_KINDS
 from . import render
 from .history import recent_trbs
+from .observe import parse_cc
 from .registry import REGISTRY, Command
 
 if TYPE_CHECKING:
     from .console import Console
 
 _PY_WORD = re.compile(r"[\w.]+")       # a Python name or attribute chain
+# KEY OP VALUE as breakpoint conditions and capture filters write them
+_CONDITION = re.compile(r"([A-Za-z_]\w*)(!=|<=|>=|==|=|<|>)(.*)")
+CONDITION_METAVARS = frozenset({"KEY=VALUE", "FILTER"})
 JSON_OPTION = "--json"              # every command takes it (the console handles it)
 PATH_DESTS = frozenset({"file", "path", "image", "folder", "script", "filename", "directory"})
 PATH_METAVARS = frozenset({"FILE", "PATH", "DIR", "IMAGE", "SCRIPT"})
@@ -57,8 +62,10 @@ def _short_names(names: Iterable[str]) -> list[str]:
 
 
 def _trb_type_names(types: Iterable[int]) -> list[str]:
-    return _short_names(TRB_NAMES[t].removesuffix(" Command").removesuffix(" Event")
-                        for t in types if t in TRB_NAMES)
+    def plain(t: int) -> str:            # "Address Device Command" -> "Address Device"
+        name = TRB_NAMES[t]
+        return name.removesuffix(" Event") if t in EVENT_TYPES else name.removesuffix(" Command")
+    return _short_names(plain(t) for t in types if t in TRB_NAMES)
 
 
 @functools.cache
@@ -73,9 +80,20 @@ def type_names(kind: str) -> tuple[str, ...]:
 
 @functools.cache
 def cc_names() -> tuple[str, ...]:
-    """What `cc=` takes: completion codes (`success`, `stall`, `short-packet`...)."""
-    names = (n.removesuffix(" Error") for cc, n in sorted(CC_NAMES.items()) if cc)
-    return tuple(n.lower().replace(" - ", " ").replace(" ", "-") for n in names)
+    """What `cc=` takes: a name for each completion code (`success`, `stall`, `short-packet`,
+    `bandwidth-error` where `bandwidth` would also name Bandwidth Overrun), or its number
+    where no name picks it alone (`26`: every name of Stopped also starts two others)."""
+    out = []
+    for cc, name in sorted(CC_NAMES.items()):
+        if not cc:
+            continue
+        full = name.lower().replace(" - ", " ").replace(" ", "-")
+        for candidate in (full.removesuffix("-error"), full, str(cc)):
+            with contextlib.suppress(ValueError):
+                if parse_cc(candidate) == cc:
+                    out.append(candidate)
+                    break
+    return tuple(out)
 
 
 # ---- live values -----------------------------------------------------------------------------
@@ -135,6 +153,10 @@ def condition_values(con: Console, kind: str | None, key: str,
         return ["done", "start"]
     if key == "kind":
         return list(TRACE_KINDS)
+    if key == "reg":
+        return render.register_names()
+    if key == "access":
+        return ["read", "write"]
     values = live_values(con, key, given)
     return values or None
 
@@ -204,6 +226,11 @@ def is_path(action: argparse.Action | None) -> bool:
     metavar = action.metavar if isinstance(action.metavar, str) else ""
     return (action.dest in PATH_DESTS or metavar.upper() in PATH_METAVARS
             or action.type is Path)
+
+
+def _takes_conditions(action: argparse.Action | None) -> bool:
+    """The argument is a list of conditions (`break`'s KEY=VALUE, a capture FILTER)."""
+    return action is not None and action.metavar in CONDITION_METAVARS
 
 
 def _choices(action: argparse.Action) -> list[str]:
@@ -292,16 +319,17 @@ class CommandCompleter(Completer):
     def _arguments(self, cmd: Command, words: list[str], current: str) -> Iterator[Completion]:
         con = self.console
         state = expected(completion_parser(cmd), words)
-        if "=" in current and not current.startswith("-"):
-            key, _, value = current.partition("=")
+        action = state.option or state.positional
+        condition = _CONDITION.match(current) if _takes_conditions(action) else None
+        if condition is not None:
+            key, _, value = condition.groups()
             # conditions given before this one narrow it (`slot=1 dci=` offers slot 1's)
-            given = {**state.given, **dict(w.split("=", 1) for w in words
-                                           if "=" in w and not w.startswith("-"))}
+            given = {**state.given, **{m[1].lower(): m[3] for m in map(_CONDITION.match, words)
+                                       if m is not None}}
             values = condition_values(con, state.first, key, given)
             if values is not None:
                 yield from _matching(values, value)
                 return
-        action = state.option or state.positional
         if is_path(action):
             yield from _paths(current)
             if state.option is not None:
@@ -309,6 +337,8 @@ class CommandCompleter(Completer):
         candidates: list[str] = []
         if action is not None and not isinstance(action, argparse._SubParsersAction):
             candidates += live_values(con, action.dest, state.given)
+            if state.first == "reg" and _open_ended(action):   # `watch reg NAME`
+                candidates += render.register_names()
         if cmd.complete is not None and not candidates:
             # the command's own values, where the argument's name says nothing
             candidates += cmd.complete(con, [*words, current])

@@ -24,6 +24,7 @@ import logging
 import os
 import sys
 import traceback
+from collections import deque
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from difflib import get_close_matches
@@ -35,10 +36,12 @@ from rich.text import Text
 
 from ..emu.controller import XhciController
 from ..session import DeviceChoice, Session
+from . import change as _change  # noqa: F401  (registers poke, edit, post)
 from . import commands as _commands
 from . import live as _live  # noqa: F401  (registers the guest, wait and set commands)
 from . import pyshell as _pyshell  # noqa: F401  (registers py)
 from . import render
+from . import watch as _watch  # noqa: F401  (registers watch, rwatch, awatch)
 from .history import History  # (the module registers log and history)
 from .observe import Breakpoint, Breakpoints
 from .registry import REGISTRY, HelpShown, UsageError
@@ -53,6 +56,7 @@ log = logging.getLogger("xhcidbg.ui")
 HISTORY_FILE = os.path.join(os.path.expanduser("~"), ".xhcidbg_history")
 PROMPT = "xhcidbg> "
 ACTIVITY_LINES = 24
+MAX_HIT_COMMAND_RUNS = 64       # breakpoint command lists run in a row (each `continue`-ing)
 
 
 class Console:
@@ -86,6 +90,9 @@ class Console:
         self._busy = False              # a command is running (it reports stops itself)
         self.extras: dict[str, object] = {}     # state commands keep between calls
         self._context_shown = False
+        self._hit_commands: deque[Breakpoint] = deque()   # stops whose commands are to run
+        self._running_hit_commands = False
+        self._hit_task: asyncio.Task[None] | None = None
 
     @property
     def out(self) -> RichConsole:
@@ -155,7 +162,7 @@ class Console:
         self.activity.use_clock(session.controller.scheduler.now_ns)
         hooks.attach(self.activity)
         self.counters = hooks.attach(Counters(session.controller.scheduler.now_ns))
-        self._breakpoints = Breakpoints(session.controller.gate, self._on_breakpoint)
+        self._breakpoints = Breakpoints(session.controller, self._on_breakpoint)
         hooks.attach(self._breakpoints)
         if self._owns_session:
             await session.start()
@@ -174,6 +181,7 @@ class Console:
                 hooks.detach(self.counters)
             if self._breakpoints is not None:
                 hooks.detach(self._breakpoints)
+                self._breakpoints.detach()
         self._session = None
 
     def close(self) -> None:
@@ -208,7 +216,38 @@ class Console:
 
     async def run_one(self, line: str) -> bool:
         """Run one command, printing to `self.out`; False if it failed.  `--json` anywhere
-        after the command's name prints the command's JSON form instead of its text."""
+        after the command's name prints the command's JSON form instead of its text.  Then
+        the commands of breakpoints that stopped meanwhile run."""
+        ok = await self._run_line(line)
+        await self.run_hit_commands()
+        return ok
+
+    async def run_hit_commands(self) -> None:
+        """Run the command lists of the breakpoints that stopped, in order; a list that
+        continues and stops again runs again, up to MAX_HIT_COMMAND_RUNS times."""
+        if self._running_hit_commands:
+            return                          # the loop below picks up stops made meanwhile
+        self._running_hit_commands = True
+        runs = 0
+        try:
+            while self._hit_commands:
+                bp = self._hit_commands.popleft()
+                runs += 1
+                if runs > MAX_HIT_COMMAND_RUNS:
+                    self._hit_commands.clear()
+                    self.out.print(Text(f"breakpoint commands ran {MAX_HIT_COMMAND_RUNS} times "
+                                        f"in a row: no more of them now", style="red"))
+                    break
+                self.out.print(Text(f"{bp.title} commands:", style="magenta"))
+                for cmd in list(bp.commands):
+                    self.out.print(Text(f"{PROMPT}{cmd}", style="bold"))
+                    await self._run_line(cmd)
+                    if self.quit_requested:
+                        return
+        finally:
+            self._running_hit_commands = False
+
+    async def _run_line(self, line: str) -> bool:
         try:
             words = _commands.split_words(line)
         except ValueError as e:
@@ -388,7 +427,8 @@ class Console:
                 hit = self.breakpoints.last_hit
                 if hit is not None and c.gate.paused:
                     bp, what = hit
-                    self.out.print(Text(f"breakpoint {bp} hit: {what}", style="bold magenta"))
+                    head = f"stopped ({bp.label})" if bp.internal else f"{bp.title} hit"
+                    self.out.print(Text(f"{head}: {what}", style="bold magenta"))
             elif pane == "ring":
                 name = self.current_ring()
                 self.out.print(Rule(f"ring {name}", style="blue"))
@@ -433,7 +473,9 @@ class Console:
                 log.exception("a breakpoint listener failed")
         if self.breakpoints.last_ring:
             self.stepped_ring = self.breakpoints.last_ring  # show the ring it stopped on
-        if self.interactive and not self._busy:
+        if bp.commands:
+            self._hit_commands.append(bp)
+        if self.interactive and not self._busy and not self._running_hit_commands:
             asyncio.get_running_loop().call_soon(self._announce_stop)
 
     def _announce_stop(self) -> None:
@@ -441,7 +483,11 @@ class Console:
 
     async def _announce_stop_when_frozen(self) -> None:
         await self.guest_settled()           # the context then shows the guest frozen
+        if self._busy:
+            return                          # a command started meanwhile: it shows the stop
         self.show_context()
+        if self._hit_commands:
+            self._hit_task = asyncio.get_running_loop().create_task(self.run_hit_commands())
 
     def notice(self, text: Text) -> None:
         """Something that happened on its own (a followed kernel log line): above the prompt

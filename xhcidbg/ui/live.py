@@ -13,6 +13,7 @@ from rich.text import Text
 from ..emu.context import SlotState
 from ..guestkit.launch import CommandResult, CommandTimeout, SerialConsole
 from . import render
+from .change import set_register
 from .registry import command, parser
 from .world import World
 
@@ -276,18 +277,26 @@ async def _until(condition: Callable[[], bool], timeout: float) -> bool:
 
 
 # ==== set ========================================================================================
-p = parser("set", "Show or change a console setting.",
+p = parser("set", "Show or change a console setting, or write a register as the guest would.",
            """set                            # every setting and its value
               set freeze off                 # stops no longer freeze the guest (it keeps running)
-              set freeze on""")
-p.add_argument("name", nargs="?", choices=("freeze",))
-p.add_argument("value", nargs="?", choices=("on", "off"))
+              set freeze on
+              set reg USBCMD 0x4             # an MMIO write of USBCMD (here: R/S 0, halt)
+              set reg USBCMD rs=0            # the same, by field (other bits as they read)
+              set reg PORTSC[5] pr=1         # reset port 5 (RW1C change bits left alone)
+              set reg IMAN[0] ie=1""")
+p.add_argument("name", nargs="?", choices=("freeze", "reg"))
+p.add_argument("values", nargs="*", metavar="VALUE",
+               help="freeze: on or off; reg: NAME VALUE, or NAME FIELD=VALUE ...")
 
 
 @command(p, SESSION)
-def set_(con: Console, args: Namespace) -> None:
+async def set_(con: Console, args: Namespace) -> None:
+    if args.name == "reg":
+        await set_register(con, args.values)
+        return
     freeze = con.session.freeze
-    if args.name is None or args.value is None:
+    if args.name is None or not args.values:
         if freeze is None:
             why = ("no QMP" if con.session.live_guest else "the scripted guest waits for a "
                    "stopped controller by itself")
@@ -295,8 +304,10 @@ def set_(con: Console, args: Namespace) -> None:
         else:
             con.out.print(f"freeze: {'on' if freeze.enabled else 'off'} (stops freeze the guest)")
         return
+    if len(args.values) != 1 or args.values[0] not in ("on", "off"):
+        raise ValueError("set freeze on|off")
     if freeze is None:
         raise RuntimeError("freezing needs the VMM's QMP socket (`xhcidbg vm` has it; "
                            "`serve --qmp PATH`)")
-    freeze.enabled = args.value == "on"
-    con.out.print(f"freeze {args.value}")
+    freeze.enabled = args.values[0] == "on"
+    con.out.print(f"freeze {args.values[0]}")

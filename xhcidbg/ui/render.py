@@ -55,7 +55,7 @@ def peek(controller: XhciController, offset: int) -> int:
 
 def read_trb(mem: GuestMemory, addr: int) -> Trb | None:
     try:
-        return Trb.unpack(addr, mem.read(addr, TRB_SIZE))
+        return Trb.unpack(addr, mem.peek(addr, TRB_SIZE))
     except DmaError:
         return None
 

@@ -265,7 +265,7 @@ async def _follow_qmp(backend: Backend, args: argparse.Namespace) -> None:
              if not args.no_freeze else f"QMP connected ({args.qmp})")
         await vmm.wait_gone()
         await vmm.close()
-        backend.vmm = None
+        backend.drop_vmm()
         _say("QMP: QEMU went away")
 
 
