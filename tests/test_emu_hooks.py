@@ -121,6 +121,27 @@ def test_the_trace_shows_the_completion_code_an_observer_wrote(bus, drv, dev, tm
     assert [r.status for r in done] == [-32]                  # -EPIPE: Stall Error
 
 
+def test_a_transfer_record_names_the_trbs_of_its_td(bus, drv, dev):
+    """A control TD is Setup, Data and Status Stage: the record lists the three TRBs the
+    controller fetched for it, in ring order."""
+    fetched, records = [], []
+
+    class Watch:
+        def on_trb(self, ring, trb):
+            fetched.append((ring, trb.addr, trb.type))
+
+        def on_urb_submit(self, rec):
+            records.append(rec)
+
+    bus.controller.hooks.attach(Watch())
+    dev.control(0x80, 6, 0x0100, 0, 18)                  # GET_DESCRIPTOR(device)
+    [rec] = [r for r in records if r.xfer.setup]
+    ring = f"{rec.slot}/{rec.dci}"
+    stages = [(addr, t) for r, addr, t in fetched if r == ring and t != T.LINK]
+    assert [t for _, t in stages] == [T.SETUP_STAGE, T.DATA_STAGE, T.STATUS_STAGE]
+    assert rec.trbs == tuple(addr for addr, _ in stages)
+
+
 def test_dma_announces_the_controllers_accesses_and_only_those(bus, drv, dev):
     c = bus.controller
     seen: list[tuple[bool, int, int, bytes]] = []

@@ -65,6 +65,7 @@ class TransferRecord:
     cc: int | None = None      # the completion code the controller posted (None until then)
     note: str = ""             # why an observer changed it (goes into traces)
     internal: bool = False     # the controller's own request (SET_ADDRESS in Address Device)
+    trbs: tuple[int, ...] = ()  # guest addresses of the TD's TRBs in ring order (none: internal)
 
 
 @dataclass(slots=True)

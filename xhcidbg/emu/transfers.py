@@ -303,7 +303,7 @@ class TransferEngine:
             record = td.record = TransferRecord(
                 xfer, slot.id, td.ep.dci, port.number if port is not None else 0,
                 2 if port is not None and port.usb3 else 1, slot.address,
-                iso_frame=td.iso_frame)
+                iso_frame=td.iso_frame, trbs=tuple(t.addr for t in td.trbs))
         return record
 
     # ---- isochronous scheduling (4.11.2.5, 4.14.2) -----------------------------------------------

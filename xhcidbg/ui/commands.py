@@ -278,25 +278,6 @@ def context(con: Console, args: Namespace) -> None:
     con.show_context()
 
 
-p = parser("log", "What the controller announced: doorbells, TRBs, URBs, events, ports.",
-           """log               # the last 30 records
-              log -n 100 urb    # the last 100 URB records""")
-p.add_argument("kind", nargs="?", help="only records of this kind: trb, urb, event, doorbell, "
-                                       "command, port, state, interrupt, log")
-p.add_argument("-n", "--count", type=int, default=30)
-
-
-@command(p, INSPECT)
-def log(con: Console, args: Namespace) -> None:
-    recs = [r for r in con.activity.records if args.kind is None or r.kind == args.kind]
-    recs = recs[-max(1, args.count):]
-    for r in recs:
-        con.out.print(Text(f"{r.seq:6} {r.text}"))
-    if not recs:
-        con.out.print("nothing recorded yet")
-    con.data([{"seq": r.seq, "kind": r.kind, "text": r.text} for r in recs])
-
-
 # ==== execution ==================================================================================
 p = parser("pause", "Stop ring processing (MMIO is still answered; timers still run).",
            "pause")
@@ -964,9 +945,10 @@ def hexdump(data: bytes, base: int = 0) -> list[str]:
 
 
 def split_commands(text: str) -> list[str]:
-    """Split `a; b; 'c;d'` into commands at semicolons outside quotes."""
+    """Split `a; b; 'c;d'` into commands at semicolons outside quotes.  A command that takes
+    its line raw (`py`) takes the rest of the text, semicolons and all."""
     out, cur, quote = [], [], None
-    for ch in text:
+    for i, ch in enumerate(text):
         if quote:
             cur.append(ch)
             if ch == quote:
@@ -977,15 +959,34 @@ def split_commands(text: str) -> list[str]:
         elif ch == ";":
             out.append("".join(cur))
             cur = []
-        elif ch == "#" and not "".join(cur).strip():
-            cur.append(ch)
+        elif not ch.isspace() and not "".join(cur).strip() and _raw_command(text[i:]):
+            cur.append(text[i:])
+            break
         else:
             cur.append(ch)
     out.append("".join(cur))
     return [c.strip() for c in out if c.strip() and not c.strip().startswith("#")]
 
 
+def _raw_command(line: str) -> bool:
+    """The line starts with a command that takes the rest of its line as typed."""
+    words = line.split(None, 1)
+    cmd = REGISTRY.lookup(words[0]) if words else None
+    return cmd is not None and cmd.raw
+
+
 def split_words(line: str) -> list[str]:
+    """A command's words; a raw command's are its name and the rest of the line as typed
+    (after `--`, so that argparse takes it whole), with `--json` first if it starts so."""
+    if _raw_command(line):
+        name, *more = line.split(None, 1)
+        rest = more[0].strip() if more else ""
+        if rest in ("-h", "--help"):
+            return [name, rest]
+        json_first = rest == "--json" or rest.startswith("--json ")
+        if json_first:
+            rest = rest[len("--json"):].strip()
+        return [name, *(["--json"] if json_first else []), *(["--", rest] if rest else [])]
     try:
         return shlex.split(line)
     except ValueError as e:

@@ -39,10 +39,13 @@ from ..session import DeviceChoice, Session
 from . import change as _change  # noqa: F401  (registers poke, edit, post)
 from . import commands as _commands
 from . import live as _live  # noqa: F401  (registers the guest, wait and set commands)
+from . import pyshell as _pyshell  # noqa: F401  (registers py)
 from . import render
 from . import watch as _watch  # noqa: F401  (registers watch, rwatch, awatch)
-from .observe import ActivityLog, Breakpoint, Breakpoints
+from .history import History  # (the module registers log and history)
+from .observe import Breakpoint, Breakpoints
 from .registry import REGISTRY, HelpShown, UsageError
+from .top import Counters  # (the module registers top)
 from .world import World, WorldOptions
 
 if TYPE_CHECKING:
@@ -69,7 +72,8 @@ class Console:
         self._session: Session | None = session       # given: a session someone else runs
         self._owns_session = session is None
         self._choice = devices or (self.options.devices if session is None else DeviceChoice())
-        self.activity = ActivityLog()
+        self.activity = History()               # every announcement, typed (`log`, `history`)
+        self.counters: Counters | None = None     # traffic counts (`top`), from `start` on
         self._breakpoints: Breakpoints | None = None
         # Where commands print: per asyncio task, so the prompt and API requests running at
         # the same time each get their own output; `_main_out` is the prompt's (or a buffer).
@@ -98,6 +102,12 @@ class Console:
     @out.setter
     def out(self, console: RichConsole) -> None:
         self._out.set(console)
+
+    @property
+    def at_prompt(self) -> bool:
+        """The running command was typed at the interactive prompt (not a script, not an API
+        request): it may take the terminal (`top`, `py` alone)."""
+        return self.interactive and self.out is self._main_out
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -149,7 +159,9 @@ class Console:
             self._session = World(self.options)
         session = self._session
         hooks = session.controller.hooks
+        self.activity.use_clock(session.controller.scheduler.now_ns)
         hooks.attach(self.activity)
+        self.counters = hooks.attach(Counters(session.controller.scheduler.now_ns))
         self._breakpoints = Breakpoints(session.controller, self._on_breakpoint)
         hooks.attach(self._breakpoints)
         if self._owns_session:
@@ -165,6 +177,8 @@ class Console:
             await self._session.stop()
         else:
             hooks.detach(self.activity)
+            if self.counters is not None:
+                hooks.detach(self.counters)
             if self._breakpoints is not None:
                 hooks.detach(self._breakpoints)
                 self._breakpoints.detach()
@@ -492,12 +506,13 @@ class Console:
     async def ainteract(self) -> None:
         """The interactive prompt, from inside the session's loop; returns at `quit` or EOF."""
         from prompt_toolkit import PromptSession
-        from prompt_toolkit.history import FileHistory, History, InMemoryHistory
+        from prompt_toolkit.history import FileHistory, InMemoryHistory
+        from prompt_toolkit.history import History as PromptHistory
         from prompt_toolkit.patch_stdout import patch_stdout
 
         from .completion import CommandCompleter
 
-        history: History
+        history: PromptHistory
         try:
             history = FileHistory(HISTORY_FILE)
         except OSError:

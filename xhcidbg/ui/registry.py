@@ -59,6 +59,8 @@ class Command:
     category: str
     aliases: tuple[str, ...] = ()
     complete: CompleteFunc | None = None      # dynamic argument values
+    # The rest of the line is the argument, as typed: not split at `;`, quotes kept (`py`).
+    raw: bool = False
 
     @property
     def summary(self) -> str:
@@ -99,10 +101,11 @@ def parser(name: str, description: str, examples: str = "", **kwargs: Any) -> Co
 
 
 def command(p: CommandParser, category: str, aliases: tuple[str, ...] = (),
-            complete: CompleteFunc | None = None,
+            complete: CompleteFunc | None = None, raw: bool = False,
             registry: Registry = REGISTRY) -> Callable[[F], F]:
-    """Register the decorated `func(console, args)` (sync or async) under `p.prog`."""
+    """Register the decorated `func(console, args)` (sync or async) under `p.prog`.  `raw`:
+    the command takes the rest of its line as typed, as its one positional argument."""
     def register(func: F) -> F:
-        registry.add(Command(p.prog, p, func, category, tuple(aliases), complete))
+        registry.add(Command(p.prog, p, func, category, tuple(aliases), complete, raw))
         return func
     return register
