@@ -81,8 +81,8 @@ def type_names(kind: str) -> tuple[str, ...]:
 @functools.cache
 def cc_names() -> tuple[str, ...]:
     """What `cc=` takes: a name for each completion code (`success`, `stall`, `short-packet`,
-    `bandwidth-error` where `bandwidth` would also name Bandwidth Overrun), or its number
-    where no name picks it alone (`26`: every name of Stopped also starts two others)."""
+    `bandwidth-error` where `bandwidth` would also name Bandwidth Overrun, `stopped`: a whole
+    name picks that code alone), or its number where no name picks it alone."""
     out = []
     for cc, name in sorted(CC_NAMES.items()):
         if not cc:

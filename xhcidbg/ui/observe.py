@@ -1,7 +1,7 @@
-"""The console's hooks observers: the activity log, and the breakpoints and watchpoints.
+"""The console's breakpoints and watchpoints (the activity log is `xhcidbg.ui.history`).
 
-Both attach to the controller's one observer interface (xhcidbg.emu.hooks) and only read what
-is announced: neither changes a mutable announcement.  A breakpoint that matches pauses the
+They attach to the controller's one observer interface (xhcidbg.emu.hooks) and only read what
+is announced: no mutable announcement is changed.  A breakpoint that matches pauses the
 controller's gate; the unit being run finishes, nothing after it starts.
 
 Watchpoints see what the controller does: its DMA (the `dma` announcement) and the guest's
@@ -14,7 +14,6 @@ from __future__ import annotations
 import itertools
 import shlex
 import struct
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -28,83 +27,6 @@ from .render import linux, trb_text
 
 if TYPE_CHECKING:
     from ..emu.controller import XhciController
-
-MAX_RECORDS = 4000
-
-
-@dataclass
-class Record:
-    seq: int
-    kind: str
-    text: str
-
-
-class ActivityLog:
-    """Everything the controller announced, one line each, most recent last."""
-
-    def __init__(self, maxlen: int = MAX_RECORDS):
-        self.records: deque[Record] = deque(maxlen=maxlen)
-        self._seq = itertools.count(1)
-        self.last_ring: str | None = None       # ring of the last TRB fetched
-
-    @property
-    def seq(self) -> int:
-        """The number the next record will get (use it to ask for what came after)."""
-        return self.records[-1].seq + 1 if self.records else 1
-
-    def since(self, seq: int) -> list[Record]:
-        return [r for r in self.records if r.seq >= seq]
-
-    def add(self, kind: str, text: str) -> None:
-        self.records.append(Record(next(self._seq), kind, text))
-
-    # ---- hooks ------------------------------------------------------------------------------
-    def on_doorbell(self, slot: int, target: int, stream: int) -> None:
-        what = (linux.decode_doorbell(slot, target | (stream << 16)) if linux
-                else f"slot {slot} target {target}")
-        self.add("doorbell", f"doorbell {slot}: {what}")
-
-    def on_trb(self, ring: str, trb) -> None:
-        self.last_ring = ring
-        self.add("trb", f"fetch {ring:>5} @{trb.addr:#x}: {trb_text(trb)}")
-
-    def on_command(self, cmd) -> None:
-        self.add("command", f"command {trb_name(cmd.trb.type)} @{cmd.trb.addr:#x} -> "
-                            f"'{cc_name(cmd.cc)}' slot {cmd.slot}")
-
-    def on_event_posted(self, ev) -> None:
-        dw = ev.dwords
-        self.add("event", f"event intr {ev.interrupter} @{ev.addr:#x}: "
-                          f"{linux.decode_trb(*dw) if linux else dw}")
-
-    def on_urb_submit(self, rec: TransferRecord) -> None:
-        x = rec.xfer
-        data = f" data {bytes(x.data[:32]).hex(' ')}" if x.data else ""
-        self.add("urb", f"URB #{x.id} submit slot {rec.slot} ep {x.endpoint:#04x} "
-                        f"{x.ep_type.name.lower()} {'in' if x.is_in else 'out'} len {x.length}"
-                        f"{' setup ' + x.setup.hex(' ') if x.setup else ''}{data}")
-
-    def on_urb_complete(self, rec: TransferRecord) -> None:
-        x = rec.xfer
-        data = f" data {x.in_data(32).hex(' ')}" if x.is_in and x.actual else ""
-        more = "..." if x.is_in and x.actual > 32 else ""
-        status = x.status.name if x.status is not None else "?"
-        self.add("urb", f"URB #{x.id} done   slot {rec.slot} ep {x.endpoint:#04x} {status} "
-                        f"actual {x.actual}{data}{more}")
-
-    def on_port(self, port: int, old: int, new: int) -> None:
-        text = linux.decode_portsc(new).strip() if linux else f"{new:#x}"
-        self.add("port", f"port {port}: PORTSC {old:#010x} -> {new:#010x} {text}")
-
-    def on_state(self, kind: str, ident: str, old: str, new: str) -> None:
-        self.add("state", f"{kind} {ident}: {old or '?'} -> {new}")
-
-    def on_interrupt(self, interrupter: int) -> None:
-        self.add("interrupt", f"interrupt: interrupter {interrupter}")
-
-    def on_log(self, level: str, message: str) -> None:
-        self.add("log", f"{level}: {message}")
-
 
 # ---- breakpoints -------------------------------------------------------------------------------
 # kind -> the conditions it takes (key -> what it means), for validation and help
@@ -166,9 +88,18 @@ def _type_matches(want: str, t: int) -> bool:
 
 
 def _cc_matches(want: str, cc: int) -> bool:
+    """By number, by a code's whole name (`stopped` is Stopped alone), or by the start of
+    names (`stopped-` any Stopped code)."""
     if _numeric(want):
         return int(want, 0) == cc
-    return _norm(CC_NAMES.get(cc, "")).startswith(_norm(want))
+    w = _norm(want)
+    exact = _CC_BY_NAME.get(w)
+    if exact is not None:
+        return exact == cc
+    return _norm(CC_NAMES.get(cc, "")).startswith(w)
+
+
+_CC_BY_NAME = {_norm(name): cc for cc, name in CC_NAMES.items()}
 
 
 def parse_cc(text: str) -> int:
