@@ -69,6 +69,9 @@ def test_a_breakpoint_before_address_device_is_stepped_and_linux_gets_the_stick(
         child.expect(r"breakpoint #1 command type=address at=start hit: command Address Device "
                      r"Command @0x[0-9a-f]+ is next \(slot (\d+)\)")
         slot = int(child.match.group(1))
+        child.sendline(f"ctx {slot} --input")             # what Linux hands the command
+        child.expect("about to be read by the held Address Device Command")
+        child.expect("Add: slot ep0")
         child.sendline("ring cmd")
         child.expect(r"dequeue 0x[0-9a-f]+")                # the command still waits there
         child.sendline("step command")

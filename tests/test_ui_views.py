@@ -10,7 +10,7 @@ from prompt_toolkit.document import Document
 
 from xhcidbg.emu import regs as R
 from xhcidbg.emu.context import EP_CTX, SLOT_CTX, XhciEpType
-from xhcidbg.emu.trb import TRB_SIZE, Trb
+from xhcidbg.emu.trb import SLOT_ID, TRB_SIZE, Trb, TrbType
 from xhcidbg.ui import Console, WorldOptions
 from xhcidbg.ui.completion import CommandCompleter
 from xhcidbg.ui.registry import REGISTRY
@@ -290,3 +290,23 @@ def test_guest_and_devices_json_on_a_session_without_the_scripted_guest():
     finally:
         con.close()
         session.close()
+
+
+def test_ctx_input_at_a_stop_before_the_command_shows_what_it_is_about_to_read(con):
+    c = con.controller
+    port, _ = con.world.find("keyboard")
+    con.execute("unplug keyboard; break command type=address at=start")
+    try:
+        con.execute(f"plug keyboard {port}")
+        assert c.gate.paused
+        held = con.breakpoints.held_command
+        assert held is not None and held.type == TrbType.ADDRESS_DEVICE
+        slot = SLOT_ID.of(held.control)
+        data = as_json(con, f"ctx {slot} --input")
+        assert data["read"] is False and data["command_name"] == "Address Device Command"
+        assert data["address"] == held.param and data["add"] == 0b11
+        con.execute("step command")
+        after = as_json(con, f"ctx {slot} --input")
+        assert after["read"] is True and after["address"] == held.param
+    finally:
+        con.execute("delete all; continue")

@@ -170,8 +170,9 @@ def _ctx_complete(con: Console, words: list[str]) -> list[str]:
 @command(p, INSPECT, complete=_ctx_complete)
 def ctx(con: Console, args: Namespace) -> None:
     if args.input:
-        con.out.print(render.input_context_view(con.controller, args.slot, args.dci))
-        con.data(render.input_context_data(con.controller, args.slot, args.dci))
+        held = con.breakpoints.held_command if con.controller.gate.paused else None
+        con.out.print(render.input_context_view(con.controller, args.slot, args.dci, held))
+        con.data(render.input_context_data(con.controller, args.slot, args.dci, held))
     else:
         con.out.print(render.output_context_view(con.controller, args.slot, args.dci))
         con.data(render.output_context_data(con.controller, args.slot, args.dci))

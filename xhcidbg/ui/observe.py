@@ -22,7 +22,7 @@ from ..devices.descriptors import describe_setup
 from ..emu.hooks import CommandStart, MmioAccess, TransferRecord
 from ..emu.memory import BytesLike, DmaError
 from ..emu.slots import endpoint_address
-from ..emu.trb import CC_NAMES, EP_ID, SLOT_ID, TRB_NAMES, TrbType, cc_name, trb_name
+from ..emu.trb import CC_NAMES, EP_ID, SLOT_ID, TRB_NAMES, Trb, TrbType, cc_name, trb_name
 from .render import linux, trb_text
 
 if TYPE_CHECKING:
@@ -338,6 +338,7 @@ class Breakpoints:
         self.last_ring: str | None = None       # the ring the last hit concerns, if one
         self.hits = 0                   # stops by any breakpoint, ever
         self._stepping_over: int | None = None  # the command TRB we stopped in front of
+        self.held_command: Trb | None = None    # that command, until it runs
         self._kinds: set[str] = set()   # kinds with an enabled breakpoint (the hooks' filter)
         self._mmio = _Listener("mmio", self.on_mmio_access)
         self._dma = _Listener("dma", self.on_dma_access)
@@ -509,6 +510,7 @@ class Breakpoints:
         trb = start.trb
         if self._stepping_over == trb.addr:       # we stopped before it: now it runs
             self._stepping_over = None
+            self.held_command = None
             return
         if self._check("command", {"type": trb.type, "slot": SLOT_ID.of(trb.control),
                                    "at": "start"},
@@ -517,6 +519,7 @@ class Breakpoints:
                        "cmd"):
             start.hold = True
             self._stepping_over = trb.addr
+            self.held_command = trb
 
     def on_command(self, cmd) -> None:
         if "command" not in self._kinds:

@@ -23,6 +23,7 @@ from ..decode import xhci as linux  # Linux's decoders: the text driver authors 
 from ..devices import UsbDevice
 from ..devices.standard import StandardDevice
 from ..emu import regs as R
+from ..emu.commands import POINTER_ALIGN
 from ..emu.context import (
     EP_CTX,
     EP_STATE_NAMES,
@@ -37,7 +38,7 @@ from ..emu.layout import Field, Layout
 from ..emu.memory import DmaError, GuestMemory
 from ..emu.rings import Ring
 from ..emu.slots import DeviceSlot, SlotEndpoint
-from ..emu.trb import TRB_SIZE, Trb, TrbType, cc_name, layout_of, trb_name
+from ..emu.trb import SLOT_ID, TRB_SIZE, Trb, TrbType, cc_name, layout_of, trb_name
 
 if TYPE_CHECKING:
     from ..session import Session
@@ -603,6 +604,7 @@ class InputContextReading:
     command: int               # the TRB type of the command that read it
     control: list[int]         # the input control context
     contexts: list[ContextReading]
+    read: bool = True          # the command has read it (False: it is about to)
 
     @property
     def drop(self) -> int:
@@ -613,17 +615,25 @@ class InputContextReading:
         return INPUT_CTRL_CTX.get(self.control, "add")
 
 
-def input_context(controller: XhciController, slot_id: int, dci: int | None = None
-                  ) -> InputContextReading:
+_INPUT_COMMANDS = (TrbType.ADDRESS_DEVICE, TrbType.CONFIGURE_ENDPOINT, TrbType.EVALUATE_CONTEXT)
+
+
+def input_context(controller: XhciController, slot_id: int, dci: int | None = None,
+                  pending: Trb | None = None) -> InputContextReading:
     """The input context the last Address Device / Configure Endpoint / Evaluate Context
-    command of the slot read, as it is in guest memory now: its control context, and the slot
-    and endpoint contexts it adds (or the one of `dci`)."""
+    command of the slot read -- or, given the `pending` command a breakpoint holds before it
+    runs, the one that command is about to read -- as it is in guest memory now: its control
+    context, and the slot and endpoint contexts it adds (or the one of `dci`)."""
     s = enabled_slot(controller, slot_id)
-    if not s.input_ctx:
+    if (pending is not None and pending.type in _INPUT_COMMANDS
+            and SLOT_ID.of(pending.control) == slot_id):
+        base, command, read = pending.param & ~(POINTER_ALIGN - 1), pending.type, False
+    elif s.input_ctx:
+        base, command, read = s.input_ctx, s.input_command, True
+    else:
         raise ValueError(f"slot {slot_id} has not been given an input context yet (Address "
                          f"Device, Configure Endpoint and Evaluate Context give one)")
     size = controller.context_size
-    base = s.input_ctx
     control = read_context(controller, base)
     # index 0 is the input control context; the device context's index i follows at i + 1
     if dci is not None:
@@ -634,7 +644,7 @@ def input_context(controller: XhciController, slot_id: int, dci: int | None = No
         wanted = [i for i in range(MAX_DCI + 1) if add >> i & 1]
     contexts = [ContextReading(i, base + (i + 1) * size,
                                read_context(controller, base + (i + 1) * size)) for i in wanted]
-    return InputContextReading(slot_id, base, s.input_command, control, contexts)
+    return InputContextReading(slot_id, base, command, control, contexts, read)
 
 
 def ctrl_context_text(dw: Sequence[int]) -> str:
@@ -642,11 +652,12 @@ def ctrl_context_text(dw: Sequence[int]) -> str:
                                  INPUT_CTRL_CTX.get(dw, "add")) or "no flags"
 
 
-def input_context_view(controller: XhciController, slot_id: int, dci: int | None = None
-                       ) -> Group:
-    r = input_context(controller, slot_id, dci)
+def input_context_view(controller: XhciController, slot_id: int, dci: int | None = None,
+                       pending: Trb | None = None) -> Group:
+    r = input_context(controller, slot_id, dci, pending)
+    how = "last read by" if r.read else "about to be read by the held"
     parts: list[Table | Group | Text] = [
-        Text(f"slot {slot_id} input context @ {r.address:#x}, last read by "
+        Text(f"slot {slot_id} input context @ {r.address:#x}, {how} "
              f"{trb_name(r.command)}; as guest memory holds it now", style="bold"),
         layout_table(f"input control context @ {r.address:#x}", INPUT_CTRL_CTX, r.control,
                      ctrl_context_text(r.control))]
@@ -657,13 +668,13 @@ def input_context_view(controller: XhciController, slot_id: int, dci: int | None
     return Group(*parts)
 
 
-def input_context_data(controller: XhciController, slot_id: int, dci: int | None = None
-                       ) -> Data:
+def input_context_data(controller: XhciController, slot_id: int, dci: int | None = None,
+                       pending: Trb | None = None) -> Data:
     """`ctx SLOT --input --json`."""
-    r = input_context(controller, slot_id, dci)
+    r = input_context(controller, slot_id, dci, pending)
     slot_ctx = next((c for c in r.contexts if c.index == 0), None)
     return {"slot": slot_id, "context": "input", "address": r.address, "command": r.command,
-            "command_name": trb_name(r.command), "drop": r.drop, "add": r.add,
+            "command_name": trb_name(r.command), "read": r.read, "drop": r.drop, "add": r.add,
             "control": {"address": r.address,
                         **layout_data(INPUT_CTRL_CTX, r.control, ctrl_context_text(r.control))},
             "slot_context": None if slot_ctx is None else _context_data(slot_ctx),
