@@ -207,3 +207,14 @@ def test_completion_knows_commands_arguments_and_live_values(con):
     assert "td" in words("step ")
     assert "1/3" in words("ring ")
     assert "type=" in words("break trb ")
+
+
+def test_the_status_toolbar_follows_the_controller_and_the_capture(con, tmp_path):
+    assert con.toolbar_text().startswith("controller: running | guest: in-process scripted guest")
+    assert "capture: off" in con.toolbar_text() and "faults: none" in con.toolbar_text()
+    con.execute(f"pause; trace start {tmp_path / 't.pcapng'}")
+    bar = con.toolbar_text()
+    assert bar.startswith("controller: paused") and f"capture: {tmp_path / 't.pcapng'}" in bar
+    con.execute("trace stop; continue")
+    assert con.toolbar_text().startswith("controller: running")
+    assert "capture: off" in con.toolbar_text()
