@@ -45,8 +45,9 @@ class Gate:
                 key = next(iter(self.work))
                 worker = self.work[key]
                 progressed = worker("td")
-                if self._take_hold():
-                    continue                 # paused at it: the ring keeps its place
+                if self._held:               # paused at it: the ring keeps its place
+                    self._held = False
+                    continue
                 if progressed:
                     budget -= 1
                     self.units += 1

@@ -104,6 +104,7 @@ class Layout:
 
 
 DWORD_MASK = 0xFFFFFFFF
+DWORD_BITS = 32
 
 
 def lo32(value: int) -> int:
@@ -112,7 +113,7 @@ def lo32(value: int) -> int:
 
 
 def hi32(value: int) -> int:
-    return (value >> 32) & DWORD_MASK
+    return (value >> DWORD_BITS) & DWORD_MASK
 
 
 def dwords(data: bytes | memoryview, n: int | None = None) -> list[int]:

@@ -31,7 +31,8 @@ class RingError(Exception):
         self.addr = addr
 
 
-_CYCLE, _TOGGLE, _TYPE = CYCLE.bits, TOGGLE_CYCLE.bits, TRB_TYPE
+_CYCLE, _TOGGLE = CYCLE.bits, TOGGLE_CYCLE.bits
+_TYPE_AT, _TYPE_MASK = TRB_TYPE.lo, TRB_TYPE.mask       # read inline: once per TRB fetched
 _TRB_ALIGN = ~(TRB_SIZE - 1)       # ring pointers address whole TRBs
 
 
@@ -84,7 +85,7 @@ class Ring:
             trb = self._read(addr)
             if (trb.control & _CYCLE) != self.ccs:
                 return None
-            if _TYPE.of(trb.control) != TrbType.LINK:
+            if (trb.control >> _TYPE_AT) & _TYPE_MASK != TrbType.LINK:
                 return trb
             for fn in self.announce:
                 fn(self.name, trb)

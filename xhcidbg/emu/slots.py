@@ -27,6 +27,7 @@ EP0_DCI = 1
 MAX_INTERVAL_EXPONENT = 15
 MICROFRAME_NS = 125_000
 _STATE = EP_CTX["ep_state"]
+_STATE_DW, _STATE_AT, _STATE_MASK = _STATE.dword, _STATE.lo, _STATE.mask   # read per TD
 _SLOT_STATE = SLOT_CTX["slot_state"]
 
 
@@ -67,7 +68,7 @@ class SlotEndpoint:
     # ---- fields from the context --------------------------------------------------------------
     @property
     def state(self) -> int:
-        return _STATE.of(self.ctx[_STATE.dword])
+        return (self.ctx[_STATE_DW] >> _STATE_AT) & _STATE_MASK
 
     def set_state(self, state: int) -> None:
         old = self.state

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 from ..devices.base import Status, UsbTransfer
@@ -270,7 +271,7 @@ class TransferEngine:
         data = None if is_in else (out[0] if len(out) == 1 else b"".join(out))
         endpoint = ep.address if setup is None else 0
         xfer = UsbTransfer(endpoint, ep.transfer_type, length, setup=setup, data=data,
-                           on_complete=lambda x: self._on_complete(td), interval=ep.interval)
+                           on_complete=partial(self._on_complete, td), interval=ep.interval)
         if setup is None and is_in:
             xfer.endpoint |= 0x80
             xfer.buffers_fn = lambda: self._guest_buffers(td)
@@ -389,7 +390,8 @@ class TransferEngine:
         return None
 
     # ---- completion ------------------------------------------------------------------------------
-    def _on_complete(self, td: Td) -> None:
+    def _on_complete(self, td: Td, xfer_done: UsbTransfer | None = None) -> None:
+        """The device finished `td`'s transfer (it calls back with the transfer: td.xfer)."""
         xfer = td.xfer
         if xfer is not None and self.hooks.on_urb_complete:
             record = self._record(td, xfer)
@@ -431,6 +433,8 @@ class TransferEngine:
             failed = self._retire_isoch(ep, td, xfer)
         else:
             failed = self._retire_bulk_intr(ep, td, xfer)
+        if failed is None and not self.hooks.on_urb_retired:
+            return True                      # nothing to tell, nothing halts: the common case
         return self._finish(ep, td, xfer, failed)
 
     def _finish(self, ep: SlotEndpoint, td: Td, xfer: UsbTransfer, failed: int | None) -> bool:
@@ -456,9 +460,12 @@ class TransferEngine:
         trb = td.trbs[0]
         n = xfer.actual
         residue = (trb.status & _LEN) - n
-        if n and xfer.is_in and not xfer.in_place and not self._scatter(ep, td, trb, xfer.result,
-                                                                          residue + n):
-            return CC.DATA_BUFFER_ERROR
+        if n and xfer.is_in and not xfer.in_place:
+            try:                             # _scatter, inline on the common path
+                self.mem.write(trb.param, xfer.result)
+            except DmaError as e:
+                self._buffer_error(ep, td, trb, e, residue + n)
+                return CC.DATA_BUFFER_ERROR
         if residue:
             if trb.control & (_ISP | _IOC):
                 self._post(ep, td, trb, CC.SHORT_PACKET, residue)
@@ -473,11 +480,15 @@ class TransferEngine:
         try:
             self.mem.write(trb.param, data)
         except DmaError as e:
-            self.report.refuse(f"dbe{ep.slot.id}/{ep.dci}", f"endpoint {ep.slot.id}/{ep.dci}: "
-                               f"IN data buffer unwritable ({e}); Data Buffer Error")
-            self._post(ep, td, trb, CC.DATA_BUFFER_ERROR, residue)
+            self._buffer_error(ep, td, trb, e, residue)
             return False
         return True
+
+    def _buffer_error(self, ep: SlotEndpoint, td: Td, trb: Trb, e: DmaError,
+                      residue: int) -> None:
+        self.report.refuse(f"dbe{ep.slot.id}/{ep.dci}", f"endpoint {ep.slot.id}/{ep.dci}: "
+                           f"IN data buffer unwritable ({e}); Data Buffer Error")
+        self._post(ep, td, trb, CC.DATA_BUFFER_ERROR, residue)
 
     def _retire_bulk_intr(self, ep: SlotEndpoint, td: Td, xfer: UsbTransfer) -> int | None:
         """Normal TRBs (and Event Data, No-Op) of a bulk or interrupt TD.  Returns the

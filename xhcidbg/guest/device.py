@@ -37,6 +37,9 @@ _IDT = flag(T.IDT)
 _BEI = flag(T.BEI)
 _DIR_IN = flag(T.DIR)
 _SIA = flag(_ISOCH_TRB["sia"])
+# read or placed once per TD: shifts, not calls
+_TYPE_AT, _TYPE_MASK = shift_mask(T.TYPE, 3)
+_INTR_AT, _INTR_MASK = shift_mask(T.INTERRUPTER, 2)
 _NORMAL = placed(T.TYPE, TrbType.NORMAL)
 _SETUP = placed(T.TYPE, TrbType.SETUP_STAGE)
 _DATA = placed(T.TYPE, TrbType.DATA_STAGE)
@@ -328,7 +331,7 @@ class GuestEndpoint:
         # The first TRB of several goes valid last, so the controller never sees half a TD.
         several = len(trbs) > 1
         for i, (p, s, c) in enumerate(trbs):
-            if T.type_of(c) == TrbType.EVENT_DATA:
+            if (c >> _TYPE_AT) & _TYPE_MASK == TrbType.EVENT_DATA:
                 if p is None:
                     p = ring.addr_of(first + i)
                 self.ed_values[p] = (td, i)
@@ -366,7 +369,7 @@ class GuestEndpoint:
         if isp is None:
             isp = is_in
         mps = self.max_packet or 1
-        intr = placed(T.INTERRUPTER, interrupter)
+        intr = (interrupter & _INTR_MASK) << _INTR_AT
         with_ed = event_data is not None and event_data is not False
         n = len(sizes)
         trbs: list[_TrbDraft] = []

@@ -41,6 +41,7 @@ _TRANSFER_EVENT = T.LAYOUTS[TrbType.TRANSFER_EVENT]
 _CC_SHIFT, _CC_MASK = shift_mask(T.CC, 2)
 _LENGTH_SHIFT, _LENGTH_MASK = shift_mask(_TRANSFER_EVENT["length"], 2)
 _SLOT_SHIFT, _SLOT_MASK = shift_mask(T.SLOT, 3)
+_TYPE_SHIFT, _TYPE_MASK = shift_mask(T.TYPE, 3)
 _EP_SHIFT, _EP_MASK = shift_mask(T.ENDPOINT, 3)
 _ED = flag(_TRANSFER_EVENT["ed"])
 _PORT_SHIFT, _PORT_MASK = shift_mask(T.LAYOUTS[TrbType.PORT_STATUS_CHANGE]["port"], 0)
@@ -166,7 +167,7 @@ class Event:
 
     @property
     def type(self) -> int:
-        return T.type_of(self.control)
+        return (self.control >> _TYPE_SHIFT) & _TYPE_MASK
 
     @property
     def cc(self) -> int:
