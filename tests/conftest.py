@@ -1,4 +1,5 @@
-"""Shared fixtures: a controller on the in-process bus with the scripted guest driver started."""
+"""Shared fixtures: a controller on the in-process bus with the scripted guest driver started,
+and the console on its in-process world."""
 import pytest
 
 from xhcidbg.devices.base import Speed
@@ -7,6 +8,7 @@ from xhcidbg.emu.trb import TrbType as T
 from xhcidbg.guest.device import Device
 from xhcidbg.guest.driver import XhciDriver
 from xhcidbg.transport.inproc import InProcessBus
+from xhcidbg.ui import Console, WorldOptions
 
 
 @pytest.fixture
@@ -55,3 +57,12 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"skipped under CI=true: {call.excinfo.value}"
         return report
     return None
+
+
+@pytest.fixture
+def con():
+    """The console on its in-process world: the scripted guest has enumerated a tablet, a
+    keyboard and a storage stick."""
+    c = Console(WorldOptions(), width=200).start()
+    yield c
+    c.close()

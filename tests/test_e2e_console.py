@@ -6,6 +6,7 @@ its block layer) and what the host's image file holds afterwards.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -38,6 +40,21 @@ def xhcidbg(*args: str) -> list[str]:
 def _batch(script: str, *options: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run(xhcidbg("vm", "--batch", "--width", "200", *options), input=script,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def _running(log_path, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """xhcidbg ARGS as a process with no terminal, its output in `log_path`; killed at the end
+    if it is still running."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(xhcidbg(*args), stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=log, text=True)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def _usb_kernel_lines(dmesg: str, port: str) -> list[str]:
@@ -150,10 +167,7 @@ def test_a_batch_script_whose_command_fails_exits_non_zero(kit):
 
 def test_the_api_socket_answers_ports_and_delivers_a_stop_event(tmp_path, kit):
     path = str(tmp_path / "api.sock")
-    log = open(tmp_path / "xhcidbg.log", "w")  # noqa: SIM115  (closed at the end)
-    proc = subprocess.Popen(xhcidbg("vm", "--no-keyboard", "--api", path),
-                            stdin=subprocess.DEVNULL, stdout=log, stderr=log, text=True)
-    try:
+    with _running(tmp_path / "xhcidbg.log", "vm", "--no-keyboard", "--api", path) as proc:
         deadline = time.monotonic() + BOOT_S
         while not os.path.exists(path):
             assert proc.poll() is None and time.monotonic() < deadline, \
@@ -181,11 +195,6 @@ def test_the_api_socket_answers_ports_and_delivers_a_stop_event(tmp_path, kit):
         assert "not JSON" in client.reply(None)["error"]
         client.request("quit")
         assert proc.wait(60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 class _ApiClient:
@@ -244,12 +253,7 @@ def test_serve_with_qmp_freezes_the_users_qemu_at_a_stop(tmp_path, kit):
 
     qemu, kernel, initrd = kit
     sock, qmp, api = (str(tmp_path / n) for n in ("xhci.sock", "qmp.sock", "api.sock"))
-    log = open(tmp_path / "xhcidbg.log", "w")  # noqa: SIM115  (closed at the end)
-    proc = subprocess.Popen(xhcidbg("serve", "--socket", sock, "--qmp", qmp, "--api", api,
-                                    "--no-tablet"),
-                            stdin=subprocess.DEVNULL, stdout=log, stderr=log, text=True)
-
-    async def session() -> tuple[str, str, str]:
+    async def session(proc: subprocess.Popen[str]) -> tuple[str, str, str]:
         while not os.path.exists(api):
             assert proc.poll() is None, (tmp_path / "xhcidbg.log").read_text()
             await asyncio.sleep(0.1)
@@ -274,16 +278,12 @@ def test_serve_with_qmp_freezes_the_users_qemu_at_a_stop(tmp_path, kit):
         finally:
             await vm.stop()
 
-    try:
-        frozen, running, status = asyncio.run(session())
+    with _running(tmp_path / "xhcidbg.log", "serve", "--socket", sock, "--qmp", qmp, "--api",
+                  api, "--no-tablet") as proc:
+        frozen, running, status = asyncio.run(session(proc))
         assert (frozen, running) == ("paused", "running")
         assert "frozen by xhcidbg 1 time(s)" in status, status
         assert proc.wait(60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 WATCH_SCRIPT = """\

@@ -5,23 +5,13 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from xhcidbg.emu import regs as R
 from xhcidbg.emu.context import EP_CTX, EpState
 from xhcidbg.emu.trb import CC, TRB_SIZE, Trb, TrbType
-from xhcidbg.ui import Console, WorldOptions
 from xhcidbg.ui.render import recent_events
 
 HCH = R.USBSTS.mask("hch")
 BOS = 0x0F00                # GET_DESCRIPTOR(BOS): a USB 2 device stalls it
-
-
-@pytest.fixture
-def con():
-    c = Console(WorldOptions(), width=200).start()
-    yield c
-    c.close()
 
 
 def slot_of(con, kind: str) -> int:

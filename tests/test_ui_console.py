@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import struct
 
-import pytest
 from prompt_toolkit.document import Document
 
 from xhcidbg.devices.keyboard import keycode
@@ -16,13 +15,6 @@ from xhcidbg.ui import Console, WorldOptions
 from xhcidbg.ui.completion import CommandCompleter
 from xhcidbg.ui.registry import REGISTRY
 from xhcidbg.ui.render import peek, recent_events
-
-
-@pytest.fixture
-def con():
-    c = Console(WorldOptions(), width=200).start()
-    yield c
-    c.close()
 
 
 def tablet_report(x: int, y: int, buttons: int = 0, wheel: int = 0) -> bytes:

@@ -8,18 +8,11 @@ import struct
 import pytest
 
 from xhcidbg.emu.trb import TrbType
-from xhcidbg.ui import Console, WorldOptions
+from xhcidbg.ui import Console
 from xhcidbg.ui.history import KINDS, History, endpoint_dci
 from xhcidbg.ui.render import recent_events
 
 TABLET_DCI = 3                     # ep1in, the tablet's interrupt IN endpoint
-
-
-@pytest.fixture
-def con():
-    c = Console(WorldOptions(), width=200).start()
-    yield c
-    c.close()
 
 
 def as_json(con: Console, line: str):

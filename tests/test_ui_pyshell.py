@@ -6,24 +6,15 @@ import asyncio
 import io
 import json
 
-import pytest
 from prompt_toolkit.history import InMemoryHistory
 from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 from rich.console import Console as RichConsole
 
 from xhcidbg.emu.context import SlotState
-from xhcidbg.ui import Console, WorldOptions
 from xhcidbg.ui.api import ApiServer
 from xhcidbg.ui.commands import split_commands, split_words
 from xhcidbg.ui.pyshell import namespace, repl
-
-
-@pytest.fixture
-def con():
-    c = Console(WorldOptions(), width=200).start()
-    yield c
-    c.close()
 
 
 def test_py_shows_the_live_controller(con):

@@ -9,17 +9,10 @@ from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 
 from xhcidbg.emu.trb import CC
-from xhcidbg.ui import Console, WorldOptions
+from xhcidbg.ui import Console
 from xhcidbg.ui.top import event_ring_fill, live_top
 
 TABLET_REPORT = 6                  # bytes: buttons, x, y, wheel
-
-
-@pytest.fixture
-def con():
-    c = Console(WorldOptions(), width=200).start()
-    yield c
-    c.close()
 
 
 def snapshot(con: Console) -> dict:

@@ -3,25 +3,19 @@
 guest memory really hold."""
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 
-import pytest
 from prompt_toolkit.document import Document
 
 from xhcidbg.emu import regs as R
 from xhcidbg.emu.context import EP_CTX, SLOT_CTX, XhciEpType
 from xhcidbg.emu.trb import SLOT_ID, TRB_SIZE, Trb, TrbType
-from xhcidbg.ui import Console, WorldOptions
+from xhcidbg.ui import Console
 from xhcidbg.ui.completion import CommandCompleter
 from xhcidbg.ui.registry import REGISTRY
 from xhcidbg.ui.render import peek, recent_events
-
-
-@pytest.fixture
-def con():
-    c = Console(WorldOptions(), width=200).start()
-    yield c
-    c.close()
 
 
 def as_json(con: Console, line: str):
@@ -128,21 +122,29 @@ def test_ctx_input_shows_the_last_configure_endpoint(con):
     assert "last read by Configure Endpoint Command" in text and "Add: slot 1in" in text
 
 
-def test_ctx_input_follows_each_command_of_a_hotplug(con):
-    c = con.controller
+@contextlib.contextmanager
+def keyboard_replugged_and_stopped(con, breakpoint: str) -> Iterator[int]:
+    """Unplug the keyboard, set `breakpoint`, plug it back: yields its port with the controller
+    stopped there; afterwards the breakpoints go and the controller runs on."""
     port, _ = con.world.find("keyboard")
-    con.execute("unplug keyboard; break command type=address")
+    con.execute(f"unplug keyboard; {breakpoint}")
     try:
         con.execute(f"plug keyboard {port}")
-        assert c.gate.paused
+        assert con.controller.gate.paused
+        yield port
+    finally:
+        con.execute("delete all; continue")
+
+
+def test_ctx_input_follows_each_command_of_a_hotplug(con):
+    c = con.controller
+    with keyboard_replugged_and_stopped(con, "break command type=address") as port:
         slot = next(s.id for s in c.slots.values() if s.port is c.port(port))
         data = as_json(con, f"ctx {slot} --input")
         assert data["command_name"] == "Address Device Command"
         assert data["add"] == 0b11 and "Add: slot ep0" in data["control"]["decoded"]
         assert data["slot_context"]["fields"]["root_hub_port"] == port
         assert [e["dci"] for e in data["endpoints"]] == [1]
-    finally:
-        con.execute("delete all; continue")
     assert as_json(con, f"ctx {slot} --input")["command_name"] == "Configure Endpoint Command"
 
 
@@ -293,12 +295,7 @@ def test_guest_and_devices_json_on_a_session_without_the_scripted_guest():
 
 
 def test_ctx_input_at_a_stop_before_the_command_shows_what_it_is_about_to_read(con):
-    c = con.controller
-    port, _ = con.world.find("keyboard")
-    con.execute("unplug keyboard; break command type=address at=start")
-    try:
-        con.execute(f"plug keyboard {port}")
-        assert c.gate.paused
+    with keyboard_replugged_and_stopped(con, "break command type=address at=start"):
         held = con.breakpoints.held_command
         assert held is not None and held.type == TrbType.ADDRESS_DEVICE
         slot = SLOT_ID.of(held.control)
@@ -308,5 +305,3 @@ def test_ctx_input_at_a_stop_before_the_command_shows_what_it_is_about_to_read(c
         con.execute("step command")
         after = as_json(con, f"ctx {slot} --input")
         assert after["read"] is True and after["address"] == held.param
-    finally:
-        con.execute("delete all; continue")

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 
 from .session import add_device_options, device_choice
+from .session.options import add_script_options
 from .trace.cli import add_trace_commands, add_trace_option
 from .trace.cli import run as run_trace
 from .vm import add_vm_commands
@@ -36,14 +37,7 @@ def add_console_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("running")
     g.add_argument("--no-guest", action="store_true",
                    help="no scripted guest: the controller stays in reset until you drive it")
-    g.add_argument("-c", "--commands", metavar="'CMD; CMD'", action="append",
-                   help="run these console commands, print their output and exit")
-    g.add_argument("--batch", action="store_true",
-                   help="read commands from standard input, plain output, no prompt "
-                        "(the default when standard input is not a terminal)")
-    g.add_argument("--echo", action="store_true", help="batch: print each command before its "
-                                                       "output")
-    g.add_argument("--width", type=int, help="output width in columns")
+    add_script_options(g)      # batch is also the default when standard input is no terminal
     add_trace_option(g)
     g.add_argument("-v", "--verbose", action="store_true", help="log what the controller "
                                                                 "refuses")

@@ -53,11 +53,9 @@ class ApiServer:
         self._events = _EventSource(self.broadcast)
 
     async def start(self) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(os.lstat(self.path).st_mode):
                 os.unlink(self.path)              # a stale socket from an earlier run
-        except FileNotFoundError:
-            pass
         try:
             self._server = await asyncio.start_unix_server(self._serve, self.path,
                                                            limit=MAX_LINE)

@@ -6,6 +6,7 @@ except `edit ep`, which changes the controller's copy of an endpoint context -- 
 debugger is for."""
 from __future__ import annotations
 
+import contextlib
 import re
 from argparse import Namespace
 from typing import TYPE_CHECKING
@@ -90,11 +91,9 @@ def resolve_register(con: Console, words: list[str]) -> tuple[str, int, R.Regist
     if name in _INDEXED and index is None:
         per = "port" if name in _PORT_REGS else "interrupter"
         raise ValueError(f"there is one {name} per {per}: write {name}[N]")
-    try:
+    with contextlib.suppress(ValueError):       # a declared register; else by offset table
         reg, offset, label = render.find_register(con.controller, name, index)
         return label, offset, reg, rest
-    except ValueError:
-        pass
     offsets = con.extras.get("register_offsets")
     if not isinstance(offsets, dict):
         offsets = con.extras["register_offsets"] = register_offsets(con.controller)

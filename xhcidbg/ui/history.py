@@ -23,7 +23,18 @@ from rich.text import Text
 
 from ..decode import xhci as linux
 from ..emu.hooks import CommandResult, EventRecord, TransferRecord
-from ..emu.trb import CHAIN, Trb, TrbType, cc_name, trb_name
+from ..emu.layout import DWORD_BITS
+from ..emu.trb import (
+    CHAIN,
+    COMPLETION_CODE,
+    EP_ID,
+    SLOT_ID,
+    TRB_TYPE,
+    Trb,
+    TrbType,
+    cc_name,
+    trb_name,
+)
 from . import render
 from .registry import command, parser
 
@@ -161,11 +172,12 @@ class History:
     def on_event_posted(self, ev: EventRecord) -> None:
         dw = ev.dwords
         control = dw[3]
-        kind = (control >> 10) & 0x3F
-        slot = control >> 24 if kind in _SLOT_EVENTS else None
-        dci = (control >> 16) & 0x1F if kind == TrbType.TRANSFER_EVENT else None
-        pointer = dw[0] | dw[1] << 32 if kind in _POINTER_EVENTS and not control & _ED else None
-        self._add("event", slot or None, dci, ev.addr, pointer, dw[2] >> 24,
+        kind = TRB_TYPE.of(control)
+        slot = SLOT_ID.of(control) if kind in _SLOT_EVENTS else None
+        dci = EP_ID.of(control) if kind == TrbType.TRANSFER_EVENT else None
+        pointer = (dw[0] | dw[1] << DWORD_BITS
+                   if kind in _POINTER_EVENTS and not control & _ED else None)
+        self._add("event", slot or None, dci, ev.addr, pointer, COMPLETION_CODE.of(dw[2]),
                   (ev.interrupter, tuple(dw), ev.note, ev.drop))
 
     def on_urb_submit(self, rec: TransferRecord) -> None:
@@ -271,15 +283,17 @@ def entry_data(e: Entry, origin_ns: int = 0) -> dict[str, object]:
         "seq": e.seq, "time_ns": e.time_ns, "time_s": (e.time_ns - origin_ns) / 1e9,
         "kind": e.kind, "slot": e.slot, "dci": e.dci, "addr": e.addr, "pointer": e.pointer,
         "cc": e.cc, "cc_name": cc_name(e.cc) if e.cc is not None else None}
-    w = e.what
-    if not w:                   # a line of the console's own
-        pass
-    elif e.kind == "trb":
+    w = e.what                  # empty for a line of the console's own
+    if not w:
+        out["text"] = e.text
+        return out
+    if e.kind == "trb":
         out.update(ring=w[0], type=w[1].type, type_name=trb_name(w[1].type),
                    dwords=w[1].dwords)
     elif e.kind == "event":
-        out.update(interrupter=w[0], type=(w[1][3] >> 10) & 0x3F,
-                   type_name=trb_name((w[1][3] >> 10) & 0x3F), dwords=list(w[1]))
+        event_type = TRB_TYPE.of(w[1][3])
+        out.update(interrupter=w[0], type=event_type, type_name=trb_name(event_type),
+                   dwords=list(w[1]))
     elif e.kind == "command":
         out.update(type=w[0].type, type_name=trb_name(w[0].type), param=w[1])
     elif e.kind == "doorbell":

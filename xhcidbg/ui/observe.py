@@ -22,7 +22,19 @@ from ..devices.descriptors import describe_setup
 from ..emu.hooks import CommandStart, MmioAccess, TransferRecord
 from ..emu.memory import BytesLike, DmaError
 from ..emu.slots import endpoint_address
-from ..emu.trb import CC_NAMES, EP_ID, SLOT_ID, TRB_NAMES, Trb, TrbType, cc_name, trb_name
+from ..emu.trb import (
+    CC_NAMES,
+    COMPLETION_CODE,
+    EP_ID,
+    EVENT_LENGTH,
+    SLOT_ID,
+    TRB_NAMES,
+    TRB_TYPE,
+    Trb,
+    TrbType,
+    cc_name,
+    trb_name,
+)
 from .render import linux, trb_text
 
 if TYPE_CHECKING:
@@ -104,10 +116,8 @@ _CC_BY_NAME = {_norm(name): cc for cc, name in CC_NAMES.items()}
 
 def parse_cc(text: str) -> int:
     """A completion code by number or by (the start of) its name: 'stall', 'short', 6."""
-    try:
+    if _numeric(text):
         return int(text, 0)
-    except ValueError:
-        pass
     found = [cc for cc in CC_NAMES if _cc_matches(text, cc)]
     if len(found) != 1:
         raise ValueError(f"completion code {text!r}: " + (
@@ -549,10 +559,11 @@ class Breakpoints:
         if "event" not in self._kinds:
             return
         dw = ev.dwords
-        slot, dci = dw[3] >> 24, (dw[3] >> 16) & 0x1F
-        self._check("event", {"type": (dw[3] >> 10) & 0x3F, "cc": dw[2] >> 24, "slot": slot,
-                              "dci": dci, "ep": endpoint_address(dci) if dci else None,
-                              "length": dw[2] & 0xFFFFFF, "interrupter": ev.interrupter},
+        slot, dci = SLOT_ID.of(dw[3]), EP_ID.of(dw[3])
+        self._check("event", {"type": TRB_TYPE.of(dw[3]), "cc": COMPLETION_CODE.of(dw[2]),
+                              "slot": slot, "dci": dci,
+                              "ep": endpoint_address(dci) if dci else None,
+                              "length": EVENT_LENGTH.of(dw[2]), "interrupter": ev.interrupter},
                     lambda: f"event posted @{ev.addr:#x}: "
                             f"{linux.decode_trb(*dw) if linux else dw}",
                     f"{slot}/{dci}" if slot and dci else None)

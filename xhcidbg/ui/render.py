@@ -10,6 +10,7 @@ plain dicts, lists, ints and strings read from the same facts as the text.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
@@ -462,10 +463,8 @@ ADD_SLOT = 1 << 0                # input control context A0: the slot context
 def read_guest(mem: GuestMemory, addr: int, length: int) -> bytes:
     """`length` bytes of guest memory at `addr`; a ValueError that says where guest memory is
     when they are not all readable."""
-    try:
-        return mem.read(addr, length)
-    except DmaError:
-        pass
+    with contextlib.suppress(DmaError):
+        return mem.peek(addr, length)            # looking is not a DMA: no watchpoint sees it
     readable = _readable_from(mem, addr)
     regions = ", ".join(f"{r.start:#x}..{r.end - 1:#x}" for r in mem.regions) or "none"
     if readable:

@@ -7,6 +7,7 @@ from argparse import Namespace
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from ..emu.commands import CONTEXT_ALIGN
 from ..emu.context import EP_CTX, EP_STATE_NAMES
 from ..emu.memory import DmaError
 from ..emu.trb import TRB_SIZE, Trb
@@ -157,7 +158,7 @@ def output_context(con: Console, slot: int) -> int:
     c = con.controller
     if not c.dcbaap:
         raise ValueError("DCBAAP is not programmed yet")
-    entry = int.from_bytes(c.mem.peek(c.dcbaap + 8 * slot, 8), "little") & ~0x3F
+    entry = int.from_bytes(c.mem.peek(c.dcbaap + 8 * slot, 8), "little") & ~(CONTEXT_ALIGN - 1)
     if not entry:
         raise ValueError(f"slot {slot} has no output device context (its DCBAA entry is 0)")
     return entry

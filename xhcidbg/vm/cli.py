@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..session import add_device_options, close_devices, device_choice, make_devices
+from ..session.options import add_script_options
 from ..session.vmm import Vmm, VmmError
 from ..trace.cli import add_trace_option, tracing
 from ..vfio_user.server import BUSY_POLL_US
@@ -89,16 +90,9 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("console")
     g.add_argument("--no-console", action="store_true",
                    help="no console even when standard input is a terminal")
-    g.add_argument("-c", "--commands", metavar="'CMD; CMD'", action="append",
-                   help="run these console commands, print their output, then end the session")
-    g.add_argument("--batch", action="store_true",
-                   help="read console commands from standard input (plain output, no prompt); "
-                        "exit status 1 if one fails")
-    g.add_argument("--echo", action="store_true",
-                   help="batch: print each command before its output")
+    add_script_options(g)
     g.add_argument("--no-freeze", action="store_true",
                    help="stops of the controller leave the guest running (its timers fire)")
-    g.add_argument("--width", type=int, help="console output width in columns")
     g.add_argument("--api", metavar="PATH",
                    help="also answer console commands as JSON lines on this UNIX socket, and "
                         "send stop, guest and device events there (see the README); without a "
