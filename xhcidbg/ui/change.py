@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from rich.text import Text
 
+from ..conditions import parse_cc
 from ..emu import events
 from ..emu import regs as R
 from ..emu.context import EP_CTX, EP_STATE_NAMES, EpState
@@ -20,7 +21,6 @@ from ..emu.layout import Layout
 from ..emu.memory import DmaError
 from ..emu.trb import TRB_SIZE, Trb, layout_of, trb_name
 from . import render
-from .observe import parse_cc
 from .registry import command, parser
 
 if TYPE_CHECKING:

@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion, PathCompleter
 from prompt_toolkit.document import Document
 
+from ..conditions import parse_cc
 from ..devices.base import Status
 from ..emu.trb import CC_NAMES, TRB_NAMES
 from ..trace import cli as trace_cli
 from ..trace.filters import KINDS as TRACE_KINDS
 from . import render
 from .history import recent_trbs
-from .observe import parse_cc
 from .registry import REGISTRY, Command
 
 if TYPE_CHECKING:

@@ -18,17 +18,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ..conditions import Condition, register_matches
 from ..devices.descriptors import describe_setup
 from ..emu.hooks import CommandStart, MmioAccess, TransferRecord
 from ..emu.memory import BytesLike, DmaError
 from ..emu.slots import endpoint_address
 from ..emu.trb import (
-    CC_NAMES,
     COMPLETION_CODE,
     EP_ID,
     EVENT_LENGTH,
     SLOT_ID,
-    TRB_NAMES,
     TRB_TYPE,
     Trb,
     TrbType,
@@ -69,131 +68,8 @@ BREAK_KINDS = {
               "index": "wIndex", "length": "wLength", "slot": "slot id"},
     "interrupt": {"interrupter": "interrupter index"},
 }
-# keys whose values are names, not numbers; everything else compares as a number
-_NAMED_KEYS = {"type", "cc"}             # a name (prefix) or a number; = and != only by name
-_TEXT_KEYS = {"ring", "phase", "status", "access", "at"}
 _BARE_WORDS = {"mmio": {"read": "access", "write": "access"}}
-OPERATORS = ("!=", "<=", ">=", "==", "=", "<", ">")
 WATCH_MODES = ("write", "read", "access", "change")
-
-
-def _norm(text: str) -> str:
-    return text.lower().replace(" ", "").replace("-", "").replace("_", "")
-
-
-def _numeric(text: str) -> bool:
-    try:
-        int(text, 0)
-    except ValueError:
-        return False
-    return True
-
-
-def _type_matches(want: str, t: int) -> bool:
-    if _numeric(want):
-        return int(want, 0) == t
-    w = _norm(want)
-    names: tuple[str, ...] = (_norm(TRB_NAMES.get(t, "")),)
-    if t in TrbType._value2member_map_:
-        names += (_norm(TrbType(t).name),)
-    return any(n.startswith(w) for n in names)
-
-
-def _cc_matches(want: str, cc: int) -> bool:
-    """By number, by a code's whole name (`stopped` is Stopped alone), or by the start of
-    names (`stopped-` any Stopped code)."""
-    if _numeric(want):
-        return int(want, 0) == cc
-    w = _norm(want)
-    exact = _CC_BY_NAME.get(w)
-    if exact is not None:
-        return exact == cc
-    return _norm(CC_NAMES.get(cc, "")).startswith(w)
-
-
-_CC_BY_NAME = {_norm(name): cc for cc, name in CC_NAMES.items()}
-
-
-def parse_cc(text: str) -> int:
-    """A completion code by number or by (the start of) its name: 'stall', 'short', 6."""
-    if _numeric(text):
-        return int(text, 0)
-    found = [cc for cc in CC_NAMES if _cc_matches(text, cc)]
-    if len(found) != 1:
-        raise ValueError(f"completion code {text!r}: " + (
-            "matches " + ", ".join(CC_NAMES[c] for c in found) if found
-            else "no such name (success, stall, short, trb error, ...)"))
-    return found[0]
-
-
-def _int(text: str) -> int:
-    return int(text, 0)
-
-
-def register_matches(want: str, name: str) -> bool:
-    """`PORTSC` matches every port's PORTSC[n]; `PORTSC[3]` only port 3's."""
-    want, name = want.upper(), name.upper()
-    return name == want or ("[" not in want and name.split("[", 1)[0] == want)
-
-
-@dataclass(frozen=True)
-class Condition:
-    """KEY OP VALUE on one decoded field of an announcement."""
-
-    key: str
-    op: str
-    value: str
-
-    @classmethod
-    def parse(cls, text: str) -> Condition:
-        at = min((i for i in (text.find(c) for c in "=!<>") if i >= 0), default=-1)
-        if at <= 0:
-            raise ValueError(f"condition {text!r}: write KEY=VALUE, KEY!=VALUE, KEY<VALUE or "
-                             f"KEY>VALUE (e.g. cc!=success)")
-        op = next(o for o in OPERATORS if text.startswith(o, at))
-        value = text[at + len(op):]
-        if not value:
-            raise ValueError(f"condition {text!r}: no value after {op!r}")
-        return cls(text[:at].lower(), "=" if op == "==" else op, value)
-
-    def check(self, kind: str) -> None:
-        allowed = BREAK_KINDS[kind]
-        if self.key not in allowed:
-            raise ValueError(f"`break {kind}` takes {', '.join(allowed)}; not {self.key!r}")
-        ordered = self.op not in ("=", "!=")
-        if self.key in _TEXT_KEYS or self.key == "reg":
-            if ordered:
-                raise ValueError(f"{self}: {self.key} takes = or != only")
-        elif self.key in _NAMED_KEYS:
-            if ordered and not _numeric(self.value):
-                raise ValueError(f"{self}: {self.op} needs a number")
-            if self.key == "cc":
-                parse_cc(self.value)
-        else:
-            try:
-                _int(self.value)
-            except ValueError:
-                raise ValueError(f"{self}: a number is needed") from None
-
-    def holds(self, facts: dict) -> bool:
-        have = facts.get(self.key)
-        if have is None:
-            return False
-        op, want = self.op, self.value
-        if self.key in _TEXT_KEYS:
-            same = _norm(str(have)) == _norm(want)
-        elif self.key == "reg":
-            same = register_matches(want, have)
-        elif self.key in _NAMED_KEYS and not _numeric(want):
-            same = (_type_matches if self.key == "type" else _cc_matches)(want, have)
-        else:
-            a, b = int(have), _int(want)
-            return {"=": a == b, "!=": a != b, "<": a < b, ">": a > b, "<=": a <= b,
-                    ">=": a >= b}[op]
-        return same if op == "=" else not same
-
-    def __str__(self) -> str:
-        return f"{self.key}{self.op}{self.value}"
 
 
 def parse_conditions(kind: str, words: Iterable[str]) -> list[Condition]:
@@ -201,7 +77,7 @@ def parse_conditions(kind: str, words: Iterable[str]) -> list[Condition]:
     for w in words:
         bare = _BARE_WORDS.get(kind, {}).get(w.lower())
         cond = Condition(bare, "=", w.lower()) if bare else Condition.parse(w)
-        cond.check(kind)
+        cond.check(BREAK_KINDS[kind], f"break {kind}")
         out.append(cond)
     return out
 
