@@ -143,6 +143,7 @@ class XhciController:
         self.crcr = 0
         self.crr = False
         self._crcr_hi_ignore = False
+        self._crcr_set = False       # software wrote CRCR since the ring last stopped
         self.dcbaap = 0
         self.config = 0
         self.cmd_ring = Ring(self.mem, name="cmd", announce=self.hooks.on_trb)
@@ -265,6 +266,9 @@ class XhciController:
             acc = MmioAccess(True, offset, size, value)
             for fn in self.hooks.on_mmio:
                 fn(acc)
+            if acc.drop:
+                return
+            value = acc.value
         try:
             if size == 4 and not offset & _NOT_A_BAR_DWORD:
                 self._writers[offset >> 2](value & DWORD_MASK)
@@ -374,6 +378,7 @@ class XhciController:
             self._crcr_hi_ignore = False
         else:
             self.crcr = with_hi32(self.crcr, v)
+            self._crcr_set = True
 
     def _write_dcbaap_lo(self, v: int) -> None:
         self.dcbaap = with_lo32(self.dcbaap, v & R.DCBAAP_LO.rw)
@@ -451,6 +456,7 @@ class XhciController:
                 self._crcr_hi_ignore = True
             return
         self.crcr = with_lo32(self.crcr, v & R.CRCR_LO.rw)
+        self._crcr_set = True
 
     def _stop_command_ring(self, abort: bool) -> None:
         if self.cmd_pending is not None and abort:
@@ -461,6 +467,9 @@ class XhciController:
             return    # stop waits for the running command; it completes, then the ring stops
         self.crr = False
         self.crcr = (self.cmd_ring.dequeue & ~0x3F) | self.cmd_ring.ccs
+        # Restarting goes on from the stopped dequeue pointer (it need not be 64-byte
+        # aligned) unless software points CRCR elsewhere first (4.6.1.1).
+        self._crcr_set = False
         self.gate.forget("cmd")
         self.post_event(0, events.command_completion(self.cmd_ring.dequeue,
                                                      CC.COMMAND_RING_STOPPED))
@@ -504,7 +513,8 @@ class XhciController:
                 return
             if not self.crr:
                 self.crr = True
-                self.cmd_ring.set_dequeue(self.crcr & ~0x3F, self.crcr & 1)
+                if self._crcr_set:
+                    self.cmd_ring.set_dequeue(self.crcr & ~0x3F, self.crcr & 1)
             self.cmd_ring.invalidate()
             self.kick_commands()
             return
@@ -562,8 +572,12 @@ class XhciController:
         if self.events_full:
             return False      # an event ring is full: wait for software to catch up (4.9.4)
         try:
-            if self.hooks.on_command_start and self._held_before_command():
+            start = self._announce_command() if self.hooks.on_command_start else None
+            if start is not None and start.hold and self.gate.paused:
+                self.gate.hold()
                 return False
+            if not self.running or not self.crr:
+                return False                 # an observer's doing: the controller halted
             trb = self.cmd_ring.fetch()
         except RingError as e:
             self.host_controller_error(f"command ring: {e}")
@@ -574,24 +588,25 @@ class XhciController:
         if trb is None:
             return False
         self.cmd_pending = trb
+        if start is not None and start.withhold and start.trb.addr == trb.addr:
+            self.refuse(f"withheld{trb.addr:#x}", f"command {trb!r} withheld by an observer: it "
+                        f"completes only if software aborts the command ring", level="info")
+            return True
         result = self.commands.execute(trb)
         if result is not None and self.cmd_pending is trb:
             self.cmd_pending = None
             self._post_command(result)
         return True
 
-    def _held_before_command(self) -> bool:
-        """Announce the next command before it runs; True if an observer holds it there."""
+    def _announce_command(self) -> CommandStart | None:
+        """Announce the next command before it runs (None: the ring has none)."""
         trb = self.cmd_ring.peek()
         if trb is None:
-            return False
+            return None
         start = CommandStart(trb)
         for fn in self.hooks.on_command_start:
             fn(start)
-        if start.hold and self.gate.paused:
-            self.gate.hold()
-            return True
-        return False
+        return start
 
     def finish_command(self, result: CommandResult) -> None:
         """An asynchronous command finished (unless it was aborted meanwhile)."""

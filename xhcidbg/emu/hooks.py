@@ -20,20 +20,22 @@ from .trb import Trb
 
 # name -> (arguments, what it means)
 ANNOUNCEMENTS = {
-    "mmio": "(access: MmioAccess) a BAR access, after the controller answered it; "
-            "a read's value may be rewritten (mutable)",
+    "mmio": "(access: MmioAccess) a BAR access: a read after the controller answered it, "
+            "its value may be rewritten; a write before it lands, its value may be rewritten "
+            "or the write dropped (mutable)",
     "doorbell": "(slot: int, target: int, stream: int) a doorbell register was written",
     "trb": "(ring: str, trb: Trb) a TRB was fetched from a ring ('cmd' or 'slot/dci')",
     "command_start": "(start: CommandStart) a command TRB is next and has not run yet; an "
-                     "observer that pauses the gate and sets start.hold leaves it on the ring "
-                     "(mutable)",
+                     "observer that pauses the gate and sets start.hold leaves it on the ring; "
+                     "start.withhold takes it and never completes it (mutable)",
     "command": "(cmd: CommandResult) a command finished; cc/slot may be rewritten (mutable)",
     "event": "(ev: EventRecord) an event is about to be written; may be rewritten or dropped "
              "(mutable)",
     "event_posted": "(ev: EventRecord) an event was written to the event ring",
     "urb_submit": "(rec: TransferRecord) a transfer was handed to a device",
-    "urb_complete": "(rec: TransferRecord) a device finished a transfer; rec.xfer.status and "
-                    "rec.xfer.actual may be rewritten (mutable)",
+    "urb_complete": "(rec: TransferRecord) a device finished a transfer; rec.xfer.status, "
+                    "rec.xfer.actual and the IN data may be rewritten, and rec.force_cc, "
+                    "force_residue, force_state, delay_ns and withhold set (mutable)",
     "urb_retired": "(rec: TransferRecord) the controller retired the transfer: rec.cc is the "
                    "completion code it posted",
     "port": "(port: int, old: int, new: int) a root port's PORTSC changed",
@@ -66,6 +68,12 @@ class TransferRecord:
     note: str = ""             # why an observer changed it (goes into traces)
     internal: bool = False     # the controller's own request (SET_ADDRESS in Address Device)
     trbs: tuple[int, ...] = ()  # guest addresses of the TD's TRBs in ring order (none: internal)
+    # set at urb_complete by an observer that changes the outcome (the fault engine):
+    force_cc: int | None = None      # post this completion code, whatever the bus said
+    force_residue: int | None = None  # ... with this residual length in its event
+    force_state: str | None = None   # the endpoint afterwards: "running", "halted" or "error"
+    delay_ns: int = 0                # retire the TD this much later
+    withhold: bool = False           # never retire it (the guest's timeout and abort paths)
 
 
 @dataclass(slots=True)
@@ -77,6 +85,7 @@ class MmioAccess:
     offset: int
     size: int
     value: int
+    drop: bool = False         # set by an observer: the write does not reach the register
 
 
 @dataclass
@@ -92,6 +101,7 @@ class EventRecord:
 class CommandStart:
     trb: Trb                   # the command TRB, not yet consumed from the ring
     hold: bool = False         # set: the command stays where it is until the gate runs again
+    withhold: bool = False     # set: the command is taken and never completes (until aborted)
 
 
 @dataclass

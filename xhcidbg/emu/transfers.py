@@ -69,6 +69,7 @@ STATUS_CC = {
 # Completions that leave the endpoint running: Stopped is the host's own doing, a Data Buffer
 # Error is the host's memory (4.10.2.x); every other error halts a non-isochronous endpoint.
 _NO_HALT = (CC.SUCCESS, CC.SHORT_PACKET, CC.STOPPED, CC.DATA_BUFFER_ERROR)
+VENDOR_INFO = range(224, 256)    # vendor-defined information codes report, they do not halt
 
 
 _SHORT = -1      # _DataWalk.data: a short packet ended this part of the TD, its event posted
@@ -83,7 +84,7 @@ class _DataWalk:
 
     def __init__(self, engine: TransferEngine, ep: SlotEndpoint, td: Td, xfer: UsbTransfer):
         self.engine, self.ep, self.td = engine, ep, td
-        self.cc = status_cc(xfer)
+        self.cc = status_cc(xfer) if td.force_cc is None else td.force_cc
         self.failed = self.cc != CC.SUCCESS
         self.result = memoryview(xfer.result) if xfer.is_in and not xfer.in_place else None
         self.remaining, self.pos, self.edtla, self.short = xfer.actual, 0, 0, False
@@ -136,8 +137,8 @@ def trb_length(trb: Trb) -> int:
 
 
 class Td:
-    __slots__ = ("bad", "cc", "done", "ep", "iso_frame", "record", "start", "start_ccs", "trbs",
-                 "xfer")
+    __slots__ = ("bad", "cc", "done", "ep", "force_cc", "force_residue", "force_state",
+                 "iso_frame", "record", "start", "start_ccs", "trbs", "xfer")
 
     def __init__(self, ep: SlotEndpoint):
         self.ep = ep
@@ -150,6 +151,9 @@ class Td:
         self.cc: int | None = None                  # the last completion code posted for it
         self.iso_frame = 0
         self.record: TransferRecord | None = None   # made only when someone observes
+        self.force_cc: int | None = None            # an observer's outcome (TransferRecord)
+        self.force_residue: int | None = None
+        self.force_state: str | None = None
 
     def complete_after(self, trb: Trb, control_ep: bool) -> bool:
         """Does `trb` end this TD?"""
@@ -398,6 +402,17 @@ class TransferEngine:
             record.completed_ns = self.scheduler.now_ns()
             for fn in self.hooks.on_urb_complete:
                 fn(record)
+            td.force_cc, td.force_residue = record.force_cc, record.force_residue
+            td.force_state = record.force_state
+            if record.withhold:
+                return      # never retires: Stop Endpoint or a reset takes it back
+            if record.delay_ns > 0:
+                delay, record.delay_ns = record.delay_ns, 0
+                self.scheduler.call_later(delay, self._completed, td)
+                return
+        self._completed(td)
+
+    def _completed(self, td: Td) -> None:
         td.done = True
         ep = td.ep
         if td not in ep.inflight:
@@ -425,7 +440,8 @@ class TransferEngine:
             self._retire_noop(ep, td)
             return True
         first = td.trbs[0]
-        if xfer.status == Status.OK and len(td.trbs) == 1 and first.type == T.NORMAL:
+        if (xfer.status == Status.OK and len(td.trbs) == 1 and first.type == T.NORMAL
+                and td.force_cc is None):
             failed = self._retire_one_normal(ep, td, xfer)     # the common case, kept short
         elif first.type == T.SETUP_STAGE:
             failed = self._retire_control(ep, td, xfer)
@@ -433,7 +449,7 @@ class TransferEngine:
             failed = self._retire_isoch(ep, td, xfer)
         else:
             failed = self._retire_bulk_intr(ep, td, xfer)
-        if failed is None and not self.hooks.on_urb_retired:
+        if failed is None and not self.hooks.on_urb_retired and td.force_state is None:
             return True                      # nothing to tell, nothing halts: the common case
         return self._finish(ep, td, xfer, failed)
 
@@ -445,9 +461,15 @@ class TransferEngine:
             record.cc = td.cc if td.cc is not None else (failed or CC.SUCCESS)
             for fn in self.hooks.on_urb_retired:
                 fn(record)
-        if failed is None or failed in _NO_HALT or ep.is_isoch:
+        forced = td.force_state
+        if forced is not None:
+            if forced == "running":
+                return True
+            ep.set_state(EpState.ERROR if forced == "error" else EpState.HALTED)
+            return False
+        if failed is None or failed in _NO_HALT or failed in VENDOR_INFO or ep.is_isoch:
             return True
-        ep.set_state(EpState.HALTED)
+        ep.set_state(EpState.ERROR if failed == CC.TRB_ERROR else EpState.HALTED)
         return False
 
     def _retire_noop(self, ep: SlotEndpoint, td: Td) -> None:
@@ -559,6 +581,8 @@ class TransferEngine:
         was really written (an observer may have rewritten it) as the TD's."""
         intr = (trb.status >> _INTR_SHIFT) & _INTR_MASK
         block = bool(trb.control & _BEI) and trb.type in _BLOCKABLE
+        if td.force_residue is not None and cc == td.force_cc:
+            length = td.force_residue
         pointer = trb.param if event_data else trb.addr
         written = self.post_event(intr, events.transfer_event(pointer, cc, length, ep.slot.id,
                                                               ep.dci, event_data), block)
