@@ -16,6 +16,7 @@ import logging
 import sys
 from collections.abc import Callable
 
+from .faults.cli import add_fault_options
 from .session import add_device_options, device_choice
 from .session.options import add_script_options
 from .trace.cli import add_trace_commands, add_trace_option
@@ -39,6 +40,7 @@ def add_console_options(p: argparse.ArgumentParser) -> None:
                    help="no scripted guest: the controller stays in reset until you drive it")
     add_script_options(g)      # batch is also the default when standard input is no terminal
     add_trace_option(g)
+    add_fault_options(p.add_argument_group("faults"))
     g.add_argument("-v", "--verbose", action="store_true", help="log what the controller "
                                                                 "refuses")
 
@@ -66,7 +68,8 @@ def run_console(args: argparse.Namespace) -> int:
     from .ui.world import WorldOptions
 
     options = WorldOptions(devices=device_choice(args), guest=not args.no_guest,
-                           trace=args.trace, trace_filter=args.trace_filter.split())
+                           trace=args.trace, trace_filter=args.trace_filter.split(),
+                           faults=args)
     batch = args.batch or args.commands or not sys.stdin.isatty()
     try:
         console = Console(options, width=args.width).start()

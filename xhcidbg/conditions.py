@@ -12,7 +12,7 @@ from .emu.trb import CC_NAMES, TRB_NAMES, TrbType
 
 # keys whose values are names, not numbers; everything else compares as a number
 NAMED_KEYS = {"type", "cc"}             # a name (prefix) or a number; = and != only by name
-TEXT_KEYS = {"ring", "phase", "status", "access", "at"}
+TEXT_KEYS = {"ring", "phase", "status", "access", "at", "dir", "device"}
 OPERATORS = ("!=", "<=", ">=", "==", "=", "<", ">")
 
 

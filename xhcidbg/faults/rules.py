@@ -45,7 +45,6 @@ KINDS: dict[str, dict[str, str]] = {
     "interrupt": {"interrupter": "interrupter index"},
     "time": {},                          # fires once, at after=T
 }
-TEXT_KEYS = {"dir", "device", "phase", "access", "reg"}
 
 # when: key -> what it means
 WHEN_KEYS = {

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from ..devices import UsbDevice
 from ..emu.controller import XhciController
 from ..emu.timing import Scheduler
+from ..faults import FaultEngine, Injection
 from ..trace.cli import SessionTrace
 from .clock import LoopClock
 from .devices import close_devices
@@ -101,6 +102,9 @@ class Session:
         self.controller = XhciController(usb2_ports=usb2_ports, usb3_ports=usb3_ports,
                                          scheduler=self.scheduler)
         self.trace = SessionTrace(self.controller)      # the session's capture, if any
+        # the session's fault rules: with none, it listens to nothing and costs nothing
+        self.faults = FaultEngine(self.controller).attach()
+        self.faults.listeners.append(self._injected)
         self.devices: dict[int, UsbDevice] = {}          # root port -> device
         self.clock: LoopClock | None = None
         self.say = say
@@ -137,6 +141,14 @@ class Session:
             self.freeze.close()
             self.freeze = None
         self.vmm = None
+
+    def _injected(self, inj: Injection) -> None:
+        """Each injection goes into the capture as a comment and into the log."""
+        text = inj.text()
+        log.info("%s", text)
+        tracer = self.trace.tracer
+        if self.trace.running and tracer is not None:
+            tracer.annotate(text)
 
     def _guest_changed(self, frozen: bool) -> None:
         for fn in list(self.on_guest):
@@ -219,6 +231,7 @@ class Session:
         if self.freeze is not None:
             self.freeze.close()
             self.freeze = None
+        self.faults.detach()
         if self.clock is not None:
             self.clock.close()
             self.clock = None

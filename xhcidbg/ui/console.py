@@ -17,6 +17,7 @@ in one asyncio loop, so a VM is served while the user types.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import io
 import json
@@ -28,7 +29,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from difflib import get_close_matches
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from rich.console import Console as RichConsole
 from rich.rule import Rule
@@ -38,6 +39,7 @@ from ..emu.controller import XhciController
 from ..session import DeviceChoice, Session
 from . import change as _change  # noqa: F401  (registers poke, edit, post)
 from . import commands as _commands
+from . import faults as _faults  # noqa: F401  (registers fault)
 from . import live as _live  # noqa: F401  (registers the guest, wait and set commands)
 from . import pyshell as _pyshell  # noqa: F401  (registers py)
 from . import render
@@ -164,14 +166,20 @@ class Console:
         self.counters = hooks.attach(Counters(session.controller.scheduler.now_ns))
         self._breakpoints = Breakpoints(session.controller, self._on_breakpoint)
         hooks.attach(self._breakpoints)
+        session.faults.listeners.append(self._fault_injected)
         if self._owns_session:
             await session.start()
             await session.settle(10.0)
+
+    def _fault_injected(self, inj: Any) -> None:
+        self.notice(Text(inj.text(), style="bold magenta"))
 
     async def aclose(self) -> None:
         """Detach from a session someone else runs; end one the console built."""
         if self._session is None:
             return
+        with contextlib.suppress(ValueError):
+            self._session.faults.listeners.remove(self._fault_injected)
         hooks = self._session.controller.hooks
         if self._owns_session:
             await self._session.stop()
@@ -561,7 +569,9 @@ class Console:
         trace = session.trace
         parts.append(f"capture: {trace.tracer.path}" if trace.running and trace.tracer
                      else "capture: off")
-        parts.append("faults: none")
+        faults = session.faults
+        parts.append(f"faults: {faults.summary()}" if faults.rules or faults.log
+                     else "faults: none")
         return " | ".join(parts)
 
     def _toolbar(self) -> HTML:

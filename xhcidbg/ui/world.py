@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from argparse import Namespace
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..devices.bot import MSC_CLASS
+from ..faults.cli import apply_fault_options
 from ..guest.device import Device, GuestEndpoint, Transfer
 from ..guest.driver import XhciDriver
 from ..guest.storage import MassStorage, StorageError
@@ -49,6 +51,7 @@ class WorldOptions:
     guest: bool = True                        # run the scripted guest
     trace: str | None = None                  # pcapng file to capture to from the start
     trace_filter: list[str] = field(default_factory=list)
+    faults: Namespace | None = None           # --faults, --fault-seed, --fault-log
 
 
 @dataclass
@@ -123,6 +126,8 @@ class World(Session):
         o = self.options
         if o.trace:
             start_option_trace(self.trace, o.trace, o.trace_filter)
+        if o.faults is not None:
+            apply_fault_options(self.faults, o.faults, say=_tell)
         self.plug_all(make_devices(o.devices, say=_tell))
         if o.guest:
             self.driver = XhciDriver(self.bus)

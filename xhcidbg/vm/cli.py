@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..faults.cli import add_fault_options, apply_fault_options
 from ..session import add_device_options, close_devices, device_choice, make_devices
 from ..session.options import add_script_options
 from ..session.vmm import Vmm, VmmError
@@ -87,6 +88,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     add_trace_option(g)
     g.add_argument("-v", "--verbose", action="store_true",
                    help="log what the controller refuses and the vfio-user session")
+    add_fault_options(parser.add_argument_group("faults"))
     g = parser.add_argument_group("console")
     g.add_argument("--no-console", action="store_true",
                    help="no console even when standard input is a terminal")
@@ -159,12 +161,18 @@ def _configure_logging(args: argparse.Namespace) -> None:
 def _make_backend(args: argparse.Namespace, socket_path: str) -> Backend:
     devices = make_devices(device_choice(args), say=_say)
     try:
-        return Backend(socket_path, devices, usb2_ports=args.usb2_ports,
-                       usb3_ports=args.usb3_ports, msix=not args.no_msix,
-                       busy_poll_us=max(0, args.busy_poll), say=_say)
+        backend = Backend(socket_path, devices, usb2_ports=args.usb2_ports,
+                          usb3_ports=args.usb3_ports, msix=not args.no_msix,
+                          busy_poll_us=max(0, args.busy_poll), say=_say)
     except BaseException:
         close_devices(devices)
         raise
+    try:
+        apply_fault_options(backend.faults, args, say=_say)
+    except BaseException:
+        backend.close()
+        raise
+    return backend
 
 
 @contextlib.contextmanager
