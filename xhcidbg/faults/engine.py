@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..devices.base import Status, UsbDevice
-from ..emu import events
+from ..emu import events, regs
 from ..emu.hooks import CommandResult, CommandStart, EventRecord, MmioAccess, TransferRecord
 from ..emu.memory import DmaError
 from ..emu.regs import USBCMD, USBSTS
@@ -38,6 +38,7 @@ _SETUP = struct.Struct("<BBHHH")
 _CA_CS = 0x6                                 # CRCR Command Abort | Command Stop
 _HCRST = USBCMD.mask("hcrst")
 _CNR = USBSTS.mask("cnr")
+_REGISTERS = {r.name: r for r in vars(regs).values() if isinstance(r, regs.Register)}
 _ENDPOINT_COMMANDS = {TrbType.RESET_ENDPOINT, TrbType.STOP_ENDPOINT, TrbType.SET_TR_DEQUEUE}
 
 
@@ -521,8 +522,11 @@ class FaultEngine:
                 c.scheduler.call_soon(self._sync)
         if not any(r.kind == "mmio" and r.enabled for r in self.rules):
             return
-        facts = {"reg": name, "access": "write" if acc.write else "read", "value": acc.value,
-                 "offset": acc.offset}
+        facts: dict[str, Any] = {"reg": name, "access": "write" if acc.write else "read",
+                                 "value": acc.value, "offset": acc.offset}
+        reg = _REGISTERS.get(name.split("[", 1)[0])
+        if reg is not None and acc.size == 4:        # its fields, by name: hcrst=1, ca=1
+            facts.update(reg.layout.decode([acc.value]))
         for rule in self._matching("mmio", facts):
             for action in rule.actions:
                 self._global(rule, action, {"reg": name, "value": acc.value})
@@ -574,6 +578,8 @@ class FaultEngine:
             c.post_event(ir, events.host_controller_event(CC.EVENT_RING_FULL),
                          note=f"fault #{rule.number}: Event Ring Full Error")
             self._record(rule, a, where, {}, {"event": "Host Controller Event, Event Ring Full"})
+        elif a == "note":
+            self._record(rule, a, where, {}, {})
         elif a == "pause":
             c.gate.pause()
             self._record(rule, a, where, {}, {"controller": "paused"})

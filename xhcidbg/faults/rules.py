@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..conditions import Condition, parse_cc
+from ..emu import regs
 from ..emu.trb import CC_NAMES
 
 # where: kind -> {key: what it means}
@@ -92,7 +93,12 @@ ACTIONS: dict[str, tuple[tuple[str, ...] | None, dict[str, str], str]] = {
     "cnr-stuck": (None, {"ms": "for this long (default: for ever)"},
                   "USBSTS.CNR stays set after the next controller reset"),
     "pause": (None, {}, "stop the controller (and freeze the guest) at the match"),
+    "note": (None, {}, "only log the match (and move a state machine with new_state)"),
 }
+# an mmio rule also tests the fields of the register it names (hcrst=1, ca=1, ...)
+_MMIO_KEYS = KINDS["mmio"] | {f.name: f"a register field ({r.name})"
+                              for r in vars(regs).values() if isinstance(r, regs.Register)
+                              for f in r.layout.fields}
 _SHORTHAND_CC = {"stall": "stall", "babble": "babble", "xact-error": "4",
                  "trb-error": "5"}
 STATES = ("running", "halted", "error")
@@ -271,7 +277,7 @@ def parse_rule(line: str, lineno: int = 1, source: str = "") -> Rule | None:
         else:
             try:
                 c = Condition.parse(word)
-                c.check(KINDS[kind], kind)
+                c.check(_MMIO_KEYS if kind == "mmio" else KINDS[kind], kind)
             except ValueError as e:
                 raise fail(f"{e} (or a WHEN key: {', '.join(WHEN_KEYS)})", col) from None
             if c.key == "phase" and c.value.lower() not in ("done", "submit"):
