@@ -65,3 +65,71 @@ def test_a_withheld_address_device_drives_linuxs_command_timeout_and_abort(tmp_p
     assert "Command Aborted" in shown and "Command Ring Stopped" in shown
     # the hub driver tried again and the devices enumerated: tablet and keyboard on bus 1
     assert "1-1" in r.stdout and "1-2" in r.stdout
+
+
+def test_hse_makes_linux_declare_the_controller_dead_and_rebinding_brings_it_back(tmp_path,
+                                                                                  kit):
+    image = tmp_path / "stick.img"
+    image.write_bytes(os.urandom(1 << 20) + bytes(7 << 20))
+    scenario = tmp_path / "hse.faults"
+    scenario.write_text("urb device=storage dir=in length>512 nth=3 do hse\n")
+    log = tmp_path / "faults.jsonl"
+    pci = "$(basename $(readlink -f /sys/bus/usb/devices/usb1/..))"
+    r = _vm(tmp_path, "--storage", str(image), "--faults", str(scenario), "--fault-log", str(log),
+            "--command-timeout", "240",
+            "--run", "timeout 120 dd if=/dev/sda of=/dev/null bs=64k count=16; echo dd=$?",
+            "--run", "sleep 2; dmesg | grep -E 'xhci_hcd.*(dead|died)' | head -3",
+            "--run", f"d={pci}; echo $d > /sys/bus/pci/drivers/xhci_hcd/unbind; sleep 1; "
+                     f"echo $d > /sys/bus/pci/drivers/xhci_hcd/bind; sleep 10; "
+                     f"ls /sys/bus/usb/devices/; cat /sys/block/sda/size", timeout=900)
+    assert r.returncode == 0, r.stderr
+    assert "dd=0" not in r.stdout                           # the read failed: the HC died
+    assert "assume dead" in r.stdout or "HC died" in r.stdout, r.stdout
+    assert [i["action"] for i in _injections(log)] == ["hse"]
+    after = r.stdout.splitlines()
+    assert "2-1" in " ".join(after[-3:]) and after[-1] == str(8 << 11), r.stdout
+
+
+def test_a_disconnect_mid_transfer_drops_the_device_and_a_reconnect_enumerates_it(tmp_path,
+                                                                                 kit):
+    image = tmp_path / "stick.img"
+    payload = os.urandom(1 << 20)
+    image.write_bytes(payload + bytes(7 << 20))
+    scenario = tmp_path / "unplug.faults"
+    scenario.write_text("urb device=storage dir=in length>512 phase=submit nth=3 "
+                        "do disconnect and reconnect ms=3000\n")
+    log = tmp_path / "faults.jsonl"
+    r = _vm(tmp_path, "--storage", str(image), "--faults", str(scenario), "--fault-log", str(log),
+            "--command-timeout", "240",
+            "--run", "timeout 120 dd if=/dev/sda of=/dev/null bs=64k count=16; echo dd=$?",
+            "--run", "sleep 10; dmesg | grep -E 'usb 2-1: (USB disconnect|new SuperSpeed)'",
+            "--run", "d=$(ls /sys/block | grep sd); dd if=/dev/$d bs=64k count=16 2>/dev/null"
+                     " | md5sum", timeout=900)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert sum("USB disconnect" in x for x in lines) == 1, r.stdout
+    assert sum("new SuperSpeed" in x for x in lines) == 2, r.stdout    # boot, then the replug
+    assert lines[-1].split()[0] == hashlib.md5(payload).hexdigest()
+    assert [i["action"] for i in _injections(log)] == ["disconnect", "reconnect"]
+
+
+def test_a_seeded_probabilistic_scenario_run_twice_injects_the_same_faults(tmp_path, kit):
+    payload = os.urandom(1 << 20)
+    scenario = tmp_path / "flaky.faults"
+    scenario.write_text("seed 42\n"
+                        "urb device=storage dir=in length>512 probability=0.2 times=4 "
+                        "do xact-error\n")
+    runs = []
+    for n in range(2):
+        image = tmp_path / f"stick{n}.img"
+        image.write_bytes(payload + bytes(7 << 20))
+        log = tmp_path / f"faults{n}.jsonl"
+        r = _vm(tmp_path, "--storage", str(image), "--faults", str(scenario),
+                "--fault-log", str(log),
+                "--run", "dd if=/dev/sda bs=64k count=16 2>/dev/null | md5sum")
+        assert r.returncode == 0, r.stderr
+        # transaction errors are soft-retried: the data arrives intact
+        assert r.stdout.split()[0] == hashlib.md5(payload).hexdigest()
+        runs.append([(i["rule"], i["match"], i["seed"], i["action"], i["injected"])
+                     for i in _injections(log)])
+    assert runs[0] == runs[1] and len(runs[0]) == 4
