@@ -46,3 +46,13 @@ def test_every_shipped_scenario_parses_and_names_the_linux_code_it_drives(path):
     assert parse_rules("\n".join(line for line in text.splitlines()
                                  if not line.startswith("seed ")), source=str(path))
     assert "# drives:" in text and "xhci" in text
+
+
+def test_a_bad_scenario_file_stops_the_command_with_file_line_and_column(tmp_path):
+    import sys
+    bad = tmp_path / "bad.faults"
+    bad.write_text("# comment\nurb ep=0x81 nth=0 do stall\n")
+    r = subprocess.run([sys.executable, "-m", "xhcidbg", "--faults", str(bad), "-c", "fault list"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert f"{bad}:2:13: nth=0: nth needs a count of 1 or more" in r.stderr
