@@ -250,3 +250,64 @@ def test_the_same_seed_injects_the_same_faults_and_a_log_replays(bus, drv):
     replay.load("\n".join(a.log_lines()))            # a log is a scenario
     assert [drv.no_op().cc for _ in range(40)] == ccs_a
     assert [i.match for i in replay.log] == [i.match for i in a.log]
+
+
+# ---- ports -----------------------------------------------------------------------------------
+def test_over_current_disables_the_port_and_reports_occ(bus, drv, dev, faults):
+    faults.add("time do over-current port=3 ms=30")
+    drv.wait_port(3, lambda s: s.raw & GR.PORT_OCA, "over-current")
+    assert not drv.port_status(3).raw & GR.PORT_PED
+    [inj] = faults.log
+    assert inj.injected["portsc"] & GR.PORT_OCC and not inj.original["portsc"] & GR.PORT_OCA
+    drv.wait_port(3, lambda s: not s.raw & GR.PORT_OCA, "over-current to end")
+
+
+def test_ss_inactive_takes_a_warm_reset_and_a_failed_reset_leaves_the_port_disabled(
+        bus, drv, dev, faults):
+    faults.add("time do ss-inactive port=3")
+    drv.wait_port(3, lambda s: GR.PORT_PLS.of(s.raw) == 6, "SS.Inactive")
+    assert not drv.port_status(3).raw & GR.PORT_PED
+    drv.clear_port_changes(3)
+    drv.write_portsc(3, set_bits=GR.PORT_PR)                 # a hot reset does not leave it
+    drv.wait_port(3, lambda s: s.raw & GR.PORT_PRC, "the hot reset to end")
+    assert GR.PORT_PLS.of(drv.port_status(3).raw) == 6
+    drv.clear_port_changes(3)
+    faults.add("time do reset-fail port=3")
+    drv.bus.wait(lambda: False, 1_000_000)
+    drv.write_portsc(3, set_bits=GR.PORT_WPR)                # this warm reset fails
+    drv.wait_port(3, lambda s: s.raw & GR.PORT_PRC, "the failed reset to end")
+    assert not drv.port_status(3).raw & GR.PORT_PED
+    drv.clear_port_changes(3)
+    drv.write_portsc(3, set_bits=GR.PORT_WPR)                # the next one enables it
+    drv.wait_port(3, lambda s: s.raw & GR.PORT_PRC and s.raw & GR.PORT_PED, "a warm reset")
+    assert [i.action for i in faults.log] == ["ss-inactive", "reset-fail"]
+
+
+# ---- expect ----------------------------------------------------------------------------------
+def test_expect_reports_whether_the_guest_reacted_as_stated(bus, drv, dev, faults):
+    rule = faults.add("urb ep=0x81 nth=1 do stall "
+                      "expect reset-endpoint(tsp=0) then set-tr-dequeue within 1s")
+    assert str(rule.expect) == "reset-endpoint(tsp=0) then set-tr-dequeue within 1000ms"
+    faults.add("command type=no-op nth=1 do cc code=200 expect hcrst within 100ms")
+    assert _in(dev).cc == CC.STALL_ERROR
+    [stall] = faults.expectations
+    assert stall.status == "pending" and stall.seen == []
+    dev.endpoint(0x81).recover()                 # Reset Endpoint, Set TR Dequeue Pointer
+    assert stall.status == "met", stall.text()
+    assert [s.split(" @")[0] for s in stall.seen] == ["Reset Endpoint Command",
+                                                      "Set TR Dequeue Pointer Command"]
+    assert drv.no_op().cc == 200
+    drv.bus.wait(lambda: False, 200_000_000)     # no controller reset comes
+    hcrst = faults.expectations[1]
+    assert hcrst.status == "failed" and "not within 100 ms" in hcrst.text()
+
+
+def test_expect_waits_for_a_tsp_reset_when_told_and_refuses_unknown_steps(bus, drv, dev, faults):
+    faults.add("urb ep=0x81 nth=1 do xact-error expect reset-endpoint(tsp=1)")
+    _in(dev)
+    dev.endpoint(0x81).recover()                 # a hard reset (TSP 0): not what was expected
+    assert faults.expectations[0].status == "pending"
+    with pytest.raises(RuleError, match="no command type"):
+        parse_rule("urb do stall expect explode")
+    with pytest.raises(RuleError, match="a time"):
+        parse_rule("urb do stall expect hcrst within soon")

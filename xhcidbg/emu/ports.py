@@ -30,6 +30,8 @@ CCS, PED, PR, PP, LWS, WPR = (_P.mask(n) for n in ("ccs", "ped", "pr", "pp", "lw
 PLS_SHIFT, PLS_MASK = _P.shift("pls"), _P.mask("pls")
 SPEED_SHIFT, SPEED_MASK = _P.shift("speed"), _P.mask("speed")
 CSC, PEC, WRC, PRC, PLC = (_P.mask(n) for n in ("csc", "pec", "wrc", "prc", "plc"))
+OCA, OCC = _P.mask("oca"), _P.mask("occ")
+_WARM_ONLY = (R.PLS_INACTIVE, R.PLS_COMPLIANCE)     # link states only a warm reset leaves
 CHANGE_BITS = R.PORTSC_CHANGE_BITS
 
 
@@ -67,6 +69,7 @@ class RootPort(PortLink):
         self.li = 0
         self.hlpmc = 0
         self._reset_timer: Timer | None = None
+        self.fail_resets = 0        # the next N port resets end without enabling the port
         self.power_on_reset()
 
     # ---- registers ------------------------------------------------------------------------------
@@ -214,8 +217,28 @@ class RootPort(PortLink):
                      | (R.PLS_DISABLED << PLS_SHIFT))
         self.listener.port_disabled(self)
 
+    # ---- failures a real port has (the fault engine calls these) -------------------------------
+    def over_current(self, active: bool = True) -> None:
+        """Over-current: OCA follows it, OCC reports each change; an over-current port is
+        disabled."""
+        v = (self.portsc | OCA) & ~PED if active else self.portsc & ~OCA
+        self._update(v, OCC)
+        if active:
+            self.listener.port_disabled(self)
+
+    def link_error(self, pls: int = R.PLS_INACTIVE) -> None:
+        """A USB 3 link that failed into SS.Inactive (or Compliance Mode): disabled until a
+        warm reset."""
+        if not self.usb3 or not self.portsc & CCS:
+            return
+        self._update((self.portsc & ~(PED | PLS_MASK)) | (pls << PLS_SHIFT), PLC)
+        self.listener.port_disabled(self)
+
     def _begin_reset(self, warm: bool) -> None:
         if self._reset_timer is not None:
+            return
+        if not warm and self.usb3 and self.pls in _WARM_ONLY:
+            self._change(PRC)        # a hot reset does not leave SS.Inactive / Compliance
             return
         if not (self.portsc & CCS):
             # A reset on an empty port completes at once without enabling it.
@@ -233,6 +256,10 @@ class RootPort(PortLink):
         dev = self.device
         if dev is None:
             self._update(self.portsc & ~(PR | WPR), PRC | (WRC if warm else 0))
+            return
+        if self.fail_resets > 0:
+            self.fail_resets -= 1
+            self._update(self.portsc & ~(PR | WPR | PED), PRC | (WRC if warm else 0))
             return
         dev.bus_reset()
         v = (self.portsc & ~(PR | WPR | PLS_MASK | SPEED_MASK)) | PED | CCS

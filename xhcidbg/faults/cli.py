@@ -69,6 +69,7 @@ fault enable|disable N  switch a rule on or off
 fault log [N]           the last N injections (all)
 fault load FILE         add a scenario's rules
 fault seed [N]          show or set the seed
+fault expect            did the guest react as the rules' `expect ...` said?
   where: {', '.join(KINDS)} (and erdp)
   when:  {', '.join(WHEN_KEYS)}
   what:  {', '.join(ACTIONS)}
@@ -76,4 +77,6 @@ examples:
   fault add urb ep=0x81 nth=2 do stall
   fault add hung: command type=address nth=1 do withhold
   fault add urb dir=in probability=0.05 times=3 do xact-error
-  fault add event type=port nth=1 do drop"""
+  fault add event type=port nth=1 do drop
+  fault add urb ep=0x81 nth=1 do stall expect reset-endpoint then set-tr-dequeue within 1s
+  fault add command type=no-op do hse expect hcrst within 5s"""

@@ -21,13 +21,24 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..conditions import type_matches
 from ..devices.base import Status, UsbDevice
 from ..emu import events, regs
 from ..emu.hooks import CommandResult, CommandStart, EventRecord, MmioAccess, TransferRecord
 from ..emu.memory import DmaError
 from ..emu.regs import USBCMD, USBSTS
 from ..emu.slots import endpoint_address
-from ..emu.trb import CC, COMPLETION_CODE, EP_ID, SLOT_ID, TRB_TYPE, TrbType, cc_name, trb_name
+from ..emu.trb import (
+    CC,
+    COMPLETION_CODE,
+    EP_ID,
+    SLOT_ID,
+    TRB_TYPE,
+    TrbType,
+    cc_name,
+    layout_of,
+    trb_name,
+)
 from . import rules as R
 from .rules import Action, Rule, RuleError, parse_ms
 
@@ -38,6 +49,7 @@ _SETUP = struct.Struct("<BBHHH")
 _CA_CS = 0x6                                 # CRCR Command Abort | Command Stop
 _HCRST = USBCMD.mask("hcrst")
 _CNR = USBSTS.mask("cnr")
+_PR, _WPR = regs.PORTSC.mask("pr"), regs.PORTSC.mask("wpr")
 _REGISTERS = {r.name: r for r in vars(regs).values() if isinstance(r, regs.Register)}
 _ENDPOINT_COMMANDS = {TrbType.RESET_ENDPOINT, TrbType.STOP_ENDPOINT, TrbType.SET_TR_DEQUEUE}
 
@@ -73,6 +85,29 @@ def _show(v: Any) -> str:
     return f"{v:#x}" if isinstance(v, int) and v > 255 else str(v)
 
 
+@dataclass
+class Expectation:
+    """A rule fired with `expect ...`: did the guest react so (in time)?"""
+
+    rule: Rule
+    fired_ms: float
+    step: int = 0                   # the next step to see
+    status: str = "pending"         # pending, met, failed
+    seen: list[str] = field(default_factory=list)   # "name @t ms" per step seen
+    why: str = ""
+
+    def text(self) -> str:
+        assert self.rule.expect is not None
+        head = f"#{self.rule.number} expect {self.rule.expect} (fired at {self.fired_ms:.1f} ms)"
+        got = "; ".join(self.seen) or "nothing yet"
+        return f"{head}: {self.status.upper()}: {got}{' -- ' + self.why if self.why else ''}"
+
+    def data(self) -> dict[str, Any]:
+        return {"rule": self.rule.number, "expect": str(self.rule.expect),
+                "fired_ms": self.fired_ms, "status": self.status, "seen": self.seen,
+                "why": self.why}
+
+
 class _Listener:
     def __init__(self, name: str, fn: Callable[..., None]):
         setattr(self, f"on_{name}", fn)
@@ -103,6 +138,7 @@ class FaultEngine:
         self._last_unplugged: int | None = None
         self._replaying: set[int] = set()        # ids of events we post again ourselves
         self._timers: list[Any] = []
+        self.expectations: list[Expectation] = []
 
     # ---- rules ---------------------------------------------------------------------------------
     def add(self, text: str | Rule, source: str = "", lineno: int = 1) -> Rule:
@@ -193,6 +229,11 @@ class FaultEngine:
             want.add("event")
         if self._command_cc:
             want.add("command")
+        pending = self._pending_steps()
+        if pending - {"hcrst", "port-reset"}:
+            want.add("command_start")
+        if pending & {"hcrst", "port-reset"}:
+            want.add("mmio")
         return want
 
     def _sync(self) -> None:
@@ -246,7 +287,40 @@ class FaultEngine:
             machine, state = self._machine(w["new_state"])
             self.states[machine] = state
         self.fired_rules.add(rule.name or str(rule.number))
+        if rule.expect is not None:
+            self._expect(rule, now)
         return True
+
+    # ---- expectations --------------------------------------------------------------------------
+    def _expect(self, rule: Rule, now: float) -> None:
+        exp = Expectation(rule, round(now, 3))
+        self.expectations.append(exp)
+        within = rule.expect.within_ms if rule.expect is not None else None
+        if within is not None:
+            def due() -> None:
+                if exp.status == "pending":
+                    exp.status = "failed"
+                    exp.why = f"not within {within:g} ms"
+                    self.controller.scheduler.call_soon(self._sync)
+            self._timers.append(self.controller.scheduler.call_later(int(within * 1e6), due))
+        self.controller.scheduler.call_soon(self._sync)
+
+    def _reacted(self, name: str, facts: dict[str, Any], matches: Callable[[str], bool]) -> None:
+        """The guest did something an expectation may wait for."""
+        for exp in self.expectations:
+            if exp.status != "pending" or exp.rule.expect is None:
+                continue
+            step = exp.rule.expect.steps[exp.step]
+            if matches(step.name) and all(c.holds(facts) for c in step.conditions):
+                exp.seen.append(f"{name} @{self.now_ms():.1f} ms")
+                exp.step += 1
+                if exp.step == len(exp.rule.expect.steps):
+                    exp.status = "met"
+                    self.controller.scheduler.call_soon(self._sync)
+
+    def _pending_steps(self) -> set[str]:
+        return {e.rule.expect.steps[e.step].name for e in self.expectations
+                if e.status == "pending" and e.rule.expect is not None}
 
     def _matching(self, kind: str, facts: dict[str, Any]) -> list[Rule]:
         """The rules that fire at this announcement.  Every rule decides on the states as they
@@ -403,6 +477,13 @@ class FaultEngine:
         slot = SLOT_ID.of(trb.control)
         facts: dict[str, Any] = {"type": t, "slot": slot,
                  "dci": EP_ID.of(trb.control) if t in _ENDPOINT_COMMANDS else None}
+        if self.expectations:
+            layout = layout_of(t)
+            fields = {k: layout.get(trb.dwords, k) for k in ("tsp", "sp", "bsr")
+                      if k in layout.by_name}
+            self._reacted(trb_name(t), facts | fields,
+                          lambda step: step not in ("hcrst", "port-reset")
+                          and type_matches(step, t))
         for rule in self._matching("command", facts):
             where = {"command": trb_name(t), "trb": trb.addr, "slot": slot}
             for action in rule.actions:
@@ -505,6 +586,11 @@ class FaultEngine:
                 acc.value = (1 << (8 * acc.size)) - 1
             return
         name = c.register_name(acc.offset)
+        if acc.write and self.expectations:
+            if name == "USBCMD" and acc.value & _HCRST:
+                self._reacted("HCRST", {}, lambda step: step == "hcrst")
+            elif name.startswith("PORTSC[") and acc.value & (_PR | _WPR):
+                self._reacted(f"{name} reset", {}, lambda step: step == "port-reset")
         if acc.write and self._ignore_abort and name == "CRCR_LO" and acc.value & _CA_CS \
                 and c.crr:
             self._ignore_abort -= 1
@@ -559,6 +645,24 @@ class FaultEngine:
                     c.attach(dev, n)
             self._timers.append(c.scheduler.call_later(delay, plug))
             self._record(rule, a, where | {"port": n}, {}, {"reconnect_ms": delay / 1e6})
+        elif a in ("over-current", "ss-inactive", "warm-reset-required", "reset-fail"):
+            n = int(args.get("port", str(port)), 0)
+            p = c.port(n)
+            if p is None:
+                self._record(rule, a, where, {}, {"note": f"there is no port {n}"})
+                return
+            before = p.portsc
+            if a == "over-current":
+                p.over_current(True)
+                if "ms" in args:
+                    self._timers.append(c.scheduler.call_later(
+                        int(parse_ms(args["ms"]) * 1e6), p.over_current, False))
+            elif a == "reset-fail":
+                p.fail_resets += int(args.get("times", "1"), 0)
+            else:
+                p.link_error(regs.PLS_INACTIVE if a == "ss-inactive" else regs.PLS_COMPLIANCE)
+            self._record(rule, a, where | {"port": n}, {"portsc": before},
+                         {"portsc": p.portsc})
         elif a == "hse":
             c.host_system_error(f"injected by fault rule #{rule.number}")
             self._record(rule, a, where, {}, {"usbsts": "HSE, halted"})

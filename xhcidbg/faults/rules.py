@@ -19,9 +19,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from ..conditions import Condition, parse_cc
+from ..conditions import Condition, parse_cc, type_matches
 from ..emu import regs
-from ..emu.trb import CC_NAMES
+from ..emu.trb import CC_NAMES, TrbType
+
+_COMMAND_TYPES = [t for t in TrbType if 9 <= t <= 23]     # the command TRB types
 
 # where: kind -> {key: what it means}
 KINDS: dict[str, dict[str, str]] = {
@@ -87,6 +89,15 @@ ACTIONS: dict[str, tuple[tuple[str, ...] | None, dict[str, str], str]] = {
     "reconnect": (None, {"port": "root port (default: the last one disconnected)",
                          "ms": "after this many milliseconds"},
                   "plug the disconnected device back in"),
+    "over-current": (None, {"port": "root port (default: the matched device's)",
+                            "ms": "clear it after this many milliseconds (default: never)"},
+                     "over-current on the port: OCA/OCC, the port disabled"),
+    "ss-inactive": (None, {"port": "root port"}, "the USB 3 link falls into SS.Inactive "
+                                                  "(only a warm reset recovers it)"),
+    "warm-reset-required": (None, {"port": "root port"}, "the USB 3 link falls into "
+                                                          "Compliance Mode (warm reset)"),
+    "reset-fail": (None, {"port": "root port", "times": "this many resets (default 1)"},
+                   "the next port reset ends without enabling the port"),
     "hse": (None, {}, "Host System Error: the controller halts"),
     "hce": (None, {}, "Host Controller Error: the controller halts"),
     "all-ones": (None, {}, "registers read all ones, writes are lost (surprise removal)"),
@@ -123,6 +134,29 @@ class Action:
 
 
 @dataclass
+class Step:
+    """One guest reaction an `expect` waits for: a command it issues (by type, with field
+    conditions: `reset-endpoint(tsp=1)`), `hcrst` (it resets the controller) or `port-reset`."""
+
+    name: str
+    conditions: list[Condition] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        conds = ",".join(str(c) for c in self.conditions)
+        return f"{self.name}({conds})" if conds else self.name
+
+
+@dataclass
+class Expect:
+    steps: list[Step]
+    within_ms: float | None = None
+
+    def __str__(self) -> str:
+        text = " then ".join(str(s) for s in self.steps)
+        return text + (f" within {self.within_ms:g}ms" if self.within_ms is not None else "")
+
+
+@dataclass
 class Rule:
     kind: str
     conditions: list[Condition]
@@ -132,6 +166,7 @@ class Rule:
     number: int = 0
     enabled: bool = True
     text: str = ""
+    expect: Expect | None = None
     # counters (the engine keeps them)
     seen: int = 0                     # matches of WHERE
     eligible: int = 0                 # ... that also passed state, time and after_rule
@@ -151,7 +186,8 @@ class Rule:
         when = [f"{k}={v}" for k, v in self.when.items()]
         do = " and ".join(str(a) for a in self.actions)
         name = f"{self.name}: " if self.name else ""
-        return f"{name}{' '.join([self.where(), *when])} do {do}"
+        expect = f" expect {self.expect}" if self.expect is not None else ""
+        return f"{name}{' '.join([self.where(), *when])} do {do}{expect}"
 
     def data(self) -> dict[str, object]:
         return {"number": self.number, "name": self.name, "enabled": self.enabled,
@@ -298,7 +334,7 @@ def parse_rule(line: str, lineno: int = 1, source: str = "") -> Rule | None:
             raise fail(f"expected an action ({', '.join(ACTIONS)}), not {word!r}", col)
         action = Action(act)
         i += 1
-        while i < len(words) and words[i][0].lower() != "and":
+        while i < len(words) and words[i][0].lower() not in ("and", "expect"):
             arg, acol = words[i]
             if "=" not in arg:
                 raise fail(f"expected ARG=VALUE or `and`, not {arg!r}", acol)
@@ -315,11 +351,64 @@ def parse_rule(line: str, lineno: int = 1, source: str = "") -> Rule | None:
         if action.name == "cc":
             action.args["code"] = str(parse_cc(action.args["code"]))
         actions.append(action)
-        if i >= len(words):
+        if i >= len(words) or words[i][0].lower() == "expect":
             break
         i += 1                       # `and`
-    rule = Rule(kind, conds, when, actions, name=name, text=line.strip())
-    return rule
+    expect = None
+    if i < len(words):
+        expect = _parse_expect(words[i + 1:], fail, end)
+    return Rule(kind, conds, when, actions, name=name, text=line.strip(), expect=expect)
+
+
+STEP_KEYS = {"tsp": "Transfer State Preserve (Reset Endpoint)", "slot": "slot id",
+             "dci": "endpoint DCI", "sp": "Suspend (Stop Endpoint)", "bsr": "Block Set Address"}
+_STEP = re.compile(r"([A-Za-z][A-Za-z0-9-]*)(?:\((.*)\))?$")
+
+
+def _parse_expect(words: list[tuple[str, int]], fail, end: int) -> Expect:
+    """expect STEP [then STEP]... [within T]"""
+    steps: list[Step] = []
+    within = None
+    i = 0
+    while i < len(words):
+        word, col = words[i]
+        if word.lower() == "within":
+            if i + 1 >= len(words):
+                raise fail("expected a time after `within` (1s, 500ms)", end)
+            try:
+                within = parse_ms(words[i + 1][0])
+            except ValueError:
+                raise fail(f"expected a time (1s, 500ms), not {words[i + 1][0]!r}",
+                           words[i + 1][1]) from None
+            if i + 2 < len(words):
+                raise fail("nothing may follow `within T`", words[i + 2][1])
+            break
+        if word.lower() == "then":
+            if not steps:
+                raise fail("`then` needs a step before it", col)
+            i += 1
+            continue
+        m = _STEP.match(word)
+        if m is None:
+            raise fail(f"expected a guest reaction (a command type such as reset-endpoint, "
+                       f"or hcrst, port-reset), not {word!r}", col)
+        name, conds = m.group(1).lower(), []
+        if name not in ("hcrst", "port-reset") and not any(
+                type_matches(name, t) for t in _COMMAND_TYPES):
+            raise fail(f"{name!r} is no command type, hcrst or port-reset", col)
+        for text in filter(None, (m.group(2) or "").split(",")):
+            try:
+                c = Condition.parse(text)
+                c.check(STEP_KEYS, "expect")
+            except ValueError as e:
+                raise fail(str(e), col) from None
+            conds.append(c)
+        steps.append(Step(name, conds))
+        i += 1
+    if not steps:
+        raise fail("expected what the guest should do after `expect` (e.g. "
+                   "expect reset-endpoint(tsp=1) then set-tr-dequeue within 1s)", end)
+    return Expect(steps, within)
 
 
 def parse_rules(text: str, source: str = "") -> list[Rule]:

@@ -18,12 +18,14 @@ p = parser("fault", "Inject faults: rules on what the controller does (see `help
            FAULT_HELP.split("examples:\n", 1)[1])
 p.add_argument("action", nargs="?", default="list",
                choices=("add", "list", "del", "delete", "enable", "disable", "log", "load",
-                        "seed", "help"))
+                        "seed", "expect", "help"))
 p.add_argument("words", nargs="*")
 
 
-@command(p, "execution", complete=lambda con, w: ["add", "list", "del", "enable", "disable",
-                                                    "log", "load", "seed"] if len(w) <= 1 else [])
+_WORDS = ["add", "list", "del", "enable", "disable", "log", "load", "seed", "expect"]
+
+
+@command(p, "execution", complete=lambda con, w: _WORDS if len(w) <= 1 else [])
 def fault(con: Console, args: Namespace) -> None:
     engine = con.session.faults
     a, words = args.action, args.words
@@ -38,7 +40,8 @@ def fault(con: Console, args: Namespace) -> None:
         con.out.print(f"fault #{rule.number}: {rule.definition()}")
     elif a == "list":
         con.data({"seed": engine.seed, "rules": [r.data() for r in engine.rules],
-                  "injected": len(engine.log)})
+                  "injected": len(engine.log),
+                  "expectations": [e.data() for e in engine.expectations]})
         if not engine.rules:
             con.out.print(f"no fault rules (seed {engine.seed}); `fault add ...`, `help fault`")
             return
@@ -49,6 +52,14 @@ def fault(con: Console, args: Namespace) -> None:
             t.add_row(str(r.number), "yes" if r.enabled else "no", r.definition(),
                       str(r.seen), str(r.fired))
         con.out.print(t)
+        for exp in engine.expectations:
+            con.out.print(exp.text())
+    elif a == "expect":
+        con.data([exp.data() for exp in engine.expectations])
+        for exp in engine.expectations:
+            con.out.print(exp.text())
+        if not engine.expectations:
+            con.out.print("no expectations yet (a rule's `expect ...` starts one when it fires)")
     elif a in ("del", "delete"):
         if not words:
             raise ValueError("fault del N|NAME|all")
