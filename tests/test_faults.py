@@ -311,3 +311,24 @@ def test_expect_waits_for_a_tsp_reset_when_told_and_refuses_unknown_steps(bus, d
         parse_rule("urb do stall expect explode")
     with pytest.raises(RuleError, match="a time"):
         parse_rule("urb do stall expect hcrst within soon")
+
+
+def test_expectation_outcomes_go_into_the_log_and_a_log_with_them_still_replays(
+        bus, drv, dev, faults, tmp_path):
+    import argparse
+
+    from xhcidbg.faults.cli import apply_fault_options
+    scenario = tmp_path / "s.faults"
+    scenario.write_text("urb ep=0x81 nth=1 do stall expect reset-endpoint then set-tr-dequeue\n")
+    log = tmp_path / "log.jsonl"
+    said = []
+    apply_fault_options(faults, argparse.Namespace(faults=[str(scenario)], fault_seed=3,
+                                                   fault_log=str(log)), say=said.append)
+    _in(dev)
+    dev.endpoint(0x81).recover()
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [x.get("action", x.get("status")) for x in lines] == ["cc", "met"]
+    assert any("MET" in s for s in said) and any("seed 3" in s for s in said)
+    replay = FaultEngine(bus.controller).attach()
+    assert len(replay.load(log.read_text())) == 1
+    replay.detach()

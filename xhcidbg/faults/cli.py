@@ -3,10 +3,11 @@ on every command that runs a controller, and the console's `fault` command words
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Callable
 from pathlib import Path
 
-from .engine import FaultEngine, Injection
+from .engine import Expectation, FaultEngine, Injection
 from .rules import ACTIONS, KINDS, WHEN_KEYS, RuleError
 
 SCENARIOS = Path(__file__).with_name("scenarios")
@@ -56,7 +57,14 @@ def apply_fault_options(engine: FaultEngine, args: argparse.Namespace,
         def write(inj: Injection) -> None:
             f.write(inj.json() + "\n")
             f.flush()
+
+        def decided(exp: Expectation) -> None:
+            f.write(json.dumps(exp.data(), sort_keys=True) + "\n")
+            f.flush()
         engine.listeners.append(write)
+        engine.expect_listeners.append(decided)
+    if say:
+        engine.expect_listeners.append(lambda exp: say(f"faults: {exp.text()}"))
     if engine.rules and say:
         say(f"faults: seed {engine.seed} (the same run again: --fault-seed {engine.seed})")
 

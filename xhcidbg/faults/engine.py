@@ -139,6 +139,7 @@ class FaultEngine:
         self._replaying: set[int] = set()        # ids of events we post again ourselves
         self._timers: list[Any] = []
         self.expectations: list[Expectation] = []
+        self.expect_listeners: list[Callable[[Expectation], None]] = []   # met or failed
 
     # ---- rules ---------------------------------------------------------------------------------
     def add(self, text: str | Rule, source: str = "", lineno: int = 1) -> Rule:
@@ -301,9 +302,11 @@ class FaultEngine:
                 if exp.status == "pending":
                     exp.status = "failed"
                     exp.why = f"not within {within:g} ms"
-                    self.controller.scheduler.call_soon(self._sync)
+                    self._decided(exp)
             self._timers.append(self.controller.scheduler.call_later(int(within * 1e6), due))
-        self.controller.scheduler.call_soon(self._sync)
+        # at once: the guest may react within this very announcement's doorbell.  Safe during
+        # an announcement: it only adds listeners, to announcements other than this one
+        self._sync()
 
     def _reacted(self, name: str, facts: dict[str, Any], matches: Callable[[str], bool]) -> None:
         """The guest did something an expectation may wait for."""
@@ -316,7 +319,12 @@ class FaultEngine:
                 exp.step += 1
                 if exp.step == len(exp.rule.expect.steps):
                     exp.status = "met"
-                    self.controller.scheduler.call_soon(self._sync)
+                    self._decided(exp)
+
+    def _decided(self, exp: Expectation) -> None:
+        for fn in self.expect_listeners:
+            fn(exp)
+        self.controller.scheduler.call_soon(self._sync)
 
     def _pending_steps(self) -> set[str]:
         return {e.rule.expect.steps[e.step].name for e in self.expectations
@@ -725,6 +733,8 @@ def replay_rules(log_text: str) -> str:
             continue
         try:
             rec = json.loads(raw)
+            if "expect" in rec:
+                continue                 # an expectation's outcome, not an injection
             rule = R.parse_rule(rec["definition"])
             match = int(rec["match"])
         except (ValueError, KeyError, TypeError) as e:
