@@ -24,14 +24,20 @@ def _vm(tmp_path, *args: str, timeout: float = 600) -> subprocess.CompletedProce
                           capture_output=True, text=True, timeout=timeout)
 
 
+def _stick(path, payload: bytes | None = None) -> bytes:
+    """An 8 MiB stick image at `path` whose first MiB is `payload` (random by default)."""
+    payload = os.urandom(1 << 20) if payload is None else payload
+    path.write_bytes(payload + bytes((8 << 20) - len(payload)))
+    return payload
+
+
 def _injections(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def test_a_stall_on_the_sticks_bulk_in_is_recovered_and_the_data_is_intact(tmp_path, kit):
     image = tmp_path / "stick.img"
-    payload = os.urandom(1 << 20)
-    image.write_bytes(payload + bytes(7 << 20))
+    payload = _stick(image)
     scenario = tmp_path / "stall.faults"
     scenario.write_text("# the third bulk IN data transfer of the stick stalls\n"
                         "urb device=storage dir=in length>512 nth=3 do stall\n")
@@ -70,7 +76,7 @@ def test_a_withheld_address_device_drives_linuxs_command_timeout_and_abort(tmp_p
 def test_hse_makes_linux_declare_the_controller_dead_and_rebinding_brings_it_back(tmp_path,
                                                                                   kit):
     image = tmp_path / "stick.img"
-    image.write_bytes(os.urandom(1 << 20) + bytes(7 << 20))
+    _stick(image)
     scenario = tmp_path / "hse.faults"
     scenario.write_text("urb device=storage dir=in length>512 nth=3 do hse\n")
     log = tmp_path / "faults.jsonl"
@@ -93,8 +99,7 @@ def test_hse_makes_linux_declare_the_controller_dead_and_rebinding_brings_it_bac
 def test_a_disconnect_mid_transfer_drops_the_device_and_a_reconnect_enumerates_it(tmp_path,
                                                                                  kit):
     image = tmp_path / "stick.img"
-    payload = os.urandom(1 << 20)
-    image.write_bytes(payload + bytes(7 << 20))
+    payload = _stick(image)
     scenario = tmp_path / "unplug.faults"
     scenario.write_text("urb device=storage dir=in length>512 phase=submit nth=3 "
                         "do disconnect and reconnect ms=3000\n")
@@ -122,7 +127,7 @@ def test_a_seeded_probabilistic_scenario_run_twice_injects_the_same_faults(tmp_p
     runs = []
     for n in range(2):
         image = tmp_path / f"stick{n}.img"
-        image.write_bytes(payload + bytes(7 << 20))
+        _stick(image, payload)
         log = tmp_path / f"faults{n}.jsonl"
         r = _vm(tmp_path, "--storage", str(image), "--faults", str(scenario),
                 "--fault-log", str(log),
