@@ -30,6 +30,7 @@ log = logging.getLogger("xhcidbg.session")
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 KEEP_EVENTS = 256
+CLOSE_TIMEOUT_S = 5.0
 STOPPED_STATES = {"paused", "suspended", "debug", "inmigrate", "prelaunch", "finish-migrate",
                   "postmigrate", "save-vm", "restore-vm", "watchdog", "guest-panicked",
                   "io-error", "internal-error", "shutdown"}
@@ -54,6 +55,7 @@ class Vmm:
         self._listener = EventListener()
         client.register_listener(self._listener)
         self._task: asyncio.Task[None] | None = None
+        self._closing: asyncio.Future[None] | None = None
         self.on_change: list[Callable[[bool], None]] = []   # frozen / thawed, whoever did it
 
     # ---- connecting --------------------------------------------------------------------------
@@ -162,7 +164,18 @@ class Vmm:
         while self.client.runstate == Runstate.RUNNING:
             await self.client.runstate_changed()
 
-    async def close(self) -> None:
+    async def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
+        """End the connection.  Safe to call twice, from two tasks at once, and from a task
+        that is being cancelled; bounded, so a QEMU that hangs up half-way cannot hold it."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+        try:
+            await asyncio.wait_for(asyncio.shield(self._closing), timeout)
+        except TimeoutError:
+            log.warning("QMP: the connection did not close within %g s; left to close itself",
+                        timeout)
+
+    async def _close(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -88,7 +88,7 @@ class Console:
         self.panes = ["status", "hit", "ring", "events"]
         self.context_enabled = True
         self.stepped_ring: str | None = None
-        self.quit_requested = False
+        self._quit = asyncio.Event()
         self._busy = False              # a command is running (it reports stops itself)
         self.extras: dict[str, object] = {}     # state commands keep between calls
         self._context_shown = False
@@ -104,6 +104,21 @@ class Console:
     @out.setter
     def out(self, console: RichConsole) -> None:
         self._out.set(console)
+
+    @property
+    def quit_requested(self) -> bool:
+        """`quit` ran: the console ends after the running command."""
+        return self._quit.is_set()
+
+    @quit_requested.setter
+    def quit_requested(self, value: bool) -> None:
+        if value:
+            self._quit.set()
+        else:
+            self._quit.clear()
+
+    async def wait_quit(self) -> None:
+        await self._quit.wait()
 
     @property
     def at_prompt(self) -> bool:

@@ -131,8 +131,7 @@ async def _console_phase(console: Console, args: argparse.Namespace) -> int:
             await console.ainteract()
             return 0
         if mode == "api":
-            while not console.quit_requested:
-                await asyncio.sleep(0.1)
+            await console.wait_quit()
             return 0
         lines = list(args.commands or [])
         if args.batch:
@@ -225,7 +224,7 @@ async def serve_main(args: argparse.Namespace) -> int:
             with contextlib.suppress(asyncio.CancelledError):
                 await qmp
         if backend.vmm is not None:
-            await backend.vmm.close()
+            await backend.vmm.close()      # bounded: QEMU may be hanging up at this moment
         backend.close()
 
 
@@ -265,9 +264,13 @@ async def _follow_qmp(backend: Backend, args: argparse.Namespace) -> None:
             backend.freeze.enabled = not args.no_freeze
         _say(f"QMP connected ({args.qmp}): stops of the controller freeze the guest"
              if not args.no_freeze else f"QMP connected ({args.qmp})")
-        await vmm.wait_gone()
-        await vmm.close()
-        backend.drop_vmm()
+        try:
+            await vmm.wait_gone()
+        finally:
+            # the session forgets the VMM before the close, so a teardown that cancels this
+            # task does not close it a second time
+            backend.drop_vmm()
+            await vmm.close()
         _say("QMP: QEMU went away")
 
 
