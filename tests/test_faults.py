@@ -12,6 +12,7 @@ from xhcidbg.emu.trb import CC
 from xhcidbg.emu.trb import TrbType as T
 from xhcidbg.faults import FaultEngine, RuleError, parse_rule, parse_rules
 from xhcidbg.guest import regs as GR
+from xhcidbg.guest.device import Device
 from xhcidbg.guest.errors import ControllerError, XhciTimeout
 
 
@@ -158,6 +159,35 @@ def test_a_disconnect_in_the_middle_of_a_td_and_a_reconnect(bus, drv, dev, fault
     assert [i.action for i in faults.log] == ["disconnect", "reconnect"]
 
 
+
+def test_a_reconnect_at_another_speed_comes_back_on_a_usb2_port(bus, drv, dev, faults):
+    faults.add("urb ep=0x81 phase=submit nth=1 do disconnect and reconnect speed=high ms=20")
+    t = dev.endpoint(0x81).submit(length=64)
+    t.wait()
+    drv.wait_port(1, lambda s: s.connected, "the device on the USB 2 port")
+    assert bus.controller.port(3).device is None
+    again = Device.enumerate(drv, 1)
+    assert again.speed == Speed.HIGH
+    assert again.get_descriptor(1, 0, 18)[2:4] == bytes([0x00, 0x02])     # bcdUSB 2.00 now
+    assert faults.log[-1].injected["speed"] == "high-speed"
+
+
+def test_a_descriptor_field_is_corrupted_by_name(bus, drv, dev, faults):
+    faults.add("urb request=6 value=0x100 do corrupt field=bMaxPacketSize0 value=0x20")
+    faults.add("urb request=6 value=0x200 do corrupt field=ENDPOINT.wMaxPacketSize "
+               "occurrence=2 value=0x1234")
+    device = dev.get_descriptor(1, 0, 18)
+    assert device[7] == 0x20 and device[:7] == dev.get_descriptor(1, 0, 7)
+    config = dev.get_descriptor(2, 0, 255)
+    endpoints = [config[i:i + 7] for i in range(len(config) - 6)
+                 if config[i] == 7 and config[i + 1] == 5]
+    assert int.from_bytes(endpoints[1][4:6], "little") == 0x1234
+    assert int.from_bytes(endpoints[0][4:6], "little") != 0x1234
+    assert faults.log[0].where["field"] == "DEVICE.bMaxPacketSize0"
+    faults.add("urb request=6 value=0x100 do corrupt field=wTotalLength value=1")
+    dev.get_descriptor(1, 0, 18)
+    assert "no wTotalLength" in faults.log[-1].injected["note"]
+
 # ---- commands --------------------------------------------------------------------------------
 def test_a_command_completion_code_is_rewritten(bus, drv, faults):
     faults.add("command type=no-op do cc code=200")
@@ -191,6 +221,11 @@ def GR_ENABLE_SLOT():
     return GT.GuestTrb.build(T.ENABLE_SLOT)
 
 
+def GR_NO_OP():
+    from xhcidbg.guest import trb as GT
+    return GT.GuestTrb.build(T.NOOP_COMMAND)
+
+
 # ---- events, controller ----------------------------------------------------------------------
 def test_a_dropped_and_a_duplicated_event(bus, drv, faults):
     faults.add("event type=command nth=1 do drop")
@@ -214,6 +249,53 @@ def test_hse_halts_the_controller_and_all_ones_hides_it(bus, drv, faults):
     drv.bus.wait(lambda: False, 1_000_000)
     assert drv.usbsts == 0xFFFFFFFF
 
+
+
+def test_a_reordered_event_is_written_after_the_next_one(bus, drv, faults):
+    faults.add("event type=command nth=1 do reorder")
+    first = drv.queue_command(GR_NO_OP(), ring=False)
+    second = drv.queue_command(GR_NO_OP())              # one doorbell: two completions
+    drv.wait_command(second)
+    drv.wait_command(first)
+    assert first.completion is not None and second.completion is not None
+    assert first.completion.event.addr > second.completion.event.addr   # in ring order: 2, 1
+    assert [i.action for i in faults.log] == ["reorder"]
+    faults.delete()
+    faults.add("event type=command nth=1 do reorder ms=30")   # nothing follows: it waits 30 ms
+    t0 = bus.scheduler.now_ns()
+    assert drv.no_op().cc == CC.SUCCESS
+    assert bus.scheduler.now_ns() - t0 >= 30_000_000
+
+
+def test_an_event_lost_is_reported_by_a_host_controller_event(bus, drv, faults):
+    faults.add("event type=command nth=1 do event-lost")
+    with pytest.raises(XhciTimeout):
+        drv.no_op(timeout_ns=5_000_000)              # its completion is the event lost
+    [hce] = [e for e in drv.unmatched if e.type == T.HOST_CONTROLLER_EVENT]
+    assert hce.cc == CC.EVENT_LOST
+    faults.add("time do event-lost interrupter=9")   # refused with a reason, nothing posted
+    drv.bus.wait(lambda: False, 1_000_000)
+    assert faults.log[-1].injected == {"note": "there is no interrupter 9"}
+    assert drv.no_op().cc == CC.SUCCESS and not drv.fatal
+
+
+def test_a_lost_msix_message_leaves_the_events_unsignalled_until_the_guest_polls(
+        bus, drv, faults):
+    faults.add("interrupt nth=1 do lose")
+    before = bus.interrupts[0]
+    drv.queue_command(GR_NO_OP())
+    drv.bus.wait(lambda: False, 5_000_000)
+    regs = drv.interrupter_regs(0)
+    # the controller believes it sent the message: IP clear, the Event Handler Busy ...
+    assert bus.interrupts[0] == before and not regs["IMAN"] & GR.IMAN_IP
+    assert regs["ERDP"] & GR.ERDP_EHB
+    drv.queue_command(GR_NO_OP())                   # ... so the next event interrupts neither
+    drv.bus.wait(lambda: False, 5_000_000)
+    assert bus.interrupts[0] == before
+    assert drv.service() == 2                       # a poll finds both and clears EHB
+    assert drv.no_op().cc == CC.SUCCESS             # and interrupts come again
+    assert bus.interrupts[0] == before + 1
+    assert faults.log[0].injected == {"message": "lost"}
 
 # ---- when, seeds and replay ------------------------------------------------------------------
 def test_skip_every_and_times_pick_the_matches(bus, drv, faults):

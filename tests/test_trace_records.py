@@ -1,5 +1,6 @@
 """The hand-written record packers agree with the declared layouts, and the committed Lua
 dissector is what the declarations generate."""
+from xhcidbg.emu.hooks import InterruptSignal
 from xhcidbg.trace import dissector, records
 from xhcidbg.trace.records import Kind
 
@@ -142,7 +143,7 @@ def test_a_full_queue_drops_and_counts_records_and_the_file_stays_valid(tmp_path
     per_chunk = T.CHUNK_SIZE // 40
     for _ in range(3 * per_chunk):
         for fn in c.hooks.on_interrupt:
-            fn(1)
+            fn(InterruptSignal(1))
     st = t.status()
     assert st.records == 2 * per_chunk and st.dropped == per_chunk
     got = {}

@@ -22,7 +22,14 @@ from xhcidbg.devices.base import EpType, UsbTransfer
 from xhcidbg.devices.tablet import Tablet
 from xhcidbg.emu.context import EP_CTX, INPUT_CTRL_CTX, SLOT_CTX
 from xhcidbg.emu.controller import XhciController
-from xhcidbg.emu.hooks import CommandResult, EventRecord, Hooks, MmioAccess, TransferRecord
+from xhcidbg.emu.hooks import (
+    CommandResult,
+    EventRecord,
+    Hooks,
+    InterruptSignal,
+    MmioAccess,
+    TransferRecord,
+)
 from xhcidbg.emu.memory import RamMemory
 from xhcidbg.emu.timing import Scheduler
 from xhcidbg.emu.trb import CC, Trb
@@ -78,7 +85,7 @@ class Replay:
         ev = EventRecord(0, list(dw), addr=self.ev_addr, note=note)
         self.ev_addr += 16
         self.say("event_posted", ev)
-        self.say("interrupt", 0)
+        self.say("interrupt", InterruptSignal(0))
 
     def command(self, trb, cc=CC.SUCCESS, slot=0, during=None):
         self.say("doorbell", 0, 0, 0)

@@ -7,6 +7,7 @@ import struct
 
 import pytest
 
+from xhcidbg.emu.hooks import InterruptSignal
 from xhcidbg.emu.trb import TrbType
 from xhcidbg.ui import Console
 from xhcidbg.ui.history import KINDS, History, endpoint_dci
@@ -150,7 +151,7 @@ def test_records_are_put_into_words_only_when_shown(con):
 def test_history_is_bounded_and_keeps_sequence_numbers():
     h = History(maxlen=5)
     for i in range(12):
-        h.on_interrupt(i)
+        h.on_interrupt(InterruptSignal(i))
     assert [e.seq for e in h.records] == [8, 9, 10, 11, 12] and h.seq == 13
     assert [e.seq for e in h.since(10)] == [10, 11, 12] and h.since(13) == []
     assert h.since(1)[0].seq == 8 and h.records[-1].text == "interrupt: interrupter 11"

@@ -41,6 +41,10 @@ class Speed(IntEnum):
         return {1: "12", 2: "1.5", 3: "480", 4: "5000", 5: "10000"}[int(self)]
 
 
+# the words the command line and fault rules use for speeds
+SPEED_NAMES = {"low": Speed.LOW, "full": Speed.FULL, "high": Speed.HIGH, "super": Speed.SUPER}
+
+
 class EpType(IntEnum):
     """USB transfer types, numbered as in endpoint descriptors (bmAttributes bits 1:0)."""
 

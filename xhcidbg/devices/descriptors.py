@@ -211,6 +211,37 @@ def parse_descriptors(blob: bytes) -> list[tuple[str, object]]:
     return out
 
 
+def descriptor_fields(blob: bytes | bytearray) -> list[tuple[str, str, int, int]]:
+    """Where the fields of the descriptors in `blob` sit: (descriptor type name, field name,
+    offset in `blob`, size) in order, from the same declarations `parse_descriptors` uses.
+    A field past the end of its descriptor, or after one of variable size, is left out."""
+    out: list[tuple[str, str, int, int]] = []
+    blob = bytes(blob)
+    pos = 0
+    while pos + 2 <= len(blob) and blob[pos] >= 2:
+        length = blob[pos]
+        chunk = blob[pos:pos + length]
+        fmt = _format_for(chunk)
+        if fmt is not None:
+            try:
+                kind = DescriptorType(chunk[1]).name
+            except ValueError:
+                kind = f"type 0x{chunk[1]:02x}"
+            off = 0
+            for sub in fmt.subcons:
+                try:
+                    size = sub.sizeof()
+                except c.SizeofError:
+                    break
+                if off + size > len(chunk):
+                    break
+                if sub.name:
+                    out.append((kind, sub.name, pos + off, size))
+                off += size
+        pos += length
+    return out
+
+
 _REQUEST_NAMES = {r.value: r.name for r in StandardRequest}
 
 

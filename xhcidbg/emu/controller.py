@@ -18,7 +18,14 @@ from . import regs as R
 from .commands import Commands
 from .context import EpState, SlotState
 from .gate import Gate
-from .hooks import CommandResult, CommandStart, EventRecord, Hooks, MmioAccess
+from .hooks import (
+    CommandResult,
+    CommandStart,
+    EventRecord,
+    Hooks,
+    InterruptSignal,
+    MmioAccess,
+)
 from .interrupters import Interrupter, InterruptSink
 from .layout import DWORD_MASK, hi32, lo32
 from .memory import DmaError, GuestMemory
@@ -648,14 +655,19 @@ class XhciController:
         self.full_event_rings += 1 if full else -1
 
     def deliver_interrupt(self, ir: Interrupter) -> None:
-        for fn in self.hooks.on_interrupt:
-            fn(ir.index)
+        lost = False
+        if self.hooks.on_interrupt:
+            sig = InterruptSignal(ir.index)
+            for fn in self.hooks.on_interrupt:
+                fn(sig)
+            lost = sig.lost
         if not (self.usbcmd & INTE) or not ir.ie:
             return
         if self.irq.message_signalled:
             ir.ip = 0          # cleared once the MSI write completes (5.5.2.1)
-            self.irq.signal(ir.index)
-        else:
+            if not lost:       # a lost message: the controller believes it was sent
+                self.irq.signal(ir.index)
+        elif not lost:         # INTx: the line rises at the next update instead
             self.update_intx()
 
     def update_intx(self) -> None:

@@ -41,7 +41,8 @@ ANNOUNCEMENTS = {
     "port": "(port: int, old: int, new: int) a root port's PORTSC changed",
     "state": "(kind: str, ident: str, old: str, new: str) a slot, endpoint, port or "
              "controller changed state",
-    "interrupt": "(interrupter: int) an interrupt was signalled to the host",
+    "interrupt": "(signal: InterruptSignal) an interrupter asserts its interrupt; set "
+                 "signal.lost and its MSI/MSI-X message never reaches the host (mutable)",
     "log": "(level: str, message: str) the controller refused guest input or noticed trouble",
     "dma": "(write: bool, addr: int, length: int, data: bytes-like) the controller read guest "
            "memory, or is about to write it (`mem.peek` still shows the old bytes); only the "
@@ -98,6 +99,12 @@ class EventRecord:
 
 
 @dataclass(slots=True)
+class InterruptSignal:
+    interrupter: int
+    lost: bool = False         # set by an observer: the message is not sent (IP still clears)
+
+
+@dataclass(slots=True)
 class CommandStart:
     trb: Trb                   # the command TRB, not yet consumed from the ring
     hold: bool = False         # set: the command stays where it is until the gate runs again
@@ -130,7 +137,7 @@ class Hooks:
     on_urb_retired: list[Callable[[TransferRecord], None]]
     on_port: list[Callable[[int, int, int], None]]
     on_state: list[Callable[[str, str, str, str], None]]
-    on_interrupt: list[Callable[[int], None]]
+    on_interrupt: list[Callable[[InterruptSignal], None]]
     on_log: list[Callable[[str, str], None]]
     on_dma: list[DmaListener]
 

@@ -23,8 +23,16 @@ from typing import TYPE_CHECKING, Any
 
 from ..conditions import type_matches
 from ..devices.base import Status, UsbDevice
+from ..devices.descriptors import descriptor_fields
 from ..emu import events, regs
-from ..emu.hooks import CommandResult, CommandStart, EventRecord, MmioAccess, TransferRecord
+from ..emu.hooks import (
+    CommandResult,
+    CommandStart,
+    EventRecord,
+    InterruptSignal,
+    MmioAccess,
+    TransferRecord,
+)
 from ..emu.memory import DmaError
 from ..emu.regs import USBCMD, USBSTS
 from ..emu.slots import endpoint_address
@@ -137,6 +145,7 @@ class FaultEngine:
         self._unplugged: dict[int, UsbDevice] = {}
         self._last_unplugged: int | None = None
         self._replaying: set[int] = set()        # ids of events we post again ourselves
+        self._held: dict[int, list[list[Any]]] = {}   # interrupter -> [dwords, timer] reordered
         self._timers: list[Any] = []
         self.expectations: list[Expectation] = []
         self.expect_listeners: list[Callable[[Expectation], None]] = []   # met or failed
@@ -446,7 +455,19 @@ class FaultEngine:
             return
         data = bytearray(x.in_data())
         changes: list[tuple[int, int, int]] = []
-        if "bits" in action.args:
+        if "field" in action.args:
+            located = self._descriptor_field(data, action.args)
+            if isinstance(located, str):
+                self._record(rule, "corrupt", where, {"actual": x.actual}, {"note": located})
+                return
+            kind, name, off, size = located
+            value = int(action.args["value"], 0) & ((1 << (8 * size)) - 1)
+            old_value = int.from_bytes(data[off:off + size], "little")
+            data[off:off + size] = value.to_bytes(size, "little")
+            changes.extend((off + i, (old_value >> 8 * i) & 0xFF, data[off + i])
+                           for i in range(size))
+            where = where | {"field": f"{kind}.{name}"}
+        elif "bits" in action.args:
             for _ in range(int(action.args["bits"], 0)):
                 bit = self.rng.randrange(len(data) * 8)
                 old = data[bit // 8]
@@ -474,6 +495,20 @@ class FaultEngine:
         self._record(rule, "corrupt", where,
                      {"bytes": [f"{o}:{a:#04x}" for o, a, _ in changes]},
                      {"bytes": [f"{o}:{b:#04x}" for o, _, b in changes]})
+
+    @staticmethod
+    def _descriptor_field(data: bytes | bytearray, args: dict[str, str]
+                          ) -> tuple[str, str, int, int] | str:
+        """The field `field=[TYPE.]NAME` (its `occurrence`-th) in the descriptors being
+        delivered, or why there is none."""
+        kind, _, name = args["field"].rpartition(".")
+        want = int(args.get("occurrence", "1"), 0)
+        found = [f for f in descriptor_fields(data)
+                 if f[1].lower() == name.lower() and (not kind or f[0] == kind.upper())]
+        if len(found) < want:
+            return (f"no {args['field']} (occurrence {want}) in the {len(data)} bytes "
+                    f"delivered ({len(found)} found)")
+        return found[want - 1]
 
     # ---- commands ------------------------------------------------------------------------------
     def _on_command_start(self, start: CommandStart) -> None:
@@ -534,6 +569,12 @@ class FaultEngine:
         if id(ev) in self._replaying:
             self._replaying.discard(id(ev))
             return
+        held = self._held.get(ev.interrupter)
+        if held:                       # events held back to be written after this one
+            self._held[ev.interrupter] = []
+            for dwords, timer in held:
+                timer.cancel()
+                self._post_later(ev.interrupter, dwords, 0)
         dw = ev.dwords
         slot, dci, etype = SLOT_ID.of(dw[3]), EP_ID.of(dw[3]), TRB_TYPE.of(dw[3])
         facts = {"type": etype, "cc": COMPLETION_CODE.of(dw[2]), "slot": slot,
@@ -547,26 +588,52 @@ class FaultEngine:
                     ev.note = f"fault #{rule.number}: dropped"
                     self._record(rule, "drop", where, {"event": "posted"}, {"event": "dropped"})
                 elif action.name == "duplicate":
-                    self._post_again(ev, 0)
+                    self._post_later(ev.interrupter, ev.dwords, 0)
                     self._record(rule, "duplicate", where, {"copies": 1}, {"copies": 2})
                 elif action.name == "delay":
                     ms = parse_ms(action.args["ms"])
                     ev.drop = True
-                    self._post_again(ev, int(ms * 1e6))
+                    self._post_later(ev.interrupter, ev.dwords, int(ms * 1e6))
                     self._record(rule, "delay", where, {}, {"delay_ms": ms})
+                elif action.name == "reorder":
+                    ev.drop = True
+                    self._hold(ev, parse_ms(action.args.get("ms", "100")))
+                    self._record(rule, "reorder", where, {"order": "as generated"},
+                                 {"order": "after the next event"})
+                elif action.name == "event-lost":
+                    ev.drop = True
+                    ev.note = f"fault #{rule.number}: lost"
+                    self._controller_event(rule, CC.EVENT_LOST, ev.interrupter, where)
                 else:
                     self._global(rule, action, where)
 
-    def _post_again(self, ev: EventRecord, delay_ns: int) -> None:
-        dwords = list(ev.dwords)
+    def _post_later(self, interrupter: int, dwords: list[int], delay_ns: int) -> Any:
+        """Write the event `dwords` ourselves after `delay_ns` (0: once this announcement is
+        over); returns the timer."""
+        dwords = list(dwords)
 
         def post() -> None:
             c = self.controller
             if c.running:
-                again = EventRecord(ev.interrupter, list(dwords), note="fault: posted again")
+                again = EventRecord(interrupter, list(dwords), note="fault: posted again")
                 self._replaying.add(id(again))
-                c.interrupters[ev.interrupter].post(again)
-        self._timers.append(self.controller.scheduler.call_later(delay_ns, post))
+                c.interrupters[interrupter].post(again)
+        timer = self.controller.scheduler.call_later(delay_ns, post)
+        self._timers.append(timer)
+        return timer
+
+    def _hold(self, ev: EventRecord, ms: float) -> None:
+        """Keep `ev` back until the next event of its interrupter is written (or `ms`)."""
+        held = self._held.setdefault(ev.interrupter, [])
+        entry: list[Any] = [list(ev.dwords), None]
+
+        def timed_out() -> None:
+            if entry in held:
+                held.remove(entry)
+                self._post_later(ev.interrupter, entry[0], 0)
+        entry[1] = self.controller.scheduler.call_later(int(ms * 1e6), timed_out)
+        self._timers.append(entry[1])
+        held.append(entry)
 
     def _on_doorbell(self, slot: int, target: int, stream: int) -> None:
         for rule in self._matching("doorbell", {"slot": slot, "target": target,
@@ -580,10 +647,16 @@ class FaultEngine:
             for action in rule.actions:
                 self._global(rule, action, {"port": port, "portsc": new}, port=port)
 
-    def _on_interrupt(self, interrupter: int) -> None:
-        for rule in self._matching("interrupt", {"interrupter": interrupter}):
+    def _on_interrupt(self, sig: InterruptSignal) -> None:
+        where = {"interrupter": sig.interrupter}
+        for rule in self._matching("interrupt", where):
             for action in rule.actions:
-                self._global(rule, action, {"interrupter": interrupter})
+                if action.name == "lose":
+                    sig.lost = True
+                    self._record(rule, "lose", where, {"message": "sent"},
+                                 {"message": "lost"})
+                else:
+                    self._global(rule, action, where)
 
     def _on_mmio(self, acc: MmioAccess) -> None:
         c = self.controller
@@ -643,16 +716,7 @@ class FaultEngine:
             self._record(rule, a, where | {"port": n}, {"device": dev.name},
                          {"device": "unplugged"})
         elif a == "reconnect":
-            n = int(args.get("port", str(self._last_unplugged or port)), 0)
-            delay = int(parse_ms(args.get("ms", "0")) * 1e6)
-
-            def plug() -> None:
-                dev = self._unplugged.pop(n, None)
-                p = c.port(n)
-                if dev is not None and p is not None and p.device is None:
-                    c.attach(dev, n)
-            self._timers.append(c.scheduler.call_later(delay, plug))
-            self._record(rule, a, where | {"port": n}, {}, {"reconnect_ms": delay / 1e6})
+            self._reconnect(rule, args, where, port)
         elif a in ("over-current", "ss-inactive", "warm-reset-required", "reset-fail"):
             n = int(args.get("port", str(port)), 0)
             p = c.port(n)
@@ -685,11 +749,10 @@ class FaultEngine:
             self._cnr_armed = parse_ms(args["ms"]) if "ms" in args else float("inf")
             self._record(rule, a, where, {}, {"cnr_ms": self._cnr_armed})
             c.scheduler.call_soon(self._sync)
-        elif a == "event-ring-full":
-            ir = int(args.get("interrupter", "0"), 0)
-            c.post_event(ir, events.host_controller_event(CC.EVENT_RING_FULL),
-                         note=f"fault #{rule.number}: Event Ring Full Error")
-            self._record(rule, a, where, {}, {"event": "Host Controller Event, Event Ring Full"})
+        elif a in ("event-ring-full", "event-lost"):
+            self._controller_event(rule, CC.EVENT_RING_FULL if a == "event-ring-full"
+                                   else CC.EVENT_LOST, int(args.get("interrupter", "0"), 0),
+                                   where)
         elif a == "note":
             self._record(rule, a, where, {}, {})
         elif a == "pause":
@@ -697,6 +760,62 @@ class FaultEngine:
             self._record(rule, a, where, {}, {"controller": "paused"})
         else:
             self._record(rule, a, where, {}, {"note": f"{a} does not apply here"})
+
+    def _reconnect(self, rule: Rule, args: dict[str, str], where: dict[str, Any],
+                   port: int) -> None:
+        """Plug an unplugged device back, later (ms=) and perhaps at another speed (speed=):
+        a USB 3 device whose SuperSpeed link failed comes back on a USB 2 port."""
+        c = self.controller
+        speed = R.parse_speed(args["speed"]) if "speed" in args else None
+        n = self._last_unplugged or port
+        if "port" in args and speed is None:
+            n = int(args["port"], 0)
+        dev = self._unplugged.get(n)
+        if dev is None:
+            self._record(rule, "reconnect", where, {},
+                         {"note": f"no device was unplugged from port {n}"})
+            return
+        target = int(args["port"], 0) if "port" in args else None
+        if speed is not None and speed != dev.speed:
+            supports = getattr(dev, "supports", None)      # virtual devices can; real ones not
+            if supports is None or not supports(speed):
+                self._record(rule, "reconnect", where, {"speed": dev.speed.label},
+                             {"note": f"{dev.name} cannot run at {speed.label}"})
+                return
+        delay = int(parse_ms(args.get("ms", "0")) * 1e6)
+
+        def plug() -> None:
+            if self._unplugged.get(n) is not dev:
+                return
+            try:
+                if speed is not None and speed != dev.speed:
+                    dev.set_speed(speed)        # type: ignore[attr-defined]
+                c.attach(dev, target if target is not None or speed is not None else n)
+            except ValueError as e:
+                self._record(rule, "reconnect", where | {"port": n}, {},
+                             {"note": f"reconnect failed: {e}"})
+                return
+            del self._unplugged[n]
+        self._timers.append(c.scheduler.call_later(delay, plug))
+        injected: dict[str, Any] = {"reconnect_ms": delay / 1e6}
+        if speed is not None:
+            injected["speed"] = speed.label
+        self._record(rule, "reconnect", where | {"port": n}, {"speed": dev.speed.label},
+                     injected)
+
+    def _controller_event(self, rule: Rule, cc: int, interrupter: int,
+                          where: dict[str, Any]) -> None:
+        """A Host Controller Event with completion code `cc` (Event Ring Full, Event Lost)."""
+        c = self.controller
+        action = "event-ring-full" if cc == CC.EVENT_RING_FULL else "event-lost"
+        if not 0 <= interrupter < len(c.interrupters):
+            self._record(rule, action, where, {},
+                         {"note": f"there is no interrupter {interrupter}"})
+            return
+        label = cc_name(cc)
+        c.post_event(interrupter, events.host_controller_event(cc),
+                     note=f"fault #{rule.number}: {label}")
+        self._record(rule, action, where, {}, {"event": f"Host Controller Event, {label}"})
 
     # ---- time rules ----------------------------------------------------------------------------
     def _arm_time(self, rule: Rule) -> None:

@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..conditions import Condition, parse_cc, type_matches
+from ..devices.base import SPEED_NAMES, Speed
 from ..emu import regs
 from ..emu.trb import CC_NAMES, TrbType
 
@@ -75,19 +76,33 @@ ACTIONS: dict[str, tuple[tuple[str, ...] | None, dict[str, str], str]] = {
     "trb-error": (("urb",), {}, "TRB Error, endpoint Error"),
     "short": (("urb",), {"length": "bytes delivered"}, "a short packet of LENGTH bytes"),
     "corrupt": (("urb",), {"offset": "byte offset in the IN data", "value": "the byte put there",
-                           "bits": "flip this many random bits instead"},
+                           "bits": "flip this many random bits instead",
+                           "field": "a descriptor field by name instead of an offset "
+                                    "(bMaxPacketSize0, ENDPOINT.wMaxPacketSize...)",
+                           "occurrence": "which one of several such fields (default 1)"},
                 "change the IN data on its way to the guest"),
     "delay": (("urb", "event"), {"ms": "milliseconds"}, "deliver it this much later"),
     "withhold": (("urb", "command"), {}, "never complete it (the guest's timeout and abort)"),
     "ignore-abort": (("command",), {}, "ignore the next Command Abort / Stop (CRCR CA, CS)"),
     "drop": (("event",), {}, "the event is never written"),
     "duplicate": (("event",), {}, "the event is written twice"),
+    "reorder": (("event",), {"ms": "written anyway after this long if no later event comes "
+                                   "(default 100)"},
+                "the event is written after the next one of its interrupter"),
+    "event-lost": (None, {"interrupter": "interrupter index (default: the matched event's)"},
+                   "a Host Controller Event with Event Lost Error (an event rule's own event "
+                   "is dropped: the one that was lost)"),
+    "lose": (("interrupt",), {}, "the MSI/MSI-X message never reaches the host (the "
+                                 "controller clears IP as if it had been sent)"),
     "event-ring-full": (None, {"interrupter": "interrupter index"},
                         "post a Host Controller Event: Event Ring Full Error"),
     "disconnect": (None, {"port": "root port (default: the matched device's)"},
                    "unplug the device (in the middle of its TD if the match is one)"),
     "reconnect": (None, {"port": "root port (default: the last one disconnected)",
-                         "ms": "after this many milliseconds"},
+                         "ms": "after this many milliseconds",
+                         "speed": "at another speed: full, high or super (a USB 3 device "
+                                  "that fell back to its USB 2 port; the first free port of "
+                                  "that protocol unless port= says which)"},
                   "plug the disconnected device back in"),
     "over-current": (None, {"port": "root port (default: the matched device's)",
                             "ms": "clear it after this many milliseconds (default: never)"},
@@ -207,6 +222,13 @@ def _words(line: str) -> list[tuple[str, int]]:
     return out
 
 
+def parse_speed(text: str) -> Speed:
+    try:
+        return SPEED_NAMES[text.lower()]
+    except KeyError:
+        raise ValueError(f"speed is one of {', '.join(SPEED_NAMES)}") from None
+
+
 def parse_ms(text: str) -> float:
     """500, 500ms, 1.5s -> milliseconds."""
     t = text.strip().lower()
@@ -254,16 +276,27 @@ def _check_action(action: Action, kind: str) -> None:
                 raise ValueError(f"state is one of {', '.join(STATES)}")
         elif k == "ms":
             parse_ms(v)
+        elif k == "speed":
+            parse_speed(v)
+        elif k == "field":
+            if not re.fullmatch(r"(?:[A-Za-z_]+\.)?[A-Za-z][A-Za-z0-9_]*", v):
+                raise ValueError("field is a descriptor field name (bMaxPacketSize0, "
+                                 "ENDPOINT.wMaxPacketSize)")
         else:
             int(v, 0)
+    if action.name == "corrupt" and "field" in action.args and (
+            {"offset", "bits"} & set(action.args)):
+        raise ValueError("`corrupt` takes field= or offset= or bits=, one of them")
     if action.name == "cc" and "code" not in action.args:
         raise ValueError("`cc` needs code=CODE (e.g. cc code=stall, cc code=200 residue=0)")
     if action.name == "short" and "length" not in action.args:
         raise ValueError("`short` needs length=N")
     if action.name == "delay" and "ms" not in action.args:
         raise ValueError("`delay` needs ms=N")
-    if action.name == "corrupt" and not ("bits" in action.args or "offset" in action.args):
-        raise ValueError("`corrupt` needs offset=N [value=V] or bits=N")
+    if action.name == "corrupt" and not {"bits", "offset", "field"} & set(action.args):
+        raise ValueError("`corrupt` needs offset=N [value=V], field=NAME value=V or bits=N")
+    if action.name == "corrupt" and "field" in action.args and "value" not in action.args:
+        raise ValueError("`corrupt field=NAME` needs value=V")
 
 
 def parse_rule(line: str, lineno: int = 1, source: str = "") -> Rule | None:

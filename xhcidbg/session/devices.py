@@ -16,12 +16,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ..devices import Keyboard, LoopbackDevice, Speed, StorageDevice, Tablet, UsbDevice
+from ..devices.base import SPEED_NAMES
 from ..devices.standard import StandardDevice
 
 _CLASSES: dict[str, type[StandardDevice]] = {
     "tablet": Tablet, "keyboard": Keyboard, "storage": StorageDevice, "loopback": LoopbackDevice}
 DEVICE_NAMES = tuple(_CLASSES)
-SPEEDS = {"low": Speed.LOW, "full": Speed.FULL, "high": Speed.HIGH, "super": Speed.SUPER}
+SPEEDS = SPEED_NAMES
 SCRATCH_STICK_MIB = 64
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from ..devices import UsbDevice
 from ..emu.controller import XhciController
+from ..emu.hooks import InterruptSignal
 from ..emu.timing import Scheduler
 from ..faults import FaultEngine, Injection
 from ..trace.cli import SessionTrace
@@ -37,9 +38,9 @@ class InterruptCount:
     def __init__(self, interrupters: int):
         self.counts = [0] * interrupters
 
-    def on_interrupt(self, interrupter: int) -> None:
-        if 0 <= interrupter < len(self.counts):
-            self.counts[interrupter] += 1
+    def on_interrupt(self, sig: InterruptSignal) -> None:
+        if 0 <= sig.interrupter < len(self.counts):
+            self.counts[sig.interrupter] += 1
 
 
 class GuestFreeze:

@@ -35,7 +35,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import BinaryIO, Literal, Protocol, overload
 
-from xhcidbg.emu.hooks import Hooks, MmioAccess, TransferRecord
+from xhcidbg.emu.hooks import Hooks, InterruptSignal, MmioAccess, TransferRecord
 from xhcidbg.emu.memory import GuestMemory
 from xhcidbg.emu.timing import Scheduler
 from xhcidbg.emu.trb import TrbType
@@ -500,7 +500,8 @@ class Tracer:
         except Exception as e:
             self._failed("on_port", e)
 
-    def on_interrupt(self, interrupter: int) -> None:
+    def on_interrupt(self, sig: InterruptSignal) -> None:
+        interrupter = sig.interrupter
         try:
             c = self._chunk
             if c.end + 40 > c.limit:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from rich.text import Text
 
 from ..decode import xhci as linux
-from ..emu.hooks import CommandResult, EventRecord, TransferRecord
+from ..emu.hooks import CommandResult, EventRecord, InterruptSignal, TransferRecord
 from ..emu.layout import DWORD_BITS
 from ..emu.trb import (
     CHAIN,
@@ -203,8 +203,8 @@ class History:
                   else None, int(dci) if dci.isdigit() else None, None, None, None,
                   (kind, ident, old, new))
 
-    def on_interrupt(self, interrupter: int) -> None:
-        self._add("interrupt", None, None, None, None, None, (interrupter,))
+    def on_interrupt(self, sig: InterruptSignal) -> None:
+        self._add("interrupt", None, None, None, None, None, (sig.interrupter,))
 
     def on_log(self, level: str, message: str) -> None:
         self._add("log", None, None, None, None, None, (level, message))

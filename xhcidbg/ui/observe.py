@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from ..conditions import Condition, register_matches
 from ..devices.descriptors import describe_setup
-from ..emu.hooks import CommandStart, MmioAccess, TransferRecord
+from ..emu.hooks import CommandStart, InterruptSignal, MmioAccess, TransferRecord
 from ..emu.memory import BytesLike, DmaError
 from ..emu.slots import endpoint_address
 from ..emu.trb import (
@@ -444,7 +444,8 @@ class Breakpoints:
                             f"{linux.decode_trb(*dw) if linux else dw}",
                     f"{slot}/{dci}" if slot and dci else None)
 
-    def on_interrupt(self, interrupter: int) -> None:
+    def on_interrupt(self, sig: InterruptSignal) -> None:
+        interrupter = sig.interrupter
         if "interrupt" in self._kinds:
             self._check("interrupt", {"interrupter": interrupter},
                         lambda: f"interrupt signalled: interrupter {interrupter}")

@@ -20,7 +20,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from ..emu.hooks import CommandResult, EventRecord, TransferRecord
+from ..emu.hooks import CommandResult, EventRecord, InterruptSignal, TransferRecord
 from ..emu.interrupters import Interrupter
 from ..emu.trb import CC, TRB_SIZE, Trb, cc_name
 from . import render
@@ -125,8 +125,8 @@ class Counters:
     def on_event_posted(self, ev: EventRecord) -> None:
         self.events[ev.interrupter] = self.events.get(ev.interrupter, 0) + 1
 
-    def on_interrupt(self, interrupter: int) -> None:
-        self.interrupts[interrupter] = self.interrupts.get(interrupter, 0) + 1
+    def on_interrupt(self, sig: InterruptSignal) -> None:
+        self.interrupts[sig.interrupter] = self.interrupts.get(sig.interrupter, 0) + 1
 
     # ---- reading ----------------------------------------------------------------------------
     def snapshot(self) -> Snapshot:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..devices.bot import MSC_CLASS
+from ..emu.hooks import InterruptSignal
 from ..faults.cli import apply_fault_options
 from ..guest.device import Device, GuestEndpoint, Transfer
 from ..guest.driver import XhciDriver
@@ -91,7 +92,7 @@ class _Notifier:
     def __init__(self, wake: Callable[[], None]):
         self.wake = wake
 
-    def on_interrupt(self, interrupter: int) -> None:
+    def on_interrupt(self, sig: InterruptSignal) -> None:
         self.wake()
 
     def on_port(self, port: int, old: int, new: int) -> None:
