@@ -5,7 +5,7 @@ local xhci = Proto("xhci", "xhcidbg xHCI controller record")
 local RECORD_VERSION = 1
 local TRB_OFFSET = 16
 local CONTEXT_OFFSET = 16
-local KIND = { [1]="MMIO", [2]="Doorbell", [3]="TRB fetched", [4]="Event posted", [5]="Command completed", [6]="Port change", [7]="Interrupt", [8]="Context", [9]="State change", [10]="Log", [11]="USB transfer" }
+local KIND = { [1]="MMIO", [2]="Doorbell", [3]="TRB fetched", [4]="Event posted", [5]="Command completed", [6]="Port change", [7]="Interrupt", [8]="Context", [9]="State change", [10]="Log", [11]="USB transfer", [12]="Fault injected" }
 local TRB_TYPE = { [1]="Normal", [2]="Setup Stage", [3]="Data Stage", [4]="Status Stage", [5]="Isoch", [6]="Link", [7]="Event Data", [8]="No-Op", [9]="Enable Slot Command", [10]="Disable Slot Command", [11]="Address Device Command", [12]="Configure Endpoint Command", [13]="Evaluate Context Command", [14]="Reset Endpoint Command", [15]="Stop Ring Command", [16]="Set TR Dequeue Pointer Command", [17]="Reset Device Command", [18]="Force Event Command", [19]="Negotiate Bandwidth Command", [20]="Set Latency Tolerance Value Command", [21]="Get Port Bandwidth Command", [22]="Force Header Command", [23]="No-Op Command", [24]="Get Extended Property Command", [25]="Set Extended Property Command", [32]="Transfer Event", [33]="Command Completion Event", [34]="Port Status Change Event", [35]="Bandwidth Request Event", [36]="Doorbell Event", [37]="Host Controller Event", [38]="Device Notification Event", [39]="MFINDEX Wrap Event" }
 local CC = { [0]="Invalid", [1]="Success", [2]="Data Buffer Error", [3]="Babble Detected", [4]="USB Transaction Error", [5]="TRB Error", [6]="Stall Error", [7]="Resource Error", [8]="Bandwidth Error", [9]="No Slots Available Error", [10]="Invalid Stream Type Error", [11]="Slot Not Enabled Error", [12]="Endpoint Not Enabled Error", [13]="Short Packet", [14]="Ring Underrun", [15]="Ring Overrun", [16]="VF Event Ring Full Error", [17]="Parameter Error", [18]="Bandwidth Overrun Error", [19]="Context State Error", [20]="No Ping Response Error", [21]="Event Ring Full Error", [22]="Incompatible Device Error", [23]="Missed Service Error", [24]="Command Ring Stopped", [25]="Command Aborted", [26]="Stopped", [27]="Stopped - Length Invalid", [28]="Stopped - Short Packet", [29]="Max Exit Latency Too Large Error", [31]="Isoch Buffer Overrun", [32]="Event Lost Error", [33]="Undefined Error", [34]="Invalid Stream ID Error", [35]="Secondary Bandwidth Error", [36]="Split Transaction Error" }
 local RING = { [0]="command", [1]="transfer" }
@@ -16,7 +16,7 @@ local PLS = { [0]="U0", [1]="U1", [2]="U2", [3]="U3", [4]="Disabled", [5]="RxDet
 local SPEED = { [1]="Full-speed", [2]="Low-speed", [3]="High-speed", [4]="SuperSpeed", [5]="SuperSpeedPlus" }
 local TRT = { [0]="No Data Stage", [2]="OUT Data Stage", [3]="IN Data Stage" }
 local LOG_LEVEL = { [0]="debug", [1]="info", [2]="warning", [3]="error" }
-local RECORD_SIZE = { [1]=20, [2]=12, [3]=32, [4]=32, [5]=36, [6]=16, [7]=8, [8]=48, [9]=4, [10]=8, [11]=8 }
+local RECORD_SIZE = { [1]=20, [2]=12, [3]=32, [4]=32, [5]=36, [6]=16, [7]=8, [8]=48, [9]=4, [10]=8, [11]=8, [12]=12 }
 local TRANSFER_EVENT, PORT_STATUS_CHANGE = 32, 34
 local RING_TRANSFER = 1
 local CTX_SLOT, CTX_INPUT_CONTROL = 0, 32
@@ -88,6 +88,8 @@ F.log_level = ProtoField.uint32("xhci.log.level", "0 debug, 1 info, 2 warning, 3
 F.urb_slot = ProtoField.uint32("xhci.urb.slot", "Slot ID", base.DEC, nil, 0x000000ff)
 F.urb_dci = ProtoField.uint32("xhci.urb.dci", "Endpoint (DCI)", base.DEC, nil, 0x00001f00)
 F.urb_stream = ProtoField.uint32("xhci.urb.stream", "Stream ID", base.DEC, nil, 0xffff0000)
+F.fault_rule = ProtoField.uint32("xhci.fault.rule", "Fault rule number", base.DEC, nil, 0x0000ffff)
+F.fault_match = ProtoField.uint32("xhci.fault.match", "The match of the rule that fired", base.DEC, nil, 0xffffffff)
 F.trb_pointer = ProtoField.uint64("xhci.trb.pointer", "Data Buffer / pointer", base.HEX)
 F.trb_length = ProtoField.uint32("xhci.trb.length", "TRB Transfer Length", base.DEC, nil, 0x0001ffff)
 F.trb_td_size = ProtoField.uint32("xhci.trb.td_size", "TD Size", base.DEC, nil, 0x003e0000)
@@ -309,7 +311,8 @@ local RECORD = {
   [8] = { {F.kind, 0, 0, 8}, {F.version, 0, 8, 8}, {F.context_address, 1, 0, 64}, {F.context_slot, 3, 0, 8}, {F.context_dci, 3, 8, 6}, {F.context_reason, 3, 16, 6} },
   [9] = { {F.kind, 0, 0, 8}, {F.version, 0, 8, 8} },
   [10] = { {F.kind, 0, 0, 8}, {F.version, 0, 8, 8}, {F.log_level, 1, 0, 8} },
-  [11] = { {F.kind, 0, 0, 8}, {F.version, 0, 8, 8}, {F.urb_slot, 1, 0, 8}, {F.urb_dci, 1, 8, 5}, {F.urb_stream, 1, 16, 16} }
+  [11] = { {F.kind, 0, 0, 8}, {F.version, 0, 8, 8}, {F.urb_slot, 1, 0, 8}, {F.urb_dci, 1, 8, 5}, {F.urb_stream, 1, 16, 16} },
+  [12] = { {F.kind, 0, 0, 8}, {F.version, 0, 8, 8}, {F.fault_rule, 1, 0, 16}, {F.fault_match, 2, 0, 32} }
 }
 local TRB = {
   [1] = { {F.trb_pointer, 0, 0, 64}, {F.trb_length, 2, 0, 17}, {F.trb_td_size, 2, 17, 5}, {F.trb_interrupter, 2, 22, 10}, {F.trb_cycle, 3, 0, 1}, {F.trb_ent, 3, 1, 1}, {F.trb_isp, 3, 2, 1}, {F.trb_ns, 3, 3, 1}, {F.trb_chain, 3, 4, 1}, {F.trb_ioc, 3, 5, 1}, {F.trb_idt, 3, 6, 1}, {F.trb_bei, 3, 9, 1}, {F.trb_type, 3, 10, 6} },
@@ -382,7 +385,7 @@ local REGISTER = {
   ["ERDP_HI"] = { {F.reg_erdp_hi_pointer_hi, 0, 0, 32} },
   ["DOORBELL"] = { {F.reg_doorbell_target, 0, 0, 8}, {F.reg_doorbell_stream, 0, 16, 16} }
 }
-local K = { MMIO=1, DOORBELL=2, TRB=3, EVENT=4, COMMAND=5, PORT=6, INTERRUPT=7, CONTEXT=8, STATE=9, LOG=10, URB=11 }
+local K = { MMIO=1, DOORBELL=2, TRB=3, EVENT=4, COMMAND=5, PORT=6, INTERRUPT=7, CONTEXT=8, STATE=9, LOG=10, URB=11, FAULT=12 }
 
 local UINT64_ONES = UInt64.new(0xFFFFFFFF, 0xFFFFFFFF)
 
@@ -526,6 +529,9 @@ function xhci.dissector(tvb, pinfo, tree)
   elseif kind == K.LOG then
     root:add(F.G_text, tvb(text_at))
     info = "[" .. (LOG_LEVEL[get(tvb, 0, AT.log_level)] or "?") .. "] " .. tvb(text_at):string()
+  elseif kind == K.FAULT then
+    root:add(F.G_text, tvb(text_at))
+    info = tvb(text_at):string()
   elseif kind == K.URB then
     local slot = get(tvb, 0, AT.urb_slot)
     if slot ~= 0 then generated(root, F.G_slot, span(tvb, 0, AT.urb_slot), slot) end

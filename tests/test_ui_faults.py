@@ -1,6 +1,7 @@
 """The console's `fault` command on the in-process world, the toolbar's count, the capture's
 packet comments (read back by tshark) and the shipped scenarios."""
 import json
+import os
 import shutil
 import subprocess
 
@@ -8,6 +9,7 @@ import pytest
 
 from xhcidbg.faults import parse_rules
 from xhcidbg.faults.cli import SCENARIOS
+from xhcidbg.trace import dissector
 
 
 def test_fault_add_list_log_and_the_toolbar(con, tmp_path):
@@ -24,11 +26,18 @@ def test_fault_add_list_log_and_the_toolbar(con, tmp_path):
     data = json.loads(con.execute("fault list --json"))
     assert data["rules"][0]["fired"] == 1 and data["injected"] == 1
     con.execute("trace stop")
-    if shutil.which("tshark"):
-        r = subprocess.run(["tshark", "-r", str(tmp_path / "f.pcapng"), "-Y", "frame.comment",
-                            "-T", "fields", "-e", "frame.comment"],
-                           capture_output=True, text=True, timeout=120)
-        assert "fault #1 wobble (corrupt, match 1)" in r.stdout, r.stderr
+    # stock tshark with our dissector: the injection is a record of its own, filterable by
+    # rule, and its text is the packet comment
+    assert shutil.which("tshark"), "these tests read captures with tshark: apt-get install tshark"
+    r = subprocess.run(["tshark", "-X", f"lua_script:{dissector.REPO_COPY}",
+                        "-r", str(tmp_path / "f.pcapng"), "-Y", "xhci.fault.rule == 1",
+                        "-T", "fields", "-e", "xhci.fault.rule", "-e", "xhci.fault.match",
+                        "-e", "frame.comment"],
+                       capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, HOME=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path)))
+    [row] = [line.split("\t") for line in r.stdout.splitlines()]
+    assert row[:2] == ["1", "1"] and row[2].startswith("fault #1 wobble (corrupt, match 1)"), \
+        r.stderr
     con.execute("fault disable 1")
     assert "faults: 0 rules, 1 injected" in con.toolbar_text()
     assert "1 fault rule deleted" in con.execute("fault del wobble")

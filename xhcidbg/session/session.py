@@ -149,7 +149,7 @@ class Session:
         log.info("%s", text)
         tracer = self.trace.tracer
         if self.trace.running and tracer is not None:
-            tracer.annotate(text)
+            tracer.fault(inj.rule, inj.match, text)
 
     def _guest_changed(self, frozen: bool) -> None:
         for fn in list(self.on_guest):

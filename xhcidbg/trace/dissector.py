@@ -35,7 +35,7 @@ REPO_COPY = Path(__file__).resolve().parents[2] / "captures" / FILENAME
 RECORD_KEYS = {Kind.MMIO: "mmio", Kind.DOORBELL: "doorbell", Kind.TRB: "fetch",
                Kind.EVENT: "event", Kind.COMMAND: "command", Kind.PORT: "port",
                Kind.INTERRUPT: "interrupt", Kind.CONTEXT: "context", Kind.STATE: "state",
-               Kind.LOG: "log", Kind.URB: "urb"}
+               Kind.LOG: "log", Kind.URB: "urb", Kind.FAULT: "fault"}
 SPEEDS = {1: "Full-speed", 2: "Low-speed", 3: "High-speed", 4: "SuperSpeed", 5: "SuperSpeedPlus"}
 
 # value names shown for fields of these names (Lua value_string tables)
@@ -371,6 +371,9 @@ function xhci.dissector(tvb, pinfo, tree)
   elseif kind == K.LOG then
     root:add(F.G_text, tvb(text_at))
     info = "[" .. (LOG_LEVEL[get(tvb, 0, AT.log_level)] or "?") .. "] " .. tvb(text_at):string()
+  elseif kind == K.FAULT then
+    root:add(F.G_text, tvb(text_at))
+    info = tvb(text_at):string()
   elseif kind == K.URB then
     local slot = get(tvb, 0, AT.urb_slot)
     if slot ~= 0 then generated(root, F.G_slot, span(tvb, 0, AT.urb_slot), slot) end

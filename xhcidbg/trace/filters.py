@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 
 KINDS = ("mmio", "doorbell", "trb", "event", "command", "port", "interrupt", "context", "state",
-         "log", "urb", "xurb")
+         "log", "fault", "urb", "xurb")
 DEFAULT_KINDS = frozenset(KINDS) - {"xurb"}
 
 

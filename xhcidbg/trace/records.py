@@ -35,6 +35,7 @@ class Kind(IntEnum):
     STATE = 9
     LOG = 10
     URB = 11                   # a usbmon record with the slot/endpoint it ran on
+    FAULT = 12                 # a fault rule fired (the fault engine's injection)
 
 
 class Ring(IntEnum):
@@ -82,10 +83,14 @@ LAYOUTS: dict[Kind, Layout] = {
     Kind.URB: Layout("USB transfer", 2, (*_HEAD, F("slot", 1, 0, 8, "Slot ID"),
                                          F("dci", 1, 8, 5, "Endpoint (DCI)"),
                                          F("stream", 1, 16, 16, "Stream ID"))),
+    Kind.FAULT: Layout("Fault injected", 3, (*_HEAD, F("rule", 1, 0, 16, "Fault rule number"),
+                                             F("match", 2, 0, 32,
+                                               "The match of the rule that fired"))),
 }
 # where the variable part starts, and what it holds
 TEXT = {Kind.MMIO: "register name", Kind.STATE: "kind, ident, old, new (NUL separated)",
-        Kind.LOG: "message", Kind.URB: "usbmon record (64-byte header and data)"}
+        Kind.LOG: "message", Kind.URB: "usbmon record (64-byte header and data)",
+        Kind.FAULT: "what was injected, as the injection log says it"}
 CONTEXT_OFFSET = 16            # the 8 context dwords follow dword 3 of a CONTEXT record
 
 _MMIO = struct.Struct("<IIIQ")
@@ -94,6 +99,7 @@ _TRB = struct.Struct("<IQIIIII")
 _CMD = struct.Struct("<IQIIIIII")
 _PORT = struct.Struct("<IIII")
 _II = struct.Struct("<II")
+_III = struct.Struct("<III")
 _CTX = struct.Struct("<IQI8I")
 _TRB_PARAM = struct.Struct("<IQIQII")   # _TRB with the TRB's dwords 0-1 as its 64-bit parameter
 assert _TRB_PARAM.size == _TRB.size
@@ -195,6 +201,10 @@ def urb(slot: int, dci: int, stream: int, usbmon: bytes) -> bytes:
 
 def state(kind: str, ident: str, old: str, new: str) -> bytes:
     return struct.pack("<I", HEAD[Kind.STATE]) + "\0".join((kind, ident, old, new)).encode()
+
+
+def fault(rule: int, match: int, text: str) -> bytes:
+    return _III.pack(HEAD[Kind.FAULT], rule & 0xFFFF, match & _M32) + text.encode()
 
 
 def log(level: str, message: str) -> bytes:

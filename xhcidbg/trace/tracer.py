@@ -307,6 +307,12 @@ class Tracer:
         if "log" in self.filter.kinds:
             self._emit(0, records.log(level, text), comment=text)
 
+    def fault(self, rule: int, match: int, text: str) -> None:
+        """An injection of the fault engine: a FAULT record (filter it in Wireshark with
+        `xhci.fault.rule`) whose packet comment is `text`."""
+        if "fault" in self.filter.kinds:
+            self._emit(0, records.fault(rule, match, text), comment=text)
+
     def __enter__(self) -> Tracer:
         return self.start()
 

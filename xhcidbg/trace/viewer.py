@@ -38,7 +38,8 @@ READABLE = {LINKTYPE_USB_LINUX_MMAPPED: "usbmon", LINKTYPE_USB_LINUX: "usbmon (4
             records.LINKTYPE: "xhcidbg xHCI records"}
 KIND_NAMES = {Kind.MMIO: "mmio", Kind.DOORBELL: "doorbell", Kind.TRB: "trb", Kind.EVENT: "event",
               Kind.COMMAND: "command", Kind.PORT: "port", Kind.INTERRUPT: "interrupt",
-              Kind.CONTEXT: "context", Kind.STATE: "state", Kind.LOG: "log", Kind.URB: "xurb"}
+              Kind.CONTEXT: "context", Kind.STATE: "state", Kind.LOG: "log", Kind.URB: "xurb",
+              Kind.FAULT: "fault"}
 
 # Linux tracepoint names for the contexts read after each command: (command TRB type, context)
 _CTX_EVENTS: dict[tuple[int, str], str] = {
@@ -269,6 +270,8 @@ def _xhci_text(rec: records.Record, reader: Reader, dma: bool) -> str:
     if k == Kind.LOG:
         lv = records.LOG_LEVELS[f["level"]] if f["level"] < len(records.LOG_LEVELS) else "?"
         return f"log: [{lv}] {rec.text}"
+    if k == Kind.FAULT:
+        return rec.text
     return f"record kind {k}"
 
 
