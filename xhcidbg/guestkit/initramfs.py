@@ -18,6 +18,7 @@ from pathlib import Path
 from . import debfile
 from .cache import cache_dir, cache_lock, guest_archive
 from .cpio import CpioWriter
+from .gadgets import GADGET_MODULES
 from .kernel import Kernel, ensure_kernel_tree, format_modules_dep
 from .report import KitError, OfflineError, human_size, say
 
@@ -34,10 +35,14 @@ BOOT_MODULES = [
     "vfat", "nls_cp437", "nls_ascii", "nls_utf8",
     "configfs",
 ]
-# Shipped but not loaded (dummy_hcd adds a USB bus of its own): `modprobe NAME` in the guest.
-EXTRA_MODULES = [
-    "dummy_hcd", "libcomposite", "usb_f_mass_storage", "usb_f_hid", "usb_f_ss_lb",
+# The host's root filesystem over virtio-9p with a writable overlay on top (hostroot.py), in
+# load order: 9p needs netfs and fscache; virtio and virtio_ring need nothing of each other here.
+HOST_ROOT_MODULES = [
+    "virtio_ring", "virtio", "virtio_pci", "netfs", "fscache", "9pnet", "9pnet_virtio", "9p",
+    "overlay",
 ]
+# Shipped but not loaded (dummy_hcd adds a USB bus of its own): `modprobe NAME` in the guest.
+EXTRA_MODULES = GADGET_MODULES + HOST_ROOT_MODULES
 
 INIT_SCRIPT = r"""#!/bin/busybox sh
 # xhcidbg guest init: kernel filesystems, modules, then a shell on the serial console.
