@@ -9,6 +9,9 @@ gets a `VmExited` that carries QEMU's exit status and the end of its stderr.
     vm = await Vm.start(devices=[vfio_user_device("/tmp/x.sock")])
     result = await vm.console.run("ls /sys/bus/usb/devices")
     await vm.stop()
+
+With `host_root=True` the guest also sees this machine's root filesystem (hostroot.py), and
+`vm.host.run(...)` runs commands chrooted into it, the project's venv included.
 """
 from __future__ import annotations
 
@@ -26,13 +29,16 @@ import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..session.vmm import Vmm, VmmError
 from .initramfs import MODULES_LOADED, READY_MARKER, ensure_initramfs
 from .kernel import ensure_kernel
 from .qemu import QemuInstall, ensure_qemu
 from .report import say
+
+if TYPE_CHECKING:
+    from .hostroot import HostRoot
 
 DEFAULT_MEMORY_MIB = 256
 # Lines that show the user how far a (slow, TCG) boot has come.
@@ -314,6 +320,7 @@ class Vm:
         self._process: asyncio.subprocess.Process | None = None
         self._console: SerialConsole | None = None
         self._qmp: Vmm | None = None
+        self._host: HostRoot | None = None
         self._exited: Exited | None = None
         self.argv: list[str] = []
         self.workdir: Path | None = None
@@ -344,6 +351,13 @@ class Vm:
         return self._started(self._qmp)
 
     @property
+    def host(self) -> HostRoot:
+        """This machine's root filesystem in the guest, to run commands in (host_root=True)."""
+        if self._host is None:
+            raise RuntimeError("the VM was not started with host_root=True")
+        return self._host
+
+    @property
     def exited(self) -> Exited:
         """Done once QEMU has ended, with its exit status and stderr."""
         return self._started(self._exited)
@@ -354,14 +368,25 @@ class Vm:
                     qemu: QemuInstall | None = None, kernel: Path | None = None,
                     initrd: Path | None = None, log: Path | None = None,
                     wait_ready: bool = True, boot_timeout: float = 300.0,
-                    progress: bool = True, allow_reboot: bool = False) -> Vm:
+                    progress: bool = True, allow_reboot: bool = False,
+                    host_root: bool = False) -> Vm:
         """Start QEMU with the guest kernel and initramfs (fetched/built on first use).
 
         devices: `-device` values (e.g. from `vfio_user_device`); extra_args: more QEMU options;
         log: a file that receives the raw serial output; wait_ready: return only once the guest
         shell is up (boot under TCG takes several seconds); allow_reboot: a reset restarts the
-        guest (then `await vm.console.wait_ready()` again) instead of ending QEMU.
+        guest (then `await vm.console.wait_ready()` again) instead of ending QEMU; host_root:
+        export this machine's `/` to the guest and mount it there, writable through a tmpfs
+        overlay, for `vm.host` (needs wait_ready; after a reboot mount it again with
+        `HostRoot.mount(vm.console)`).
         """
+        # A late import: hostroot builds on this module.
+        from .hostroot import HostRoot, virtfs_args
+
+        if host_root and not wait_ready:
+            raise ValueError("host_root needs wait_ready: the tree is mounted from the shell")
+        if host_root:
+            extra_args = [*virtfs_args(), *extra_args]
         if qemu is None:
             qemu = await asyncio.to_thread(ensure_qemu)
         if kernel is None:
@@ -376,6 +401,8 @@ class Vm:
                             extra_args, log, report, allow_reboot)
             if wait_ready:
                 await vm.console.wait_ready(boot_timeout)
+            if host_root:
+                vm._host = await HostRoot.mount(vm.console)
         except BaseException:
             await vm.stop()
             raise
