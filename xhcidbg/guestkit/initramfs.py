@@ -41,8 +41,10 @@ HOST_ROOT_MODULES = [
     "virtio_ring", "virtio", "virtio_pci", "netfs", "fscache", "9pnet", "9pnet_virtio", "9p",
     "overlay",
 ]
+# Linux's own USB test driver (binds Gadget Zero, 0525:a4a0; driven through usbfs ioctls).
+TEST_MODULES = ["usbtest"]
 # Shipped but not loaded (dummy_hcd adds a USB bus of its own): `modprobe NAME` in the guest.
-EXTRA_MODULES = GADGET_MODULES + HOST_ROOT_MODULES
+EXTRA_MODULES = GADGET_MODULES + HOST_ROOT_MODULES + TEST_MODULES
 
 INIT_SCRIPT = r"""#!/bin/busybox sh
 # xhcidbg guest init: kernel filesystems, modules, then a shell on the serial console.
