@@ -744,7 +744,9 @@ class FaultEngine:
         elif a == "all-ones":
             self._all_ones = True
             self._record(rule, a, where, {}, {"registers": "all ones"})
-            c.scheduler.call_soon(self._sync)
+            # at once: the firing transfer's own event and interrupt must not get out.  Safe
+            # inside an announcement: it adds listeners to announcements other than this one
+            self._sync()
         elif a == "cnr-stuck":
             self._cnr_armed = parse_ms(args["ms"]) if "ms" in args else float("inf")
             self._record(rule, a, where, {}, {"cnr_ms": self._cnr_armed})
