@@ -7,12 +7,15 @@ at high speed through the guest's real usbfs, reads its descriptors, reads the m
 from its bulk IN endpoint and writes it to its bulk OUT endpoint (where the gadget checks every
 byte and halts the endpoint on the first wrong one).  Unbinding the gadget from its UDC takes
 it away from libusb, both from a fresh scan and under a process that holds it open, and binding
-it again brings it back.
+it again brings it back.  Beside it, on a second UDC, a composite gadget of every other kind the
+kit declares (Loopback, mass storage, ACM serial, HID keyboard) moves data through each.
 """
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import os
 import shlex
 from pathlib import Path
 
@@ -21,9 +24,14 @@ import pytest
 from xhcidbg.guestkit.gadgets import (
     Gadget,
     Gadgets,
+    HidKeyboard,
+    Loopback,
+    MassStorage,
     Pattern,
     Plugged,
+    Serial,
     SourceSink,
+    keyboard_report,
     source_sink_data,
 )
 from xhcidbg.guestkit.launch import Vm
@@ -165,6 +173,61 @@ with usb1.USBContext() as context:
 """
 
 
+# Every interface of the composite gadget, then data through each function but the disk: the
+# loopback echoes, the serial port passes bytes both ways with the gadget side (the test's shell
+# on /dev/ttyGS0), and the keyboard's reports arrive on its interrupt endpoint.
+COMPOSITE = PRELUDE + r"""
+import os, time
+def wait_for(signal):
+    print(signal, flush=True)       # to the test, which then makes the file of that name
+    while not os.path.exists(sys.argv[1] + "/" + signal):
+        time.sleep(0.05)
+result = {}
+with usb1.USBContext() as context:
+    handle = context.openByVendorIDAndProductID(0x1D6B, 0x0104)
+    handle.setAutoDetachKernelDriver(True)      # usbhid has the keyboard: lend it to us
+    interfaces = {}
+    for interface in handle.getDevice()[0]:
+        s = interface[0]
+        interfaces[s.getClass()] = {
+            "number": s.getNumber(), "class": [s.getClass(), s.getSubClass(), s.getProtocol()],
+            "driver": handle.kernelDriverActive(s.getNumber()),
+            "in": [e.getAddress() for e in s if e.getAddress() & 0x80],
+            "out": [e.getAddress() for e in s if not e.getAddress() & 0x80]}
+    result["interfaces"] = sorted(i["class"] + [i["driver"]] for i in interfaces.values())
+    loop, data, keyboard = interfaces[0xFF], interfaces[0x0A], interfaces[0x03]
+    handle.claimInterface(loop["number"])
+    sent = os.urandom(16384)
+    handle.bulkWrite(loop["out"][0], sent, 10000)
+    result["loopback"] = bytes(handle.bulkRead(loop["in"][0], len(sent), 10000)) == sent
+    handle.claimInterface(interfaces[0x02]["number"])
+    handle.claimInterface(data["number"])
+    wait_for("serial-ready")
+    got = b""
+    deadline = time.monotonic() + 20
+    while b"\n" not in got and time.monotonic() < deadline:
+        try:
+            got += bytes(handle.bulkRead(data["in"][0], 512, 1000))
+        except usb1.USBErrorTimeout:
+            pass
+    result["from_gadget"] = got.decode()
+    handle.bulkWrite(data["out"][0], b"from the host\n", 5000)
+    handle.claimInterface(keyboard["number"])
+    print("keyboard-claimed", flush=True)      # the gadget side may type now
+    reports = []
+    while len(reports) < 2 and time.monotonic() < deadline + 20:
+        try:
+            report = bytes(handle.interruptRead(keyboard["in"][0], 64, 1000))
+        except usb1.USBErrorTimeout:
+            continue
+        if report:          # f_hid follows each report with a zero-length packet
+            reports.append(report.hex())
+    result["keyboard"] = reports
+    handle.close()
+print(json.dumps(result))
+"""
+
+
 class GadgetGuest:
     """The booted VM, its gadgets, and the loop they run on (driven from the tests)."""
 
@@ -185,9 +248,14 @@ class GadgetGuest:
         return json.loads(result.output.strip().splitlines()[-1])
 
     def shell(self, command: str) -> str:
+        """A command in the kit's own shell (busybox, the initramfs tree)."""
         result = self.run(self.vm.console.run(command, 60))
         assert result.ok, f"guest command {command!r} failed ({result.status}):\n{result.output}"
         return result.output
+
+    def host_shell(self, command: str) -> str:
+        """A command chrooted into the host's tree, where the guest scripts see files."""
+        return self.run(self.vm.host.run(command, 60, check=True)).output
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +271,7 @@ def guest(tmp_path_factory):
             log=folder / "serial.log", progress=False), 360))
         usb = Gadgets(vm)
         g = GadgetGuest(loop, vm, usb, folder)
-        g.run(usb.load(udcs=1))
+        g.run(usb.load(udcs=2))
         g.plugged = g.run(usb.plug(ZERO))
         yield g
     finally:
@@ -285,6 +353,51 @@ def test_unplug_takes_the_device_from_libusb_and_replug_brings_it_back(guest):
     # return, and the device that came back sources the pattern again.
     assert seen == {"error": "USBErrorNoDevice", "events": ["left", "arrived"], "again": True}
     assert guest.python(TRANSFER, "4096")["in"] == [4096, True]
+
+
+def test_a_composite_of_every_other_kind_works_beside_it(guest):
+    image = guest.folder / "stick.img"
+    content = os.urandom(1 << 20)
+    image.write_bytes(content + bytes(3 << 20))
+    multi = Gadget("multi", [Loopback(), MassStorage(file=str(image)), Serial(), HidKeyboard()],
+                   serial="xhcidbg-multi-1")
+    plugged = guest.run(guest.usb.plug(multi))
+    assert plugged.udc == "dummy_udc.1" and plugged.busnum != guest.plugged.busnum
+    # Two devices at once, each on its own bus.
+    assert guest.python(FIND) == [[guest.plugged.busnum, guest.plugged.devnum]]
+    # The disk, through the guest's own usb-storage: the image's first MiB.
+    disk = guest.shell("i=0; until [ -b /dev/sda ]; do i=$((i+1)); [ $i -lt 400 ] || exit 1;"
+                       " usleep 50000; done; dd if=/dev/sda bs=64k count=16 iflag=direct"
+                       " 2>/dev/null | md5sum")
+    assert disk.split()[0] == hashlib.md5(content).hexdigest()
+    tty = guest.run(guest.usb.node(multi, 2))
+    signals = guest.folder / "signals"
+    # The gadget side of the serial port: raw, everything it receives into a file.
+    guest.host_shell(f"mkdir -p {signals}; setsid sh -c 'stty raw -echo; exec cat' < {tty}"
+                     f" > {guest.folder}/serial.out 2>&1 &")
+    job = guest.run(guest.vm.host.start(shlex.join([guest.vm.host.python_path, "-c", COMPOSITE,
+                                                    str(signals)])))
+    try:
+        guest.run(job.wait_output("serial-ready", 60), 90)
+        guest.host_shell(f"printf 'from the gadget\\n' > {tty} && touch {signals}/serial-ready")
+        guest.run(job.wait_output("keyboard-claimed", 60), 90)
+        # Each report waits in f_hid until the host has read the one before.
+        guest.run(guest.usb.write(multi, keyboard_report("left_shift", "a") + keyboard_report(),
+                                  index=3))
+        ended = guest.run(job.wait(60), 90)
+    finally:
+        guest.run(job.stop())
+    assert ended.ok, ended.output
+    seen = json.loads(ended.output.strip().splitlines()[-1])
+    # Loopback, mass storage (usb-storage bound), ACM control and data, boot keyboard (usbhid).
+    assert seen["interfaces"] == [[2, 2, 1, False], [3, 1, 1, True], [8, 6, 80, True],
+                                  [10, 0, 0, False], [255, 0, 0, False]]
+    assert seen["loopback"]
+    assert seen["from_gadget"].replace("\r", "") == "from the gadget\n"
+    assert guest.host_shell(f"cat {guest.folder}/serial.out") == "from the host\n"
+    assert seen["keyboard"] == ["0200040000000000", "0000000000000000"]     # shift+a, all up
+    guest.run(guest.usb.remove(multi))
+    assert guest.shell("ls /sys/kernel/config/usb_gadget").split() == ["zero"]
 
 
 def test_the_kits_pattern_is_gadget_zeros():

@@ -404,10 +404,11 @@ def wait_plugged(udc: str, timeout: float) -> str:
     tries = int(timeout / 0.05)
     return (f"i=0; d=; while [ $i -lt {tries} ]; do"
             f" for c in {host_side(udc)}; do"
-            " [ -n \"$(cat $c/bConfigurationValue 2>/dev/null)\" ] && d=$c; done;"
+            # Quoted: an unmatched glob stays literal, and must not match later inside cat.
+            " [ -n \"$(cat \"$c/bConfigurationValue\" 2>/dev/null)\" ] && d=$c; done;"
             " [ -n \"$d\" ] && break; sleep 0.05; i=$((i+1)); done;"
             f" [ -n \"$d\" ] || {{ echo 'nothing enumerated on {udc} within {timeout:g} s';"
-            " exit 1; }; echo \"$d $(cat $d/busnum) $(cat $d/devnum) $(cat $d/speed)\"")
+            " exit 1; }; echo \"$d $(cat \"$d/busnum\" \"$d/devnum\" \"$d/speed\")\"")
 
 
 def wait_unplugged(udc: str, timeout: float) -> str:
