@@ -4,6 +4,7 @@
     xhcidbg console [options]       the same, with options
     xhcidbg trace ...               capture, view and summarise pcapng traces
     xhcidbg serve ... / vm ...      serve the controller to QEMU / boot a VM against it
+    xhcidbg devices [--json]        the host's USB devices, for --attach
 
 Every command that runs a controller builds the same session (`xhcidbg.session`) and takes the
 same device options.  The other sub-commands come from their own packages: each provides a
@@ -17,6 +18,7 @@ import sys
 from collections.abc import Callable
 
 from .faults.cli import add_fault_options
+from .passthrough.cli import add_devices_command
 from .session import add_device_options, device_choice
 from .session.options import add_script_options
 from .trace.cli import add_trace_commands, add_trace_option
@@ -60,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=run_console)
     add_trace_commands(sub).set_defaults(run_trace=run_trace)
     add_vm_commands(sub)                       # `serve` and `vm`
+    add_devices_command(sub)
     return parser
 
 

@@ -38,6 +38,7 @@ class DeviceChoice:
     storage_readonly: bool = False
     loopback: bool = False
     speeds: dict[str, Speed] = field(default_factory=dict)    # absent: the device's default
+    attach: list[str] = field(default_factory=list)     # host devices to pass through (SEL)
 
 
 def make_devices(choice: DeviceChoice, say: Callable[[str], None] | None = None
@@ -172,6 +173,11 @@ def add_device_options(parser: argparse.ArgumentParser, *, scratch_stick: bool) 
     g.add_argument("--speed", metavar="DEVICE=SPEED", type=_speed_setting, action="append",
                    default=[], help="run a device at another speed: low, full, high or super "
                                     "(e.g. storage=high, keyboard=low)")
+    g.add_argument("--attach", metavar="SEL", action="append", default=[],
+                   help="pass a host USB device through (repeatable): bus=B,devaddr=D, "
+                        "VID:PID[#N], a port path (1-2.3) or serial=S; add ,persist to attach "
+                        "it again whenever it comes back, ,force to take it from its kernel "
+                        "driver (`xhcidbg devices` lists them)")
 
 
 def device_choice(args: argparse.Namespace) -> DeviceChoice:
@@ -183,4 +189,4 @@ def device_choice(args: argparse.Namespace) -> DeviceChoice:
         storage_size_mib=args.storage_size,
         scratch_stick=no_storage is False and not args.storage,
         storage_readonly=args.storage_readonly, loopback=args.loopback,
-        speeds=dict(args.speed))
+        speeds=dict(args.speed), attach=list(getattr(args, "attach", []) or []))

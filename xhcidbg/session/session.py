@@ -28,6 +28,7 @@ from .vmm import Vmm, VmmError
 
 if TYPE_CHECKING:
     from ..guestkit.launch import SerialConsole
+    from ..passthrough.mapper import PortMapper
 
 log = logging.getLogger("xhcidbg.session")
 
@@ -117,6 +118,7 @@ class Session:
         # told True/False whenever the guest is frozen or thawed (by anyone), and once with its
         # state when a VMM's monitor becomes known
         self.on_guest: list[Callable[[bool], None]] = []
+        self.host_usb: PortMapper | None = None  # host devices passed through, at first use
         self.plug_all(devices)
 
     async def start(self) -> None:
@@ -204,6 +206,25 @@ class Session:
             close_devices(devices)
             raise
 
+    def port_mapper(self) -> PortMapper:
+        """The session's port mapper (host USB devices through libusb), made at first use on
+        the running loop."""
+        if self.host_usb is None:
+            from ..passthrough.mapper import PortMapper
+            self.host_usb = PortMapper(self.controller, asyncio.get_running_loop(),
+                                       say=self.say or (lambda text: log.info("%s", text)),
+                                       plug=self.plug, unplug=self.unplug)
+        return self.host_usb
+
+    def attach_all(self, selections: Iterable[str]) -> None:
+        """`--attach SEL`: each host device on a root port.  ValueError (what to do) if one
+        cannot be."""
+        for text in selections:
+            try:
+                self.port_mapper().attach(text)
+            except (ValueError, PermissionError, RuntimeError) as e:
+                raise ValueError(f"--attach {text}: {e}") from None
+
     def unplug(self, port: int) -> UsbDevice:
         """Detach whatever is on root port `port`; the device object stays usable for `plug`."""
         device = self.controller.detach(port)
@@ -241,4 +262,7 @@ class Session:
                 self.trace.stop()
             except Exception as e:       # the file is gone, the disk is full: still close
                 log.debug("stopping the trace: %s", e)
+        if self.host_usb is not None:     # host devices back to the host and its drivers
+            self.host_usb.close()
+            self.host_usb = None
         close_devices(self.devices.values())

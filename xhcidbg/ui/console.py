@@ -41,6 +41,7 @@ from . import change as _change  # noqa: F401  (registers poke, edit, post)
 from . import commands as _commands
 from . import faults as _faults  # noqa: F401  (registers fault)
 from . import live as _live  # noqa: F401  (registers the guest, wait and set commands)
+from . import passthrough as _passthrough  # noqa: F401  (registers attach, detach)
 from . import pyshell as _pyshell  # noqa: F401  (registers py)
 from . import render
 from . import watch as _watch  # noqa: F401  (registers watch, rwatch, awatch)

@@ -130,6 +130,7 @@ class World(Session):
         if o.faults is not None:
             apply_fault_options(self.faults, o.faults, say=_tell)
         self.plug_all(make_devices(o.devices, say=_tell))
+        self.attach_all(o.devices.attach)
         if o.guest:
             self.driver = XhciDriver(self.bus)
             self.driver.port_listeners.append(self._on_port_change)

@@ -207,6 +207,7 @@ async def serve_main(args: argparse.Namespace) -> int:
     qmp: asyncio.Task[None] | None = None
     try:
         await backend.start()
+        backend.attach_all(device_choice(args).attach)
         with tracing(backend.trace, args, say=_say), _stop_on_signals(stop):
             print(f"-device '{backend.device_arg}'", flush=True)
             _say(f"serving on {backend.socket_path}; QEMU also needs shared guest RAM: "
@@ -322,6 +323,7 @@ async def vm_main(args: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
         await backend.start()
+        backend.attach_all(device_choice(args).attach)
         with tracing(backend.trace, args, say=_say), _stop_on_signals(stop):
             _say(f"starting QEMU {qemu.version} ({args.memory} MiB, TCG): kernel {kernel.name}")
             booting = asyncio.ensure_future(Vm.start(

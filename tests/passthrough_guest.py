@@ -1,0 +1,255 @@
+"""Runs inside the gadget VM (tests/test_passthrough.py starts it there with this machine's
+venv Python): the scripted guest on an in-process controller, a session port mapper attaching
+real Linux gadgets (dummy_hcd) through libusb, and one scenario per invocation.
+
+    python tests/passthrough_guest.py SCENARIO [ARG...]
+
+Prints progress lines (`@@ step`) the outer test may wait for, then one JSON line of results
+(`@@result {...}`).  Nothing here asserts: the outer test reads the results and decides.
+"""
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import os
+import resource
+import sys
+import time
+import tracemalloc
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from xhcidbg.session import DeviceChoice
+from xhcidbg.ui.world import World, WorldOptions
+
+ZERO = "0525:a4a0"
+
+
+def say(text: str) -> None:
+    print(f"@@ {text}", flush=True)
+
+
+def mod63(length: int, max_packet: int) -> bytes:
+    """Gadget Zero's mod63 pattern: byte i of every packet is i % 63."""
+    packet = bytes(i % 63 for i in range(max_packet))
+    return (packet * (length // max_packet + 1))[:length]
+
+
+class Guest:
+    """The world, its port mapper, and guest jobs awaited from here."""
+
+    def __init__(self) -> None:
+        self.world = World(WorldOptions(devices=DeviceChoice(tablet=False, keyboard=False)))
+
+    async def __aenter__(self) -> Guest:
+        await self.world.start()
+        await self.world.settle(10)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.world.stop()
+
+    @property
+    def mapper(self):
+        return self.world.port_mapper()
+
+    async def job(self, what: str, fn: Callable[[], Any], timeout: float = 60.0) -> Any:
+        job = self.world.guest_job(what, fn)
+        if not await self.world.wait_job(job, timeout):
+            raise TimeoutError(f"guest job {what!r} did not finish in {timeout} s")
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    async def until(self, check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+        end = time.monotonic() + timeout
+        while not check():
+            if time.monotonic() > end:
+                w = self.world
+                raise TimeoutError(f"{what} did not happen in {timeout} s; guest errors "
+                                   f"{list(w.guest_errors)}, crashed {w.runner.crashed!r}, "
+                                   f"ports {[hex(p.portsc) for p in w.controller.ports]}, "
+                                   f"jobs {list(w.runner.jobs)} current {w.runner.current}")
+            await asyncio.sleep(0.01)
+
+    async def enumerated(self, port: int, timeout: float = 30.0):
+        await self.until(lambda: port in self.world.guest_devices, f"enumeration on {port}",
+                         timeout)
+        return self.world.guest_devices[port].device
+
+    async def gone(self, port: int, timeout: float = 30.0) -> None:
+        await self.until(lambda: port not in self.world.guest_devices
+                         and port not in self.world.devices, f"port {port} empty", timeout)
+
+
+def describe(dev) -> dict[str, Any]:
+    d = dev.device_desc
+    return {"slot": dev.slot, "port": dev.port, "speed": int(dev.speed), "vid": d.vendor,
+            "pid": d.product, "product": dev.product, "serial": dev.serial,
+            "config": dev.config.value if dev.config else None,
+            "endpoints": sorted(e.address for i in dev.config.active_interfaces(dev.alternates)
+                                for e in i.endpoints) if dev.config else []}
+
+
+def bulk_pair(dev) -> tuple[Any, Any]:
+    """The (IN, OUT) bulk endpoints of the active setting, as the descriptors say."""
+    eps = [e for i in dev.config.active_interfaces(dev.alternates) for e in i.endpoints
+           if e.transfer_type == 2]
+    ins = [e.address for e in eps if e.is_in]
+    outs = [e.address for e in eps if not e.is_in]
+    return dev.endpoint(ins[0]), dev.endpoint(outs[0])
+
+
+# ---- scenarios ---------------------------------------------------------------------------------
+async def enumerate_and_bulk(length: str = "65536") -> dict[str, Any]:
+    n = int(length)
+    async with Guest() as g:
+        port = g.mapper.attach(ZERO)
+        dev = await g.enumerated(port)
+        in_ep, out_ep = bulk_pair(dev)
+        sent = mod63(n, out_ep.max_packet)
+        wrote = await g.job("bulk out", lambda: out_ep.submit(sent).wait())
+        read = await g.job("bulk in", lambda: in_ep.submit(length=n).wait())
+        got = bytes(read.data[:read.actual])
+        return {"device": describe(dev), "out": [wrote.cc, wrote.actual],
+                "in": [read.cc, read.actual], "in_ok": got == mod63(n, in_ep.max_packet),
+                "host": g.mapper.attached[port].device.info.data()}
+
+
+async def stall_and_clear() -> dict[str, Any]:
+    """A wrong byte makes SourceSink halt its OUT endpoint: the guest sees Stall Error, recovers
+    (Reset Endpoint, Set TR Dequeue, CLEAR_FEATURE(ENDPOINT_HALT)) and the next OUT goes."""
+    async with Guest() as g:
+        port = g.mapper.attach(ZERO)
+        dev = await g.enumerated(port)
+        ep = bulk_pair(dev)[1]
+        bad = bytearray(mod63(ep.max_packet, ep.max_packet))
+        bad[5] ^= 0xFF
+        stalled = await g.job("bad out", lambda: ep.submit(bytes(bad)).wait())
+        state = int(ep.state)
+        await g.job("recover", lambda: ep.recover(clear_halt=True))
+        again = await g.job("good out", lambda: ep.submit(mod63(4096, ep.max_packet)).wait())
+        return {"stalled": stalled.cc, "state_after_stall": state, "again": again.cc}
+
+
+async def unplug_mid_transfer() -> dict[str, Any]:
+    """A read the gadget never answers (its IN is source... so ask the loopback: no data) is in
+    flight when the outer test unbinds the gadget: the guest sees the port empty, the transfer
+    completes, nothing hangs."""
+    async with Guest() as g:
+        port = g.mapper.attach(ZERO)
+        dev = await g.enumerated(port)
+        ep = bulk_pair(dev)[0]
+        results: list[Any] = []
+
+        def reader() -> None:
+            while True:                               # stream until the device is gone
+                t = ep.submit(length=1 << 16).wait(timeout_ns=30_000_000_000)
+                results.append(t.cc)
+                if not t.ok:
+                    return
+                if len(results) == 4:
+                    print("@@ streaming", flush=True)
+
+        job = g.world.guest_job("stream", reader)
+        await g.until(lambda: job.done or len(results) >= 4, "streaming")
+        await g.gone(port, 60)
+        await g.until(lambda: job.done, "the reader to end", 30)
+        return {"completions": len(results), "last": results[-1] if results else None,
+                "mapper_attached": list(g.mapper.attached), "host_open": _open_usbfs()}
+
+
+async def persist_comes_back() -> dict[str, Any]:
+    async with Guest() as g:
+        port = g.mapper.attach(f"{ZERO},persist")
+        first = describe(await g.enumerated(port))
+        say("attached")
+        await g.gone(port, 60)
+        say("gone")
+        await g.until(lambda: bool(g.mapper.attached), "the device to come back", 60)
+        port2 = next(iter(g.mapper.attached))
+        second = describe(await g.enumerated(port2))
+        ep = bulk_pair(g.world.guest_devices[port2].device)[0]
+        read = await g.job("bulk in", lambda: ep.submit(length=4096).wait())
+        return {"first": first, "second": second, "read": [read.cc, read.actual]}
+
+
+async def several(count: str) -> dict[str, Any]:
+    """`count` gadgets at once (all Gadget Zero, told apart by bus), each with its own traffic."""
+    n = int(count)
+    async with Guest() as g:
+        ports = [g.mapper.attach(f"{ZERO}#{i + 1}") for i in range(n)]
+        devs = [await g.enumerated(p) for p in ports]
+
+        def traffic() -> list[list[int]]:
+            pending = []
+            for d in devs:
+                in_ep, out_ep = bulk_pair(d)
+                pending.append(in_ep.submit(length=1 << 15))
+                pending.append(out_ep.submit(mod63(1 << 15, out_ep.max_packet)))
+            return [[t.wait().cc, t.actual] for t in pending]
+        done = await g.job("traffic", traffic)
+        return {"ports": ports, "slots": [d.slot for d in devs],
+                "buses": [g.mapper.attached[p].device.info.bus for p in ports], "done": done}
+
+
+async def cycles(count: str, selection: str = ZERO) -> dict[str, Any]:
+    """Attach, enumerate, move data, detach, `count` times: what is left open afterwards."""
+    n = int(count)
+    async with Guest() as g:
+        def fds() -> int:
+            return len(os.listdir("/proc/self/fd"))
+        warm = 5
+        before_fds = before_mem = 0
+        moved = 0
+        tracemalloc.start()
+        for i in range(n):
+            port = g.mapper.attach(selection)
+            dev = await g.enumerated(port)
+            if ZERO in selection:
+                ep = bulk_pair(dev)[0]
+                t = await g.job("read", lambda ep=ep: ep.submit(length=4096).wait())
+                moved += t.actual
+            g.mapper.detach(port)
+            await g.gone(port)
+            if i + 1 == warm:
+                gc.collect()
+                before_fds, before_mem = fds(), tracemalloc.get_traced_memory()[0]
+        gc.collect()
+        after_fds, after_mem = fds(), tracemalloc.get_traced_memory()[0]
+        return {"cycles": n, "moved": moved, "fds": [before_fds, after_fds],
+                "traced_bytes": [before_mem, after_mem], "pending_transfers": sum(
+                    a.device.pending for a in g.mapper.attached.values()),
+                "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+
+
+def _open_usbfs() -> list[str]:
+    """usbfs nodes this process still has open."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("/dev/bus/usb/"):
+            out.append(target)
+    return out
+
+
+SCENARIOS: dict[str, Callable[..., Awaitable[dict[str, Any]]]] = {
+    "enumerate-and-bulk": enumerate_and_bulk, "stall-and-clear": stall_and_clear,
+    "unplug-mid-transfer": unplug_mid_transfer, "persist": persist_comes_back,
+    "several": several, "cycles": cycles,
+}
+
+
+def main() -> int:
+    name, *args = sys.argv[1:]
+    result = asyncio.run(SCENARIOS[name](*args))
+    print("@@result " + json.dumps(result, default=str), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""The console's `attach` and `detach`: host USB devices on the controller's root ports, at any
+time, any number of times (the session's port mapper)."""
+from __future__ import annotations
+
+import json
+from argparse import Namespace
+from typing import TYPE_CHECKING
+
+from ..passthrough.cli import tree
+from .registry import UsageError, command, parser
+
+if TYPE_CHECKING:
+    from .console import Console
+
+DEVICES = "devices"
+
+p = parser("attach", "Pass a host USB device through to the guest (no argument: list them).",
+           """attach                       # the host's devices, and which can be attached
+              attach 0525:a4a0             # by VID:PID (#2 for the second of two)
+              attach bus=1,devaddr=5 port 2
+              attach 1-2.3,persist         # by port path; again whenever it comes back
+              attach serial=ABC123,force   # take it from its kernel driver""")
+p.add_argument("selection", nargs="?", help="bus=B,devaddr=D | VID:PID[#N] | 1-2.3 | serial=S"
+                                            " [,persist] [,force]")
+p.add_argument("port", nargs="*", metavar="[port] N",
+               help="the root port (default: the first free one of the device's speed)")
+p.add_argument("--json", action="store_true", help="the list as JSON")
+
+
+@command(p, DEVICES)
+async def attach(con: Console, args: Namespace) -> None:
+    mapper = con.session.port_mapper()
+    if args.selection is None:
+        devices = mapper.devices()
+        if args.json:
+            con.out.print_json(json.dumps([d.data() for d in devices]))
+        elif not devices:
+            con.out.print("the host has no USB devices libusb can see")
+        else:
+            con.out.print(tree(devices))
+        waiting = [s.text for s in mapper.waiting]
+        if waiting:
+            con.out.print(f"waiting to come back: {', '.join(waiting)}")
+        return
+    words = [w for w in args.port if w != "port"]
+    if len(words) > 1 or (words and not words[0].isdigit()):
+        raise UsageError("attach SEL [port N]")
+    since = con.activity.seq
+    number = mapper.attach(args.selection, int(words[0]) if words else None)
+    if number is None:
+        return
+    await con.session.settle(3.0)
+    con.show_activity(since, limit=12)
+
+
+p = parser("detach", "Give a passed-through device back to the host (by port or selection).",
+           """detach 5
+              detach 0525:a4a0""")
+p.add_argument("what", help="root port number, or the selection it was attached with")
+
+
+@command(p, DEVICES, complete=lambda con, w: [str(n) for n in (
+    con.session.host_usb.attached if con.session.host_usb is not None else ())])
+async def detach(con: Console, args: Namespace) -> None:
+    since = con.activity.seq
+    con.session.port_mapper().detach(args.what)
+    await con.session.settle(3.0)
+    con.show_activity(since, limit=12)
