@@ -8,7 +8,9 @@ from its bulk IN endpoint and writes it to its bulk OUT endpoint (where the gadg
 byte and halts the endpoint on the first wrong one).  Unbinding the gadget from its UDC takes
 it away from libusb, both from a fresh scan and under a process that holds it open, and binding
 it again brings it back.  Beside it, on a second UDC, a composite gadget of every other kind the
-kit declares (Loopback, mass storage, ACM serial, HID keyboard) moves data through each.
+kit declares (Loopback, mass storage, ACM serial, HID keyboard) moves data through each.  What
+dummy_hcd cannot give, isochronous transfers, QEMU's usb-audio on a qemu-xhci in the same VM
+does.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from xhcidbg.guestkit.gadgets import (
     Serial,
     SourceSink,
     keyboard_report,
+    qemu_audio_args,
     source_sink_data,
 )
 from xhcidbg.guestkit.launch import Vm
@@ -228,6 +231,35 @@ print(json.dumps(result))
 """
 
 
+# Eight isochronous OUT packets to QEMU's usb-audio (alt 1 of its streaming interface).
+ISOCHRONOUS = PRELUDE + r"""
+import time
+done = []
+with usb1.USBContext() as context:
+    handle = context.openByVendorIDAndProductID(0x46F4, 0x0002)
+    handle.setAutoDetachKernelDriver(True)
+    setting = handle.getDevice()[0][1][1]
+    [endpoint] = list(setting)
+    handle.claimInterface(1)
+    handle.setInterfaceAltSetting(1, 1)
+    size = endpoint.getMaxPacketSize()
+    transfer = handle.getTransfer(iso_packets=8)
+    transfer.setIsochronous(endpoint.getAddress(), bytes(size * 8), callback=done.append,
+                            timeout=5000)
+    transfer.submit()
+    deadline = time.monotonic() + 10
+    while not done and time.monotonic() < deadline:
+        context.handleEventsTimeout(0.1)
+    print(json.dumps({
+        "speed": handle.getDevice().getDeviceSpeed(), "full": usb1.SPEED_FULL,
+        "endpoint": [endpoint.getAddress(), endpoint.getAttributes() & 3, size],
+        "status": [transfer.getStatus(), usb1.TRANSFER_COMPLETED] if done else None,
+        "packets": [[status, len(data)] for status, data in transfer.iterISO()] if done else []}))
+    handle.setInterfaceAltSetting(1, 0)
+    handle.close()
+"""
+
+
 class GadgetGuest:
     """The booted VM, its gadgets, and the loop they run on (driven from the tests)."""
 
@@ -268,7 +300,7 @@ def guest(tmp_path_factory):
     try:
         vm = loop.run_until_complete(asyncio.wait_for(Vm.start(
             qemu=qemu, kernel=kernel, initrd=initrd, host_root=True,
-            log=folder / "serial.log", progress=False), 360))
+            extra_args=qemu_audio_args(), log=folder / "serial.log", progress=False), 360))
         usb = Gadgets(vm)
         g = GadgetGuest(loop, vm, usb, folder)
         g.run(usb.load(udcs=2))
@@ -398,6 +430,15 @@ def test_a_composite_of_every_other_kind_works_beside_it(guest):
     assert seen["keyboard"] == ["0200040000000000", "0000000000000000"]     # shift+a, all up
     guest.run(guest.usb.remove(multi))
     assert guest.shell("ls /sys/kernel/config/usb_gadget").split() == ["zero"]
+
+
+def test_isochronous_transfers_reach_qemus_usb_audio_in_the_same_vm(guest):
+    seen = guest.python(ISOCHRONOUS)
+    assert seen["speed"] == seen["full"]
+    address, kind, size = seen["endpoint"]
+    assert address == 0x01 and kind == 1 and size > 0           # isochronous OUT
+    assert seen["status"] == [seen["status"][1]] * 2             # completed
+    assert seen["packets"] == [[0, size]] * 8
 
 
 def test_the_kits_pattern_is_gadget_zeros():

@@ -27,14 +27,15 @@ def fetch(refresh: bool) -> None:
                   f"(ready in {time.monotonic() - started:.1f} s)", soft_wrap=True)
 
 
-async def shell(qemu_args: list[str], commands: list[str]) -> int:
+async def shell(qemu_args: list[str], commands: list[str], host_root: bool = False) -> int:
     from .launch import Vm
-    vm = await Vm.start(extra_args=qemu_args)
+    vm = await Vm.start(extra_args=qemu_args, host_root=host_root)
+    run = vm.host.run if host_root else vm.console.run
     try:
         if commands:
             status = 0
             for command in commands:
-                result = await vm.console.run(command, timeout=600)
+                result = await run(command, timeout=600)
                 sys.stdout.write(result.output)
                 status = result.status
             return status
@@ -45,7 +46,7 @@ async def shell(qemu_args: list[str], commands: list[str]) -> int:
             except EOFError:
                 return 0
             if line.strip():
-                result = await vm.console.run(line, timeout=600)
+                result = await run(line, timeout=600)
                 sys.stdout.write(result.output)
                 if not result.ok:
                     console.print(f"[yellow](status {result.status})[/]")
@@ -64,12 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     p_shell.add_argument("-c", "--command", action="append", default=[],
                          help="run this command and exit (repeatable); interactive without")
     p_shell.add_argument("--qemu", default="", help="extra QEMU options, e.g. '-device qemu-xhci'")
+    p_shell.add_argument("--host-root", action="store_true",
+                         help="mount this machine's / in the guest and run the commands"
+                              " chrooted there (this project's venv included)")
     args = parser.parse_args(argv)
     try:
         if args.command == "fetch":
             fetch(args.refresh)
             return 0
-        return asyncio.run(shell(shlex.split(args.qemu), args.command))
+        return asyncio.run(shell(shlex.split(args.qemu), args.command, args.host_root))
     except KitError as e:
         console.print(f"[red]error:[/] {e}", soft_wrap=True)
         return 1

@@ -357,6 +357,19 @@ class Gadget:
                 f"rmdir {g}/strings/{LANGUAGE} {g}"]
 
 
+# ---- what dummy_hcd cannot give ---------------------------------------------------------------
+
+QEMU_AUDIO = (0x46F4, 0x0002)       # QEMU's usb-audio: full speed, isochronous OUT 0x01, alt 1
+
+
+def qemu_audio_args(controller: str = "iso-xhci") -> list[str]:
+    """QEMU options (for Vm.start's extra_args) that give the guest an isochronous device:
+    QEMU's usb-audio on a qemu-xhci of its own, driven by the guest's xhci_hcd, so libusb in the
+    guest reaches it through usbfs like the gadgets (it plays into a silent audio backend)."""
+    return ["-device", f"qemu-xhci,id={controller}", "-audiodev", "none,id=iso-audio",
+            "-device", f"usb-audio,audiodev=iso-audio,bus={controller}.0"]
+
+
 # ---- running them in a kit VM ----------------------------------------------------------------
 
 class UdcSpeed(StrEnum):
