@@ -10,7 +10,7 @@ it away from libusb, both from a fresh scan and under a process that holds it op
 it again brings it back.  Beside it, on a second UDC, a composite gadget of every other kind the
 kit declares (Loopback, mass storage, ACM serial, HID keyboard) moves data through each.  What
 dummy_hcd cannot give, isochronous transfers, QEMU's usb-audio on a qemu-xhci in the same VM
-does.
+does.  Last, dummy_hcd reloaded for SuperSpeed gives the same gadget at 5 Gbit/s.
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ from xhcidbg.guestkit.gadgets import (
     Plugged,
     Serial,
     SourceSink,
+    UdcSpeed,
     keyboard_report,
     qemu_audio_args,
     source_sink_data,
@@ -439,6 +440,19 @@ def test_isochronous_transfers_reach_qemus_usb_audio_in_the_same_vm(guest):
     assert address == 0x01 and kind == 1 and size > 0           # isochronous OUT
     assert seen["status"] == [seen["status"][1]] * 2             # completed
     assert seen["packets"] == [[0, size]] * 8
+
+
+def test_the_same_gadget_comes_up_at_superspeed_on_a_superspeed_dummy_hcd(guest):
+    guest.run(guest.usb.unplug(ZERO))          # dummy_hcd reloads only with nothing bound
+    assert guest.run(guest.usb.load(udcs=1, speed=UdcSpeed.SUPER)) == ["dummy_udc.0"]
+    guest.plugged = guest.run(guest.usb.plug(ZERO))
+    assert guest.plugged.speed_mbps == 5000
+    seen = guest.python(DESCRIBE)
+    assert seen["speed"] == 4 and seen["bcd_usb"] == 0x0320        # usb1.SPEED_SUPER, USB 3.2
+    assert seen["max_packet0"] == 9                                # ep0: 2**9 bytes
+    [[setting]] = seen["configurations"][0]["interfaces"]
+    assert [e["max_packet"] for e in setting["endpoints"]] == [1024, 1024]
+    assert guest.python(TRANSFER, str(64 << 10))["in"] == [64 << 10, True]   # 1024-byte packets
 
 
 def test_the_kits_pattern_is_gadget_zeros():

@@ -331,8 +331,8 @@ class Gadget:
                   f"echo {self.max_power_ma} > {config}/MaxPower"]
         for i, function in enumerate(self.functions):
             folder = self.function_folder(i)
-            # mkdir loads nothing here: the kit's kernel has no usermode modprobe in the
-            # chroot, so Gadgets.load loads every usb_f_* module first.
+            # The kernel would load the usb_f_* module for this mkdir by its alias, which the
+            # kit's module tree does not list (no modules.alias): Gadgets.load loads them all.
             lines += [f"mkdir {folder}", *function.setup(folder), f"ln -s {folder} {config}/"]
         return lines
 
