@@ -42,32 +42,51 @@ def _shown(cap) -> str:
                           capture_output=True, text=True, timeout=300).stdout
 
 
-def _usb_devices(stdout: str) -> set[str]:
+def _said(stdout: str, label: str) -> list[str]:
+    """The words after `label` on the one line that starts with it (`echo LABEL $(...)`)."""
+    [line] = [x for x in stdout.splitlines() if x.startswith(label)]
+    return line.split()[1:]
+
+
+def _usb_devices(stdout: str, label: str = "devices:") -> set[str]:
     """What `echo devices: $(ls /sys/bus/usb/devices)` printed in the guest."""
-    [line] = [x for x in stdout.splitlines() if x.startswith("devices:")]
-    return set(line.split()[1:])
+    return set(_said(stdout, label))
 
 
 def test_a_stall_on_the_sticks_bulk_in_is_recovered_and_the_data_is_intact(tmp_path, kit):
     image = tmp_path / "stick.img"
-    payload = _stick(image)
-    scenario = tmp_path / "stall.faults"
-    scenario.write_text("# the third bulk IN data transfer of the stick stalls\n"
-                        "urb device=storage dir=in length>512 nth=3 do stall\n")
+    payload = _stick(image, os.urandom(8 << 20))        # every block differs: a lost one shows
     log, cap = tmp_path / "faults.jsonl", tmp_path / "t.pcapng"
-    r = _vm(tmp_path, "--storage", str(image), "--faults", str(scenario), "--fault-log",
+    r = _vm(tmp_path, "--storage", str(image), "--faults", "stalling-device", "--fault-log",
             str(log), "--trace", str(cap),
-            "--run", "dd if=/dev/sda bs=64k count=16 2>/dev/null | md5sum",
-            "--run", "cat /sys/block/sda/stat")
+            "--run", "dd if=/dev/sda bs=64k 2>/dev/null | md5sum",
+            "--run", "echo stat: $(cat /sys/block/sda/stat)",
+            "--run", "echo errors: $(cat /sys/block/sda/device/ioerr_cnt"
+                     " /sys/block/sda/device/iotmo_cnt)",
+            "--run", "dmesg | grep -E 'usb 2-1|sd 0:|I/O error'")
     assert r.returncode == 0, r.stderr
     assert r.stdout.split()[0] == hashlib.md5(payload).hexdigest()
-    [inj] = _injections(log)
+    assert int(_said(r.stdout, "stat:")[2]) >= 8 << 11          # sectors read: all of it
+    # the SCSI layer saw no failed and no timed-out command, and the stick was not reset:
+    # usb-storage recovered the stall below it
+    assert _said(r.stdout, "errors:") == ["0x0", "0x0"], r.stdout
+    assert "reset SuperSpeed" not in r.stdout and "I/O error" not in r.stdout, r.stdout
+    note, inj, outcome = _injections(log)
+    assert note["action"] == "note" and note["where"]["reg"] == "USBCMD"    # Linux's HCRST
     assert inj["action"] == "cc" and inj["injected"]["cc"].startswith("6 ")
+    assert inj["original"]["actual"] > 13                      # a data stage, not a CSW
+    assert outcome["expect"] == "reset-endpoint then set-tr-dequeue within 2000ms"
+    assert outcome["status"] == "met", outcome
     shown = _shown(cap)
-    after = shown[shown.index("Stall Error"):]
-    # Linux's recovery: Reset Endpoint, then Set TR Dequeue Pointer past the stalled TD
-    assert "Reset Endpoint" in after and "Set TR Dequeue" in after
-    assert after.index("Reset Endpoint") < after.index("Set TR Dequeue")
+    after = shown[shown.index("status 'Stall Error'"):]
+    # xhci_handle_halted_endpoint(EP_HARD_RESET): Reset Endpoint without TSP, Set TR Dequeue
+    # past the TD; then usb_clear_halt (CLEAR_FEATURE(ENDPOINT_HALT) on 0x81) and the CSW
+    reset = re.search(r"Reset Endpoint Command: .* flags t:", after)
+    dequeue = re.search(r"Set TR Dequeue Pointer Command", after)
+    clear = re.search(r"S Co:2:\d+:0 s 02 01 0000 0081 0000 0", after)
+    csw = re.search(r"C Bi:2:\d+:1 0 13 = 55534253", after)
+    assert reset and dequeue and clear and csw, after[:3000]
+    assert reset.start() < dequeue.start() < clear.start() < csw.start()
 
 
 def test_a_withheld_address_device_drives_linuxs_command_timeout_and_abort(tmp_path, kit):
@@ -88,67 +107,117 @@ def test_hse_makes_linux_declare_the_controller_dead_and_rebinding_brings_it_bac
                                                                                   kit):
     image = tmp_path / "stick.img"
     _stick(image)
-    scenario = tmp_path / "hse.faults"
-    scenario.write_text("urb device=storage dir=in length>512 nth=3 do hse\n")
     log = tmp_path / "faults.jsonl"
     pci = "$(basename $(readlink -f /sys/bus/usb/devices/usb1/..))"
-    r = _vm(tmp_path, "--storage", str(image), "--faults", str(scenario), "--fault-log", str(log),
-            "--command-timeout", "240",
+    gone = " && ".join(f"[ ! -e /sys/bus/usb/devices/{d} ]" for d in ("1-1", "1-2", "2-1"))
+    r = _vm(tmp_path, "--storage", str(image), "--faults", "dying-controller",
+            "--fault-log", str(log), "--command-timeout", "240",
+            # until Linux gave up on the controller and disconnected its devices
+            "--run", f"for i in $(seq 150); do dmesg | grep -q 'HC died' && {gone} && break; "
+                     f"sleep 1; done; dmesg | grep -E 'xhci_hcd.*(Host System|not responding"
+                     f"|dead|died)'",
+            "--run", "echo before: $(ls /sys/bus/usb/devices)",
             "--run", "timeout 120 dd if=/dev/sda of=/dev/null bs=64k count=16; echo dd=$?",
-            "--run", "sleep 2; dmesg | grep -E 'xhci_hcd.*(dead|died)' | head -3",
             "--run", f"d={pci}; echo $d > /sys/bus/pci/drivers/xhci_hcd/unbind; sleep 1; "
-                     f"echo $d > /sys/bus/pci/drivers/xhci_hcd/bind; sleep 10; "
-                     f"ls /sys/bus/usb/devices/; cat /sys/block/sda/size", timeout=900)
+                     f"echo $d > /sys/bus/pci/drivers/xhci_hcd/bind; for i in $(seq 60); do "
+                     f"[ -s /sys/block/sda/size ] && [ $(cat /sys/block/sda/size) != 0 ] && "
+                     f"break; sleep 1; done; echo after: $(ls /sys/bus/usb/devices); "
+                     f"echo size: $(cat /sys/block/sda/size)", timeout=900)
     assert r.returncode == 0, r.stderr
-    assert "dd=0" not in r.stdout                           # the read failed: the HC died
-    assert "assume dead" in r.stdout or "HC died" in r.stdout, r.stdout
-    assert [i["action"] for i in _injections(log)] == ["hse"]
-    after = r.stdout.splitlines()
-    assert "2-1" in " ".join(after[-3:]) and after[-1] == str(8 << 11), r.stdout
+    # no interrupt told xhci_irq (no "Host System Error" warning); a Stop Endpoint for what
+    # never completed timed out, and xhci_handle_command_timeout declared the controller dead
+    assert "Host System Error" not in r.stdout, r.stdout
+    said = [x.split(": ", 1)[1] for x in r.stdout.splitlines() if "xhci_hcd 0000:" in x]
+    assert said[:3] == ["xHCI host not responding to stop endpoint command",
+                        "xHCI host controller not responding, assume dead",
+                        "HC died; cleaning up"], r.stdout
+    # usb_hc_died disconnected everything: only the root hubs are left, the stick unreadable
+    assert _usb_devices(r.stdout, "before:") == {"usb1", "usb2", "1-0:1.0", "2-0:1.0"}, r.stdout
+    assert re.search(r"^dd=[1-9]", r.stdout, re.M), r.stdout
+    assert [i["action"] for i in _injections(log)] == ["note", "hse"]
+    # bound again, xhci_hcd resets the controller and the stick is back, all of it
+    assert {"1-1", "1-2", "2-1"} <= _usb_devices(r.stdout, "after:"), r.stdout
+    assert _said(r.stdout, "size:") == [str(8 << 11)], r.stdout
 
 
 def test_a_disconnect_mid_transfer_drops_the_device_and_a_reconnect_enumerates_it(tmp_path,
                                                                                  kit):
     image = tmp_path / "stick.img"
-    payload = _stick(image)
-    scenario = tmp_path / "unplug.faults"
-    scenario.write_text("urb device=storage dir=in length>512 phase=submit nth=3 "
-                        "do disconnect and reconnect ms=3000\n")
-    log = tmp_path / "faults.jsonl"
-    r = _vm(tmp_path, "--storage", str(image), "--faults", str(scenario), "--fault-log", str(log),
-            "--command-timeout", "240",
-            "--run", "timeout 120 dd if=/dev/sda of=/dev/null bs=64k count=16; echo dd=$?",
-            "--run", "sleep 10; dmesg | grep -E 'usb 2-1: (USB disconnect|new SuperSpeed)'",
-            "--run", "d=$(ls /sys/block | grep sd); dd if=/dev/$d bs=64k count=16 2>/dev/null"
+    payload = _stick(image, os.urandom(8 << 20))
+    log, cap = tmp_path / "faults.jsonl", tmp_path / "t.pcapng"
+    back = ("[ \"$(cat /sys/bus/usb/devices/2-1/devnum 2>/dev/null)\" = 3 ] && "
+            "ls /sys/block | grep -q sd")
+    r = _vm(tmp_path, "--storage", str(image), "--faults", "unplugged-mid-transfer",
+            "--fault-log", str(log), "--trace", str(cap), "--command-timeout", "240",
+            # until the stick is enumerated again (as device 3) and its disk is there
+            "--run", f"for i in $(seq 60); do {back} && break; sleep 1; done; "
+                     f"dmesg | grep -E 'usb 2-1: (USB disconnect|new SuperSpeed)'",
+            "--run", "echo devnum: $(cat /sys/bus/usb/devices/2-1/devnum)",
+            "--run", "d=$(ls /sys/block | grep sd); dd if=/dev/$d bs=64k 2>/dev/null"
                      " | md5sum", timeout=900)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert sum("USB disconnect" in x for x in lines) == 1, r.stdout
+    assert sum("USB disconnect, device number 2" in x for x in lines) == 1, r.stdout
     assert sum("new SuperSpeed" in x for x in lines) == 2, r.stdout    # boot, then the replug
+    assert _said(r.stdout, "devnum:") == ["3"], r.stdout               # a new enumeration
     assert lines[-1].split()[0] == hashlib.md5(payload).hexdigest()
-    assert [i["action"] for i in _injections(log)] == ["disconnect", "reconnect"]
+    note, unplug, replug = _injections(log)
+    assert (note["action"], unplug["action"], replug["action"]) == ("note", "disconnect",
+                                                                     "reconnect")
+    assert unplug["original"] == {"device": "storage"}
+    shown = _shown(cap)
+    after = shown[shown.index("(disconnect, match"):]
+    # Connect Status Change -> usb_disconnect -> xhci_free_dev (Disable Slot), then the hub
+    # driver enumerates the stick again (Enable Slot, Address Device)
+    slot = unplug["where"]["slot"]
+    steps = [re.search(p, after) for p in (rf"Disable Slot Command: slot {slot} ",
+                                           r"Enable Slot Command", r"Address Device Command")]
+    assert all(steps), after[:3000]
+    assert steps[0].start() < steps[1].start() < steps[2].start()
 
 
-def test_a_seeded_probabilistic_scenario_run_twice_injects_the_same_faults(tmp_path, kit):
-    payload = os.urandom(1 << 20)
-    scenario = tmp_path / "flaky.faults"
-    scenario.write_text("seed 42\n"
-                        "urb device=storage dir=in length>512 probability=0.2 times=4 "
-                        "do xact-error\n")
+@pytest.mark.xfail(strict=True, reason=(
+    "the controller hands a soft-retried TD (Reset Endpoint with TSP) to the device as a new "
+    "transfer, so the retry gets the device's next answer (the CSW in place of the data, or "
+    "nothing after a CSW) instead of the one an injected xact-error hid"))
+def test_a_flaky_cable_run_twice_injects_the_same_faults_and_linux_soft_retries_each(tmp_path,
+                                                                                    kit):
+    payload = os.urandom(8 << 20)
     runs = []
     for n in range(2):
         image = tmp_path / f"stick{n}.img"
         _stick(image, payload)
-        log = tmp_path / f"faults{n}.jsonl"
-        r = _vm(tmp_path, "--storage", str(image), "--faults", str(scenario),
-                "--fault-log", str(log),
-                "--run", "dd if=/dev/sda bs=64k count=16 2>/dev/null | md5sum")
+        log, cap = tmp_path / f"faults{n}.jsonl", tmp_path / f"t{n}.pcapng"
+        r = _vm(tmp_path, "--storage", str(image), "--faults", "flaky-cable",
+                "--fault-log", str(log), "--trace", str(cap),
+                "--run", "dd if=/dev/sda bs=64k 2>/dev/null | md5sum",
+                "--run", "echo errors: $(cat /sys/block/sda/device/ioerr_cnt"
+                         " /sys/block/sda/device/iotmo_cnt)",
+                "--run", "dmesg | grep -E 'usb 2-1|sd 0:|I/O error'")
         assert r.returncode == 0, r.stderr
-        # transaction errors are soft-retried: the data arrives intact
         assert r.stdout.split()[0] == hashlib.md5(payload).hexdigest()
-        runs.append([(i["rule"], i["match"], i["seed"], i["action"], i["injected"])
-                     for i in _injections(log)])
-    assert runs[0] == runs[1] and len(runs[0]) == 4
+        # nothing reached usb-storage or the SCSI layer: no failed or timed-out command, no
+        # reset of the stick, no I/O error
+        assert _said(r.stdout, "errors:") == ["0x0", "0x0"], r.stdout
+        assert "reset SuperSpeed" not in r.stdout and "I/O error" not in r.stdout, r.stdout
+        note, *faults = _injections(log)
+        assert note["action"] == "note" and note["seed"] == 1
+        assert faults and all(i["action"] == "cc" and i["injected"]["cc"].startswith("4 ")
+                              for i in faults)
+        # each one soft-retried (EP_SOFT_RESET): a Reset Endpoint with TSP, then the same TD
+        # fetched again; never a hard reset that skips a TD
+        shown = _shown(cap)
+        for i in faults:
+            after = shown[shown.index(f"(cc, match {i['match']})"):]
+            reset = re.search(r"Reset Endpoint Command: .* flags T:", after)
+            again = re.search(rf"BULK: @0x{i['where']['trb']:016x} ", after)
+            assert reset and again and reset.start() < again.start(), after[:3000]
+        assert len(re.findall(r"xhci_handle_command: .*Reset Endpoint Command: .* flags T:",
+                              shown)) == len(faults)
+        assert not re.search(r"Reset Endpoint Command: .* flags t:|Set TR Dequeue", shown)
+        runs.append([(i["rule"], i["match"], i["seed"], i["action"], i["injected"],
+                      i["original"]) for i in faults])
+    assert runs[0] == runs[1]
 
 
 def test_a_babbled_csw_is_recovered_by_reset_endpoint_and_a_reset_of_the_stick(tmp_path, kit):
