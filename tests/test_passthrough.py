@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from xhcidbg.guestkit.gadgets import Gadget, Gadgets, Pattern, SourceSink
+from xhcidbg.guestkit.gadgets import Gadget, Gadgets, MassStorage, Pattern, SourceSink
 from xhcidbg.guestkit.launch import Vm
 from xhcidbg.guestkit.testing import guest_kit
 
@@ -44,6 +44,10 @@ class GadgetVm:
         assert self.vm is not None
         result = self.run(self.vm.host.run(self.command(scenario, *args), timeout=timeout),
                           timeout + 30)
+        return parse(result.output, result.status)
+
+    def ended(self, job, timeout: float = 120.0) -> dict:
+        result = self.run(job.wait(timeout), timeout + 30)
         return parse(result.output, result.status)
 
     def start(self, scenario: str, *args: str):
@@ -90,3 +94,100 @@ def test_a_gadget_enumerates_through_libusb_and_moves_bulk_data_both_ways(gadget
     assert dev["endpoints"] == [0x02, 0x81] and dev["config"] == 1       # f_sourcesink's
     assert r["host"]["bus"] == plugged.busnum and r["host"]["address"] == plugged.devnum
     assert r["out"] == [1, 65536] and r["in"] == [1, 65536] and r["in_ok"]
+
+
+def test_a_stall_reaches_the_guest_and_clearing_the_halt_goes_through_libusb(gadget_vm):
+    g = gadget_vm
+    g.run(g.usb.plug(zero(1)))
+    try:
+        r = g.scenario("stall-and-clear")
+    finally:
+        g.run(g.usb.remove(zero(1)))
+    # SourceSink halts its OUT endpoint on a wrong byte: Stall Error, endpoint Halted (2);
+    # after Reset Endpoint, Set TR Dequeue and CLEAR_FEATURE(HALT) the next OUT succeeds
+    assert (r["taken"], r["stalled"], r["state_after_stall"]) == (1, 6, 2)
+    assert r["again"] == [1, 8192]
+
+
+def test_a_gadget_pulled_out_mid_transfer_leaves_the_guest_and_nothing_hangs(gadget_vm):
+    g = gadget_vm
+    g.run(g.usb.plug(zero(1)))
+    job = g.start("unplug-mid-transfer")
+    try:
+        g.run(job.wait_output("@@ streaming", 120), 150)
+        g.run(g.usb.unplug(zero(1)))
+        r = g.ended(job)
+    finally:
+        g.run(g.usb.remove(zero(1)))
+    assert r["completions"] >= 4 and r["last"] != 1     # the read in flight ended in error
+    assert r["mapper_attached"] == [] and r["host_open"] == []
+
+
+def test_persist_attaches_the_gadget_again_when_it_comes_back(gadget_vm):
+    g = gadget_vm
+    g.run(g.usb.plug(zero(1)))
+    job = g.start("persist")
+    try:
+        g.run(job.wait_output("@@ attached", 120), 150)
+        g.run(g.usb.unplug(zero(1)))
+        g.run(job.wait_output("@@ gone", 120), 150)
+        again = g.run(g.usb.plug(zero(1)))
+        r = g.ended(job)
+    finally:
+        g.run(g.usb.remove(zero(1)))
+    assert r["first"]["serial"] == r["second"]["serial"] == "xhcidbg-zero-1"
+    assert r["second"]["slot"] != 0 and r["read"] == [1, 4096]
+    assert again.devnum > 0
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_several_gadgets_at_once_have_their_own_ports_and_traffic(gadget_vm, count):
+    g = gadget_vm
+    gadgets = [zero(n) for n in range(1, count + 1)]
+    buses = [g.run(g.usb.plug(z)).busnum for z in gadgets]
+    try:
+        r = g.scenario("several", str(count))
+    finally:
+        for z in gadgets:
+            g.run(g.usb.remove(z))
+    assert len(set(r["ports"])) == count and len(set(r["slots"])) == count
+    assert sorted(r["buses"]) == sorted(buses)
+    assert r["done"] == [[1, 1 << 15]] * (2 * count)
+
+
+def test_200_attach_detach_cycles_leak_no_descriptor_transfer_or_memory(gadget_vm):
+    g = gadget_vm
+    g.run(g.usb.plug(zero(1)))
+    try:
+        r = g.scenario("cycles", "200", timeout=1200)
+    finally:
+        g.run(g.usb.remove(zero(1)))
+    assert r["cycles"] == 200 and r["moved"] == 200 * 4096
+    before, after = r["fds"]
+    assert after == before, r                       # counted after 5 warm-up cycles
+    assert r["pending_transfers"] == 0
+    # nothing of a detached device stays alive: not the device, a transfer or a handle
+    assert r["alive"] == {"PassthroughDevice": 0, "USBTransfer": 0, "USBDeviceHandle": 0}, r
+    before, after = r["port_mapper_bytes"]         # what the mapper and usb1 code allocated
+    assert after - before < 64 << 10, r             # (one 4 KiB buffer a cycle would be 780 KiB)
+
+
+def test_a_device_the_host_kernel_drives_is_taken_only_with_force_and_given_back(
+        gadget_vm, tmp_path):
+    g = gadget_vm
+    image = tmp_path / "stick.img"
+    first = bytes(range(256)) * 2
+    image.write_bytes(first + bytes((4 << 20) - len(first)))
+    stick = Gadget("stick", [MassStorage(file=str(image))], product="Stick")
+    g.run(g.usb.plug(stick))
+    try:
+        r = g.scenario("kernel-driver", "3")
+    finally:
+        g.run(g.usb.remove(stick))
+    assert "bound to a kernel driver (usb-storage)" in r["refused"] and "force" in r["refused"]
+    assert len(r["rounds"]) == 3
+    for n in r["rounds"]:
+        assert n["before"] == n["after"] == ["usb-storage"]     # given back each time
+        assert n["while"] == ["usbfs"]                         # claimed through usbfs: ours
+        assert n["capacity"] == [(4 << 20) // 512 - 1, 512]
+        assert n["block0"] == first[:32].hex()
