@@ -176,10 +176,6 @@ def test_a_disconnect_mid_transfer_drops_the_device_and_a_reconnect_enumerates_i
     assert steps[0].start() < steps[1].start() < steps[2].start()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the controller hands a soft-retried TD (Reset Endpoint with TSP) to the device as a new "
-    "transfer, so the retry gets the device's next answer (the CSW in place of the data, or "
-    "nothing after a CSW) instead of the one an injected xact-error hid"))
 def test_a_flaky_cable_run_twice_injects_the_same_faults_and_linux_soft_retries_each(tmp_path,
                                                                                     kit):
     payload = os.urandom(8 << 20)

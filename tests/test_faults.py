@@ -118,6 +118,43 @@ def test_transaction_errors_n_times_then_success_as_linux_soft_retries(bus, drv,
     assert len(faults.log) == 2
 
 
+
+def _looped(bus, drv):
+    """A loopback device in its loopback configuration: IN returns what OUT sent."""
+    bus.controller.attach(LoopbackDevice(speed=Speed.SUPER, pattern=None))
+    dev = Device.enumerate(drv, 3, configure=False)
+    dev.set_configuration(2)
+    return dev
+
+
+def test_a_soft_retried_td_gets_the_devices_same_answer_again(bus, drv, faults):
+    # the transaction error is the host's view: the device answered, its packets were not
+    # acknowledged, and on the retry it sends the same ones (not its next answer)
+    dev = _looped(bus, drv)
+    faults.add("urb ep=0x81 nth=1 do xact-error")
+    assert dev.endpoint(0x01).submit(b"first!" * 8).wait().ok
+    assert dev.endpoint(0x01).submit(b"second" * 8).wait().ok
+    ep = dev.endpoint(0x81)
+    t = ep.submit(length=48)
+    t.wait()
+    assert t.cc == CC.USB_TRANSACTION_ERROR
+    assert ep.reset(tsp=True).cc == CC.SUCCESS          # Linux's soft retry
+    ep.ring_doorbell()
+    drv.wait_for(lambda: len(t.events) > 1, "the retried TD's event")
+    assert t.events[-1].cc == CC.SUCCESS
+    assert bytes(bus.controller.mem.read(t.buf, 48)) == b"first!" * 8
+    assert ep.submit(length=48).wait().data[:48] == b"second" * 8
+
+
+def test_a_rule_without_phase_counts_completions_only(bus, drv, faults):
+    dev = _looped(bus, drv)
+    done = faults.add("urb ep=0x81 do note")
+    faults.add("urb ep=0x01 phase=submit do note")
+    for _ in range(3):
+        assert dev.endpoint(0x01).submit(b"x" * 8).wait().ok
+        assert dev.endpoint(0x81).submit(length=8).wait().ok
+    assert done.seen == 3
+
 def test_a_short_packet_of_a_chosen_length(bus, drv, dev, faults):
     out = dev.endpoint(0x01).submit(bytes(range(64))).wait()
     assert out.ok

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import deque
 from typing import TYPE_CHECKING
 
-from ..devices.base import EpType, UsbDevice
+from ..devices.base import EpType, UsbDevice, UsbTransfer
 from .context import EP_CTX, EP_STATE_NAMES, SLOT_CTX, SLOT_STATE_NAMES, XhciEpType
 from .gate import Worker
 from .hooks import Hooks
@@ -54,6 +54,10 @@ class SlotEndpoint:
         self.worker: Worker | None = None    # the gate's callable, made once by the controller
         self.next_service_ns = 0             # isoch pacing
         self.isoch_timer: Timer | None = None
+        # (TD start, the device's transfer) of a TD the device finished but an observer failed
+        # (TransferRecord.force_cc): run again from the same TRB (a soft retry: Reset
+        # Endpoint with TSP), it completes with that answer instead of asking the device twice
+        self.replay: tuple[int, UsbTransfer] | None = None
         # Fixed for the endpoint's lifetime (a new Configure Endpoint makes a new endpoint):
         # kept as plain attributes because the transfer path reads them for every TD.
         self.ep_type = XhciEpType(EP_CTX.get(self.ctx, "ep_type"))

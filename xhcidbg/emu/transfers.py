@@ -288,6 +288,16 @@ class TransferEngine:
             record.submitted_ns = self.scheduler.now_ns()
             for fn in self.hooks.on_urb_submit:
                 fn(record)
+        replay, ep.replay = ep.replay, None
+        if replay is not None and replay[0] == td.start and replay[1].length == length:
+            # The device answered this TD already; only the host saw it fail.  A device whose
+            # packets were not acknowledged sends them again: the same answer, not its next one
+            done = replay[1]
+            if is_in:
+                xfer.complete(Status.OK, done.in_data())
+            else:
+                xfer.complete(Status.OK, actual=done.actual)
+            return
         dev = slot.device
         if dev is None or slot.port is None or not slot.port.enabled:
             xfer.complete(Status.NODEV)
@@ -466,10 +476,12 @@ class TransferEngine:
             if forced == "running":
                 return True
             ep.set_state(EpState.ERROR if forced == "error" else EpState.HALTED)
+            ep.replay = (td.start, xfer) if td.force_cc is not None else None
             return False
         if failed is None or failed in _NO_HALT or failed in VENDOR_INFO or ep.is_isoch:
             return True
         ep.set_state(EpState.ERROR if failed == CC.TRB_ERROR else EpState.HALTED)
+        ep.replay = (td.start, xfer) if td.force_cc is not None else None
         return False
 
     def _retire_noop(self, ep: SlotEndpoint, td: Td) -> None:

@@ -40,8 +40,6 @@ def apply_fault_options(engine: FaultEngine, args: argparse.Namespace,
                         say: Callable[[str], None] | None = None) -> None:
     """Load the scenarios the options name into `engine`.  Raises ValueError with
     FILE:LINE:COLUMN for a bad rule."""
-    if getattr(args, "fault_seed", None) is not None:
-        engine.reseed(args.fault_seed)
     for name in getattr(args, "faults", None) or []:
         path = scenario_path(name)
         try:
@@ -50,6 +48,8 @@ def apply_fault_options(engine: FaultEngine, args: argparse.Namespace,
             raise ValueError(f"fault scenario: {e}") from None
         if say:
             say(f"faults: {len(rules)} rule{'s' * (len(rules) != 1)} from {path}")
+    if getattr(args, "fault_seed", None) is not None:     # the command line beats a file's seed
+        engine.reseed(args.fault_seed)
     log_path = getattr(args, "fault_log", None)
     if log_path:
         f = open(log_path, "w")       # noqa: SIM115 -- line-buffered for as long as it runs

@@ -346,7 +346,8 @@ class FaultEngine:
         before = dict(self.states)
         moved: dict[str, str] = {}
         for r in self.rules:
-            if r.enabled and r.kind == kind and all(c.holds(facts) for c in r.conditions):
+            if r.enabled and r.kind == kind and (kind != "urb" or r.phase == facts["phase"]) \
+                    and all(c.holds(facts) for c in r.conditions):
                 self.states = dict(before)
                 if self._fires(r):
                     out.append(r)
