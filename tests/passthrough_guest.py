@@ -248,6 +248,51 @@ async def cycles(count: str) -> dict[str, Any]:
 
 
 STICK = "0525:a4a5"
+KEYBOARD = "0525:a4ac"
+AUDIO = "46f4:0002"          # QEMU's usb-audio, on a qemu-xhci of the gadget VM
+
+
+async def hid_reports(count: str) -> dict[str, Any]:
+    """A HID keyboard gadget: the guest's hub driver enumerates it and polls its interrupt IN
+    (as usbhid does); the reports the outer test writes on the gadget side arrive."""
+    want = int(count)
+    async with Guest() as g:
+        path = next(d for d in g.mapper.devices() if d.id == KEYBOARD).path
+        before = interface_drivers(path)                 # the host's usbhid has it
+        port = g.mapper.attach(f"{KEYBOARD},force")
+        dev = await g.enumerated(port)
+        kind = g.world.guest_devices[port].kind
+        say("attached")
+
+        def reports() -> list[str]:
+            return [r.data.hex() for r in g.world.reports if r.data]
+        await g.until(lambda: len(reports()) >= want, f"{want} reports", 60)
+        got = reports()
+        g.mapper.detach(port)
+        await g.until(lambda: interface_drivers(path) == before, "usbhid again", 30)
+        return {"device": describe(dev), "kind": kind, "reports": got,
+                "drivers": [before, interface_drivers(path)]}
+
+
+async def isochronous_out(packets: str) -> dict[str, Any]:
+    """QEMU's usb-audio through libusb: alternate setting 1 of its streaming interface, then
+    isochronous OUT TDs, one packet each, as an audio driver streams."""
+    n = int(packets)
+    async with Guest() as g:
+        port = g.mapper.attach(AUDIO)
+        dev = await g.enumerated(port)
+
+        def stream() -> list[list[int]]:
+            dev.set_interface(1, 1)
+            [desc] = dev.chosen_config().interface(1, 1).endpoints
+            ep = dev.endpoint(desc.address)
+            tds = [ep.submit(bytes(desc.max_packet), isoch={"sia": True}) for _ in range(n)]
+            done = [[t.wait().cc, t.actual] for t in tds]
+            dev.set_interface(1, 0)
+            return done
+        done = await g.job("stream", stream)
+        host = g.mapper.attached[port].device
+        return {"device": describe(dev), "done": done, "libusb_transfers": host.transfers}
 
 
 def interface_drivers(path: str) -> list[str | None]:
@@ -309,6 +354,7 @@ SCENARIOS: dict[str, Callable[..., Awaitable[dict[str, Any]]]] = {
     "enumerate-and-bulk": enumerate_and_bulk, "stall-and-clear": stall_and_clear,
     "unplug-mid-transfer": unplug_mid_transfer, "persist": persist_comes_back,
     "several": several, "cycles": cycles, "kernel-driver": kernel_driver,
+    "hid": hid_reports, "isochronous-out": isochronous_out,
 }
 
 

@@ -169,8 +169,18 @@ with usb1.USBContext() as context:
     handle.close()
     while events[-1:] != ["arrived"] and time.monotonic() < deadline:
         context.handleEventsTimeout(0.1)
-    again = context.openByVendorIDAndProductID(VENDOR, PRODUCT)
-    again.claimInterface(0)
+    # "arrived" comes with the device node, before usbcore has set its configuration: until
+    # then the interface is not there to claim
+    while True:
+        again = context.openByVendorIDAndProductID(VENDOR, PRODUCT)
+        try:
+            again.claimInterface(0)
+            break
+        except usb1.USBErrorNotFound:
+            again.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
     data = bytes(again.bulkRead(bulk_in, 4096, 10000))
     print(json.dumps({"error": error, "events": events,
                       "again": data == source_sink_data(Pattern.MOD63, 4096, 512)}))

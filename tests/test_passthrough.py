@@ -13,7 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from xhcidbg.guestkit.gadgets import Gadget, Gadgets, MassStorage, Pattern, SourceSink
+from xhcidbg.guestkit.gadgets import (
+    Gadget,
+    Gadgets,
+    HidKeyboard,
+    MassStorage,
+    Pattern,
+    SourceSink,
+    keyboard_report,
+    qemu_audio_args,
+)
 from xhcidbg.guestkit.launch import Vm
 from xhcidbg.guestkit.testing import guest_kit
 
@@ -69,8 +78,9 @@ def gadget_vm():
     loop = asyncio.new_event_loop()
     g = GadgetVm(loop)
     try:
+        # QEMU's usb-audio in the same VM: the isochronous device dummy_hcd cannot give
         g.vm = g.run(Vm.start(qemu=qemu, kernel=kernel, initrd=initrd, progress=False,
-                              host_root=True), 360)
+                              host_root=True, extra_args=qemu_audio_args()), 360)
         g.usb = Gadgets(g.vm)
         g.run(g.usb.load(udcs=UDCS))
         yield g
@@ -191,3 +201,28 @@ def test_a_device_the_host_kernel_drives_is_taken_only_with_force_and_given_back
         assert n["while"] == ["usbfs"]                         # claimed through usbfs: ours
         assert n["capacity"] == [(4 << 20) // 512 - 1, 512]
         assert n["block0"] == first[:32].hex()
+
+
+def test_a_hid_keyboard_gadget_is_polled_and_its_reports_reach_the_guest(gadget_vm):
+    g = gadget_vm
+    keyboard = Gadget("kbd", [HidKeyboard()], product="Keys")
+    g.run(g.usb.plug(keyboard))
+    job = g.start("hid", "2")
+    try:
+        g.run(job.wait_output("@@ attached", 120), 150)
+        g.run(g.usb.write(keyboard, keyboard_report("left_shift", "a") + keyboard_report()))
+        r = g.ended(job)
+    finally:
+        g.run(g.usb.remove(keyboard))
+    assert r["kind"] == "hid" and 0x81 in r["device"]["endpoints"], r["device"]
+    assert r["drivers"] == [["usbhid"], ["usbhid"]]          # taken with force, given back
+    assert r["reports"][:2] == [keyboard_report("left_shift", "a").hex(),
+                                keyboard_report().hex()]
+
+
+def test_isochronous_out_reaches_qemus_usb_audio_through_libusb(gadget_vm):
+    r = gadget_vm.scenario("isochronous-out", "32")
+    dev = r["device"]
+    assert (dev["vid"], dev["pid"], dev["speed"]) == (0x46F4, 0x0002, 1)   # full speed
+    assert [cc for cc, _ in r["done"]] == [1] * 32 and all(n > 0 for _, n in r["done"])
+    assert r["libusb_transfers"] >= 32
