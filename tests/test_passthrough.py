@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -226,3 +227,28 @@ def test_isochronous_out_reaches_qemus_usb_audio_through_libusb(gadget_vm):
     assert (dev["vid"], dev["pid"], dev["speed"]) == (0x46F4, 0x0002, 1)   # full speed
     assert [cc for cc, _ in r["done"]] == [1] * 32 and all(n > 0 for _, n in r["done"])
     assert r["libusb_transfers"] >= 32
+
+
+def test_the_console_lists_attaches_and_detaches_a_host_device(gadget_vm):
+    g = gadget_vm
+    g.run(g.usb.plug(zero(1)))
+    try:
+        assert g.vm is not None
+        listed = g.run(g.vm.host.run(shlex.join([sys.executable, "-m", "xhcidbg", "devices",
+                                                 "--json"]), timeout=120), 150)
+        console = g.run(g.vm.host.run(shlex.join([
+            sys.executable, "-m", "xhcidbg", "--no-tablet", "--no-keyboard", "--no-storage",
+            "--width", "200", "-c", "attach", "-c", "attach 0525:a4a0", "-c", "devices",
+            "-c", "detach 0525:a4a0", "-c", "devices"]), timeout=180), 210)
+    finally:
+        g.run(g.usb.remove(zero(1)))
+    [dev] = [d for d in json.loads(listed.output) if d["id"] == "0525:a4a0"]
+    assert dev["product"] == "Gadget Zero" and dev["speed"] == "high-speed"
+    assert dev["access"] == "ok" and dev["drivers"] == []
+    out = console.output
+    assert console.ok, out
+    assert re.search(rf"{dev['path']}\s+0525:a4a0 high-speed\s+addr {dev['address']}", out), out
+    assert "free: can be attached" in out
+    assert re.search(r"attached \S+ 0525:a4a0 .*Gadget Zero \(high-speed\) on port 1", out), out
+    assert "Gadget Zero" in out.split("detached")[0].split("attach 0525:a4a0")[-1]
+    assert re.search(r"detached \S+ 0525:a4a0 .* from port 1", out), out

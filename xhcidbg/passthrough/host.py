@@ -75,7 +75,7 @@ class HostDevice:
     def data(self) -> dict[str, Any]:
         d = asdict(self)
         d.update(path=self.path, id=self.id, speed=self.speed.label if self.speed else None,
-                 ports=list(self.ports))
+                 ports=list(self.ports), drivers=self.drivers)
         return d
 
 

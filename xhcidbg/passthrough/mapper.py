@@ -112,7 +112,7 @@ class PortMapper:
 
     def detach(self, what: int | str) -> HostDevice:
         """Detach by root port or by selection; the device goes back to the host."""
-        a = self._find(what)
+        a = self.find(what)
         a.selection.persist = False
         del self.attached[a.port]
         self._unplug(a.port)
@@ -120,7 +120,8 @@ class PortMapper:
         self.say(f"detached {a.device.info.label()} from port {a.port}")
         return a.device.info
 
-    def _find(self, what: int | str) -> Attached:
+    def find(self, what: int | str) -> Attached:
+        """What is attached on root port `what`, or matches the selection `what`."""
         if isinstance(what, int) or str(what).isdigit():
             a = self.attached.get(int(what))
             if a is None:

@@ -48,7 +48,10 @@ async def attach(con: Console, args: Namespace) -> None:
     since = con.activity.seq
     number = mapper.attach(args.selection, int(words[0]) if words else None)
     if number is None:
+        con.out.print(f"{args.selection}: not on the host now; attached when it comes")
         return
+    dev = mapper.attached[number].device
+    con.out.print(f"attached {dev.info.label()} ({dev.speed.label}) on port {number}")
     await con.session.settle(3.0)
     con.show_activity(since, limit=12)
 
@@ -63,6 +66,9 @@ p.add_argument("what", help="root port number, or the selection it was attached 
     con.session.host_usb.attached if con.session.host_usb is not None else ())])
 async def detach(con: Console, args: Namespace) -> None:
     since = con.activity.seq
-    con.session.port_mapper().detach(args.what)
+    mapper = con.session.port_mapper()
+    port = mapper.find(args.what).port
+    info = mapper.detach(args.what)
+    con.out.print(f"detached {info.label()} from port {port}: back to the host")
     await con.session.settle(3.0)
     con.show_activity(since, limit=12)
