@@ -81,7 +81,7 @@ class PassthroughDevice(UsbDevice):
                     self.handle.detachKernelDriver(number)
                     self.detached_drivers.add(number)
             except usb1.USBErrorNotSupported:
-                pass
+                pass                    # no kernel-driver API here (not Linux): claim it
             self.handle.claimInterface(number)
             self.claimed.add(number)
 

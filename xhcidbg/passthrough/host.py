@@ -130,7 +130,7 @@ def describe(dev: usb1.USBDevice) -> HostDevice:
                 info.product = handle.getProduct()
                 info.serial = handle.getSerialNumber()
         except usb1.USBError:
-            pass
+            pass                        # no strings: the IDs still name it
         finally:
             handle.close()
     return info

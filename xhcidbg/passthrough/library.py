@@ -26,7 +26,7 @@ def load() -> str:
         if wheel is not None:
             candidates.append(str(wheel))
     except ImportError:
-        pass
+        pass                            # no wheel: the system's library or none
     errors = []
     for path in candidates:
         try:

@@ -59,7 +59,7 @@ class LoopEvents:
         try:
             self.ctx.handleEventsTimeout(0)
         except usb1.USBErrorInterrupted:
-            pass
+            pass                        # a signal: the loop calls again
         except usb1.USBError as e:
             log.warning("libusb event handling failed: %s", e)
         self._arm_timeout()
