@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 # The UDC and every function declared below; the initramfs ships them, `load_modules` loads them.
 GADGET_MODULES = [
     "dummy_hcd", "libcomposite", "usb_f_ss_lb", "usb_f_mass_storage", "usb_f_hid", "usb_f_acm",
-    "usb_f_serial",
+    "usb_f_serial", "usb_f_fs",
 ]
 CONFIGFS = "/sys/kernel/config/usb_gadget"
 LANGUAGE = "0x409"                  # US English, the one string table every host asks for

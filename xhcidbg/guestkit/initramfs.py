@@ -43,8 +43,11 @@ HOST_ROOT_MODULES = [
 ]
 # Linux's own USB test driver (binds Gadget Zero, 0525:a4a0; driven through usbfs ioctls).
 TEST_MODULES = ["usbtest"]
+# USB/IP in the kernel: usbip-host exports a device, vhci-hcd imports one, usbip-vudc is a UDC
+# whose gadget is reached over USB/IP.
+USBIP_MODULES = ["usbip-core", "usbip-host", "vhci-hcd", "usbip-vudc"]
 # Shipped but not loaded (dummy_hcd adds a USB bus of its own): `modprobe NAME` in the guest.
-EXTRA_MODULES = GADGET_MODULES + HOST_ROOT_MODULES + TEST_MODULES
+EXTRA_MODULES = GADGET_MODULES + HOST_ROOT_MODULES + TEST_MODULES + USBIP_MODULES
 
 INIT_SCRIPT = r"""#!/bin/busybox sh
 # xhcidbg guest init: kernel filesystems, modules, then a shell on the serial console.
