@@ -21,8 +21,9 @@ What this kernel (Debian 6.1) offers, read from its modules and seen in the gues
 moves control, bulk and interrupt data, and has no isochronous endpoints at all (it could not
 move isochronous data anyway), so SourceSink comes with its bulk pair (alt 0) only and its isoc_*
 options change nothing; SourceSink has no interrupt endpoints in this kernel.  Interrupt traffic
-comes from the HID function; isochronous devices need another source (QEMU's own USB devices on
-a qemu-xhci inside the VM).
+comes from the HID function; isochronous devices need another source: QEMU's usb-audio on a
+qemu-xhci inside the VM (OUT only), or for isochronous IN vudc.py's IsoSource on vhci-hcd
+(usbip-vudc, the other soft UDC, binds SourceSink's iso pair but answers iso URBs with -EXDEV).
 """
 from __future__ import annotations
 
