@@ -34,7 +34,7 @@ from enum import IntEnum, StrEnum
 from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
-    from .hostroot import Shell
+    from .hostroot import Job, Shell
     from .launch import SerialConsole, Vm
 
 # The UDC and every function declared below; the initramfs ships them, `load_modules` loads them.
@@ -107,6 +107,16 @@ class Function:
 
     def node(self, folder: str) -> str | None:
         """A command printing the gadget-side device node (/dev/hidg0, /dev/ttyGS0), if any."""
+        return None
+
+    def instance(self, index: int) -> str:
+        """The instance name (functions/<driver>.<instance>): the function's place in its
+        gadget, unless its kind wants a name unique in the whole guest (FunctionFS)."""
+        return str(index)
+
+    async def start(self, vm: Vm, folder: str) -> Job | None:
+        """Start what must run in the guest before the gadget can be bound, once `folder` is
+        made (FunctionFS's daemon); `Gadgets.remove` stops the job it returns."""
         return None
 
 
@@ -303,8 +313,10 @@ class Gadget:
                 self.product_id if self.product_id is not None else default[1])
 
     def function_folder(self, index: int) -> str:
-        """functions/<driver>.<index>: instance names need only be unique per gadget."""
-        return f"{self.path}/functions/{self.functions[index].driver}.{index}"
+        """functions/<driver>.<instance>, the instance being the index unless the function
+        names it (instance names need only be unique per gadget, FunctionFS's in the guest)."""
+        function = self.functions[index]
+        return f"{self.path}/functions/{function.driver}.{function.instance(index)}"
 
     def create(self) -> list[str]:
         """Commands that make the gadget in configfs, unbound (loads no modules)."""
@@ -452,6 +464,7 @@ class Gadgets:
     """
 
     def __init__(self, vm: Vm, shell: Shell | None = None):
+        self.vm = vm
         self.console: SerialConsole = vm.console
         try:
             default: Shell = vm.host
@@ -461,6 +474,7 @@ class Gadgets:
         self.udcs: list[str] = []
         self.created: dict[str, Gadget] = {}
         self.placed: dict[str, str] = {}        # gadget name -> its UDC
+        self.jobs: dict[str, list[Job]] = {}    # gadget name -> what its functions started
 
     async def _run(self, shell: Shell, lines: Iterable[str], what: str,
                    timeout: float = 60.0) -> str:
@@ -479,11 +493,17 @@ class Gadgets:
         return list(self.udcs)
 
     async def create(self, gadget: Gadget) -> None:
-        """Make `gadget` in configfs, unbound."""
+        """Make `gadget` in configfs, unbound, and start what its functions need running
+        (`Function.start`); a function that fails to start leaves the gadget for `remove`."""
         if gadget.name in self.created:
             raise ValueError(f"a gadget named {gadget.name!r} exists already")
         await self._run(self.shell, gadget.create(), f"creating gadget {gadget.name}")
         self.created[gadget.name] = gadget
+        jobs = self.jobs[gadget.name] = []
+        for i, function in enumerate(gadget.functions):
+            job = await function.start(self.vm, gadget.function_folder(i))
+            if job is not None:
+                jobs.append(job)
 
     def _free_udc(self) -> str:
         taken = set(self.placed.values())
@@ -519,6 +539,9 @@ class Gadgets:
     async def remove(self, gadget: Gadget, timeout: float = 30.0) -> None:
         """Unplug `gadget` and take it out of configfs; its UDC is free again."""
         await self.unplug(gadget, timeout)
+        for job in self.jobs.pop(gadget.name, []):
+            await job.stop()
+            await job.wait(timeout)
         await self._run(self.shell, gadget.remove(), f"removing {gadget.name}")
         self.created.pop(gadget.name, None)
         self.placed.pop(gadget.name, None)
