@@ -1,8 +1,11 @@
 """Transfer TRB types through the controller, queued raw on a loopback device's ring."""
 from conftest import raw
 
+from xhcidbg.devices.base import Speed
+from xhcidbg.devices.loopback import LoopbackDevice
 from xhcidbg.emu.trb import CC
 from xhcidbg.emu.trb import TrbType as T
+from xhcidbg.guest.device import Device
 
 NORMAL = T.NORMAL << 10
 IOC = 1 << 5
@@ -25,3 +28,29 @@ def test_event_data_trb_reports_the_bytes_of_its_td(bus, drv, loop):
     ev = events[0]
     assert ev.event_data and ev.param == 0xE0E0_D0D0
     assert ev.cc == CC.SUCCESS and ev.length == 812               # EDTLA: bytes of the TD
+
+
+def _held_in_tds(bus, drv, queue_depth):
+    """Six bulk IN TDs queued on a loopback device with nothing to loop back yet: how many
+    the controller has handed over, and the six once data comes."""
+    dev = LoopbackDevice(speed=Speed.SUPER, pattern=None)
+    dev.queue_depth = queue_depth
+    bus.controller.attach(dev)
+    d = Device.enumerate(drv, 3, config_index=1)          # configuration 2: loopback
+    reads = [d.endpoint(0x81).submit(length=512) for _ in range(6)]
+    bus.wait(lambda: False, 2_000_000)
+    handed = len(bus.controller.slots[d.slot].endpoints[3].inflight)
+    for n in range(6):
+        assert d.endpoint(0x01).submit(bytes([n]) * 512).wait().ok
+    return handed, [bytes(r.wait().data[:1]) for r in reads]
+
+
+def test_a_device_s_queue_depth_bounds_the_tds_it_is_handed_at_once(bus, drv):
+    handed, got = _held_in_tds(bus, drv, queue_depth=2)
+    assert handed == 2
+    assert got == [bytes([n]) for n in range(6)]            # all six, in order
+
+
+def test_without_a_queue_depth_the_controller_s_own_bound_holds(bus, drv):
+    handed, _ = _held_in_tds(bus, drv, queue_depth=None)
+    assert handed == 6 <= bus.controller.max_inflight

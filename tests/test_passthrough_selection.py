@@ -29,6 +29,9 @@ def test_each_form_picks_its_device(text, picked):
 def test_flags_are_kept():
     sel = Selection.parse("1-1,persist,force")
     assert (sel.persist, sel.force, sel.bus, sel.ports) == (True, True, 1, (1,))
+    deep = Selection.parse("0525:a4a0#2,depth=32,persist")
+    assert deep.depth == 32 and deep.same_device_later(HOST[2]).depth == 32
+    assert Selection.parse("1-1").depth is None        # the controller's own
 
 
 @pytest.mark.parametrize("text, says", [
@@ -37,6 +40,7 @@ def test_flags_are_kept():
     ("bus=one", "are numbers"), ("red", "not a device selection"),
     ("vendor=1,bus=1", "unknown key vendor"), ("persist", "selects nothing"),
     ("bus=1,devaddr=1", "no host USB device matches"),       # a root hub is never attached
+    ("1-1,depth=0", "transfers in flight per endpoint, 1 to 64"), ("1-1,depth=x", "1 to 64"),
 ])
 def test_a_bad_or_ambiguous_selection_says_what_to_do(text, says):
     with pytest.raises(SelectionError, match=says):

@@ -157,6 +157,9 @@ class UsbDevice(ABC):
 
     speed: Speed = Speed.HIGH
     name: str = "usb-device"
+    # TDs the controller hands over per endpoint before the first completes (None: its own
+    # max_inflight); a passed-through device sets what its selection asks (depth=N)
+    queue_depth: int | None = None
 
     def bus_reset(self) -> None:  # noqa: B027 - optional, a no-op by default
         """A port reset reached the device: back to the Default state, address 0."""

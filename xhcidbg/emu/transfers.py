@@ -194,7 +194,9 @@ class TransferEngine:
             return False                  # the next isoch TD waits for its frame
         if ep.inflight and ep.polled:
             return False    # one outstanding TD on interrupt/control endpoints, as a device polls
-        if len(ep.inflight) >= self.max_inflight:
+        device = ep.slot.device
+        if len(ep.inflight) >= ((device.queue_depth if device is not None else None)
+                                or self.max_inflight):
             return False
         progressed = False
         fetched = 0

@@ -156,6 +156,7 @@ class SelectionError(ValueError):
 _ID = re.compile(r"([0-9a-fA-F]{4}):([0-9a-fA-F]{4})(?:#(\d+))?")
 _PATH = re.compile(r"(\d+)-(\d+(?:\.\d+)*)")
 FLAGS = ("persist", "force")
+MAX_DEPTH = 64
 
 
 @dataclass
@@ -172,6 +173,7 @@ class Selection:
     serial: str | None = None
     persist: bool = False
     force: bool = False
+    depth: int | None = None        # TDs in flight per endpoint (the controller's default)
 
     @classmethod
     def parse(cls, text: str) -> Selection:
@@ -194,7 +196,7 @@ class Selection:
             else:
                 raise SelectionError(f"{text!r}: {word!r} is not a device selection; use "
                                      "bus=B,devaddr=D, VID:PID[#N], a port path (1-2.3) or "
-                                     "serial=S, and optionally persist, force")
+                                     "serial=S, and optionally persist, force, depth=N")
         try:
             if "bus" in keys:
                 sel.bus = int(keys.pop("bus"), 0)
@@ -205,9 +207,15 @@ class Selection:
             raise SelectionError(f"{text!r}: bus and devaddr are numbers") from None
         if "serial" in keys:
             sel.serial = keys.pop("serial")
+        if "depth" in keys:
+            depth = keys.pop("depth")
+            if not depth.isdigit() or not 1 <= int(depth) <= MAX_DEPTH:
+                raise SelectionError(f"{text!r}: depth is the number of transfers in flight "
+                                     f"per endpoint, 1 to {MAX_DEPTH}")
+            sel.depth = int(depth)
         if keys:
             raise SelectionError(f"{text!r}: unknown key {', '.join(keys)} (bus, devaddr, "
-                                 "serial)")
+                                 "serial, depth)")
         if sel.address is not None and sel.bus is None:
             raise SelectionError(f"{text!r}: devaddr needs bus= too (bus=1,devaddr=2)")
         if not any(v is not None for v in (sel.bus, sel.vid, sel.serial)):
@@ -243,9 +251,9 @@ class Selection:
         """What finds `dev` again after it was unplugged and plugged back (persist): its
         address changes, its port path and IDs do not."""
         again = Selection(self.text, bus=dev.bus, ports=dev.ports, persist=self.persist,
-                          force=self.force)
+                          force=self.force, depth=self.depth)
         if self.ports is None and self.address is None and self.vid is not None:
             # chosen by what it is, not where: it may come back on another port
             again = Selection(self.text, vid=dev.vid, pid=dev.pid, serial=dev.serial,
-                              persist=self.persist, force=self.force)
+                              persist=self.persist, force=self.force, depth=self.depth)
         return again

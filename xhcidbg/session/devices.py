@@ -177,7 +177,8 @@ def add_device_options(parser: argparse.ArgumentParser, *, scratch_stick: bool) 
                    help="pass a host USB device through (repeatable): bus=B,devaddr=D, "
                         "VID:PID[#N], a port path (1-2.3) or serial=S; add ,persist to attach "
                         "it again whenever it comes back, ,force to take it from its kernel "
-                        "driver (`xhcidbg devices` lists them)")
+                        "driver, ,depth=N for N transfers in flight per endpoint (`xhcidbg "
+                        "devices` lists them)")
 
 
 def device_choice(args: argparse.Namespace) -> DeviceChoice:
