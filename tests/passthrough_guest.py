@@ -138,6 +138,40 @@ async def stall_and_clear() -> dict[str, Any]:
                 "again": [again.cc, again.actual]}
 
 
+def _kernel_resets(devnum: int) -> int:
+    """How often the host's kernel says it reset USB device `devnum` (its own log)."""
+    import subprocess
+    log = subprocess.run(["dmesg"], capture_output=True, text=True, check=True).stdout
+    return sum(1 for line in log.splitlines()
+               if "reset" in line and f"USB device number {devnum} using" in line)
+
+
+async def port_reset() -> dict[str, Any]:
+    """The guest resets the port of a device it has addressed and configured, as Linux's
+    usb_reset_device does (port reset, Reset Device, Address Device, the configuration again):
+    the reset reaches the device through libusb; the resets of the first enumeration did not."""
+    async with Guest() as g:
+        port = g.mapper.attach(ZERO)
+        host = g.mapper.attached[port].device
+        devnum = host.info.address
+        dev = await g.enumerated(port)
+        first = {"forwarded": host.resets, "kernel": _kernel_resets(devnum)}
+
+        def reset() -> list[int]:
+            g.world.driver.reset_port(port)
+            dev.reset_device().check()
+            dev.address()
+            dev.set_configuration(1)
+            in_ep, out_ep = bulk_pair(dev)
+            wrote = out_ep.submit(mod63(8192, out_ep.max_packet)).wait()
+            read = in_ep.submit(length=8192).wait()
+            return [wrote.cc, wrote.actual, read.cc, read.actual,
+                    int(bytes(read.data[:read.actual]) == mod63(8192, in_ep.max_packet))]
+        after = await g.job("reset", reset)
+        return {"first": first, "forwarded": host.resets, "kernel": _kernel_resets(devnum),
+                "after": after, "still": host.info.address == devnum}
+
+
 async def unplug_mid_transfer() -> dict[str, Any]:
     """A read the gadget never answers (its IN is source... so ask the loopback: no data) is in
     flight when the outer test unbinds the gadget: the guest sees the port empty, the transfer
@@ -276,23 +310,80 @@ async def hid_reports(count: str) -> dict[str, Any]:
 
 async def isochronous_out(packets: str) -> dict[str, Any]:
     """QEMU's usb-audio through libusb: alternate setting 1 of its streaming interface, then
-    isochronous OUT TDs, one packet each, as an audio driver streams."""
+    isochronous OUT TDs, one packet each, as an audio driver streams: full packets, half
+    ones and zero-length ones in turn."""
     n = int(packets)
     async with Guest() as g:
         port = g.mapper.attach(AUDIO)
         dev = await g.enumerated(port)
+        host = g.mapper.attached[port].device
+        counted: list[int] = []
 
-        def stream() -> list[list[int]]:
+        def stream() -> tuple[list[list[int]], list[int]]:
             dev.set_interface(1, 1)
             [desc] = dev.chosen_config().interface(1, 1).endpoints
             ep = dev.endpoint(desc.address)
-            tds = [ep.submit(bytes(desc.max_packet), isoch={"sia": True}) for _ in range(n)]
+            sizes = [(desc.max_packet, desc.max_packet // 2, 0)[i % 3] for i in range(n)]
+            counted.append(host.transfers)
+            tds = [ep.submit(bytes(size), isoch={"sia": True}) for size in sizes]
             done = [[t.wait().cc, t.actual] for t in tds]
+            counted.append(host.transfers)
             dev.set_interface(1, 0)
-            return done
-        done = await g.job("stream", stream)
+            return done, sizes
+        done, sizes = await g.job("stream", stream)
+        return {"device": describe(dev), "done": done, "sizes": sizes,
+                "libusb_transfers": counted[1] - counted[0], "per_transfer": host.iso_packets}
+
+
+async def isochronous_in(count: str, lengths: str) -> dict[str, Any]:
+    """An isochronous IN source (the kit's IsoSource on vhci-hcd): alternate setting 1, then
+    `count` IN TDs of one packet each, asking for the sizes `lengths` (comma separated) in
+    turn; each TD's completion code, length and whether its bytes are the source's packet."""
+    from xhcidbg.guestkit.vudc import ISO_SOURCE_IDS, iso_packet
+    n, asks = int(count), [int(x) for x in lengths.split(",")]
+    async with Guest() as g:
+        port = g.mapper.attach("{:04x}:{:04x}".format(*ISO_SOURCE_IDS))
+        dev = await g.enumerated(port)
         host = g.mapper.attached[port].device
-        return {"device": describe(dev), "done": done, "libusb_transfers": host.transfers}
+        counted: list[int] = []
+
+        def stream() -> list[list[int]]:
+            dev.set_interface(0, 1)
+            ep = dev.endpoint(0x81)
+            counted.append(host.transfers)
+            tds = [ep.submit(length=asks[k % len(asks)], isoch={"sia": True})
+                   for k in range(n)]
+            done = []
+            for k, t in enumerate(tds):
+                t.wait()
+                got = bytes(t.data[:t.actual]) if t.data is not None else b""
+                done.append([t.cc, t.actual, int(got == iso_packet(k, t.actual))])
+            counted.append(host.transfers)
+            dev.set_interface(0, 0)
+            return done
+        done = await g.job("stream", stream, timeout=120)
+        return {"device": describe(dev), "done": done,
+                "libusb_transfers": counted[1] - counted[0], "per_transfer": host.iso_packets}
+
+
+async def uas(selection: str) -> dict[str, Any]:
+    """A UAS-shaped disk (alt 0 Bulk-Only, alt 1 UAS): the settings the guest reads, the ones
+    libusb sees on the host, what passthrough hid, and what selecting alt 1 gets."""
+    async with Guest() as g:
+        port = g.mapper.attach(selection)
+        dev = await g.enumerated(port)
+        host = g.mapper.attached[port].device
+        on_host = [[s.getNumber(), s.getAlternateSetting(), s.getProtocol()]
+                   for i in host.handle.getDevice()[0] for s in i]
+        head = await g.job("first 9 bytes", lambda: dev.control(0x80, 6, 0x0200, 0, 9).data)
+        total = int.from_bytes(bytes(head[2:4]), "little")
+        chosen = await g.job("SET_INTERFACE 1", lambda: dev.control(
+            0x01, 11, 1, 0, check=False).cc)
+        return {"port": port, "speed": int(dev.speed), "total": total,
+                "raw": len(dev.config.raw) if dev.config else None,
+                "guest": [[i.number, i.alternate, i.interface_protocol]
+                          for i in dev.config.interfaces] if dev.config else [],
+                "host": on_host, "hidden": sorted(host.hidden), "set_alt_1": chosen}
 
 
 def interface_drivers(path: str) -> list[str | None]:
@@ -354,7 +445,8 @@ SCENARIOS: dict[str, Callable[..., Awaitable[dict[str, Any]]]] = {
     "enumerate-and-bulk": enumerate_and_bulk, "stall-and-clear": stall_and_clear,
     "unplug-mid-transfer": unplug_mid_transfer, "persist": persist_comes_back,
     "several": several, "cycles": cycles, "kernel-driver": kernel_driver,
-    "hid": hid_reports, "isochronous-out": isochronous_out,
+    "hid": hid_reports, "isochronous-out": isochronous_out, "port-reset": port_reset,
+    "isochronous-in": isochronous_in, "uas": uas,
 }
 
 

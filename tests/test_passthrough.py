@@ -6,6 +6,7 @@ VM says (sysfs, its kernel drivers).  One boot for the module."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import re
 import shlex
@@ -26,10 +27,13 @@ from xhcidbg.guestkit.gadgets import (
 )
 from xhcidbg.guestkit.launch import Vm
 from xhcidbg.guestkit.testing import guest_kit
+from xhcidbg.guestkit.vudc import IsoSource, IsoSources
+from xhcidbg.guestkit.vudc import Speed as IsoSpeed
 
 pytestmark = pytest.mark.e2e
 
 GUEST_SCRIPT = Path(__file__).with_name("passthrough_guest.py")
+CC_SUCCESS, CC_BABBLE, CC_TRANSACTION_ERROR, CC_SHORT = 1, 3, 4, 13
 UDCS = 4
 
 
@@ -118,6 +122,21 @@ def test_a_stall_reaches_the_guest_and_clearing_the_halt_goes_through_libusb(gad
     # after Reset Endpoint, Set TR Dequeue and CLEAR_FEATURE(HALT) the next OUT succeeds
     assert (r["taken"], r["stalled"], r["state_after_stall"]) == (1, 6, 2)
     assert r["again"] == [1, 8192]
+
+
+def test_a_guest_port_reset_reaches_the_device_only_once_it_is_addressed(gadget_vm):
+    g = gadget_vm
+    g.run(g.usb.plug(zero(1)))
+    try:
+        r = g.scenario("port-reset")
+    finally:
+        g.run(g.usb.remove(zero(1)))
+    # the first enumeration's port resets stayed with the guest; the host's kernel logged none
+    assert r["first"] == {"forwarded": 0, "kernel": 0}, r
+    # the later one went through libusb: Linux on the host reset the gadget once, and the
+    # guest's configuration and data path work afterwards
+    assert (r["forwarded"], r["kernel"], r["still"]) == (1, 1, True), r
+    assert r["after"] == [1, 8192, 1, 8192, 1]
 
 
 def test_a_gadget_pulled_out_mid_transfer_leaves_the_guest_and_nothing_hangs(gadget_vm):
@@ -221,12 +240,48 @@ def test_a_hid_keyboard_gadget_is_polled_and_its_reports_reach_the_guest(gadget_
                                 keyboard_report().hex()]
 
 
-def test_isochronous_out_reaches_qemus_usb_audio_through_libusb(gadget_vm):
-    r = gadget_vm.scenario("isochronous-out", "32")
+def test_isochronous_out_reaches_qemus_usb_audio_in_batches_with_each_packets_length(
+        gadget_vm):
+    r = gadget_vm.scenario("isochronous-out", "48")
     dev = r["device"]
     assert (dev["vid"], dev["pid"], dev["speed"]) == (0x46F4, 0x0002, 1)   # full speed
-    assert [cc for cc, _ in r["done"]] == [1] * 32 and all(n > 0 for _, n in r["done"])
-    assert r["libusb_transfers"] >= 32
+    # each TD is one packet of a shared libusb transfer and gets its own status and length
+    assert [cc for cc, _ in r["done"]] == [1] * 48
+    assert [n for _, n in r["done"]] == r["sizes"] and 0 in r["sizes"]
+    assert 48 // r["per_transfer"] <= r["libusb_transfers"] <= 48 // 2, r
+
+
+def test_isochronous_in_packets_reach_the_guest_each_with_its_own_status_and_length(gadget_vm):
+    g = gadget_vm
+    # short, empty, over-long (for a TD asking 600) and failed packets among full ones
+    source = IsoSource("iso", max_packet=1024, speed=IsoSpeed.HIGH,
+                       lengths=(1024, 512, 1, 0, 1024, 700, 1024),
+                       statuses=(0,) * 10 + (-errno.EPROTO,))
+    asks = (1024, 1024, 1024, 1024, 1024, 600)
+    sources = IsoSources(g.vm)
+    served = g.run(sources.plug(source))
+    try:
+        r = g.scenario("isochronous-in", "44", ",".join(map(str, asks)))
+    finally:
+        summary = g.run(sources.unplug(served))
+    assert r["device"]["speed"] == 3 and r["device"]["vid"] == 0x1D6B      # high speed
+    expected = []
+    for k in range(44):
+        status, data = source.packet(k, asks[k % len(asks)])
+        if status == -errno.EPROTO:
+            expected.append(CC_TRANSACTION_ERROR)
+        elif status == -errno.EOVERFLOW:
+            expected.append(CC_BABBLE)
+        else:
+            expected.append(CC_SUCCESS if len(data) == asks[k % len(asks)] else CC_SHORT)
+    assert [cc for cc, _, _ in r["done"]] == expected
+    assert CC_BABBLE in expected and CC_TRANSACTION_ERROR in expected and CC_SHORT in expected
+    for k, (cc, actual, right) in enumerate(r["done"]):
+        if cc in (CC_SUCCESS, CC_SHORT):          # each packet's own bytes, in order
+            assert right and actual == len(source.packet(k, asks[k % len(asks)])[1]), k
+    # several packets to a libusb transfer, and the source served exactly those
+    assert 44 // r["per_transfer"] <= r["libusb_transfers"] <= 44 // 2, r
+    assert summary["in_packets"] >= 44 and summary["transfers"] >= r["libusb_transfers"], summary
 
 
 def test_the_console_lists_attaches_and_detaches_a_host_device(gadget_vm):

@@ -8,7 +8,13 @@ the host's side because the host's kernel owns them:
   claims every interface of the new one; SET_INTERFACE and CLEAR_FEATURE(ENDPOINT_HALT) go
   through libusb's calls for them, so the host's endpoint state follows;
 - a guest port reset reaches the device only once the guest has addressed it: a reset during
-  the first enumeration throws some devices into another mode.
+  the first enumeration throws some devices into another mode;
+- at SuperSpeed, UAS settings that have a Bulk-Only sibling are left out of the configuration
+  the guest reads (this controller has no streams; see `uas`).
+
+Isochronous TDs, one packet each, go to libusb in batches: the TDs of an endpoint that arrive
+within a few milliseconds share one transfer (up to `iso_packets` of them), several such
+transfers are in flight, and each TD completes with its own packet's status and length.
 
 libusb's results become the bus outcomes a real controller reports: a stall halts, an overflow
 is babble, a vanished device is a disconnect, errors and timeouts are transaction errors, and a
@@ -17,6 +23,7 @@ libusb has called back, whatever happens to the guest's side of them.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import struct
@@ -24,9 +31,12 @@ from collections.abc import Callable
 from typing import Any
 
 import usb1
+from usb1 import libusb1
 
 from ..devices.base import EpType, PortLink, Speed, Status, UsbDevice, UsbTransfer
+from ..devices.descriptors import DescriptorType
 from .host import HostDevice
+from .uas import without_uas
 
 log = logging.getLogger("xhcidbg.passthrough")
 
@@ -36,27 +46,51 @@ _STATUS = {usb1.TRANSFER_COMPLETED: Status.OK, usb1.TRANSFER_STALL: Status.STALL
            usb1.TRANSFER_OVERFLOW: Status.BABBLE, usb1.TRANSFER_NO_DEVICE: Status.NODEV,
            usb1.TRANSFER_ERROR: Status.XACT_ERROR, usb1.TRANSFER_TIMED_OUT: Status.XACT_ERROR,
            usb1.TRANSFER_CANCELLED: Status.CANCELLED}
-SET_ADDRESS, SET_CONFIGURATION, SET_INTERFACE, CLEAR_FEATURE = 5, 9, 11, 1
+SET_ADDRESS, SET_CONFIGURATION, SET_INTERFACE, CLEAR_FEATURE, GET_DESCRIPTOR = 5, 9, 11, 1, 6
+ISO_PACKETS = 8            # isochronous TDs (packets) per libusb transfer, at most
+ISO_GATHER_S = 0.004       # how long a partly filled batch waits for more TDs
+
+
+def _zero_length(transfer: usb1.USBTransfer, lengths: list[int]) -> None:
+    """Give the packets of a filled isochronous transfer their real lengths, zeros included.
+
+    libusb and usbfs send and receive zero-length isochronous packets (an audio stream's empty
+    frame); python-libusb1's setIsochronous refuses them, so they go in as one byte each, their
+    bytes at the buffer's end where no packet reads them, and are set to zero here."""
+    packets = libusb1.get_iso_packet_list(transfer._USBTransfer__transfer)  # type: ignore[attr-defined]
+    for packet, length in zip(packets, lengths, strict=True):
+        packet.length = length
 
 
 class PassthroughDevice(UsbDevice):
     """One opened host device; `close` gives it back to the host (its kernel drivers too)."""
 
     def __init__(self, handle: usb1.USBDeviceHandle, info: HostDevice, *, force: bool = False,
-                 on_gone: Callable[[PassthroughDevice], None] | None = None):
+                 on_gone: Callable[[PassthroughDevice], None] | None = None,
+                 loop: asyncio.AbstractEventLoop | None = None, iso_packets: int = ISO_PACKETS):
         self.handle = handle
         self.info = info
         self.name = info.product or info.id
         self.speed = info.speed if info.speed is not None else Speed.HIGH
         self.force = force
         self.on_gone = on_gone
+        self.loop = loop                    # without one, isochronous TDs go one per transfer
+        self.iso_packets = max(1, iso_packets)
         self.port: PortLink | None = None
         self.addressed = False
         self.claimed: set[int] = set()
         self.detached_drivers: set[int] = set()     # interfaces whose kernel driver we took
-        self._live: dict[usb1.USBTransfer, UsbTransfer | None] = {}   # until libusb calls back
+        self.hidden: set[tuple[int, int]] = set()   # (interface, alternate) kept from the guest
+        # every submitted libusb transfer and the TDs it carries (one, or an isochronous batch
+        # in packet order; None where the controller took one back) until libusb calls back
+        self._live: dict[usb1.USBTransfer, list[UsbTransfer | None]] = {}
+        self._config_reads: dict[usb1.USBTransfer, int] = {}     # -> the length the guest asked
+        self._config_lengths: dict[int, int] = {}                # configuration -> wTotalLength
+        self._iso: dict[int, list[UsbTransfer]] = {}             # endpoint -> TDs being gathered
+        self._iso_timers: dict[int, asyncio.TimerHandle] = {}
         self._closed = False
         self.transfers = 0
+        self.resets = 0                     # guest port resets that reached the device
         self._claim_all()
 
     # ---- interfaces -----------------------------------------------------------------------------
@@ -99,8 +133,12 @@ class PassthroughDevice(UsbDevice):
 
     def detached(self) -> None:
         self.port = None
-        for transfer, _xfer in list(self._live.items()):
-            self._live[transfer] = None            # the controller took the TD back
+        for timer in self._iso_timers.values():
+            timer.cancel()
+        self._iso_timers.clear()
+        self._iso.clear()                           # the controller took those TDs back
+        for transfer, xfers in self._live.items():
+            xfers.clear()
             with contextlib.suppress(usb1.USBError):
                 transfer.cancel()
 
@@ -110,6 +148,7 @@ class PassthroughDevice(UsbDevice):
         self.addressed = False
         try:
             self.handle.resetDevice()
+            self.resets += 1
         except usb1.USBErrorNotFound:
             log.warning("%s: the device re-enumerated on the host after a reset", self.name)
             self._gone()
@@ -133,11 +172,16 @@ class PassthroughDevice(UsbDevice):
             xfer.complete(Status.XACT_ERROR)
 
     def cancel(self, xfer: UsbTransfer) -> bool:
-        for transfer, pending in self._live.items():
-            if pending is xfer:
-                self._live[transfer] = None
-                with contextlib.suppress(usb1.USBError):
-                    transfer.cancel()
+        gathering = self._iso.get(xfer.endpoint)
+        if gathering is not None and xfer in gathering:
+            gathering.remove(xfer)
+            return True
+        for transfer, xfers in self._live.items():
+            if xfer in xfers:
+                xfers[xfers.index(xfer)] = None
+                if not any(xfers):          # the others of a batch still want their packets
+                    with contextlib.suppress(usb1.USBError):
+                        transfer.cancel()
                 return True
         return False
 
@@ -153,6 +197,11 @@ class PassthroughDevice(UsbDevice):
             self._sync(xfer, lambda: self._set_configuration(value & 0xFF))
             return
         if standard and rt == 0x01 and req == SET_INTERFACE:
+            if (index, value) in self.hidden:
+                log.info("%s: the guest selected the hidden UAS setting %d of interface %d: "
+                         "STALL", self.name, value, index)
+                xfer.complete(Status.STALL)
+                return
             self._sync(xfer, lambda: self.handle.setInterfaceAltSetting(index, value))
             return
         if standard and rt == 0x02 and req == CLEAR_FEATURE and value == 0:   # ENDPOINT_HALT
@@ -160,9 +209,26 @@ class PassthroughDevice(UsbDevice):
             return
         transfer = self.handle.getTransfer()
         data: Any = length if rt & 0x80 else bytes(xfer.data or b"")[:length]
+        rewrite = (standard and rt == 0x80 and req == GET_DESCRIPTOR and self.speed >= Speed.SUPER
+                   and value >> 8 == DescriptorType.CONFIGURATION)
+        if rewrite:             # all of it, so that wTotalLength is right in any first piece
+            data = max(length, self._config_length(value & 0xFF))
         transfer.setControl(rt, req, value, index, data, callback=self._done,
                             timeout=CONTROL_TIMEOUT_MS)
-        self._start(transfer, xfer)
+        self._start(transfer, [xfer])
+        if rewrite:
+            self._config_reads[transfer] = length
+
+    def _config_length(self, index: int) -> int:
+        """wTotalLength of the device's configuration `index` (read once, synchronously: a
+        9-byte header).  Asking for more than that is what some devices and UDCs refuse."""
+        if index not in self._config_lengths:
+            head = self.handle.controlRead(0x80, GET_DESCRIPTOR,
+                                           DescriptorType.CONFIGURATION << 8 | index, 0, 9,
+                                           timeout=CONTROL_TIMEOUT_MS)
+            self._config_lengths[index] = struct.unpack_from("<H", head, 2)[0] \
+                if len(head) >= 4 else 0
+        return self._config_lengths[index]
 
     def _sync(self, xfer: UsbTransfer, call: Callable[[], object]) -> None:
         try:
@@ -186,20 +252,67 @@ class PassthroughDevice(UsbDevice):
 
     # ---- data ---------------------------------------------------------------------------------
     def _data(self, xfer: UsbTransfer) -> None:
-        transfer = self.handle.getTransfer(iso_packets=1 if xfer.ep_type == EpType.ISOCHRONOUS
-                                           else 0)
+        if xfer.ep_type == EpType.ISOCHRONOUS:
+            self._gather(xfer)
+            return
+        transfer = self.handle.getTransfer()
         data: Any = xfer.length if xfer.is_in else bytes(xfer.data or b"")[:xfer.length]
         if xfer.ep_type == EpType.BULK:
             transfer.setBulk(xfer.endpoint, data, callback=self._done)
-        elif xfer.ep_type == EpType.INTERRUPT:
-            transfer.setInterrupt(xfer.endpoint, data, callback=self._done)
         else:
-            transfer.setIsochronous(xfer.endpoint, data, callback=self._done,
-                                    iso_transfer_length_list=[xfer.length])
-        self._start(transfer, xfer)
+            transfer.setInterrupt(xfer.endpoint, data, callback=self._done)
+        self._start(transfer, [xfer])
 
-    def _start(self, transfer: usb1.USBTransfer, xfer: UsbTransfer) -> None:
-        self._live[transfer] = xfer
+    def _gather(self, xfer: UsbTransfer) -> None:
+        """Add an isochronous TD to its endpoint's batch; send the batch when it is full, or
+        soon (the controller hands TDs over one service interval apart)."""
+        batch = self._iso.setdefault(xfer.endpoint, [])
+        batch.append(xfer)
+        if len(batch) >= self.iso_packets or self.loop is None:
+            self._send_batch(xfer.endpoint)
+        elif xfer.endpoint not in self._iso_timers:
+            self._iso_timers[xfer.endpoint] = self.loop.call_later(
+                ISO_GATHER_S, self._send_batch, xfer.endpoint)
+
+    def _send_batch(self, endpoint: int) -> None:
+        timer = self._iso_timers.pop(endpoint, None)
+        if timer is not None:
+            timer.cancel()
+        batch = [x for x in self._iso.pop(endpoint, []) if not x.done]
+        if not batch:
+            return
+        if self._closed:
+            for xfer in batch:
+                xfer.complete(Status.NODEV)
+            return
+        if endpoint & 0x80:
+            lengths = [x.length for x in batch]
+            data: Any = sum(lengths)
+        else:
+            payloads = [bytes(x.data or b"")[:x.length] for x in batch]
+            lengths, data = [len(p) for p in payloads], b"".join(payloads)
+        zero = lengths.count(0)
+        if zero:            # python-libusb1 refuses zero-length packets, see _zero_length
+            data = data + zero if isinstance(data, int) else data + bytes(zero)
+        try:
+            transfer = self.handle.getTransfer(iso_packets=len(batch))
+            transfer.setIsochronous(endpoint, data, callback=self._done,
+                                    iso_transfer_length_list=[n or 1 for n in lengths])
+            if zero:
+                _zero_length(transfer, lengths)
+            self._start(transfer, list(batch))
+        except usb1.USBErrorNoDevice:
+            for xfer in batch:
+                xfer.complete(Status.NODEV)
+            self._gone()
+        except (usb1.USBError, ValueError, TypeError, AttributeError) as e:
+            log.warning("%s: isochronous transfer on ep %#x refused by libusb: %s; USB "
+                        "Transaction Error for its %d TD(s)", self.name, endpoint, e, len(batch))
+            for xfer in batch:
+                xfer.complete(Status.XACT_ERROR)
+
+    def _start(self, transfer: usb1.USBTransfer, xfers: list[UsbTransfer | None]) -> None:
+        self._live[transfer] = xfers
         try:
             transfer.submit()
         except BaseException:
@@ -210,21 +323,36 @@ class PassthroughDevice(UsbDevice):
     def _done(self, transfer: usb1.USBTransfer) -> None:
         """libusb's callback, on the loop: never raise into libusb."""
         try:
-            xfer = self._live.pop(transfer, None)
+            xfers = self._live.pop(transfer, [])
+            wanted = self._config_reads.pop(transfer, None)
             status = transfer.getStatus()
             if status == usb1.TRANSFER_NO_DEVICE:
                 self._gone()
-            if xfer is None or xfer.done:
-                return                          # cancelled by the controller, or detached
             outcome = _STATUS.get(status, Status.XACT_ERROR)
             if transfer.getType() == usb1.TRANSFER_TYPE_ISOCHRONOUS:
-                [(pstatus, buf)] = list(transfer.iterISO())
-                outcome = _STATUS.get(pstatus, Status.XACT_ERROR) if outcome == Status.OK \
-                    else outcome
-                self._finish(xfer, outcome, bytes(buf))
+                for xfer, (pstatus, buf) in zip(xfers, transfer.iterISO(), strict=False):
+                    if xfer is None or xfer.done:
+                        continue
+                    packet = outcome if outcome != Status.OK else \
+                        _STATUS.get(pstatus, Status.XACT_ERROR)
+                    # an isochronous OUT packet has no handshake: once sent, it all went (what
+                    # the host's controller says the device kept is not the guest's business)
+                    self._finish(xfer, packet, bytes(buf),
+                                 None if xfer.is_in or packet != Status.OK else xfer.length)
                 return
+            xfer = xfers[0] if xfers else None
+            if xfer is None or xfer.done:
+                return                          # cancelled by the controller, or detached
             n = transfer.getActualLength()
             buf = transfer.getBuffer()          # (past the setup packet, for control)
+            if wanted is not None and outcome == Status.OK:
+                config, hidden = without_uas(bytes(buf[:n]))
+                if hidden - self.hidden:
+                    log.info("%s: UAS settings %s hidden from the guest (no streams here): it "
+                             "uses Bulk-Only", self.name, sorted(hidden))
+                self.hidden |= hidden
+                self._finish(xfer, outcome, config[:wanted])
+                return
             self._finish(xfer, outcome, bytes(buf[:n]) if xfer.is_in else b"", n)
         except Exception:
             log.exception("%s: a libusb completion failed", self.name)

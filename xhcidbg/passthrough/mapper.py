@@ -93,7 +93,9 @@ class PortMapper:
         except usb1.USBError as e:
             raise SelectionError(f"{info.label()} cannot be opened: {e}") from None
         try:
-            dev = PassthroughDevice(handle, info, force=sel.force, on_gone=self._gone)
+            dev = PassthroughDevice(handle, info, force=sel.force, on_gone=self._gone,
+                                    loop=self.loop)
+            dev.queue_depth = sel.depth
         except usb1.USBErrorBusy:
             handle.close()
             raise PermissionError(f"{info.label()}: another program has claimed it (close it, "
