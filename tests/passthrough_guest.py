@@ -39,8 +39,9 @@ def mod63(length: int, max_packet: int) -> bytes:
 class Guest:
     """The world, its port mapper, and guest jobs awaited from here."""
 
-    def __init__(self) -> None:
-        self.world = World(WorldOptions(devices=DeviceChoice(tablet=False, keyboard=False)))
+    def __init__(self, devices: DeviceChoice | None = None) -> None:
+        self.world = World(WorldOptions(
+            devices=devices or DeviceChoice(tablet=False, keyboard=False)))
 
     async def __aenter__(self) -> Guest:
         await self.world.start()
@@ -214,12 +215,22 @@ async def persist_comes_back() -> dict[str, Any]:
         return {"first": first, "second": second, "read": [read.cc, read.actual]}
 
 
-async def several(count: str) -> dict[str, Any]:
-    """`count` gadgets at once (all Gadget Zero, told apart by bus), each with its own traffic."""
+async def several(count: str, beside: str = "") -> dict[str, Any]:
+    """`count` gadgets at once (all Gadget Zero, told apart by bus), each with its own traffic;
+    with `beside` = "virtual", next to the virtual tablet, keyboard and loopback device, whose
+    bulk IN runs at the same time."""
     n = int(count)
-    async with Guest() as g:
+    virtual = beside == "virtual"
+    choice = DeviceChoice(tablet=True, keyboard=True, loopback=True) if virtual else None
+    async with Guest(choice) as g:
         ports = [g.mapper.attach(f"{ZERO}#{i + 1}") for i in range(n)]
         devs = [await g.enumerated(p) for p in ports]
+        others = {}
+        if virtual:
+            for kind in ("tablet", "keyboard", "loopback"):
+                port, _ = g.world.find(kind)
+                others[kind] = port
+            loop = await g.enumerated(others["loopback"])
 
         def traffic() -> list[list[int]]:
             pending = []
@@ -227,10 +238,13 @@ async def several(count: str) -> dict[str, Any]:
                 in_ep, out_ep = bulk_pair(d)
                 pending.append(in_ep.submit(length=1 << 15))
                 pending.append(out_ep.submit(mod63(1 << 15, out_ep.max_packet)))
+            if virtual:
+                pending.append(loop.endpoint(0x81).submit(length=1 << 15))
             return [[t.wait().cc, t.actual] for t in pending]
         done = await g.job("traffic", traffic)
         return {"ports": ports, "slots": [d.slot for d in devs],
-                "buses": [g.mapper.attached[p].device.info.bus for p in ports], "done": done}
+                "buses": [g.mapper.attached[p].device.info.bus for p in ports], "done": done,
+                "virtual": others, "enumerated": sorted(g.world.guest_devices)}
 
 
 # what the port mapper and python-libusb1 allocate (the scripted guest keeps a log of every

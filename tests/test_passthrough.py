@@ -170,19 +170,27 @@ def test_persist_attaches_the_gadget_again_when_it_comes_back(gadget_vm):
     assert again.devnum > 0
 
 
-@pytest.mark.parametrize("count", [2, 4])
-def test_several_gadgets_at_once_have_their_own_ports_and_traffic(gadget_vm, count):
+@pytest.mark.parametrize("count, beside", [(2, ""), (4, ""), (2, "virtual")])
+def test_several_gadgets_at_once_have_their_own_ports_and_traffic(gadget_vm, count, beside):
     g = gadget_vm
     gadgets = [zero(n) for n in range(1, count + 1)]
     buses = [g.run(g.usb.plug(z)).busnum for z in gadgets]
     try:
-        r = g.scenario("several", str(count))
+        r = g.scenario("several", str(count), beside)
     finally:
         for z in gadgets:
             g.run(g.usb.remove(z))
     assert len(set(r["ports"])) == count and len(set(r["slots"])) == count
     assert sorted(r["buses"]) == sorted(buses)
-    assert r["done"] == [[1, 1 << 15]] * (2 * count)
+    if beside:
+        # the tablet, keyboard and loopback device have ports of their own, all enumerated,
+        # and the loopback's bulk IN ran beside the gadgets' traffic
+        virtual = set(r["virtual"].values())
+        assert len(virtual) == 3 and not virtual & set(r["ports"])
+        assert set(r["enumerated"]) == virtual | set(r["ports"])
+        assert r["done"] == [[1, 1 << 15]] * (2 * count + 1)
+    else:
+        assert r["done"] == [[1, 1 << 15]] * (2 * count)
 
 
 def test_200_attach_detach_cycles_leak_no_descriptor_transfer_or_memory(gadget_vm):
