@@ -2,6 +2,7 @@
 
     xhcidbg devices                 a tree: bus, port path, address, speed, IDs, names, drivers
     xhcidbg devices --json          the same for scripts
+    xhcidbg devices --usbip HOST    what a USB/IP server exports (attach: usbip://HOST/BUSID)
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ EXAMPLES = """examples:
   xhcidbg vm --attach 0525:a4a0                 pass the Gadget Zero through
   xhcidbg vm --attach bus=1,devaddr=5,persist   again whenever it comes back
   xhcidbg vm --attach 1-2.3,force               take it from its kernel driver
+  xhcidbg devices --usbip 10.0.0.5              what that USB/IP server exports
+  xhcidbg vm --attach usbip://10.0.0.5/1-1.2,persist   import one of them
 """
 
 
@@ -33,6 +36,8 @@ def add_devices_command(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
                                    "interface, and whether xhcidbg can attach it.",
                        epilog=EXAMPLES)
     p.add_argument("--json", action="store_true", help="JSON for scripts")
+    p.add_argument("--usbip", metavar="HOST[:PORT]",
+                   help="list what the USB/IP server there exports (port 3240 by default)")
     p.set_defaults(func=run_devices)
     return p
 
@@ -71,7 +76,37 @@ def tree(devices: list[HostDevice]) -> Tree:
     return root
 
 
+def run_remote(server: str, as_json: bool) -> int:
+    import asyncio
+
+    from ..usbip.client import UsbipError, list_exported, parse_server
+    try:
+        host, port = parse_server(server)
+        exported = asyncio.run(list_exported(host, port))
+    except (ValueError, UsbipError) as e:
+        print(f"xhcidbg: {e}", file=sys.stderr)
+        return 2
+    if as_json:
+        print(json.dumps([d.data() for d in exported], indent=2))
+        return 0
+    out = RichConsole()
+    if not exported:
+        out.print(f"{server} exports no devices (bind one there: usbip bind -b BUSID)")
+        return 0
+    root = Tree(Text(f"usbip://{host}:{port}", style="bold"))
+    for d in exported:
+        data = d.data()
+        node = root.add(Text(f"{data['busid']}  {data['id']} {data['speed']}  "
+                             f"(attach usbip://{host}:{port}/{data['busid']})"))
+        for cls, sub, proto in d.interfaces:
+            node.add(Text(f"interface class {cls:02x}/{sub:02x}/{proto:02x}", style="dim"))
+    out.print(root)
+    return 0
+
+
 def run_devices(args: argparse.Namespace) -> int:
+    if args.usbip:
+        return run_remote(args.usbip, args.json)
     try:
         devices = host_devices()
     except (LibusbMissing, SelectionError) as e:

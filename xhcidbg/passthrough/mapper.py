@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import usb1
 
 from ..devices.base import UsbDevice
+from ..usbip.remote import RemoteImports
 from . import library
 from .device import PassthroughDevice
 from .host import HostDevice, Selection, SelectionError, describe, host_devices
@@ -57,6 +58,8 @@ class PortMapper:
         self.events = LoopEvents(self.ctx, loop)
         self.attached: dict[int, Attached] = {}          # root port -> what is there
         self.waiting: list[Selection] = []               # persist selections that are away
+        # devices of other machines (usbip://HOST[:PORT]/BUSID selections)
+        self.remote = RemoteImports(loop, self._plug, self._unplug, self.say)
         self._hotplug: int | None = None
         if self.ctx.hasCapability(usb1.CAP_HAS_HOTPLUG):
             self._hotplug = self.ctx.hotplugRegisterCallback(
@@ -69,8 +72,12 @@ class PortMapper:
 
     def attach(self, text: str | Selection, port: int | None = None) -> int | None:
         """Attach the host device `text` selects; returns its root port (None: a `persist`
-        selection whose device is not there yet, attached when it comes).  SelectionError or
-        PermissionError (with what to do) when it cannot be."""
+        selection whose device is not there yet, attached when it comes; a USB/IP device,
+        imported in the background).  SelectionError or PermissionError (with what to do) when
+        it cannot be."""
+        if isinstance(text, str) and text.strip().startswith("usbip://"):
+            self.remote.attach(text, port)
+            return None
         sel = text if isinstance(text, Selection) else Selection.parse(text)
         devices = self.devices()
         if sel.persist and not any(sel.matches(d) and not d.root_hub for d in devices):
@@ -187,7 +194,9 @@ class PortMapper:
             log.exception("%s: giving it back to the host failed", dev.name)
 
     def close(self) -> None:
-        """Every attached device back to the host and its kernel drivers; safe to call twice."""
+        """Every attached device back to the host and its kernel drivers, every import ended;
+        safe to call twice."""
+        self.remote.close()
         for number in list(self.attached):
             a = self.attached.pop(number)
             port = self.controller.port(number)

@@ -47,6 +47,10 @@ async def attach(con: Console, args: Namespace) -> None:
         raise UsageError("attach SEL [port N]")
     since = con.activity.seq
     number = mapper.attach(args.selection, int(words[0]) if words else None)
+    if number is None and args.selection.startswith("usbip://"):
+        await con.session.settle(5.0)           # the import's own lines say how it went
+        con.show_activity(since, limit=12)
+        return
     if number is None:
         con.out.print(f"{args.selection}: not on the host now; attached when it comes")
         return
@@ -67,6 +71,11 @@ p.add_argument("what", help="root port number, or the selection it was attached 
 async def detach(con: Console, args: Namespace) -> None:
     since = con.activity.seq
     mapper = con.session.port_mapper()
+    if mapper.remote.find(args.what) is not None:
+        mapper.remote.detach(args.what)
+        await con.session.settle(3.0)
+        con.show_activity(since, limit=12)
+        return
     port = mapper.find(args.what).port
     info = mapper.detach(args.what)
     con.out.print(f"detached {info.label()} from port {port}: back to the host")
