@@ -231,6 +231,53 @@ def test_a_device_the_host_kernel_drives_is_taken_only_with_force_and_given_back
         assert n["block0"] == first[:32].hex()
 
 
+def _driver(g: GadgetVm, interface: str) -> str:
+    """The kernel driver bound to `interface` (a sysfs folder in the VM), or "-" for none."""
+    assert g.vm is not None
+    r = g.run(g.vm.console.run(f"basename $(readlink {interface}/driver) 2>/dev/null || "
+                               "echo -"), 30)
+    return r.output.strip()
+
+
+@pytest.mark.parametrize("ending", ["TERM", "INT", "HUP", "startup error"])
+def test_however_xhcidbg_ends_the_kernel_driver_gets_its_device_back(gadget_vm, tmp_path,
+                                                                      ending):
+    g = gadget_vm
+    assert g.vm is not None
+    image = tmp_path / "stick.img"
+    image.write_bytes(bytes(1 << 20))
+    stick = Gadget("stick", [MassStorage(file=str(image))], product="Stick")
+    plugged = g.run(g.usb.plug(stick))
+    interface = f"{plugged.sysfs}/{plugged.sysfs.rsplit('/', 1)[1]}:1.0"
+    command = [sys.executable, "-m", "xhcidbg", "serve", "--socket", f"/tmp/xs-{ending[:4]}",
+               "--no-console", "--no-tablet", "--no-keyboard", "--attach", "0525:a4a5,force"]
+    if ending == "startup error":           # the second device is not there: exit 2
+        command += ["--attach", "1234:5678"]
+    try:
+        before = _driver(g, interface)
+        job = g.run(g.vm.host.start(shlex.join(command)))
+        if ending == "startup error":
+            ended = g.run(job.wait(120), 150)
+            taken = None
+        else:
+            g.run(job.wait_output("on port", 120), 150)
+            taken = _driver(g, interface)
+            # the Python process alone (the shells around it name xhcidbg too)
+            g.run(g.vm.host.run(f"pkill -{ending} -f '^{sys.executable} -m xhcidbg [s]erve'",
+                                check=True), 30)
+            ended = g.run(job.wait(60), 90)
+        g.run(g.vm.console.run(f"i=0; until [ -e {interface}/driver ]; do i=$((i+1)); "
+                               "[ $i -lt 100 ] || break; usleep 50000; done"), 30)
+        after = _driver(g, interface)
+    finally:
+        g.run(g.usb.remove(stick))
+    assert before == after == "usb-storage", (before, after, ended.output)
+    if taken is None:
+        assert ended.status == 2 and "1234:5678" in ended.output, ended.output
+    else:
+        assert taken == "usbfs" and ended.status == 0, ended.output
+
+
 def test_a_hid_keyboard_gadget_is_polled_and_its_reports_reach_the_guest(gadget_vm):
     g = gadget_vm
     keyboard = Gadget("kbd", [HidKeyboard()], product="Keys")
