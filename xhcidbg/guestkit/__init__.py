@@ -6,6 +6,8 @@
 - `xhcidbg.guestkit.launch.Vm`: run QEMU under asyncio with a console and QMP;
   `Vm.start(host_root=True)` also mounts this machine's root in the guest (`hostroot`)
 - `xhcidbg.guestkit.gadgets`: Linux USB gadgets (dummy_hcd + configfs) in that guest
+- `ensure_usbip_tools()`: Debian's usbip/usbipd for the guest; `xhcidbg.guestkit.usbip` exports
+  the guest's devices over USB/IP to this machine (`Vm.start(forward_tcp=...)`)
 
 All downloads are verified against Debian's signed indexes and cached in $XDG_CACHE_HOME/xhcidbg
 (or ~/.cache/xhcidbg).  `python -m xhcidbg.guestkit fetch` fetches everything up front.
@@ -27,6 +29,7 @@ _API = {
     "ensure_initramfs": "xhcidbg.guestkit.initramfs",
     "ensure_kernel": "xhcidbg.guestkit.kernel",
     "ensure_qemu": "xhcidbg.guestkit.qemu",
+    "ensure_usbip_tools": "xhcidbg.guestkit.usbip",
 }
 
 __all__ = [
@@ -37,6 +40,7 @@ __all__ = [
            "ensure_initramfs",
            "ensure_kernel",
            "ensure_qemu",
+           "ensure_usbip_tools",
 ]
 assert sorted(__all__) == sorted(_API)
 
@@ -46,6 +50,7 @@ if TYPE_CHECKING:
     from .kernel import ensure_kernel
     from .qemu import QemuInstall, ensure_qemu
     from .report import KitError, OfflineError
+    from .usbip import ensure_usbip_tools
 
 
 def __getattr__(name: str) -> Any:

@@ -12,6 +12,7 @@ from . import ensure_initramfs, ensure_kernel, ensure_qemu
 from .kernel import fetch_kernel
 from .qemu import build_private_qemu
 from .report import KitError, console
+from .usbip import build_usbip_tools, ensure_usbip_tools
 
 
 def fetch(refresh: bool) -> None:
@@ -19,11 +20,14 @@ def fetch(refresh: bool) -> None:
     if refresh:
         build_private_qemu()
         fetch_kernel()
+        build_usbip_tools()
     qemu = ensure_qemu()
     kernel = ensure_kernel()
     initrd = ensure_initramfs()
+    usbip = ensure_usbip_tools()
     where = f"private prefix {qemu.prefix}" if qemu.prefix else qemu.argv_prefix[0]
     console.print(f"QEMU {qemu.version}: {where}\nkernel: {kernel}\ninitramfs: {initrd}\n"
+                  f"USB/IP tools {usbip.version}: {usbip.prefix}\n"
                   f"(ready in {time.monotonic() - started:.1f} s)", soft_wrap=True)
 
 
@@ -58,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m xhcidbg.guestkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p_fetch = sub.add_parser("fetch",
-                             help="download and build QEMU, the guest kernel and initramfs")
+                             help="download and build QEMU, the guest kernel and initramfs,"
+                                  " and the guest's USB/IP tools")
     p_fetch.add_argument("--refresh", action="store_true",
                          help="fetch the newest packages even if a kit is cached")
     p_shell = sub.add_parser("shell", help="boot the guest and run commands in its shell")

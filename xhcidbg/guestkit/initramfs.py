@@ -46,8 +46,11 @@ TEST_MODULES = ["usbtest"]
 # USB/IP in the kernel: usbip-host exports a device, vhci-hcd imports one, usbip-vudc is a UDC
 # whose gadget is reached over USB/IP.
 USBIP_MODULES = ["usbip-core", "usbip-host", "vhci-hcd", "usbip-vudc"]
+# A NIC for Vm.start(forward_tcp=...): virtio-net needs net_failover, which needs failover
+# (the virtio ones it also needs are HOST_ROOT_MODULES); load order.
+NET_MODULES = ["failover", "net_failover", "virtio_net"]
 # Shipped but not loaded (dummy_hcd adds a USB bus of its own): `modprobe NAME` in the guest.
-EXTRA_MODULES = GADGET_MODULES + HOST_ROOT_MODULES + TEST_MODULES + USBIP_MODULES
+EXTRA_MODULES = GADGET_MODULES + HOST_ROOT_MODULES + TEST_MODULES + USBIP_MODULES + NET_MODULES
 
 INIT_SCRIPT = r"""#!/bin/busybox sh
 # xhcidbg guest init: kernel filesystems, modules, then a shell on the serial console.

@@ -12,6 +12,12 @@ gets a `VmExited` that carries QEMU's exit status and the end of its stderr.
 
 With `host_root=True` the guest also sees this machine's root filesystem (hostroot.py), and
 `vm.host.run(...)` runs commands chrooted into it, the project's venv included.
+
+The guest has no network unless `forward_tcp={guest_port: host_port}` asks for one: then QEMU's
+user networking with `restrict=on` (the guest reaches nothing, not even this machine) forwards
+127.0.0.1:host_port here to that guest port (host port 0: a free one, see `vm.forwarded_tcp`), and
+the guest's eth0 is up at 10.0.2.15/24 once `start` returns.  That is how a guest service such as
+usbipd (usbip.py) is reached from this machine and from nowhere else.
 """
 from __future__ import annotations
 
@@ -23,16 +29,17 @@ import os
 import re
 import shutil
 import signal
+import socket
 import tempfile
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..session.vmm import Vmm, VmmError
-from .initramfs import MODULES_LOADED, READY_MARKER, ensure_initramfs
+from .initramfs import MODULES_LOADED, NET_MODULES, READY_MARKER, ensure_initramfs
 from .kernel import ensure_kernel
 from .qemu import QemuInstall, ensure_qemu
 from .report import say
@@ -51,6 +58,9 @@ BOOT_MILESTONES = [
 STDERR_KEEP = 16384
 TRANSCRIPT_KEEP = 1 << 20
 PR_SET_PDEATHSIG = 1
+# The address QEMU's user network (slirp) would hand the guest by DHCP, set statically instead:
+# no DHCP client to run and wait for.
+GUEST_ADDRESS = "10.0.2.15/24"
 
 # Set once QEMU has ended: its exit status and its stderr.
 Exited = asyncio.Future[tuple[int, str]]
@@ -261,6 +271,42 @@ class SerialConsole:
             self._log.close()
 
 
+def free_tcp_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the kernel's pick for port 0).
+
+    Another process could take it before QEMU binds it; QEMU then exits saying so."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def network_args(forward_tcp: Mapping[int, int]) -> list[str]:
+    """QEMU options for a guest NIC on an isolated user network (`restrict=on`) with each
+    guest TCP port of `forward_tcp` reachable at 127.0.0.1:<its host port> here."""
+    forwards = "".join(f",hostfwd=tcp:127.0.0.1:{host}-:{guest}"
+                       for guest, host in forward_tcp.items())
+    # romfile= : no iPXE option ROM, which the kernel boot never runs and QEMU would have to find.
+    return ["-netdev", f"user,id=net0,restrict=on{forwards}",
+            "-device", "virtio-net-pci,netdev=net0,romfile="]
+
+
+def network_script(address: str = GUEST_ADDRESS, timeout: float = 30.0) -> str:
+    """Kit-shell commands that load virtio-net and bring the first NIC up at `address`."""
+    tries = int(timeout / 0.05)
+    return "\n".join([
+        "set -e",
+        f"modprobe -a virtio_pci {' '.join(NET_MODULES)}",
+        f"i=0; until n=$(ls /sys/class/net | grep -v '^lo$' | head -n1); [ -n \"$n\" ]; do"
+        f" i=$((i+1)); [ $i -lt {tries} ] || {{ echo 'no network interface appeared'; exit 1; }};"
+        " usleep 50000; done",
+        "ip link set lo up",
+        f"ip addr add {address} dev \"$n\"",
+        "ip link set \"$n\" up",
+        "echo \"$n\"",
+    ])
+
+
 def _libc_prctl() -> Callable[..., int] | None:
     try:
         return ctypes.CDLL(None, use_errno=True).prctl
@@ -286,10 +332,12 @@ def _kill_if_running(process: asyncio.subprocess.Process) -> None:
 def build_command(qemu: QemuInstall, *, kernel: Path, initrd: Path, serial_socket: Path,
                   qmp_socket: Path, memory_mib: int = DEFAULT_MEMORY_MIB, append: str = "",
                   devices: Iterable[str] = (), extra_args: Iterable[str] = (),
-                  allow_reboot: bool = False) -> list[str]:
+                  allow_reboot: bool = False,
+                  forward_tcp: Mapping[int, int] | None = None) -> list[str]:
     """The full QEMU command line for a TCG q35 guest with shared (memfd) RAM.
 
     Unless allow_reboot, any reset (guest reboot, kernel panic, QMP system_reset) ends QEMU.
+    Without forward_tcp ({guest_port: host_port}, both given) the guest has no NIC at all.
     """
     mem = f"{memory_mib}M"
     argv = qemu.command(
@@ -297,7 +345,8 @@ def build_command(qemu: QemuInstall, *, kernel: Path, initrd: Path, serial_socke
         "-machine", "q35,accel=tcg,memory-backend=mem",
         "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
         "-m", mem, "-smp", "1",
-        "-nic", "none", "-display", "none",
+        *(network_args(forward_tcp) if forward_tcp else ["-nic", "none"]),
+        "-display", "none",
         "-kernel", str(kernel), "-initrd", str(initrd),
         "-append", f"console=ttyS0 panic=-1 {append}".strip(),
         "-chardev", f"socket,id=serial0,path={serial_socket},server=off",
@@ -329,6 +378,7 @@ class Vm:
         self._tasks: list[asyncio.Task[None]] = []
         self._reaper: weakref.finalize[..., Vm] | None = None
         self._stopping = False
+        self.forwarded_tcp: dict[int, int] = {}     # guest TCP port -> host port on 127.0.0.1
 
     @staticmethod
     def _started(part: _T | None) -> _T:
@@ -369,7 +419,8 @@ class Vm:
                     initrd: Path | None = None, log: Path | None = None,
                     wait_ready: bool = True, boot_timeout: float = 300.0,
                     progress: bool = True, allow_reboot: bool = False,
-                    host_root: bool = False) -> Vm:
+                    host_root: bool = False,
+                    forward_tcp: Mapping[int, int] | None = None) -> Vm:
         """Start QEMU with the guest kernel and initramfs (fetched/built on first use).
 
         devices: `-device` values (e.g. from `vfio_user_device`); extra_args: more QEMU options;
@@ -378,7 +429,9 @@ class Vm:
         guest (then `await vm.console.wait_ready()` again) instead of ending QEMU; host_root:
         export this machine's `/` to the guest and mount it there, writable through a tmpfs
         overlay, for `vm.host` (needs wait_ready; after a reboot mount it again with
-        `HostRoot.mount(vm.console)`).
+        `HostRoot.mount(vm.console)`); forward_tcp: {guest_port: host_port} reachable at
+        127.0.0.1:host_port here (0: a free port; `vm.forwarded_tcp` says which), over an
+        isolated user network whose eth0 comes up at 10.0.2.15/24 (needs wait_ready).
         """
         # A late import: hostroot builds on this module.
         from .hostroot import HostRoot, virtfs_args
@@ -387,6 +440,9 @@ class Vm:
             raise ValueError("host_root needs wait_ready: the tree is mounted from the shell")
         if host_root:
             extra_args = [*virtfs_args(), *extra_args]
+        if forward_tcp and not wait_ready:
+            raise ValueError("forward_tcp needs wait_ready: the NIC is set up from the shell")
+        forwards = {guest: host or free_tcp_port() for guest, host in (forward_tcp or {}).items()}
         if qemu is None:
             qemu = await asyncio.to_thread(ensure_qemu)
         if kernel is None:
@@ -394,13 +450,16 @@ class Vm:
         if initrd is None:
             initrd = await asyncio.to_thread(ensure_initramfs)
         vm = cls()
+        vm.forwarded_tcp = forwards
         vm.workdir = Path(tempfile.mkdtemp(prefix="xhcidbg-vm-"))
         report = say if progress else None
         try:
             await vm._spawn(qemu, kernel, initrd, vm.workdir, memory_mib, append, devices,
-                            extra_args, log, report, allow_reboot)
+                            extra_args, log, report, allow_reboot, forwards)
             if wait_ready:
                 await vm.console.wait_ready(boot_timeout)
+            if forwards:
+                await vm.console.run(network_script(), 60, check=True)
             if host_root:
                 vm._host = await HostRoot.mount(vm.console)
         except BaseException:
@@ -411,7 +470,7 @@ class Vm:
     async def _spawn(self, qemu: QemuInstall, kernel: Path, initrd: Path, workdir: Path,
                      memory_mib: int, append: str, devices: Iterable[str],
                      extra_args: Iterable[str], log: Path | None, report: Report | None,
-                     allow_reboot: bool) -> None:
+                     allow_reboot: bool, forward_tcp: Mapping[int, int]) -> None:
         loop = asyncio.get_running_loop()
         accepted: asyncio.Future[Connection] = loop.create_future()
 
@@ -428,7 +487,8 @@ class Vm:
             str(qmp_path), gone=lambda: VmExited(*exited.result()) if exited.done() else None)
         self.argv = build_command(qemu, kernel=kernel, initrd=initrd, serial_socket=serial_path,
                                   qmp_socket=qmp_path, memory_mib=memory_mib, append=append,
-                                  devices=devices, extra_args=extra_args, allow_reboot=allow_reboot)
+                                  devices=devices, extra_args=extra_args, allow_reboot=allow_reboot,
+                                  forward_tcp=forward_tcp)
         try:
             process = self._process = await asyncio.create_subprocess_exec(
                 *self.argv, env=qemu.environ(), stdin=asyncio.subprocess.DEVNULL,
