@@ -152,13 +152,47 @@ def test_a_transfer_taken_back_is_unlinked_on_the_server():
     assert cc == 1 and still                # and the device goes on
 
 
-@pytest.mark.parametrize("misbehave", ["long", "iso", "unknown"])
+def test_isochronous_in_comes_in_batches_and_each_packet_keeps_its_own_bytes():
+    async def body():
+        async with Imported() as t:
+            port = await t.attach()
+            dev = t.world.guest_devices[port].device
+            asks = (1024, 100, 1024, 7, 512)
+
+            def stream():
+                dev.set_interface(0, 1)
+                ep = dev.endpoint(0x83)
+                tds = [ep.submit(length=asks[k % len(asks)], isoch={"sia": True})
+                       for k in range(40)]
+                return [(t.wait().cc, t.actual, bytes(t.data[:t.actual])) for t in tds]
+            before = t.export.served.submits
+            done = await t.job("stream", stream)
+            return done, t.export.served.submits - before, t.export.device.transfers_in
+    done, urbs, served = run(body())
+    asks = (1024, 100, 1024, 7, 512)
+    for k, (cc, actual, data) in enumerate(done):
+        want = min(asks[k % len(asks)], 1024)
+        assert (cc, actual) == (1, want), (k, cc, actual)
+        assert data == bytes((i % 1024) % 63 for i in range(want)), k      # its own bytes
+    assert served == 40 and urbs <= 40 // 2, urbs      # several packets to one URB
+
+
+@pytest.mark.parametrize("misbehave", ["long", "iso", "unknown", "iso-offset"])
 def test_a_server_that_breaks_the_protocol_loses_the_device_and_nothing_else(misbehave, caplog):
     async def body():
         async with Imported(misbehave=misbehave) as t:
             port = await t.attach()
             dev = t.world.guest_devices[port].device
-            read = await t.job("in", lambda: dev.endpoint(0x81).submit(length=512).wait())
+
+            def read():
+                if misbehave != "iso-offset":
+                    return dev.endpoint(0x81).submit(length=512).wait()
+                dev.set_interface(0, 1)                 # an isochronous IN stream
+                tds = [dev.endpoint(0x83).submit(length=256, isoch={"sia": True})
+                       for _ in range(4)]
+                waited = [t.wait() for t in tds]       # every one ends, none hangs
+                return waited[0]
+            read = await t.job("in", read)
             await until(lambda: port not in t.world.guest_devices, "the device to leave")
             return read.cc, list(t.world.port_mapper().remote.attached), t.said
     with caplog.at_level(logging.ERROR, logger="xhcidbg.usbip"):

@@ -129,9 +129,13 @@ class VirtualExport:
             is_in = header.direction == 1
             length = cmd.transfer_buffer_length
             data = b"" if is_in else await reader.readexactly(length)
-            if cmd.number_of_packets > 0:
-                await reader.readexactly(cmd.number_of_packets * ISO_PACKET_SIZE)
             self.served.submits += 1
+            if cmd.number_of_packets > 0:
+                raw = await reader.readexactly(cmd.number_of_packets * ISO_PACKET_SIZE)
+                packets = [ISO_PACKET.parse(raw[i:i + ISO_PACKET_SIZE])
+                           for i in range(0, len(raw), ISO_PACKET_SIZE)]
+                self._iso(writer, header, is_in, data, packets)
+                continue
             if header.ep == 0:
                 xfer = UsbTransfer(0, EpType.CONTROL, length, setup=cmd.setup,
                                    data=data or None)
@@ -143,6 +147,45 @@ class VirtualExport:
             xfer._on_complete = lambda x, s=header.seqnum, c=cmd, i=is_in: self._done(
                 writer, pending, s, c, i, x)
             pending[header.seqnum] = xfer
+            self.device.submit(xfer)
+
+    def _iso(self, writer: asyncio.StreamWriter, header: object, is_in: bool, data: bytes,
+             packets: list) -> None:
+        """An isochronous URB: each packet to the device as a transfer of its own, the reply
+        once all are done -- IN data compacted, as usbip-host sends it."""
+        address = header.ep | (0x80 if is_in else 0)                    # type: ignore[attr-defined]
+        results: list[tuple[int, bytes, int]] = []
+
+        def finish() -> None:
+            descriptors = b"".join(
+                ISO_PACKET.build({"offset": p.offset, "length": p.length,
+                                  "actual_length": n if kind != "iso-offset" or i else n + 1,
+                                  "status": st})
+                for i, (p, (st, _, n)) in enumerate(zip(packets, results, strict=True)))
+            compact = b"".join(chunk for _, chunk, _ in results) if is_in else b""
+            writer.write(URB_HEADER.build({
+                "command": Command.RET_SUBMIT, "seqnum": header.seqnum,  # type: ignore[attr-defined]
+                "devid": 0, "direction": 0, "ep": 0, "body": RET_SUBMIT.build({
+                    "status": 0, "actual_length": sum(n for _, _, n in results),
+                    "start_frame": 0, "number_of_packets": len(packets),
+                    "error_count": sum(1 for st, _, _ in results if st)})})
+                + compact + descriptors)
+
+        kind = self.misbehave if is_in else ""
+        if kind == "iso-offset":
+            self.misbehave = ""
+        for p in packets:
+            chunk = data[p.offset:p.offset + p.length]
+            xfer = UsbTransfer(address, EpType.ISOCHRONOUS, p.length,
+                               data=None if is_in else chunk)
+
+            def done(x: UsbTransfer) -> None:
+                got = bytes(x.in_data()) if is_in else b""
+                results.append((_ERRNO.get(x.status or Status.OK, -Errno.EPROTO), got,
+                                len(got) if is_in else x.actual))
+                if len(results) == len(packets):
+                    finish()
+            xfer._on_complete = done
             self.device.submit(xfer)
 
     def _done(self, writer: asyncio.StreamWriter, pending: dict[int, UsbTransfer], seqnum: int,

@@ -12,9 +12,9 @@ the host's side because the host's kernel owns them:
 - at SuperSpeed, UAS settings that have a Bulk-Only sibling are left out of the configuration
   the guest reads (this controller has no streams; see `uas`).
 
-Isochronous TDs, one packet each, go to libusb in batches: the TDs of an endpoint that arrive
-within a few milliseconds share one transfer (up to `iso_packets` of them), several such
-transfers are in flight, and each TD completes with its own packet's status and length.
+Isochronous TDs, one packet each, go to libusb in batches (`IsoBatches`): the TDs of an
+endpoint that arrive within a few milliseconds share one transfer, several such transfers are
+in flight, and each TD completes with its own packet's status and length.
 
 libusb's results become the bus outcomes a real controller reports: a stall halts, an overflow
 is babble, a vanished device is a disconnect, errors and timeouts are transaction errors, and a
@@ -35,6 +35,7 @@ from usb1 import libusb1
 
 from ..devices.base import EpType, PortLink, Speed, Status, UsbDevice, UsbTransfer
 from ..devices.descriptors import DescriptorType
+from ..devices.isobatch import PACKETS, IsoBatches
 from .host import HostDevice
 from .uas import without_uas
 
@@ -47,8 +48,6 @@ _STATUS = {usb1.TRANSFER_COMPLETED: Status.OK, usb1.TRANSFER_STALL: Status.STALL
            usb1.TRANSFER_ERROR: Status.XACT_ERROR, usb1.TRANSFER_TIMED_OUT: Status.XACT_ERROR,
            usb1.TRANSFER_CANCELLED: Status.CANCELLED}
 SET_ADDRESS, SET_CONFIGURATION, SET_INTERFACE, CLEAR_FEATURE, GET_DESCRIPTOR = 5, 9, 11, 1, 6
-ISO_PACKETS = 8            # isochronous TDs (packets) per libusb transfer, at most
-ISO_GATHER_S = 0.004       # how long a partly filled batch waits for more TDs
 
 
 def _zero_length(transfer: usb1.USBTransfer, lengths: list[int]) -> None:
@@ -67,15 +66,13 @@ class PassthroughDevice(UsbDevice):
 
     def __init__(self, handle: usb1.USBDeviceHandle, info: HostDevice, *, force: bool = False,
                  on_gone: Callable[[PassthroughDevice], None] | None = None,
-                 loop: asyncio.AbstractEventLoop | None = None, iso_packets: int = ISO_PACKETS):
+                 loop: asyncio.AbstractEventLoop | None = None, iso_packets: int = PACKETS):
         self.handle = handle
         self.info = info
         self.name = info.product or info.id
         self.speed = info.speed if info.speed is not None else Speed.HIGH
         self.force = force
         self.on_gone = on_gone
-        self.loop = loop                    # without one, isochronous TDs go one per transfer
-        self.iso_packets = max(1, iso_packets)
         self.port: PortLink | None = None
         self.addressed = False
         self.claimed: set[int] = set()
@@ -86,8 +83,7 @@ class PassthroughDevice(UsbDevice):
         self._live: dict[usb1.USBTransfer, list[UsbTransfer | None]] = {}
         self._config_reads: dict[usb1.USBTransfer, int] = {}     # -> the length the guest asked
         self._config_lengths: dict[int, int] = {}                # configuration -> wTotalLength
-        self._iso: dict[int, list[UsbTransfer]] = {}             # endpoint -> TDs being gathered
-        self._iso_timers: dict[int, asyncio.TimerHandle] = {}
+        self._iso = IsoBatches(self._send_batch, loop, iso_packets)
         self._closed = False
         self.transfers = 0
         self.resets = 0                     # guest port resets that reached the device
@@ -133,9 +129,6 @@ class PassthroughDevice(UsbDevice):
 
     def detached(self) -> None:
         self.port = None
-        for timer in self._iso_timers.values():
-            timer.cancel()
-        self._iso_timers.clear()
         self._iso.clear()                           # the controller took those TDs back
         for transfer, xfers in self._live.items():
             xfers.clear()
@@ -172,9 +165,7 @@ class PassthroughDevice(UsbDevice):
             xfer.complete(Status.XACT_ERROR)
 
     def cancel(self, xfer: UsbTransfer) -> bool:
-        gathering = self._iso.get(xfer.endpoint)
-        if gathering is not None and xfer in gathering:
-            gathering.remove(xfer)
+        if self._iso.cancel(xfer):
             return True
         for transfer, xfers in self._live.items():
             if xfer in xfers:
@@ -253,7 +244,7 @@ class PassthroughDevice(UsbDevice):
     # ---- data ---------------------------------------------------------------------------------
     def _data(self, xfer: UsbTransfer) -> None:
         if xfer.ep_type == EpType.ISOCHRONOUS:
-            self._gather(xfer)
+            self._iso.add(xfer)
             return
         transfer = self.handle.getTransfer()
         data: Any = xfer.length if xfer.is_in else bytes(xfer.data or b"")[:xfer.length]
@@ -263,24 +254,11 @@ class PassthroughDevice(UsbDevice):
             transfer.setInterrupt(xfer.endpoint, data, callback=self._done)
         self._start(transfer, [xfer])
 
-    def _gather(self, xfer: UsbTransfer) -> None:
-        """Add an isochronous TD to its endpoint's batch; send the batch when it is full, or
-        soon (the controller hands TDs over one service interval apart)."""
-        batch = self._iso.setdefault(xfer.endpoint, [])
-        batch.append(xfer)
-        if len(batch) >= self.iso_packets or self.loop is None:
-            self._send_batch(xfer.endpoint)
-        elif xfer.endpoint not in self._iso_timers:
-            self._iso_timers[xfer.endpoint] = self.loop.call_later(
-                ISO_GATHER_S, self._send_batch, xfer.endpoint)
+    @property
+    def iso_packets(self) -> int:
+        return self._iso.packets
 
-    def _send_batch(self, endpoint: int) -> None:
-        timer = self._iso_timers.pop(endpoint, None)
-        if timer is not None:
-            timer.cancel()
-        batch = [x for x in self._iso.pop(endpoint, []) if not x.done]
-        if not batch:
-            return
+    def _send_batch(self, endpoint: int, batch: list[UsbTransfer]) -> None:
         if self._closed:
             for xfer in batch:
                 xfer.complete(Status.NODEV)

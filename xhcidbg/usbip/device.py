@@ -1,7 +1,8 @@
 """A device imported over USB/IP, as the controller's device interface (`UsbDevice`).
 
-Every TD becomes one URB (CMD_SUBMIT, several in flight); the server's RET_SUBMIT completes it
-and its Linux errno becomes the bus outcome a controller reports.  A TD the controller takes
+Every TD becomes one URB (CMD_SUBMIT, several in flight) but isochronous ones, which go in
+batches of several packets per URB (`IsoBatches`); the server's RET_SUBMIT completes them and
+its Linux errno becomes the bus outcome a controller reports.  A TD the controller takes
 back is unlinked (CMD_UNLINK), which ends one of two ways: RET_UNLINK -ECONNRESET in place of
 the URB's RET_SUBMIT, or, when the URB had finished already, its RET_SUBMIT and then RET_UNLINK
 with status 0.  SET_ADDRESS stays virtual; a guest port reset reaches the device (as the
@@ -25,6 +26,7 @@ from typing import Any
 import construct as c
 
 from ..devices.base import EpType, PortLink, Speed, Status, UsbDevice, UsbTransfer
+from ..devices.isobatch import IsoBatches
 from .protocol import (
     CMD_SUBMIT,
     ISO_PACKET,
@@ -68,7 +70,7 @@ class ProtocolError(Exception):
 
 @dataclass
 class _Urb:
-    xfer: UsbTransfer | None          # None once the controller took it back
+    xfers: list[UsbTransfer | None]   # its TD, or an isochronous batch's (None: taken back)
     is_in: bool
     length: int
     packets: list[int] | None         # isochronous: each packet's length
@@ -95,13 +97,15 @@ class UsbipDevice(UsbDevice):
         self._urbs: dict[int, _Urb] = {}            # seqnum -> URB, until the server is done
         self._unlinks: dict[int, int] = {}          # unlink seqnum -> the URB's seqnum
         self._task: asyncio.Task[None] | None = None
+        self._iso = IsoBatches(self._send_iso, None)    # on the loop once started
         self.ended: str | None = None                # why the import ended
         self.submitted = 0
 
     def start(self) -> UsbipDevice:
         """Start reading the server's replies (on the running loop)."""
-        self._task = asyncio.get_running_loop().create_task(self._receive(),
-                                                            name=f"usbip {self.info.busid}")
+        loop = asyncio.get_running_loop()
+        self._iso.loop = loop
+        self._task = loop.create_task(self._receive(), name=f"usbip {self.info.busid}")
         return self
 
     # ---- the device interface -----------------------------------------------------------------
@@ -110,16 +114,17 @@ class UsbipDevice(UsbDevice):
 
     def detached(self) -> None:
         self.port = None
+        self._iso.clear()
         for seqnum, urb in list(self._urbs.items()):
-            if urb.xfer is not None:
-                urb.xfer = None
+            if any(urb.xfers):
+                urb.xfers = [None] * len(urb.xfers)
                 self._unlink(seqnum)
 
     def bus_reset(self) -> None:
         if not self.addressed or self.ended:
             return
         self.addressed = False
-        self._send(Direction.OUT, 0, 0, PORT_RESET_REQUEST, b"", None, _Urb(None, False, 0, None))
+        self._send(Direction.OUT, 0, 0, PORT_RESET_REQUEST, b"", _Urb([None], False, 0, None))
 
     def submit(self, xfer: UsbTransfer) -> None:
         if self.ended:
@@ -133,20 +138,38 @@ class UsbipDevice(UsbDevice):
                 xfer.complete(Status.OK)
                 return
             is_in = bool(rt & 0x80)
+        elif xfer.ep_type == EpType.ISOCHRONOUS:
+            self._iso.add(xfer)
+            return
         else:
             length = xfer.length
             is_in = xfer.is_in
         data = b"" if is_in else bytes(xfer.data or b"")[:length]
-        packets = [length] if xfer.ep_type == EpType.ISOCHRONOUS else None
-        urb = _Urb(xfer, is_in, length if is_in else len(data), packets)
+        urb = _Urb([xfer], is_in, length if is_in else len(data), None)
         self._send(Direction.IN if is_in else Direction.OUT, xfer.endpoint & 0x0F,
-                   self._interval(xfer), setup[:8].ljust(8, b"\0"), data, packets, urb)
+                   self._interval(xfer), setup[:8].ljust(8, b"\0"), data, urb)
+
+    def _send_iso(self, endpoint: int, batch: list[UsbTransfer]) -> None:
+        """One URB for a batch of isochronous TDs, a packet each."""
+        if self.ended:
+            for xfer in batch:
+                xfer.complete(Status.NODEV)
+            return
+        is_in = bool(endpoint & 0x80)
+        payloads = [b"" if is_in else bytes(x.data or b"")[:x.length] for x in batch]
+        packets = [x.length if is_in else len(p) for x, p in zip(batch, payloads, strict=True)]
+        urb = _Urb(list(batch), is_in, sum(packets), packets)
+        self._send(Direction.IN if is_in else Direction.OUT, endpoint & 0x0F,
+                   self._interval(batch[0]), bytes(8), b"".join(payloads), urb)
 
     def cancel(self, xfer: UsbTransfer) -> bool:
+        if self._iso.cancel(xfer):
+            return True
         for seqnum, urb in self._urbs.items():
-            if urb.xfer is xfer:
-                urb.xfer = None
-                self._unlink(seqnum)
+            if xfer in urb.xfers:
+                urb.xfers[urb.xfers.index(xfer)] = None
+                if not any(urb.xfers):      # the rest of a batch still wants its packets
+                    self._unlink(seqnum)
                 return True
         return False
 
@@ -159,8 +182,9 @@ class UsbipDevice(UsbDevice):
         return microframes if self.speed >= Speed.HIGH else max(1, microframes // 8)
 
     def _send(self, direction: Direction, ep: int, interval: int, setup: bytes, data: bytes,
-              packets: list[int] | None, urb: _Urb) -> None:
+              urb: _Urb) -> None:
         seqnum = next(self._seqnums)
+        packets = urb.packets
         flags = (URB_DIR_IN if direction == Direction.IN else 0) | \
             (URB_ISO_ASAP if packets is not None else 0)
         body = CMD_SUBMIT.build({
@@ -226,24 +250,28 @@ class UsbipDevice(UsbDevice):
                                 f"packets for a URB of {count}")
         data = await self.reader.readexactly(actual) if urb.is_in else b""
         iso = await self.reader.readexactly(count * ISO_PACKET_SIZE) if count else b""
-        xfer = urb.xfer
-        if xfer is None or xfer.done:
-            return                          # unlinked meanwhile: its answer goes nowhere
         status = status_of(ret.status)
         if urb.packets is None:
+            xfer = urb.xfers[0]
+            if xfer is None or xfer.done:
+                return                      # unlinked meanwhile: its answer goes nowhere
             if urb.is_in:
                 xfer.complete(status, data=data)
             else:
                 xfer.complete(status, actual=actual)
             return
         packets = self._iso_packets(seqnum, urb, iso, data, actual)
-        # one packet per TD here: that packet's own status and bytes
-        [(packet_status, packet_data, packet_actual)] = packets
-        outcome = status if status not in (Status.OK,) else status_of(packet_status)
-        if urb.is_in:
-            xfer.complete(outcome, data=packet_data)
-        else:
-            xfer.complete(outcome, actual=packet_actual if outcome == Status.OK else 0)
+        for xfer, (packet_status, packet_data, packet_actual) in zip(urb.xfers, packets,
+                                                                     strict=True):
+            if xfer is None or xfer.done:
+                continue
+            # each TD gets its own packet's status and bytes (the URB's -EXDEV says only that
+            # some packet failed)
+            outcome = status if status != Status.OK else status_of(packet_status)
+            if urb.is_in:
+                xfer.complete(outcome, data=packet_data)
+            else:
+                xfer.complete(outcome, actual=packet_actual if outcome == Status.OK else 0)
 
     @staticmethod
     def _iso_packets(seqnum: int, urb: _Urb, iso: bytes, data: bytes, actual: int
@@ -294,9 +322,11 @@ class UsbipDevice(UsbDevice):
         self.ended = why
         log.info("%s: import ended: %s", self.name, why)
         urbs, self._urbs = self._urbs, {}
+        self._iso.flush_all()               # the TDs still gathering end as NODEV too
         for urb in urbs.values():
-            if urb.xfer is not None and not urb.xfer.done:
-                urb.xfer.complete(Status.NODEV)
+            for xfer in urb.xfers:
+                if xfer is not None and not xfer.done:
+                    xfer.complete(Status.NODEV)
         self._unlinks.clear()
         self.writer.close()
         if self.on_gone is not None:
