@@ -49,8 +49,9 @@ def iowr(nr, size):
 libc = ctypes.CDLL(None, use_errno=True)
 fd = os.open(node("0525", "a4a0"), os.O_RDWR)
 iterations, length, sglen = (int(a) for a in sys.argv[1:4])
+vary = int(os.environ.get("USBTEST_VARY", "0"))     # the step of the "vary" tests (3, 4, 7, 8)
 for test in map(int, sys.argv[4:]):
-    p = Param(test, iterations, length, 0, sglen)
+    p = Param(test, iterations, length, vary, sglen)
     r = Request(0, iowr(100, ctypes.sizeof(p)), ctypes.cast(ctypes.pointer(p), ctypes.c_void_p))
     rc = libc.ioctl(fd, ctypes.c_ulong(iowr(18, ctypes.sizeof(r))), ctypes.byref(r))
     print(f"test {test} status {0 if rc >= 0 else -ctypes.get_errno()}", flush=True)
