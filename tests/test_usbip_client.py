@@ -246,3 +246,37 @@ def test_devices_usbip_lists_a_servers_exports(capsys):
         thread.join(10)
     assert [(d["busid"], d["id"], d["speed"]) for d in listed] == [("2-3", "0525:a4a0", "super")]
     assert f"attach usbip://127.0.0.1:{port}/2-3" in text
+
+
+def test_the_tracer_and_the_fault_engine_see_an_imported_device_as_any_other(tmp_path):
+    import os
+    import shutil
+    import subprocess
+
+    capture = tmp_path / "remote.pcapng"
+
+    async def body():
+        async with Imported() as t:
+            t.world.trace.start(str(capture))
+            port = await t.attach()
+            dev = t.world.guest_devices[port].device
+            assert len(t.world.faults.load(f"urb port={port} ep=0x81 nth=2 do stall")) == 1
+            first = await t.job("in", lambda: dev.endpoint(0x81).submit(length=512).wait())
+            second = await t.job("in", lambda: dev.endpoint(0x81).submit(length=512).wait())
+            t.world.trace.stop()
+            return first.cc, second.cc, len(t.world.faults.log)
+    first, second, injected = run(body())
+    assert (first, second, injected) == (1, 6, 1)          # the second IN stalled, as ruled
+    tshark = shutil.which("tshark")
+    assert tshark, "tshark is required: apt-get install -y tshark"
+    out = subprocess.run(
+        [tshark, "-r", str(capture), "-Y", "usb.idVendor == 0x0525", "-T", "fields",
+         "-e", "usb.idProduct"], capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, HOME=str(tmp_path)))
+    assert out.returncode == 0, out.stderr
+    assert "0xa4a0" in out.stdout                     # its descriptors, decoded by Wireshark
+    stalls = subprocess.run(
+        [tshark, "-r", str(capture), "-Y", "usb.urb_status == -32", "-T", "fields",
+         "-e", "usb.endpoint_address"], capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, HOME=str(tmp_path)))
+    assert "0x81" in stalls.stdout, stalls.stdout
