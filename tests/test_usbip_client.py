@@ -280,3 +280,38 @@ def test_the_tracer_and_the_fault_engine_see_an_imported_device_as_any_other(tmp
          "-e", "usb.endpoint_address"], capture_output=True, text=True, timeout=120,
         env=dict(os.environ, HOME=str(tmp_path)))
     assert "0x81" in stalls.stdout, stalls.stdout
+
+
+def test_the_console_attaches_lists_and_detaches_an_imported_device():
+    import threading
+
+    from xhcidbg.ui import Console
+
+    loop = asyncio.new_event_loop()
+    export = VirtualExport(LoopbackDevice(speed=Speed.SUPER), busid="4-2")
+    port = loop.run_until_complete(export.start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    con = Console(WorldOptions(devices=DeviceChoice(tablet=False, keyboard=False)),
+                  width=200).start()
+    try:
+        attached = con.execute(f"attach usbip://127.0.0.1:{port}/4-2,persist")
+        listed = con.execute("attach")
+        devices = con.execute("devices")
+        ports = [r.port for r in con.world.port_mapper().remote.attached.values()]
+        detached = con.execute(f"detach {ports[0]}")
+        after = con.execute("attach")
+        refused = con.execute("attach usbip://127.0.0.1:9/1-1")
+    finally:
+        con.close()
+        asyncio.run_coroutine_threadsafe(export.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+    url = f"usbip://127.0.0.1:{port}/4-2"
+    assert ports and ports[0] > 4                             # SuperSpeed: a USB 3 port
+    assert f"attached {url} (0525:a4a0, {Speed.SUPER.label}) on port {ports[0]}" in attached
+    assert "cannot reach a USB/IP server at 127.0.0.1:9" in refused, refused
+    assert f"imported over USB/IP: {url} on port {ports[0]} (persist)" in listed, listed
+    assert "usbip 4-2 0525:a4a0" in devices, devices
+    assert f"detached {url} from port {ports[0]}" in detached, detached
+    assert "imported over USB/IP" not in after and "importing" not in after, after

@@ -2,6 +2,8 @@
 time, any number of times (the session's port mapper)."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from argparse import Namespace
 from typing import TYPE_CHECKING
@@ -13,15 +15,18 @@ if TYPE_CHECKING:
     from .console import Console
 
 DEVICES = "devices"
+IMPORT_WAIT_S = 10.0
 
 p = parser("attach", "Pass a host USB device through to the guest (no argument: list them).",
            """attach                       # the host's devices, and which can be attached
               attach 0525:a4a0             # by VID:PID (#2 for the second of two)
               attach bus=1,devaddr=5 port 2
               attach 1-2.3,persist         # by port path; again whenever it comes back
-              attach serial=ABC123,force   # take it from its kernel driver""")
+              attach serial=ABC123,force   # take it from its kernel driver
+              attach usbip://10.0.0.5/1-1  # a device another machine exports (USB/IP)""")
 p.add_argument("selection", nargs="?", help="bus=B,devaddr=D | VID:PID[#N] | 1-2.3 | serial=S"
-                                            " [,persist] [,force]")
+                                            " [,persist] [,force] [,depth=N] | "
+                                            "usbip://HOST[:PORT]/BUSID [,persist]")
 p.add_argument("port", nargs="*", metavar="[port] N",
                help="the root port (default: the first free one of the device's speed)")
 p.add_argument("--json", action="store_true", help="the list as JSON")
@@ -41,16 +46,21 @@ async def attach(con: Console, args: Namespace) -> None:
         waiting = [s.text for s in mapper.waiting]
         if waiting:
             con.out.print(f"waiting to come back: {', '.join(waiting)}")
+        for r in sorted(mapper.remote.attached.values(), key=lambda r: r.port):
+            con.out.print(f"imported over USB/IP: {r.address} on port {r.port}"
+                          + (" (persist)" if r.persist else ""))
+        for address in mapper.remote.importing:
+            con.out.print(f"importing over USB/IP: {address}")
         return
     words = [w for w in args.port if w != "port"]
     if len(words) > 1 or (words and not words[0].isdigit()):
         raise UsageError("attach SEL [port N]")
     since = con.activity.seq
-    number = mapper.attach(args.selection, int(words[0]) if words else None)
-    if number is None and args.selection.startswith("usbip://"):
-        await con.session.settle(5.0)           # the import's own lines say how it went
+    if args.selection.strip().startswith("usbip://"):
+        await _import(con, args.selection, int(words[0]) if words else None)
         con.show_activity(since, limit=12)
         return
+    number = mapper.attach(args.selection, int(words[0]) if words else None)
     if number is None:
         con.out.print(f"{args.selection}: not on the host now; attached when it comes")
         return
@@ -58,6 +68,27 @@ async def attach(con: Console, args: Namespace) -> None:
     con.out.print(f"attached {dev.info.label()} ({dev.speed.label}) on port {number}")
     await con.session.settle(3.0)
     con.show_activity(since, limit=12)
+
+
+async def _import(con: Console, selection: str, port: int | None) -> None:
+    """Import a USB/IP device and say how it went (waiting a while for the server)."""
+    remote = con.session.port_mapper().remote
+    address = remote.attach(selection, port)
+    task = remote.importing.get(address)
+    if task is not None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(task), IMPORT_WAIT_S)
+    found = remote.find(str(address))
+    if found is not None:
+        dev = found.device
+        con.out.print(f"attached {address} ({dev.info.idVendor:04x}:{dev.info.idProduct:04x}, "
+                      f"{dev.speed.label}) on port {found.port}")
+        await con.session.settle(3.0)
+    elif address in remote.importing:
+        con.out.print(f"{address}: still trying ({remote.failed.get(address, 'no answer yet')})"
+                      "; attached when the server answers")
+    else:
+        con.out.print(f"{address}: {remote.failed.get(address, 'not imported')}")
 
 
 p = parser("detach", "Give a passed-through device back to the host (by port or selection).",
@@ -72,7 +103,8 @@ async def detach(con: Console, args: Namespace) -> None:
     since = con.activity.seq
     mapper = con.session.port_mapper()
     if mapper.remote.find(args.what) is not None:
-        mapper.remote.detach(args.what)
+        r = mapper.remote.detach(args.what)
+        con.out.print(f"detached {r.address} from port {r.port}")
         await con.session.settle(3.0)
         con.show_activity(since, limit=12)
         return

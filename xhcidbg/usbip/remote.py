@@ -47,14 +47,18 @@ class RemoteImports:
         self._plug, self._unplug, self.say = plug, unplug, say
         self.attached: dict[int, Remote] = {}
         self.importing: dict[UsbipAddress, asyncio.Task[None]] = {}
+        self.failed: dict[UsbipAddress, str] = {}       # the last reason an import failed
 
-    def attach(self, text: str, port: int | None = None) -> None:
+    def attach(self, text: str, port: int | None = None) -> UsbipAddress:
+        """Start importing `text`; its address (see `importing`, `attached`, `failed`)."""
         address, persist = parse_remote(text)
         if address in self.importing or any(r.address == address
                                             for r in self.attached.values()):
             raise ValueError(f"{address} is attached or being imported already")
+        self.failed.pop(address, None)
         self._start(address, persist, port)
         self.say(f"{address}: importing")
+        return address
 
     def _start(self, address: UsbipAddress, persist: bool, port: int | None) -> None:
         task = self.loop.create_task(self._import(address, persist, port),
@@ -79,6 +83,7 @@ class RemoteImports:
                          f"{dev.speed.label}) on port {number}")
                 return
             except (UsbipError, ProtocolError, ValueError) as e:
+                self.failed[address] = str(e)
                 if not persist:
                     self.say(f"{address}: {e}")
                     return
