@@ -237,7 +237,7 @@ class UsbipDevice(UsbDevice):
         self._end(why)
 
     async def _ret_submit(self, seqnum: int, ret: Any) -> None:
-        urb = self._urbs.pop(seqnum, None)
+        urb = self._urbs.get(seqnum)     # kept until all is read: a bad reply still ends it
         if urb is None:
             raise ProtocolError(f"RET_SUBMIT for seqnum {seqnum}, which is not in flight")
         actual = ret.actual_length
@@ -250,6 +250,8 @@ class UsbipDevice(UsbDevice):
                                 f"packets for a URB of {count}")
         data = await self.reader.readexactly(actual) if urb.is_in else b""
         iso = await self.reader.readexactly(count * ISO_PACKET_SIZE) if count else b""
+        packets = self._iso_packets(seqnum, urb, iso, data, actual) if count else []
+        del self._urbs[seqnum]
         status = status_of(ret.status)
         if urb.packets is None:
             xfer = urb.xfers[0]
@@ -260,7 +262,6 @@ class UsbipDevice(UsbDevice):
             else:
                 xfer.complete(status, actual=actual)
             return
-        packets = self._iso_packets(seqnum, urb, iso, data, actual)
         for xfer, (packet_status, packet_data, packet_actual) in zip(urb.xfers, packets,
                                                                      strict=True):
             if xfer is None or xfer.done:
