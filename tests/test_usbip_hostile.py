@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from xhcidbg.devices.base import EpType, Status, UsbTransfer
+from xhcidbg.usbip.client import UsbipAddress, UsbipError, import_device, list_exported
 from xhcidbg.usbip.device import UsbipDevice
 from xhcidbg.usbip.protocol import (
     ISO_PACKET,
@@ -16,6 +18,7 @@ from xhcidbg.usbip.protocol import (
     RET_UNLINK,
     URB_HEADER,
     Command,
+    OpHeader,
     UsbDeviceInfo,
 )
 
@@ -97,3 +100,60 @@ def test_no_reply_breaks_the_client(messages, hang_up):
     for x in (xfers[0], xfers[2], xfers[3]):
         assert x.done and x.status in set(Status), x
     assert not xfers[1].done              # taken back: the device never completes it
+
+
+def _serve_bytes(reply: bytes):
+    """A server that answers any request with `reply` and hangs up; its port."""
+    async def client(reader, writer):
+        await reader.read(8)
+        writer.write(reply)
+        await writer.drain()
+        writer.close()
+    return asyncio.start_server(client, "127.0.0.1", 0)
+
+
+DEVICE = UsbDeviceInfo.build({
+    "path": "/sys/x", "busid": "9-9", "busnum": 9, "devnum": 9, "speed": 3, "idVendor": 1,
+    "idProduct": 2, "bcdDevice": 0, "bDeviceClass": 0, "bDeviceSubClass": 0,
+    "bDeviceProtocol": 0, "bConfigurationValue": 1, "bNumConfigurations": 1,
+    "bNumInterfaces": 40})
+
+
+def op(code: int, status: int = 0, version: int = 0x0111) -> bytes:
+    return OpHeader.build({"version": version, "code": code, "status": status})
+
+
+@pytest.mark.parametrize("reply, says", [
+    (op(0x0005) + (5000).to_bytes(4, "big"), "exports 5000 devices: not believed"),
+    (op(0x0005) + (1).to_bytes(4, "big") + DEVICE, "40 interfaces"),
+    (op(0x0005, version=0x0106), "speaks USB/IP 0x0106"),
+    (op(0x0003), "answered with operation 0x0003"),
+    (op(0x0005) + (2).to_bytes(4, "big") + DEVICE[:100], "closed the connection in the middle"),
+])
+def test_a_device_list_that_does_not_add_up_is_refused_with_the_reason(reply, says):
+    async def body():
+        server = await _serve_bytes(reply)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            with pytest.raises(UsbipError, match=says):
+                await list_exported("127.0.0.1", port, timeout=5)
+        finally:
+            server.close()
+    asyncio.run(body())
+
+
+@pytest.mark.parametrize("reply, says", [
+    (op(0x0003, status=1), "refused the import"),
+    (op(0x0003) + DEVICE, "imported '9-9' instead"),
+    (op(0x0003) + DEVICE[:40], "closed the connection in the middle"),
+])
+def test_an_import_reply_that_does_not_add_up_is_refused_with_the_reason(reply, says):
+    async def body():
+        server = await _serve_bytes(reply)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            with pytest.raises(UsbipError, match=says):
+                await import_device(UsbipAddress("127.0.0.1", port, "1-1"), timeout=5)
+        finally:
+            server.close()
+    asyncio.run(body())
