@@ -1,6 +1,7 @@
-"""A hostile USB/IP server, generated: whatever replies it sends after an import, the client's
-device never raises, never leaves a transfer hanging, and either goes on or ends the import
-with a reason (no VM, no socket: the device reads a real asyncio stream fed here)."""
+"""A hostile USB/IP server.  Generated replies after an import: the client's device never
+raises, never leaves a transfer hanging, and ends the import with a reason (it reads a real
+asyncio stream fed here).  Crafted device lists and import replies over a real socket: each
+is refused with what was wrong."""
 from __future__ import annotations
 
 import asyncio
