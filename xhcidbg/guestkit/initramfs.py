@@ -41,8 +41,9 @@ HOST_ROOT_MODULES = [
     "virtio_ring", "virtio", "virtio_pci", "netfs", "fscache", "9pnet", "9pnet_virtio", "9p",
     "overlay",
 ]
-# Linux's own USB test driver (binds Gadget Zero, 0525:a4a0; driven through usbfs ioctls).
-TEST_MODULES = ["usbtest"]
+# Linux's own USB test driver (binds Gadget Zero, 0525:a4a0; driven through usbfs ioctls), and
+# loop devices (a MassStorage gadget's backing file mounted in the VM that serves it).
+TEST_MODULES = ["usbtest", "loop"]
 # USB/IP in the kernel: usbip-host exports a device, vhci-hcd imports one, usbip-vudc is a UDC
 # whose gadget is reached over USB/IP.
 USBIP_MODULES = ["usbip-core", "usbip-host", "vhci-hcd", "usbip-vudc"]
