@@ -131,6 +131,22 @@ def test_an_imported_device_enumerates_and_moves_checked_bulk_data():
     assert submitted > 5 and pending == 0
 
 
+def test_interrupt_transfers_go_over_usbip_too():
+    async def body():
+        async with Imported() as t:
+            port = await t.attach()
+            dev = t.world.guest_devices[port].device
+            ep = dev.endpoint(0x82)                     # the loopback's interrupt IN
+            reads = await t.job("interrupt", lambda: [ep.submit(length=64).wait()
+                                                      for _ in range(3)])
+            return [(r.cc, r.actual, bytes(r.data[:r.actual])) for r in reads], \
+                t.export.device.transfers_in
+    reads, served = run(body())
+    packet = bytes(i % 63 for i in range(64))
+    assert all(r == (1, 64, packet) for r in reads), reads
+    assert served >= 3
+
+
 def test_a_transfer_taken_back_is_unlinked_on_the_server():
     async def body():
         async with Imported() as t:
