@@ -276,6 +276,8 @@ def test_a_remote_mass_storage_disk_holds_what_the_guest_wrote(chain):
         assert found.ok, found.output + (await c.gsh.run("dmesg")).output
         sd = found.output.strip()
         size = int((await c.gsh.run(f"cat /sys/block/{sd}/size", check=True)).output)
+        # sd prints "Attached" only after its block node shows in sysfs: wait for the line
+        await c.gsh.run(poll(f"dmesg | grep -q '\\[{sd}\\] Attached SCSI'", 30), 60)
         log = (await c.gsh.run("dmesg")).output
         assert size * 512 == DISK_MIB << 20, size
         assert re.search(rf"usb-storage {re.escape(name)}:1\.0: USB Mass Storage device "
