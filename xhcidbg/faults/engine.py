@@ -70,6 +70,8 @@ class Injection:
     name: str
     definition: str
     match: int                      # the rule's WHERE match this was (replay pins it: nth=)
+    eligible: int                   # ...and the one its WHEN let through: draws follow these,
+                                    # so it repeats where `match` counts differing early traffic
     seed: int
     t_ms: float                     # since the engine started
     action: str
@@ -358,8 +360,9 @@ class FaultEngine:
     def _record(self, rule: Rule, action: str, where: dict[str, Any],
                 original: dict[str, Any] | None = None,
                 injected: dict[str, Any] | None = None) -> Injection:
-        inj = Injection(rule.number, rule.name, rule.definition(), rule.seen, self.seed,
-                        round(self.now_ms(), 3), action, where, original or {}, injected or {})
+        inj = Injection(rule.number, rule.name, rule.definition(), rule.seen, rule.eligible,
+                        self.seed, round(self.now_ms(), 3), action, where, original or {},
+                        injected or {})
         self.log.append(inj)
         for fn in self.listeners:
             fn(inj)
