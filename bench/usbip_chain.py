@@ -12,8 +12,9 @@ Two kit VMs (TCG, one CPU each, ~15-30 s to boot each), as tests/test_usbip_chai
             3240 forwarded to a free port of 127.0.0.1 here;
   guest     its USB controller is xhcidbg (a vfio-user server in this process, the Backend's
             port mapper importing usbip://127.0.0.1:PORT/BUSID), and it also has Linux's
-            vhci-hcd, which reaches the same usbipd at 10.0.2.100:3240 (Vm.start connect_tcp:
-            the guest's isolated user network, one relay process here per connection).
+            vhci-hcd, importing from the same usbipd over connections made from here to the
+            guest's forwarded port 3240 and relayed to usbipd (guestkit.vhci_import: the
+            guest half imports and attaches as `usbip attach` does).
 Each round imports both gadgets with one client, measures, and detaches them (a device is
 imported by one client at a time; usbip-host must show it available again), then the same with
 the other client: xhcidbg, vhci, xhcidbg, vhci...  Measured in the guest:
@@ -32,13 +33,11 @@ stores this run there).
 
 The paths differ past the client: xhcidbg's guest talks to its controller over vfio-user and
 xhcidbg talks TCP to the exporter's forwarded port; vhci's traffic leaves the guest through
-virtio-net and QEMU's user network and a relay process to that same port.  Everything (two TCG
-VMs, xhcidbg, the relays) shares this machine's CPUs: run by hand, never by the tests, on an idle
-machine, and read the ratios.  Seen so far: on vhci's side every transfer with an OUT stage
-(bulk OUT, control OUT, each mass-storage command's CBW) takes some 40-45 ms more.  That is its
-network path, not vhci: a plain socket in the guest through connect_tcp to an echo server here
-waits 44 ms for a 4144-byte message to arrive (TCP_NODELAY or not) and 0.6 ms for 48 bytes.  So
-cases 9 and 10 (control IN only) compare the clients best.
+virtio-net and a host forward of QEMU's user network, then a relay process here (outside this
+process's CPU figure) to that same port.  (Not `usbip attach` in the guest: its outbound
+connection would hold every message longer than a segment some 44 ms; see vhci_import.py.)
+Everything (two TCG VMs, xhcidbg, the relays) shares this machine's CPUs: run by hand, never by
+the tests, on an idle machine, and read the ratios.
 """
 from __future__ import annotations
 
@@ -62,7 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._report import report
 from xhcidbg.guestkit.gadgets import Gadget, Gadgets, MassStorage, Pattern, SourceSink
 from xhcidbg.guestkit.hostroot import ROOT
-from xhcidbg.guestkit.launch import HOST_ALIAS, SerialConsole, Vm, VmExited
+from xhcidbg.guestkit.launch import SerialConsole, Vm, VmExited
 from xhcidbg.guestkit.qemu import QemuInstall
 from xhcidbg.guestkit.testing import guest_kit
 from xhcidbg.guestkit.usbip import (
@@ -73,6 +72,7 @@ from xhcidbg.guestkit.usbip import (
     busid_of,
     ensure_usbip_tools,
 )
+from xhcidbg.guestkit.vhci_import import VhciImporter
 from xhcidbg.vm.backend import Backend
 
 GUEST_SCRIPT = Path(__file__).with_name("usbip_chain_guest.py")
@@ -126,6 +126,7 @@ class Bench:
         self.exporter_vm: Vm | None = None
         self.guest: Vm | None = None
         self.backend: Backend | None = None
+        self.importer: VhciImporter | None = None
         self.exporter: UsbipExporter | None = None
         self.tools: UsbipTools | None = None
         self.busids: dict[str, str] = {}        # "zero" / "disk" -> busid on the exporter
@@ -180,11 +181,14 @@ class Bench:
         self.backend.port_mapper().remote.say = self.said.append
         self.guest = await boot("guest", qemu=qemu, kernel=kernel, initrd=initrd,
                                 memory_mib=a.memory, devices=[self.backend.device_arg],
-                                connect_tcp={USBIP_PORT: port},
+                                forward_tcp={USBIP_PORT: 0},
                                 log=self.folder / "guest.log")
+        self.importer = VhciImporter(self.guest, self.guest.forwarded_tcp[USBIP_PORT])
         await self.gsh.run("modprobe -a usbtest vhci-hcd usb-storage sd_mod", check=True)
 
     async def close(self) -> None:
+        if self.importer is not None:
+            self.importer.close()
         if self.guest is not None:
             progress("stopping the guest VM")
             await self.guest.stop()
@@ -222,12 +226,13 @@ class Bench:
         assert self.tools is not None
         return self.tools.command("usbip", *args)
 
+    async def listen_vhci(self) -> None:
+        assert self.importer is not None
+        await self.importer.listen(self.url_host[1], list(self.busids.values()))
+
     async def attach_vhci(self) -> None:
-        assert self.guest is not None
-        for busid in self.busids.values():
-            await self.guest.host.run(self.usbip("--tcp-port", str(USBIP_PORT), "attach",
-                                                 "-r", HOST_ALIAS, "-b", busid), 60,
-                                      check=True)
+        assert self.importer is not None
+        await self.importer.connect()
 
     async def detach_vhci(self) -> None:
         assert self.guest is not None
@@ -317,7 +322,10 @@ class Bench:
                            f"{ran.output}")
 
     async def side(self, name: str, attach: Callable[[], Awaitable[None]],
-                   detach: Callable[[], Awaitable[None]]) -> dict[str, float]:
+                   detach: Callable[[], Awaitable[None]],
+                   prepare: Callable[[], Awaitable[None]] | None = None) -> dict[str, float]:
+        if prepare is not None:         # untimed: what a client does once, before importing
+            await prepare()
         progress(f"  {name}: importing both gadgets")
         t0 = time.monotonic()
         await attach()
@@ -345,7 +353,8 @@ class Bench:
             progress(f"round {n} of {self.args.rounds}")
             one = {"xhcidbg": await self.side("xhcidbg", self.attach_xhcidbg,
                                               self.detach_xhcidbg),
-                   "vhci": await self.side("vhci", self.attach_vhci, self.detach_vhci)}
+                   "vhci": await self.side("vhci", self.attach_vhci, self.detach_vhci,
+                                           self.listen_vhci)}
             done.append(one)
         return done
 

@@ -6,8 +6,9 @@ Zero's SourceSink (0525:a4a0) is plugged into dummy_hcd; `usbip bind` hands it t
 and usbipd offers it.  From here, a TCP connection to the forwarded port and an OP_REQ_DEVLIST
 get back a reply that names its busid, its IDs and its one vendor-specific interface; after
 `usbip unbind` the list is empty.  Last, Linux's own client (vhci-hcd, in the guest) imports the
-export, so the server end is known to work for a client, not only to list.  The few protocol
-bytes are spelled out here, on purpose apart from the project's own USB/IP code.
+export, so the server end is known to work for a client, not only to list: once by `usbip
+attach` over the guest's loopback, once over a connection made from here (VhciImporter).  The
+few protocol bytes are spelled out here, on purpose apart from the project's own USB/IP code.
 """
 from __future__ import annotations
 
@@ -23,11 +24,13 @@ from xhcidbg.guestkit.launch import Vm
 from xhcidbg.guestkit.report import OfflineError
 from xhcidbg.guestkit.testing import guest_kit
 from xhcidbg.guestkit.usbip import AVAILABLE, USBIP_PORT, USED, UsbipExporter, ensure_usbip_tools
+from xhcidbg.guestkit.vhci_import import VhciImporter
 
 pytestmark = pytest.mark.e2e
 
 ZERO = Gadget("zero", [SourceSink(pattern=Pattern.MOD63)], product="Gadget Zero",
               serial="xhcidbg-usbip-1")
+IMPORT_PORT = 3241          # where VhciImporter's guest half listens
 
 # Linux Documentation/usb/usbip_protocol.rst: big-endian; a common header of version, code and
 # status; OP_REP_DEVLIST then a device count, each device 312 bytes plus 4 per interface.
@@ -119,7 +122,8 @@ def guest(tmp_path_factory):
     try:
         vm = loop.run_until_complete(asyncio.wait_for(Vm.start(
             qemu=qemu, kernel=kernel, initrd=initrd, host_root=True,
-            forward_tcp={USBIP_PORT: 0}, log=folder / "serial.log", progress=False), 360))
+            forward_tcp={USBIP_PORT: 0, IMPORT_PORT: 0}, log=folder / "serial.log",
+            progress=False), 360))
         usb = Gadgets(vm)
         loop.run_until_complete(asyncio.wait_for(usb.load(udcs=1), 120))
         plugged = loop.run_until_complete(asyncio.wait_for(usb.plug(ZERO), 120))
@@ -177,5 +181,38 @@ def test_linuxs_own_client_imports_the_export(guest):
     guest.usbip("detach", "-p", "0")
     guest.shell(f"i=0; until [ \"$(cat /sys/bus/usb/devices/{busid}/usbip_status)\" ="
                 f" {AVAILABLE} ]; do i=$((i+1)); [ $i -lt 400 ] || exit 1; usleep 50000; done")
+    guest.run(guest.exporter.unbind(busid))
+    guest.run(guest.exporter.stop())
+
+
+def test_vhci_imports_over_a_connection_made_from_this_machine(guest):
+    # What bench/usbip_chain.py gives vhci: the guest listens, this side connects and relays
+    # to usbipd; the guest half imports and attaches as `usbip attach` would.
+    guest.run(guest.exporter.start())
+    busid = guest.run(guest.exporter.bind(guest.plugged))
+    guest.shell("modprobe vhci-hcd")
+    importer = VhciImporter(guest.vm, guest.vm.forwarded_tcp[IMPORT_PORT], IMPORT_PORT)
+    _, usbipd = guest.exporter.address
+    try:
+        guest.run(importer.listen(usbipd, [busid]))
+        [port] = guest.run(importer.connect())
+        assert guest.run(guest.exporter.status(busid)) == USED
+        wait = (f"i=0; until d=$(echo /sys/devices/platform/vhci_hcd.0/usb*/*-{port + 1});"
+                " [ -n \"$(cat $d/bConfigurationValue 2>/dev/null)\" ]; do i=$((i+1));"
+                " [ $i -lt 400 ] || exit 1; usleep 50000; done;")
+        seen = guest.shell(wait + " cat $d/idVendor $d/idProduct $d/serial").split()
+        assert seen == ["0525", "a4a0", ZERO.serial]
+        # usbip's own tools see the import as theirs: the port in use, the record it wrote
+        listed = guest.usbip("port")
+        assert f"Port {port:02d}: <Port in Use>" in listed, listed
+        assert f"-> usbip://127.0.0.1:{usbipd}/{busid}" in listed, listed
+        [relay] = importer.relays
+        guest.usbip("detach", "-p", str(port))
+        guest.shell(f"i=0; until [ \"$(cat /sys/bus/usb/devices/{busid}/usbip_status)\" ="
+                    f" {AVAILABLE} ]; do i=$((i+1)); [ $i -lt 400 ] || exit 1; usleep 50000;"
+                    " done")
+        assert relay.wait(30) == 0          # both ends closed: the relay has ended by itself
+    finally:
+        importer.close()
     guest.run(guest.exporter.unbind(busid))
     guest.run(guest.exporter.stop())
