@@ -17,12 +17,9 @@ The guest has no network unless `forward_tcp={guest_port: host_port}` asks for o
 user networking with `restrict=on` (the guest reaches nothing, not even this machine) forwards
 127.0.0.1:host_port here to that guest port (host port 0: a free one, see `vm.forwarded_tcp`), and
 the guest's eth0 is up at 10.0.2.15/24 once `start` returns.  That is how a guest service such as
-usbipd (usbip.py) is reached from this machine and from nowhere else.  The other way round,
-`connect_tcp={guest_port: host_port}` lets the guest (on the same isolated network) connect to
-10.0.2.100:guest_port and reach 127.0.0.1:host_port here, and nothing else: a service of this
-machine, or one that another VM's forward_tcp put there (a USB/IP client in the guest, vhci-hcd,
-importing from usbipd in another VM).  Each such connection gets a relay process of its own
-(QEMU's `guestfwd=...-cmd:`), so the far end sees each connect and each close.
+usbipd (usbip.py) is reached from this machine and from nowhere else.  A guest client of a
+service here listens instead, and this side connects to it (vhci_import.py): slirp's outbound
+path (`guestfwd=...-cmd:`) held every guest message longer than one segment some 44 ms.
 """
 from __future__ import annotations
 
@@ -32,11 +29,9 @@ import ctypes
 import json
 import os
 import re
-import shlex
 import shutil
 import signal
 import socket
-import sys
 import tempfile
 import time
 import weakref
@@ -68,26 +63,6 @@ PR_SET_PDEATHSIG = 1
 # The address QEMU's user network (slirp) would hand the guest by DHCP, set statically instead:
 # no DHCP client to run and wait for.
 GUEST_ADDRESS = "10.0.2.15/24"
-# Where the guest connects for connect_tcp: an address of slirp's network that nothing else uses.
-HOST_ALIAS = "10.0.2.100"
-# The per-connection relay QEMU runs for connect_tcp (`cmd:` guestfwd: its stdin and stdout are
-# the guest's connection): to 127.0.0.1:argv[1] and back, each direction closed when its sender
-# closes.  (A chardev guestfwd would connect once, when QEMU starts, and glue every guest
-# connection onto that one stream, so the far end would never see a close.)
-RELAY = """import socket, sys, threading
-far = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
-far.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-guest = socket.socket(fileno=0)
-def pump(source, sink):
-    while data := source.recv(65536):
-        sink.sendall(data)
-    sink.shutdown(socket.SHUT_WR)
-back = threading.Thread(target=pump, args=(far, guest), daemon=True)
-back.start()
-pump(guest, far)
-back.join()
-"""
-
 # Set once QEMU has ended: its exit status and its stderr.
 Exited = asyncio.Future[tuple[int, str]]
 # One accepted connection from QEMU.
@@ -307,17 +282,11 @@ def free_tcp_port() -> int:
         return port
 
 
-def network_args(forward_tcp: Mapping[int, int],
-                 connect_tcp: Mapping[int, int] | None = None) -> list[str]:
+def network_args(forward_tcp: Mapping[int, int]) -> list[str]:
     """QEMU options for a guest NIC on an isolated user network (`restrict=on`) with each
-    guest TCP port of `forward_tcp` reachable at 127.0.0.1:<its host port> here, and each host
-    port of `connect_tcp` reachable from the guest at HOST_ALIAS:<its guest port>."""
+    guest TCP port of `forward_tcp` reachable at 127.0.0.1:<its host port> here."""
     forwards = "".join(f",hostfwd=tcp:127.0.0.1:{host}-:{guest}"
                        for guest, host in forward_tcp.items())
-    for guest, host in (connect_tcp or {}).items():
-        relay = shlex.join([sys.executable, "-c", RELAY, str(int(host))])
-        # QEMU's option syntax: a comma in a value is written twice
-        forwards += f",guestfwd=tcp:{HOST_ALIAS}:{int(guest)}-cmd:{relay.replace(',', ',,')}"
     # romfile= : no iPXE option ROM, which the kernel boot never runs and QEMU would have to find.
     return ["-netdev", f"user,id=net0,restrict=on{forwards}",
             "-device", "virtio-net-pci,netdev=net0,romfile="]
@@ -365,13 +334,11 @@ def build_command(qemu: QemuInstall, *, kernel: Path, initrd: Path, serial_socke
                   qmp_socket: Path, memory_mib: int = DEFAULT_MEMORY_MIB, append: str = "",
                   devices: Iterable[str] = (), extra_args: Iterable[str] = (),
                   allow_reboot: bool = False,
-                  forward_tcp: Mapping[int, int] | None = None,
-                  connect_tcp: Mapping[int, int] | None = None) -> list[str]:
+                  forward_tcp: Mapping[int, int] | None = None) -> list[str]:
     """The full QEMU command line for a TCG q35 guest with shared (memfd) RAM.
 
     Unless allow_reboot, any reset (guest reboot, kernel panic, QMP system_reset) ends QEMU.
-    Without forward_tcp ({guest_port: host_port}, both given) or connect_tcp (the same
-    shape) the guest has no NIC at all.
+    Without forward_tcp ({guest_port: host_port}, both given) the guest has no NIC at all.
     """
     mem = f"{memory_mib}M"
     argv = qemu.command(
@@ -379,8 +346,7 @@ def build_command(qemu: QemuInstall, *, kernel: Path, initrd: Path, serial_socke
         "-machine", "q35,accel=tcg,memory-backend=mem",
         "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
         "-m", mem, "-smp", "1",
-        *(network_args(forward_tcp or {}, connect_tcp) if forward_tcp or connect_tcp
-          else ["-nic", "none"]),
+        *(network_args(forward_tcp) if forward_tcp else ["-nic", "none"]),
         "-display", "none",
         "-kernel", str(kernel), "-initrd", str(initrd),
         "-append", f"console=ttyS0 panic=-1 {append}".strip(),
@@ -455,8 +421,7 @@ class Vm:
                     wait_ready: bool = True, boot_timeout: float = 300.0,
                     progress: bool = True, allow_reboot: bool = False,
                     host_root: bool = False,
-                    forward_tcp: Mapping[int, int] | None = None,
-                    connect_tcp: Mapping[int, int] | None = None) -> Vm:
+                    forward_tcp: Mapping[int, int] | None = None) -> Vm:
         """Start QEMU with the guest kernel and initramfs (fetched/built on first use).
 
         devices: `-device` values (e.g. from `vfio_user_device`); extra_args: more QEMU options;
@@ -467,10 +432,7 @@ class Vm:
         overlay, for `vm.host` (needs wait_ready; after a reboot mount it again with
         `HostRoot.mount(vm.console)`); forward_tcp: {guest_port: host_port} reachable at
         127.0.0.1:host_port here (0: a free port; `vm.forwarded_tcp` says which), over an
-        isolated user network whose eth0 comes up at 10.0.2.15/24 (needs wait_ready);
-        connect_tcp: {guest_port: host_port}, the guest's connections to
-        HOST_ALIAS:guest_port (10.0.2.100) reach 127.0.0.1:host_port here, over that same
-        network (with or without forward_tcp).
+        isolated user network whose eth0 comes up at 10.0.2.15/24 (needs wait_ready).
         """
         # A late import: hostroot builds on this module.
         from .hostroot import HostRoot, virtfs_args
@@ -479,9 +441,8 @@ class Vm:
             raise ValueError("host_root needs wait_ready: the tree is mounted from the shell")
         if host_root:
             extra_args = [*virtfs_args(), *extra_args]
-        if (forward_tcp or connect_tcp) and not wait_ready:
-            raise ValueError("forward_tcp and connect_tcp need wait_ready: the NIC is set up"
-                             " from the shell")
+        if forward_tcp and not wait_ready:
+            raise ValueError("forward_tcp needs wait_ready: the NIC is set up from the shell")
         forwards = {guest: host or free_tcp_port() for guest, host in (forward_tcp or {}).items()}
         if qemu is None:
             qemu = await asyncio.to_thread(ensure_qemu)
@@ -495,10 +456,10 @@ class Vm:
         report = say if progress else None
         try:
             await vm._spawn(qemu, kernel, initrd, vm.workdir, memory_mib, append, devices,
-                            extra_args, log, report, allow_reboot, forwards, connect_tcp or {})
+                            extra_args, log, report, allow_reboot, forwards)
             if wait_ready:
                 await vm.console.wait_ready(boot_timeout)
-            if forwards or connect_tcp:
+            if forwards:
                 await vm.console.run(network_script(), 60, check=True)
             if host_root:
                 vm._host = await HostRoot.mount(vm.console)
@@ -510,8 +471,7 @@ class Vm:
     async def _spawn(self, qemu: QemuInstall, kernel: Path, initrd: Path, workdir: Path,
                      memory_mib: int, append: str, devices: Iterable[str],
                      extra_args: Iterable[str], log: Path | None, report: Report | None,
-                     allow_reboot: bool, forward_tcp: Mapping[int, int],
-                     connect_tcp: Mapping[int, int]) -> None:
+                     allow_reboot: bool, forward_tcp: Mapping[int, int]) -> None:
         loop = asyncio.get_running_loop()
         accepted: asyncio.Future[Connection] = loop.create_future()
 
@@ -529,7 +489,7 @@ class Vm:
         self.argv = build_command(qemu, kernel=kernel, initrd=initrd, serial_socket=serial_path,
                                   qmp_socket=qmp_path, memory_mib=memory_mib, append=append,
                                   devices=devices, extra_args=extra_args, allow_reboot=allow_reboot,
-                                  forward_tcp=forward_tcp, connect_tcp=connect_tcp)
+                                  forward_tcp=forward_tcp)
         try:
             process = self._process = await asyncio.create_subprocess_exec(
                 *self.argv, env=qemu.environ(), stdin=asyncio.subprocess.DEVNULL,

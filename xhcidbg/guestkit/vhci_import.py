@@ -1,12 +1,12 @@
 """Linux's own USB/IP client (vhci-hcd) in a kit guest, reached by a connection from this side.
 
 `usbip attach` in a guest connects out, and on QEMU's user network a guest's outbound connection
-(`Vm.start(connect_tcp=...)`, a `cmd:` guestfwd) holds every guest-to-host message longer than
-one segment some 44 ms: measured with a plain socket, a 4144-byte message and its 48-byte answer
+(a `cmd:` guestfwd with a relay process) holds every guest-to-host message longer than one
+segment some 44 ms: measured with a plain socket, a 4144-byte message and its 48-byte answer
 take 44 ms that way and 0.6 ms over a host forward (`forward_tcp`), 48 bytes 0.4 ms either way.
 Every bulk OUT transfer and every mass-storage command is such a message.  So here the guest
 listens on a forwarded port, this side connects to it and relays each connection to the USB/IP
-server (launch.RELAY, one process per connection), and the guest half does over the accepted
+server (RELAY, one process per connection), and the guest half does over the accepted
 connection what `usbip attach` does: OP_REQ_IMPORT, the attach to a free vhci-hcd port of the
 device's speed, and the record that `usbip port` and `usbip detach` read.
 
@@ -42,7 +42,6 @@ from ..usbip.protocol import (
     OpHeader,
     UsbDeviceInfo,
 )
-from .launch import RELAY
 from .vudc import Speed, attach
 
 if TYPE_CHECKING:
@@ -51,6 +50,22 @@ if TYPE_CHECKING:
 
 VHCI_STATE = "/var/run/vhci_hcd"        # usbip attach's records: "host port busid" per port
 LISTENING, ATTACHED, FAILED = "@@listening", "@@attached ", "@@failed "
+# A relay process per connection: its stdin is the connection to the guest, joined to
+# 127.0.0.1:argv[1] here, each direction closed when its sender closes, so that each end sees
+# the other's close (a detach in the guest reaches usbipd as one).
+RELAY = """import socket, sys, threading
+far = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+far.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+guest = socket.socket(fileno=0)
+def pump(source, sink):
+    while data := source.recv(65536):
+        sink.sendall(data)
+    sink.shutdown(socket.SHUT_WR)
+back = threading.Thread(target=pump, args=(far, guest), daemon=True)
+back.start()
+pump(guest, far)
+back.join()
+"""
 
 
 # ---- in the guest ----------------------------------------------------------------------------
