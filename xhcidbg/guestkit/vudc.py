@@ -25,7 +25,8 @@ serves.  Detaching the vhci port shuts the socket: usbip-vudc returns to "availa
 usbip_status 1) with the gadget still bound, ready for a new link.  In this kernel (Debian 6.1)
 vhci-hcd makes 8 controllers of 15 high-speed and 15 SuperSpeed ports; usbcore has configured
 the device about 0.5 s after the attach, and usbfs opens it from then on.  What a plug waits for
-is mostly the guest's Python starting (seconds under TCG over 9p).
+is mostly the guest's Python starting: under TCG, over 9p, an IsoSource's process takes 3 to 4 s
+to reach its attach, 8 s the first time in a VM (`guest_command`).
 """
 from __future__ import annotations
 
@@ -39,10 +40,9 @@ import pathlib
 import select
 import shlex
 import socket
-import struct
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import TYPE_CHECKING
@@ -50,6 +50,9 @@ from typing import TYPE_CHECKING
 from .gadgets import GADGET_MODULES, Gadget, Plugged
 
 if TYPE_CHECKING:
+    from ..devices.base import Speed as BusSpeed
+    from ..devices.declaration import Configuration
+    from ..devices.descriptor_set import DescriptorSet
     from .hostroot import Job, Shell
     from .launch import SerialConsole, Vm
 
@@ -127,11 +130,10 @@ def link_udc(udc: str, speed: Speed = Speed.HIGH) -> VhciPort:
 
 
 # ---- in the guest: a USB/IP device of our own ------------------------------------------------
+# The server below speaks xhcidbg.usbip.protocol's declarations and answers with descriptors
+# that xhcidbg.devices builds; both need construct, so the server imports them when it is made,
+# which leaves the rest of this module importable by a Python started without site (-S).
 
-CMD_SUBMIT, CMD_UNLINK, RET_SUBMIT, RET_UNLINK = 1, 2, 3, 4
-HEADER = 48             # every USB/IP message header (basic part + command part, padded)
-ISO_DESCRIPTOR = 16     # offset, length, actual_length, status
-DIR_IN = 1
 ISO_SOURCE_IDS = (0x1D6B, 0x0104)   # Linux Foundation "multifunction composite": usbtest and
 # other drivers leave it to usbfs, unlike g_zero's 0525:a4a0.
 
@@ -195,22 +197,45 @@ class IsoSource:
             return -errno.EOVERFLOW, iso_packet(index, asked)
         return 0, iso_packet(index, length)
 
-    def device_descriptor(self) -> bytes:
+    def descriptors(self) -> DescriptorSet:
+        """Its descriptors, declared as the virtual devices declare theirs and built by the
+        same `DescriptorSet`: one speed, so no device qualifier; strings 1-3 are the
+        manufacturer, the product and the serial number."""
+        from ..devices.base import EpType
+        from ..devices.declaration import Configuration, EndpointDecl, Interface
+        from ..devices.descriptor_set import DescriptorSet
+
+        @dataclass(frozen=True, eq=False)
+        class HighBandwidthEndpoint(EndpointDecl):
+            """An endpoint with `mult` extra transactions per microframe, which wMaxPacketSize
+            carries in bits 12:11 (USB 2.0 9.6.6) and EndpointDecl does not declare."""
+            mult: int = 0
+
+            def max_packet_for(self, speed: BusSpeed) -> int:
+                return super().max_packet_for(speed) | self.mult << 11
+
+        interval_us = round(self.period * 1e6)
+        endpoints = tuple(HighBandwidthEndpoint(address, EpType.ISOCHRONOUS, self.max_packet,
+                                                interval_us, mult=self.mult)
+                          for address in (0x81, 0x01))
+        configuration = Configuration(interfaces=(Interface(0), Interface(0, endpoints, 1)))
         vendor, product = self.ids
-        return struct.pack("<BBHBBBBHHHBBBB", 18, 1, 0x0200, 0, 0, 0, 64, vendor, product,
-                           0x0100, 1, 2, 3, 1)
+        return DescriptorSet(_IsoSourceDevice(
+            vendor, product, product=f"xhcidbg iso source {self.name}",
+            serial_number=self.serial or self.name, speeds=(self.bus_speed,),
+            configurations=(configuration,)))
+
+    @property
+    def bus_speed(self) -> BusSpeed:
+        """`speed` as xhcidbg.devices counts speeds."""
+        from ..devices.base import Speed as BusSpeed
+        return BusSpeed.HIGH if self.speed is Speed.HIGH else BusSpeed.FULL
+
+    def device_descriptor(self) -> bytes:
+        return self.descriptors().device(self.bus_speed)
 
     def configuration_descriptor(self) -> bytes:
-        size = self.max_packet | (self.mult << 11)
-        endpoints = b"".join(struct.pack("<BBBBHB", 7, 5, address, 0x01, size, self.interval)
-                             for address in (0x81, 0x01))
-        alt0 = struct.pack("<9B", 9, 4, 0, 0, 0, 0xFF, 0, 0, 0)
-        alt1 = struct.pack("<9B", 9, 4, 0, 1, 2, 0xFF, 0, 0, 0)
-        total = 9 + len(alt0) + len(alt1) + len(endpoints)
-        return struct.pack("<BBHBBBBB", 9, 2, total, 1, 1, 0, 0x80, 50) + alt0 + alt1 + endpoints
-
-    def strings(self) -> list[str]:
-        return ["xhcidbg", f"xhcidbg iso source {self.name}", self.serial or self.name]
+        return self.descriptors().configuration(0, self.bus_speed)
 
     def arguments(self) -> list[str]:
         """This module's command line that serves the source (see `main`)."""
@@ -228,6 +253,22 @@ class IsoSource:
 
 
 @dataclass
+class _IsoSourceDevice:
+    """The device level of an IsoSource's declaration (a `DeviceDeclaration`)."""
+    vendor_id: int
+    product_id: int
+    product: str | None
+    serial_number: str | None
+    speeds: tuple[BusSpeed, ...]
+    configurations: tuple[Configuration, ...]
+    manufacturer: str | None = "xhcidbg"
+    device_version: int = 0x0100
+    device_class: int = 0
+    device_subclass: int = 0
+    device_protocol: int = 0
+
+
+@dataclass
 class _Served:
     """What a serving IsoSource has done, printed as JSON when it ends."""
     transfers: int = 0
@@ -242,7 +283,13 @@ class _Server:
     """One IsoSource's side of a USB/IP stream: control on ep0, isochronous on 0x81/0x01."""
 
     def __init__(self, source: IsoSource, sock: socket.socket):
+        from ..usbip import protocol
+
         self.source, self.sock = source, sock
+        # Together these imports take one to two seconds under TCG: made here, before the
+        # attach, so that usbcore's first GET_DESCRIPTOR (5 s to answer) does not wait on them.
+        self.wire = protocol
+        self.descriptors = source.descriptors()
         self.configuration = 0
         self.alternate = 0
         self.next_packet = 0                    # index of the next IN packet
@@ -251,60 +298,75 @@ class _Server:
         self.served = _Served()
         self.start = time.monotonic()
 
-    def reply(self, seqnum: int, status: int, actual: int, data: bytes = b"",
-              packets: int = 0, errors: int = 0, frame: int = 0, iso: bytes = b"") -> bytes:
-        return (struct.pack(">IIIII", RET_SUBMIT, seqnum, 0, 0, 0)
-                + struct.pack(">iiiii", status, actual, frame, packets, errors)
-                + bytes(HEADER - 40) + data + iso)
+    def reply(self, command: int, seqnum: int, body: bytes) -> bytes:
+        """A RET_SUBMIT or RET_UNLINK header with its command-specific `body`."""
+        message: bytes = self.wire.URB_HEADER.build({
+            "command": command, "seqnum": seqnum, "devid": 0, "direction": 0, "ep": 0,
+            "body": body})
+        return message
+
+    def ret_submit(self, seqnum: int, status: int, data: bytes = b"",
+                   packets: Sequence[Mapping[str, int]] = (), frame: int = 0) -> bytes:
+        """RET_SUBMIT with its IN data (compacted, for isochronous) and packet descriptors."""
+        wire = self.wire
+        actual = sum(p["actual_length"] for p in packets) if packets else len(data)
+        body = wire.RET_SUBMIT.build({
+            "status": status, "actual_length": actual, "start_frame": frame,
+            "number_of_packets": len(packets),
+            "error_count": sum(p["status"] != 0 for p in packets)})
+        iso = b"".join(wire.ISO_PACKET.build(p) for p in packets)
+        return self.reply(wire.Command.RET_SUBMIT, seqnum, body) + data + iso
 
     def control(self, setup: bytes, data: bytes) -> tuple[int, bytes]:
         """(status, IN data) of a control request; -EPIPE is a stall."""
-        kind, request, value, index, length = struct.unpack("<BBHHH", setup)
-        self.served.control.append(f"{kind:#04x}:{request}")
-        source = self.source
-        if kind == 0x80 and request == 6:                       # GET_DESCRIPTOR
+        from ..devices.declaration import Request
+        from ..devices.descriptors import DescriptorType
+        from ..devices.descriptors import StandardRequest as R
+
+        request = Request(setup, data=data)
+        kind, value, index = request.request_type, request.value, request.index
+        self.served.control.append(f"{kind:#04x}:{request.request}")
+        answer: bytes | None = None
+        if kind == 0x80 and request.request == R.GET_DESCRIPTOR:
             which, number = value >> 8, value & 0xFF
-            if which == 1:
-                answer = source.device_descriptor()
-            elif which == 2 and number == 0:
-                answer = source.configuration_descriptor()
-            elif which == 3 and number == 0:
-                answer = bytes([4, 3, 0x09, 0x04])               # US English only
-            elif which == 3 and number <= len(source.strings()):
-                text = source.strings()[number - 1].encode("utf-16-le")
-                answer = bytes([2 + len(text), 3]) + text
-            else:
-                return -errno.EPIPE, b""
-            return 0, answer[:length]
-        if kind == 0x00 and request == 9:                       # SET_CONFIGURATION
+            speed = self.source.bus_speed
+            if which == DescriptorType.DEVICE:
+                answer = self.descriptors.device(speed)
+            elif which == DescriptorType.CONFIGURATION and number == 0:
+                answer = self.descriptors.configuration(0, speed)
+            elif which == DescriptorType.STRING:
+                answer = self.descriptors.string(number)
+        elif kind == 0x00 and request.request == R.SET_CONFIGURATION:
             self.configuration, self.alternate = value & 0xFF, 0
-            return 0, b""
-        if kind == 0x80 and request == 8:                       # GET_CONFIGURATION
-            return 0, bytes([self.configuration])[:length]
-        if kind == 0x01 and request == 11 and index == 0 and value <= 1:    # SET_INTERFACE
+            answer = b""
+        elif kind == 0x80 and request.request == R.GET_CONFIGURATION:
+            answer = bytes([self.configuration])
+        elif kind == 0x01 and request.request == R.SET_INTERFACE and index == 0 and value <= 1:
             self.alternate = value
             self.next_packet = 0
             self.busy_until.clear()
-            return 0, b""
-        if kind == 0x81 and request == 10 and index == 0:       # GET_INTERFACE
-            return 0, bytes([self.alternate])[:length]
-        if kind in (0x80, 0x81, 0x82) and request == 0:         # GET_STATUS
-            return 0, bytes(2)[:length]
-        if kind in (0x00, 0x02) and request in (1, 3):          # CLEAR/SET_FEATURE
-            return 0, b""
-        return -errno.EPIPE, b""
+            answer = b""
+        elif kind == 0x81 and request.request == R.GET_INTERFACE and index == 0:
+            answer = bytes([self.alternate])
+        elif kind in (0x80, 0x81, 0x82) and request.request == R.GET_STATUS:
+            answer = bytes(2)
+        elif kind in (0x00, 0x02) and request.request in (R.CLEAR_FEATURE, R.SET_FEATURE):
+            answer = b""
+        if answer is None:
+            return -errno.EPIPE, b""
+        return 0, answer[:request.length]
 
-    def isochronous(self, seqnum: int, address: int, descriptors: bytes) -> tuple[float, bytes]:
-        """(when it is due, RET_SUBMIT) of an isochronous transfer of these packets."""
+    def isochronous(self, seqnum: int, address: int,
+                    asked: Sequence[tuple[int, int]]) -> tuple[float, bytes]:
+        """(when it is due, RET_SUBMIT) of an isochronous transfer of packets asking these
+        (offset, length)s."""
         source = self.source
-        count = len(descriptors) // ISO_DESCRIPTOR
         now = time.monotonic()
         begin = max(now, self.busy_until.get(address, 0.0))
-        due = begin + count * source.period
+        due = begin + len(asked) * source.period
         self.busy_until[address] = due
-        data, iso, errors, actual = [], [], 0, 0
-        for i in range(count):
-            offset, length, _, _ = struct.unpack_from(">IIII", descriptors, i * ISO_DESCRIPTOR)
+        data, packets = [], []
+        for offset, length in asked:
             if self.alternate != 1:
                 status, chunk = -errno.EPIPE, b""           # no such endpoint in alt 0
             elif address & 0x80:
@@ -316,22 +378,22 @@ class _Server:
                 self.served.out_packets += 1
                 self.served.out_bytes += length
             size = len(chunk) if address & 0x80 else (length if status == 0 else 0)
-            errors += status != 0
-            actual += size
             data.append(chunk)
-            iso.append(struct.pack(">IIIi", offset, length, size, status))
+            packets.append({"offset": offset, "length": length, "actual_length": size,
+                            "status": status})
         self.served.transfers += 1
         frame = int((begin - self.start) / source.period) & 0xFFFF
-        return due, self.reply(seqnum, 0, actual, b"".join(data), count, errors, frame,
-                               b"".join(iso))
+        return due, self.ret_submit(seqnum, 0, b"".join(data), packets, frame)
 
     def handle(self, buffer: bytearray) -> int:
         """Take one whole message from the front of `buffer`; the bytes used (0: not whole)."""
-        if len(buffer) < HEADER:
+        wire = self.wire
+        head = wire.URB_HEADER_SIZE
+        if len(buffer) < head:
             return 0
-        command, seqnum, _, direction, endpoint = struct.unpack_from(">IIIII", buffer)
-        if command == CMD_UNLINK:
-            (victim,) = struct.unpack_from(">I", buffer, 20)
+        header = wire.URB_HEADER.parse(bytes(buffer[:head]))
+        if header.command == wire.Command.CMD_UNLINK:
+            victim = wire.CmdUnlink.parse(header.body).unlink_seqnum
             waiting = [p for p in self.pending if p[1] == victim]
             status = 0
             if waiting:                 # not answered yet: it never will be
@@ -339,28 +401,33 @@ class _Server:
                 heapq.heapify(self.pending)
                 status = -errno.ECONNRESET
                 self.served.unlinked += 1
-            self.sock.sendall(struct.pack(">IIIIIi", RET_UNLINK, seqnum, 0, 0, 0, status)
-                              + bytes(HEADER - 24))
-            return HEADER
-        if command != CMD_SUBMIT:
-            raise RuntimeError(f"USB/IP command {command} is not for a device")
-        _, length, _, packets, _ = struct.unpack_from(">IiiiI", buffer, 20)
-        setup = bytes(buffer[40:48])
-        out = length if direction != DIR_IN else 0
-        iso = ISO_DESCRIPTOR * max(packets, 0)
-        size = HEADER + out + iso
+            self.sock.sendall(self.reply(wire.Command.RET_UNLINK, header.seqnum,
+                                         wire.RET_UNLINK.build({"status": status})))
+            return head
+        if header.command != wire.Command.CMD_SUBMIT:
+            raise RuntimeError(f"USB/IP command {header.command} is not for a device")
+        submit = wire.CMD_SUBMIT.parse(header.body)
+        is_in = header.direction == wire.Direction.IN
+        out = 0 if is_in else submit.transfer_buffer_length
+        packets = max(submit.number_of_packets, 0)
+        step = wire.ISO_PACKET_SIZE
+        size = head + out + step * packets
         if len(buffer) < size:
             return 0
-        data = bytes(buffer[HEADER:HEADER + out])
-        address = endpoint | (0x80 if direction == DIR_IN else 0)
-        if endpoint == 0:
-            status, answer = self.control(setup, data)
-            self.sock.sendall(self.reply(seqnum, status, len(answer), answer))
-        elif endpoint == 1 and packets > 0:
-            due, message = self.isochronous(seqnum, address, bytes(buffer[HEADER + out:size]))
-            heapq.heappush(self.pending, (due, seqnum, message))
+        data = bytes(buffer[head:head + out])
+        address = header.ep | (0x80 if is_in else 0)
+        if header.ep == 0:
+            status, answer = self.control(submit.setup, data)
+            self.sock.sendall(self.ret_submit(header.seqnum, status, answer))
+        elif header.ep == 1 and packets > 0:
+            start = head + out
+            asked = [wire.ISO_PACKET.parse(bytes(buffer[at:at + step]))
+                     for at in range(start, size, step)]
+            due, message = self.isochronous(header.seqnum, address,
+                                            [(p.offset, p.length) for p in asked])
+            heapq.heappush(self.pending, (due, header.seqnum, message))
         else:
-            self.sock.sendall(self.reply(seqnum, -errno.EPIPE, 0))
+            self.sock.sendall(self.ret_submit(header.seqnum, -errno.EPIPE))
         return size
 
     def serve(self) -> None:
@@ -391,10 +458,10 @@ def serve_iso_source(source: IsoSource) -> None:
     CONTROLLER RHPORT" once attached and "@@ served {json}" at the end."""
     device_end, host_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with device_end:
+        server = _Server(source, device_end)    # ready before usbcore's first request
         with host_end:
             port = attach(host_end, source.speed)
         print(f"@@ attached {port.port} {port.controller} {port.rhport}", flush=True)
-        server = _Server(source, device_end)
         try:
             server.serve()
         finally:
@@ -427,12 +494,15 @@ PACKAGE_ROOT = str(pathlib.Path(__file__).resolve().parents[2])
 
 
 def guest_command(python: str, *arguments: str) -> str:
-    """The chroot command that runs `main` with `arguments`.  Python starts without `site` (the
-    guest side needs only the standard library): under TCG, over 9p, `site` and the venv's
-    .pth files cost seconds of the 7 to 15 a cold start takes."""
+    """The chroot command that runs `main` with `arguments`, with the venv's site-packages
+    (an IsoSource's server needs construct).  Measured in a kit VM (TCG, the tree over 9p),
+    from the job's start to "@@ attached": 3 to 4 s, 8 s the first time in a VM; the
+    stdlib-only server this replaced, started without `site`, took 1.5 to 2.5 s (3 s first).
+    Of the difference, `site` is some 0.3 s, construct with usbip.protocol 0.5 to 0.8 s and
+    the xhcidbg.devices package (which imports every device) 0.5 to 1 s."""
     code = (f"import sys; sys.path.insert(0, {PACKAGE_ROOT!r});"
             " from xhcidbg.guestkit.vudc import main; sys.exit(main(sys.argv[1:]))")
-    return shlex.join([python, "-S", "-c", code, *arguments])
+    return shlex.join([python, "-c", code, *arguments])
 
 
 @dataclass
