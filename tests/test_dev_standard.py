@@ -24,6 +24,7 @@ from xhcidbg.devices.declaration import (
     control_request,
     on_transfer,
 )
+from xhcidbg.devices.descriptor_set import endpoint_descriptors
 from xhcidbg.devices.descriptors import (
     BinaryObjectStoreDescriptor,
     ConfigurationDescriptor,
@@ -126,6 +127,14 @@ def test_packet_sizes_and_intervals_per_speed(image):
     assert EndpointDecl(0x81, EpType.INTERRUPT, 8, interval_us=8000).interval_for(Speed.FULL) == 8
     assert EndpointDecl(0x81, EpType.INTERRUPT, 8, interval_us=8000).interval_for(Speed.HIGH) == 7
     assert EndpointDecl(0x81, EpType.INTERRUPT, 8, interval_us=10000).interval_for(Speed.HIGH) == 7
+
+
+def test_a_high_bandwidth_endpoint_carries_its_extra_transactions_at_high_speed_only():
+    ep = EndpointDecl(0x81, EpType.ISOCHRONOUS, 1024, interval_us=125, hs_mult=2)
+    [(_, high)] = parse_descriptors(endpoint_descriptors(ep, Speed.HIGH))
+    assert high.wMaxPacketSize == 1024 | 2 << 11 and ep.bytes_per_interval(Speed.HIGH) == 3072
+    [(_, full)] = parse_descriptors(endpoint_descriptors(ep, Speed.FULL))
+    assert full.wMaxPacketSize == 1023 and ep.bytes_per_interval(Speed.FULL) == 1023
 
 
 def test_bos_only_for_superspeed():

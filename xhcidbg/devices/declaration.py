@@ -59,6 +59,8 @@ class EndpointDecl:
     ss_attributes: int = 0       # SuperSpeed companion bmAttributes (bulk MaxStreams, iso Mult)
     sync: int = 0                # isochronous synchronisation type (bmAttributes 3:2)
     usage: int = 0               # isochronous usage type (bmAttributes 5:4)
+    hs_mult: int = 0             # high speed, periodic: extra transactions per microframe (0-2),
+                                 # carried in wMaxPacketSize bits 12:11 (USB 2.0 9.6.6)
 
     @property
     def is_in(self) -> bool:
@@ -93,6 +95,8 @@ class EndpointDecl:
         """What a periodic endpoint moves per service interval (0 for bulk and control)."""
         if self.type not in (EpType.INTERRUPT, EpType.ISOCHRONOUS):
             return 0
+        if speed == Speed.HIGH:
+            return self.max_packet_for(speed) * (self.hs_mult + 1)
         mult = (self.ss_attributes & 3) + 1 if self.type == EpType.ISOCHRONOUS else 1
         return self.max_packet_for(speed) * (self.max_burst + 1) * mult
 

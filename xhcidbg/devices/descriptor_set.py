@@ -47,7 +47,9 @@ def endpoint_descriptors(ep: EndpointDecl, speed: Speed) -> bytes:
         attributes |= (ep.sync & 3) << 2 | (ep.usage & 3) << 4
     out: bytes = EndpointDescriptor.build({
         "bEndpointAddress": ep.address, "bmAttributes": attributes,
-        "wMaxPacketSize": ep.max_packet_for(speed), "bInterval": ep.interval_for(speed)})
+        "wMaxPacketSize": ep.max_packet_for(speed) | (ep.hs_mult << 11 if speed == Speed.HIGH
+                                                      else 0),
+        "bInterval": ep.interval_for(speed)})
     if speed >= Speed.SUPER:
         out += SuperSpeedEndpointCompanionDescriptor.build({
             "bMaxBurst": 0 if ep.type == EpType.CONTROL else ep.max_burst,

@@ -205,18 +205,9 @@ class IsoSource:
         from ..devices.declaration import Configuration, EndpointDecl, Interface
         from ..devices.descriptor_set import DescriptorSet
 
-        @dataclass(frozen=True, eq=False)
-        class HighBandwidthEndpoint(EndpointDecl):
-            """An endpoint with `mult` extra transactions per microframe, which wMaxPacketSize
-            carries in bits 12:11 (USB 2.0 9.6.6) and EndpointDecl does not declare."""
-            mult: int = 0
-
-            def max_packet_for(self, speed: BusSpeed) -> int:
-                return super().max_packet_for(speed) | self.mult << 11
-
         interval_us = round(self.period * 1e6)
-        endpoints = tuple(HighBandwidthEndpoint(address, EpType.ISOCHRONOUS, self.max_packet,
-                                                interval_us, mult=self.mult)
+        endpoints = tuple(EndpointDecl(address, EpType.ISOCHRONOUS, self.max_packet,
+                                       interval_us, hs_mult=self.mult)
                           for address in (0x81, 0x01))
         configuration = Configuration(interfaces=(Interface(0), Interface(0, endpoints, 1)))
         vendor, product = self.ids
