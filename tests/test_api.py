@@ -18,6 +18,14 @@ def test_the_readme_example_enumerates_a_tablet():
 
 
 def test_importing_the_package_loads_no_controller():
-    code = "import sys, xhcidbg; print(any(m.startswith('xhcidbg.') for m in sys.modules))"
+    # only the few lines that load names on first use
+    code = "import sys, xhcidbg; print(sorted(m for m in sys.modules if m.startswith('xhcidbg')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == "['xhcidbg', 'xhcidbg._lazy']"
+
+
+def test_one_device_module_loads_without_every_device():
+    code = ("import sys, xhcidbg.devices.base as b; print(sorted(m for m in sys.modules"
+            " if m.startswith('xhcidbg.devices.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['xhcidbg.devices.base']"

@@ -15,8 +15,9 @@ Names load on first use, so `import xhcidbg` stays cheap for the command line.
 """
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ._lazy import lazy_names
 
 # public name -> the module that defines it
 _API = {
@@ -60,14 +61,4 @@ if TYPE_CHECKING:
     from .transport.inproc import InProcessBus
 
 
-def __getattr__(name: str) -> Any:
-    module = _API.get(name)
-    if module is None:
-        raise AttributeError(f"module 'xhcidbg' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_API))
+__getattr__, __dir__ = lazy_names(__name__, globals(), _API)
