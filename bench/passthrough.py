@@ -2,7 +2,7 @@
 xhcidbg's controller and port mapper, side by side, in the same VM.
 
     python bench/passthrough.py                       # 3 rounds of each side, alternating
-    python bench/passthrough.py --rounds 5 --seconds 3 --save     # and store the reference
+    python bench/passthrough.py --rounds 5 --seconds 3 --save-reference     # store as reference
     python bench/passthrough.py --rounds 1 --profile  # and where the passthrough time goes
 
 Boots the guest kit's VM (TCG, one CPU, ~15-30 s) with this machine's root, plugs Gadget Zero's
@@ -16,7 +16,7 @@ Figures: bulk IN and OUT MB/s (--size byte transfers, --depth in flight, for --s
 the median and p90 of --samples round trips of one 512-byte bulk IN and of one GET_STATUS,
 and how busy the process kept its CPU meanwhile (near 100%: CPU-bound, not waiting).
 Medians over the rounds are printed side by side with the ratio passthrough/direct, then
-against bench/reference/passthrough.json (--save stores this run there).
+against bench/reference/passthrough.json (--save-reference stores this run there).
 
 Both sides share the VM's one TCG CPU with the gadget's kernel half (dummy_hcd moves the data
 in software): the same device for both, not what real hardware would do, so read the ratios.
@@ -180,7 +180,7 @@ def main() -> None:
                     help="MiB of VM memory (default 768: each world has 64 MiB of guest RAM)")
     ap.add_argument("--timeout", type=float, default=1800.0,
                     help="seconds the VM part may take (default 1800)")
-    ap.add_argument("--save", action="store_true",
+    ap.add_argument("--save-reference", action="store_true",
                     help="store this run as bench/reference/passthrough.json")
     args = ap.parse_args()
     result = asyncio.run(run_in_vm(args))
@@ -189,7 +189,7 @@ def main() -> None:
     print(f"  (libusb {version} from {result['libusb']}, Python {result['python']}; "
           f"passthrough made {result['rounds'][-1]['passthrough']['libusb_transfers']} "
           f"libusb transfers in its last round)")
-    report("passthrough", figures, units, sys.argv, args.save)
+    report("passthrough", figures, units, sys.argv, args.save_reference)
     if result["profile"]:
         print(f"\nprofile of one passthrough pass in the VM (cProfile, top {args.top} by "
               f"cumulative time; the guest runs in a greenlet on the same thread, so its waits "

@@ -2,7 +2,7 @@
 the same guest VM, side by side.
 
     python bench/usbip_chain.py                        # 3 rounds of each side, alternating
-    python bench/usbip_chain.py --rounds 5 --save      # and store the reference
+    python bench/usbip_chain.py --rounds 5 --save-reference  # and store the reference
     python bench/usbip_chain.py --rounds 1 --disk-mib 8 --repeats 2     # a quick look
 
 Two kit VMs (TCG, one CPU each, ~15-30 s to boot each), as tests/test_usbip_chain.py has them:
@@ -26,10 +26,10 @@ the other client: xhcidbg, vhci, xhcidbg, vhci...  Measured in the guest:
   import      seconds from the attach request until both devices are configured in the guest
               (and usbtest bound, and the disk's block device there);
   CPU busy    this process's CPU time over the wall time of dd and usbtest together: xhcidbg's
-              own work on its side (near 100%: it is what limits), next to nothing on vhci's.
+              own work on its side (some 70% on an idle machine), next to nothing on vhci's.
 Medians over the rounds are printed side by side with the ratio xhcidbg/vhci (MB/s: below 1 is
-slower; ms and s: above 1 is slower), then against bench/reference/usbip_chain.json (--save
-stores this run there).
+slower; ms and s: above 1 is slower), then against bench/reference/usbip_chain.json
+(--save-reference stores this run there).
 
 The paths differ past the client: xhcidbg's guest talks to its controller over vfio-user and
 xhcidbg talks TCP to the exporter's forwarded port; vhci's traffic leaves the guest through
@@ -438,12 +438,12 @@ def main() -> None:
                     help="usbtest's sglen: control requests in flight for case 10 (default 4)")
     ap.add_argument("--memory", type=int, default=512,
                     help="MiB of guest VM memory (default 512)")
-    ap.add_argument("--save", action="store_true",
+    ap.add_argument("--save-reference", action="store_true",
                     help="store this run as bench/reference/usbip_chain.json")
     args = ap.parse_args()
     rounds = asyncio.run(run(args))
     figures, units = table(args, rounds)
-    report("usbip_chain", figures, units, sys.argv, args.save)
+    report("usbip_chain", figures, units, sys.argv, args.save_reference)
 
 
 if __name__ == "__main__":
