@@ -156,7 +156,9 @@ def test_with_freezing_off_linux_times_out_the_stopped_command_and_recovers(kit)
 
 
 def test_a_batch_script_whose_command_fails_exits_non_zero(kit):
-    out = _batch("wait shell -t 300\nguest run cat /sys/bus/usb/devices/1-1/product\n"
+    # the shell can be up before Linux has enumerated the tablet: wait for that too
+    out = _batch("wait shell -t 300\nwait device tablet -t 60\n"
+                 "guest run cat /sys/bus/usb/devices/1-1/product\n"
                  "guest log -n 400\nguest run false\nports\n", "--no-keyboard", "--echo")
     assert out.returncode == 1, out.stdout + out.stderr
     assert "xhcidbg USB Tablet" in out.stdout            # the commands before it ran
