@@ -4,6 +4,7 @@ the same guest VM, side by side.
     python bench/usbip_chain.py                        # 3 rounds of each side, alternating
     python bench/usbip_chain.py --rounds 5 --save-reference  # and store the reference
     python bench/usbip_chain.py --rounds 1 --disk-mib 8 --repeats 2     # a quick look
+    python bench/usbip_chain.py --rounds 1 --profile   # and where xhcidbg's time goes
 
 Two kit VMs (TCG, one CPU each, ~15-30 s to boot each), as tests/test_usbip_chain.py has them:
   exporter  Gadget Zero's SourceSink (0525:a4a0, pattern zeros, as usbtest wants) and a
@@ -44,8 +45,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import cProfile
+import io
 import json
 import os
+import pstats
 import re
 import shlex
 import statistics
@@ -127,6 +131,7 @@ class Bench:
         self.guest: Vm | None = None
         self.backend: Backend | None = None
         self.importer: VhciImporter | None = None
+        self.profile = ""
         self.exporter: UsbipExporter | None = None
         self.tools: UsbipTools | None = None
         self.busids: dict[str, str] = {}        # "zero" / "disk" -> busid on the exporter
@@ -356,7 +361,27 @@ class Bench:
                    "vhci": await self.side("vhci", self.attach_vhci, self.detach_vhci,
                                            self.listen_vhci)}
             done.append(one)
+        if self.args.profile:
+            self.profile = await self.profiled()
         return done
+
+    async def profiled(self) -> str:
+        """One more xhcidbg pass (not counted) with this process under cProfile."""
+        progress("  xhcidbg under cProfile: importing, dd then usbtest (not counted)")
+        await self.attach_xhcidbg()
+        prof = cProfile.Profile()
+        try:
+            _, sd = await self.ready()
+            prof.enable()
+            await self.dd(sd)
+            await self.usbtest()
+        finally:
+            prof.disable()
+            await self.detach_xhcidbg()
+            await self.released()
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(self.args.top)
+        return text.getvalue()
 
 
 def labels(args: argparse.Namespace) -> list[tuple[str, str, str]]:
@@ -393,7 +418,7 @@ def table(args: argparse.Namespace,
     return figures, units
 
 
-async def run(args: argparse.Namespace) -> list[dict[str, dict[str, float]]]:
+async def run(args: argparse.Namespace) -> tuple[list[dict[str, dict[str, float]]], str]:
     progress("getting the guest kit (QEMU, kernel, initramfs) and the USB/IP tools "
              "(cached after the first time)")
     qemu, kernel, initrd = await asyncio.to_thread(guest_kit)
@@ -403,7 +428,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, dict[str, float]]]:
         bench.tools = tools
         try:
             await bench.setup(qemu, kernel, initrd)
-            return await bench.rounds()
+            return await bench.rounds(), bench.profile
         except BaseException:
             for name in ("exporter.log", "guest.log"):
                 log = Path(folder) / name
@@ -438,12 +463,18 @@ def main() -> None:
                     help="usbtest's sglen: control requests in flight for case 10 (default 4)")
     ap.add_argument("--memory", type=int, default=512,
                     help="MiB of guest VM memory (default 512)")
+    ap.add_argument("--profile", action="store_true",
+                    help="one more xhcidbg pass under cProfile, not counted")
+    ap.add_argument("--top", type=int, default=25, help="profile lines to print (default 25)")
     ap.add_argument("--save-reference", action="store_true",
                     help="store this run as bench/reference/usbip_chain.json")
     args = ap.parse_args()
-    rounds = asyncio.run(run(args))
+    rounds, profile = asyncio.run(run(args))
     figures, units = table(args, rounds)
     report("usbip_chain", figures, units, sys.argv, args.save_reference)
+    if profile:
+        print(f"\nxhcidbg's pass under cProfile (this process, top {args.top} by own time):")
+        print(profile)
 
 
 if __name__ == "__main__":
