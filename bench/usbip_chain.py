@@ -38,7 +38,9 @@ virtio-net and a host forward of QEMU's user network, then a relay process here 
 process's CPU figure) to that same port.  (Not `usbip attach` in the guest: its outbound
 connection would hold every message longer than a segment some 44 ms; see vhci_import.py.)
 Everything (two TCG VMs, xhcidbg, the relays) shares this machine's CPUs: run by hand, never by
-the tests, on an idle machine, and read the ratios.
+the tests, on an idle machine, and read the ratios.  xhcidbg runs with --busy-poll 0 here: on 2
+cores its spinning after each vfio-user message took CPU from the VMs (queued control 132 ms
+with the default 1000 us, 77 ms without; nothing was faster with it).
 """
 from __future__ import annotations
 
@@ -77,6 +79,7 @@ from xhcidbg.guestkit.usbip import (
     ensure_usbip_tools,
 )
 from xhcidbg.guestkit.vhci_import import VhciImporter
+from xhcidbg.vfio_user.server import BUSY_POLL_US
 from xhcidbg.vm.backend import Backend
 
 GUEST_SCRIPT = Path(__file__).with_name("usbip_chain_guest.py")
@@ -181,7 +184,7 @@ class Bench:
                      f"{plugged.speed_mbps} Mb/s, bound to usbip-host")
         host, port = self.url_host
         progress(f"usbipd reachable here at {host}:{port}")
-        self.backend = Backend(self.folder / "xhci.sock", [])
+        self.backend = Backend(self.folder / "xhci.sock", [], busy_poll_us=a.busy_poll)
         await self.backend.start()
         self.backend.port_mapper().remote.say = self.said.append
         self.guest = await boot("guest", qemu=qemu, kernel=kernel, initrd=initrd,
@@ -463,6 +466,10 @@ def main() -> None:
                     help="usbtest's sglen: control requests in flight for case 10 (default 4)")
     ap.add_argument("--memory", type=int, default=512,
                     help="MiB of guest VM memory (default 512)")
+    ap.add_argument("--busy-poll", type=int, default=0, metavar="US",
+                    help="xhcidbg vm's --busy-poll: how long the vfio-user server keeps reading"
+                         f" after a message (default 0 here, not xhcidbg's {BUSY_POLL_US}: with"
+                         " two VMs on a machine of few cores, spinning takes the CPU they need)")
     ap.add_argument("--profile", action="store_true",
                     help="one more xhcidbg pass under cProfile, not counted")
     ap.add_argument("--top", type=int, default=25, help="profile lines to print (default 25)")
