@@ -60,6 +60,7 @@ class VirtualExport:
     served: Served = field(default_factory=Served)
     server: asyncio.base_events.Server | None = None
     writers: list[asyncio.StreamWriter] = field(default_factory=list)
+    clients: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def start(self, port: int = 0) -> int:
         self.server = await asyncio.start_server(self._client, "127.0.0.1", port)
@@ -72,6 +73,9 @@ class VirtualExport:
         for w in self.writers:
             w.close()
         self.writers.clear()
+        # and let each connection's task see its end, rather than be cancelled with the loop
+        if self.clients:
+            await asyncio.wait(self.clients, timeout=5)
 
     def info(self) -> dict[str, object]:
         d = self.device.device_descriptor()
@@ -83,6 +87,10 @@ class VirtualExport:
                 "bConfigurationValue": 0, "bNumConfigurations": d[17], "bNumInterfaces": 1}
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self.clients.add(task)
+            task.add_done_callback(self.clients.discard)
         self.writers.append(writer)
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
             op = OpHeader.parse(await reader.readexactly(OP_HEADER_SIZE))
