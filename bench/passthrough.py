@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import json
 import shlex
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._report import report
+from bench._report import report, side_by_side
 from xhcidbg.guestkit.gadgets import Gadget, Gadgets, Pattern, SourceSink
 from xhcidbg.guestkit.launch import Vm, VmExited
 from xhcidbg.guestkit.testing import guest_kit
@@ -134,30 +133,6 @@ async def run_in_vm(args: argparse.Namespace) -> dict[str, Any]:
         await vm.stop()
 
 
-def table(rounds: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, str]]:
-    """Print the side-by-side medians; return them as report() figures and units."""
-    print(f"\nmedians of {len(rounds)} rounds (alternating direct, passthrough; each round: "
-          f"the lowest and highest of the rounds' own ratios):")
-    width = max(len(label) for _, label, _ in FIGURES)
-    print(f"  {'figure':<{width}}  {'direct':>10}  {'passthrough':>11}  "
-          f"{'passthrough/direct':>18}  {'each round':>18}")
-    figures: dict[str, float] = {}
-    units: dict[str, str] = {}
-    for key, label, unit in FIGURES:
-        med = {side: statistics.median(pick(r[side], key) for r in rounds) for side in SIDES}
-        ratio = med["passthrough"] / med["direct"] if med["direct"] else float("nan")
-        # the pair of one round ran back to back, so its ratio holds when the machine drifts
-        pairs = sorted(pick(r["passthrough"], key) / pick(r["direct"], key) for r in rounds
-                       if pick(r["direct"], key))
-        spread = f"{pairs[0]:.2f}-{pairs[-1]:.2f}x" if pairs else "-"
-        print(f"  {label:<{width}}  {med['direct']:10.1f}  {med['passthrough']:11.1f}  "
-              f"{ratio:17.2f}x  {spread:>18}  {unit}")
-        for side in SIDES:
-            figures[f"{side} {label} {unit}"] = med[side]
-            units[f"{side} {label} {unit}"] = unit
-    return figures, units
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__,
@@ -184,7 +159,8 @@ def main() -> None:
                     help="store this run as bench/reference/passthrough.json")
     args = ap.parse_args()
     result = asyncio.run(run_in_vm(args))
-    figures, units = table(result["rounds"])
+    figures, units = side_by_side(result["rounds"], FIGURES, SIDES,
+                                  ("passthrough", "direct"), pick)
     version = ".".join(map(str, result["libusb_version"][:3]))
     print(f"  (libusb {version} from {result['libusb']}, Python {result['python']}; "
           f"passthrough made {result['rounds'][-1]['passthrough']['libusb_transfers']} "

@@ -64,7 +64,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._report import report
+from bench._report import report, side_by_side
 from xhcidbg.guestkit.gadgets import Gadget, Gadgets, MassStorage, Pattern, SourceSink
 from xhcidbg.guestkit.hostroot import ROOT
 from xhcidbg.guestkit.launch import SerialConsole, Vm, VmExited
@@ -397,30 +397,6 @@ def labels(args: argparse.Namespace) -> list[tuple[str, str, str]]:
             ("import", "import until ready", "s"), ("CPU busy", "this process CPU busy", "%")]
 
 
-def table(args: argparse.Namespace,
-          rounds: list[dict[str, dict[str, float]]]) -> tuple[dict[str, float], dict[str, str]]:
-    """Print the side-by-side medians; return them as report() figures and units."""
-    print(f"\nmedians of {len(rounds)} rounds (alternating xhcidbg, vhci; each round: the lowest "
-          f"and highest of the rounds' own ratios):")
-    rows = labels(args)
-    width = max(len(label) for _, label, _ in rows)
-    print(f"  {'figure':<{width}}  {'xhcidbg':>10}  {'vhci':>10}  {'xhcidbg/vhci':>12}  "
-          f"{'each round':>12}")
-    figures: dict[str, float] = {}
-    units: dict[str, str] = {}
-    for key, label, unit in rows:
-        med = {side: statistics.median(r[side][key] for r in rounds) for side in SIDES}
-        ratio = f"{med['xhcidbg'] / med['vhci']:11.2f}x" if med["vhci"] else f"{'-':>12}"
-        pairs = sorted(r["xhcidbg"][key] / r["vhci"][key] for r in rounds if r["vhci"][key])
-        spread = f"{pairs[0]:.2f}-{pairs[-1]:.2f}x" if pairs else "-"
-        print(f"  {label:<{width}}  {med['xhcidbg']:10.2f}  {med['vhci']:10.2f}  {ratio}  "
-              f"{spread:>12}  {unit}")
-        for side in SIDES:
-            figures[f"{side} {label} {unit}"] = med[side]
-            units[f"{side} {label} {unit}"] = unit
-    return figures, units
-
-
 async def run(args: argparse.Namespace) -> tuple[list[dict[str, dict[str, float]]], str]:
     progress("getting the guest kit (QEMU, kernel, initramfs) and the USB/IP tools "
              "(cached after the first time)")
@@ -477,7 +453,7 @@ def main() -> None:
                     help="store this run as bench/reference/usbip_chain.json")
     args = ap.parse_args()
     rounds, profile = asyncio.run(run(args))
-    figures, units = table(args, rounds)
+    figures, units = side_by_side(rounds, labels(args), SIDES, SIDES)
     report("usbip_chain", figures, units, sys.argv, args.save_reference)
     if profile:
         print(f"\nxhcidbg's pass under cProfile (this process, top {args.top} by own time):")

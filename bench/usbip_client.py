@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from usbip_server import VirtualExport  # tests/: the server the client tests use
 
-from bench._report import report
+from bench._report import report, side_by_side
 from xhcidbg.devices.base import Speed
 from xhcidbg.devices.loopback import LoopbackDevice
 from xhcidbg.session import DeviceChoice
@@ -124,19 +124,11 @@ def main() -> None:
                     help="store this run as bench/reference/usbip_client.json")
     args = ap.parse_args()
     done = asyncio.run(rounds(args))
-    units = {"GET_STATUS median": "us", "GET_STATUS p90": "us", "512-byte IN median": "us",
-             "64 KiB IN": "MB/s"}
-    print(f"\nmedians of {len(done)} rounds (usbip/direct: above 1 is slower for us, below 1 "
-          "for MB/s):")
-    print(f"  {'figure':<20}  {'direct':>10}  {'usbip':>10}  {'usbip/direct':>12}")
-    figures: dict[str, float] = {}
-    for key, unit in units.items():
-        med = {s: statistics.median(r[s][key] for r in done) for s in SIDES}
-        print(f"  {key:<20}  {med['direct']:10.1f}  {med['usbip']:10.1f}  "
-              f"{med['usbip'] / med['direct']:11.2f}x  {unit}")
-        figures |= {f"{s} {key} {unit}": med[s] for s in SIDES}
-    report("usbip_client", figures, {k: k.rsplit(" ", 1)[1] for k in figures}, sys.argv,
-           args.save_reference)
+    rows = [(key, key, unit) for key, unit in (
+        ("GET_STATUS median", "us"), ("GET_STATUS p90", "us"), ("512-byte IN median", "us"),
+        ("64 KiB IN", "MB/s"))]
+    figures, units = side_by_side(done, rows, SIDES, ("usbip", "direct"))
+    report("usbip_client", figures, units, sys.argv, args.save_reference)
 
 
 if __name__ == "__main__":
